@@ -3,3 +3,10 @@
 //! The request path flows one way: `proxy` (listener, guard, origin client)
 //! -> `cache` (key, policy, store, revalidation) -> response. `config` holds
 //! the TOML schema.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod proxy;

@@ -1,0 +1,406 @@
+//! Cache-Control parsing (RFC 9111 5.2, RFC 9110 5.6): pure functions, no I/O.
+//!
+//! Parsing follows the RFC's list syntax: directives are separated by commas,
+//! a value is a token or a quoted-string, and commas inside a quoted-string do
+//! not split. Delta-seconds that do not parse make a directive invalid: for
+//! freshness directives that means "stale" (9111 4.2.1), never "fresh forever".
+
+use http::header::{HeaderMap, CACHE_CONTROL, PRAGMA};
+use std::time::Duration;
+
+/// Largest delta-seconds we represent (9111 1.2.2: at least 2^31).
+pub const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
+
+/// One `name[=value]` directive from a Cache-Control field, name lowercased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directive {
+    pub name: String,
+    pub value: Option<String>,
+}
+
+/// Splits Cache-Control field lines into directives, honouring quoted strings.
+pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Directive> {
+    let mut out = Vec::new();
+    for line in lines {
+        let Ok(line) = std::str::from_utf8(line) else {
+            continue;
+        };
+        let bytes = line.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            // skip separators and whitespace
+            while i < bytes.len() && (bytes[i] == b',' || bytes[i] == b' ' || bytes[i] == b'\t') {
+                i += 1;
+            }
+            let start = i;
+            while i < bytes.len() && !matches!(bytes[i], b',' | b'=' | b' ' | b'\t') {
+                i += 1;
+            }
+            if start == i {
+                // a stray '=' or similar: skip to the next comma
+                while i < bytes.len() && bytes[i] != b',' {
+                    i += 1;
+                }
+                continue;
+            }
+            let name = line[start..i].to_ascii_lowercase();
+            let mut value = None;
+            let mut valid = true;
+            if i < bytes.len() && bytes[i] == b'=' {
+                i += 1;
+                if i < bytes.len() && bytes[i] == b'"' {
+                    i += 1;
+                    let mut v = String::new();
+                    let mut closed = false;
+                    while i < bytes.len() {
+                        match bytes[i] {
+                            b'\\' if i + 1 < bytes.len() => {
+                                v.push(bytes[i + 1] as char);
+                                i += 2;
+                            }
+                            b'"' => {
+                                closed = true;
+                                i += 1;
+                                break;
+                            }
+                            c => {
+                                v.push(c as char);
+                                i += 1;
+                            }
+                        }
+                    }
+                    valid = closed;
+                    value = Some(v);
+                } else {
+                    let vstart = i;
+                    while i < bytes.len() && !matches!(bytes[i], b',' | b' ' | b'\t') {
+                        i += 1;
+                    }
+                    // `max-age= 3600`: whitespace after '=' leaves an empty value
+                    value = Some(line[vstart..i].to_string());
+                }
+            } else {
+                // `max-age =3600`: whitespace before '='. Skip any trailing junk
+                // up to the next comma and treat the whole directive as invalid.
+                let mut j = i;
+                while j < bytes.len() && (bytes[j] == b' ' || bytes[j] == b'\t') {
+                    j += 1;
+                }
+                if j < bytes.len() && bytes[j] != b',' {
+                    valid = false;
+                }
+            }
+            // anything else before the next comma makes the directive malformed
+            while i < bytes.len() && bytes[i] != b',' {
+                if bytes[i] != b' ' && bytes[i] != b'\t' {
+                    valid = false;
+                }
+                i += 1;
+            }
+            if valid {
+                out.push(Directive { name, value });
+            } else {
+                out.push(Directive {
+                    name,
+                    value: Some(String::from("\u{0}invalid")),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Parses delta-seconds (9111 1.2.2): digits only; overflow saturates at 2^31.
+/// Leading zeros are fine ("003600" is 3600).
+pub fn parse_delta_seconds(v: &str) -> Option<u64> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for b in v.bytes() {
+        n = n.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+        if n > DELTA_SECONDS_MAX {
+            return Some(DELTA_SECONDS_MAX);
+        }
+    }
+    Some(n)
+}
+
+/// A freshness-relevant delta directive: absent, present with a valid value,
+/// or present but malformed (which 9111 4.2.1 says to treat as stale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delta {
+    #[default]
+    Absent,
+    Valid(u64),
+    Invalid,
+}
+
+impl Delta {
+    pub fn seconds(self) -> Option<u64> {
+        match self {
+            Delta::Valid(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn is_present(self) -> bool {
+        !matches!(self, Delta::Absent)
+    }
+}
+
+fn delta_of(d: &Directive) -> Delta {
+    match d.value.as_deref().and_then(parse_delta_seconds) {
+        Some(s) => Delta::Valid(s),
+        None => Delta::Invalid,
+    }
+}
+
+/// Response Cache-Control directives that a shared cache acts on (9111 5.2.2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseDirectives {
+    pub max_age: Delta,
+    pub s_maxage: Delta,
+    pub no_store: bool,
+    /// `no-cache` without field names: store, but always revalidate.
+    pub no_cache: bool,
+    /// `no-cache="a, b"`: the named fields must not be sent without revalidation.
+    pub no_cache_fields: Vec<String>,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub must_understand: bool,
+    pub immutable: bool,
+    /// RFC 5861.
+    pub stale_while_revalidate: Option<u64>,
+    /// RFC 5861.
+    pub stale_if_error: Option<u64>,
+}
+
+impl ResponseDirectives {
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let lines = headers.get_all(CACHE_CONTROL).iter().map(|v| v.as_bytes());
+        Self::from_directives(&parse_directives(lines))
+    }
+
+    pub fn from_directives(dirs: &[Directive]) -> Self {
+        let mut r = ResponseDirectives::default();
+        for d in dirs {
+            match d.name.as_str() {
+                // 9111 4.2.1: with duplicates, use the first occurrence.
+                "max-age" if !r.max_age.is_present() => r.max_age = delta_of(d),
+                "s-maxage" if !r.s_maxage.is_present() => r.s_maxage = delta_of(d),
+                "no-store" => r.no_store = true,
+                "no-cache" => match d.value.as_deref() {
+                    Some(fields) if !fields.starts_with('\u{0}') && !fields.is_empty() => r
+                        .no_cache_fields
+                        .extend(fields.split(',').map(|f| f.trim().to_ascii_lowercase())),
+                    _ => r.no_cache = true,
+                },
+                // `private="field"` is treated as plain private by a shared cache:
+                // the safe reading (9111 5.2.2.7 allows it).
+                "private" => r.private = true,
+                "public" => r.public = true,
+                "must-revalidate" => r.must_revalidate = true,
+                "proxy-revalidate" => r.proxy_revalidate = true,
+                "must-understand" => r.must_understand = true,
+                "immutable" => r.immutable = true,
+                "stale-while-revalidate" if r.stale_while_revalidate.is_none() => {
+                    r.stale_while_revalidate = delta_of(d).seconds()
+                }
+                "stale-if-error" if r.stale_if_error.is_none() => {
+                    r.stale_if_error = delta_of(d).seconds()
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// 9111 3.2 / 5.2.2.2 / 5.2.2.8 / 5.2.2.10: a shared cache must not serve
+    /// this response stale without successful validation.
+    pub fn forbids_stale(&self) -> bool {
+        self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_present()
+    }
+}
+
+/// Request Cache-Control directives (9111 5.2.1).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestDirectives {
+    pub max_age: Option<u64>,
+    /// `Some(None)`: max-stale without a value (any staleness is acceptable).
+    pub max_stale: Option<Option<u64>>,
+    pub min_fresh: Option<u64>,
+    pub no_cache: bool,
+    pub no_store: bool,
+    pub only_if_cached: bool,
+}
+
+impl RequestDirectives {
+    /// Reads Cache-Control; `Pragma: no-cache` counts only when there is no
+    /// Cache-Control field at all (9111 5.4).
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let mut cc = headers.get_all(CACHE_CONTROL).iter().peekable();
+        if cc.peek().is_none() {
+            let pragma_no_cache = headers.get_all(PRAGMA).iter().any(|v| {
+                v.to_str()
+                    .map(|s| {
+                        s.split(',')
+                            .any(|p| p.trim().eq_ignore_ascii_case("no-cache"))
+                    })
+                    .unwrap_or(false)
+            });
+            return RequestDirectives {
+                no_cache: pragma_no_cache,
+                ..Default::default()
+            };
+        }
+        let dirs = parse_directives(cc.map(|v| v.as_bytes()));
+        let mut r = RequestDirectives::default();
+        for d in &dirs {
+            match d.name.as_str() {
+                "max-age" if r.max_age.is_none() => {
+                    // An invalid max-age in a request is ignored as unknown.
+                    r.max_age = delta_of(d).seconds()
+                }
+                "max-stale" if r.max_stale.is_none() => {
+                    r.max_stale = match &d.value {
+                        None => Some(None),
+                        Some(_) => delta_of(d).seconds().map(Some),
+                    }
+                }
+                "min-fresh" if r.min_fresh.is_none() => r.min_fresh = delta_of(d).seconds(),
+                "no-cache" => r.no_cache = true,
+                "no-store" => r.no_store = true,
+                "only-if-cached" => r.only_if_cached = true,
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+/// Seconds as a Duration, for the delta values above.
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn resp(lines: &[&str]) -> ResponseDirectives {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            h.append(CACHE_CONTROL, HeaderValue::from_str(l).unwrap());
+        }
+        ResponseDirectives::from_headers(&h)
+    }
+
+    #[test]
+    fn rfc9111_5_2_max_age_basic_and_leading_zeros() {
+        assert_eq!(resp(&["max-age=3600"]).max_age, Delta::Valid(3600));
+        assert_eq!(resp(&["max-age=003600"]).max_age, Delta::Valid(3600));
+    }
+
+    #[test]
+    fn rfc9111_4_2_1_duplicate_directives_use_first() {
+        assert_eq!(
+            resp(&["max-age=1800, max-age=1"]).max_age,
+            Delta::Valid(1800)
+        );
+        assert_eq!(
+            resp(&["max-age=1", "max-age=1800"]).max_age,
+            Delta::Valid(1)
+        );
+    }
+
+    #[test]
+    fn rfc9110_5_6_4_quoted_string_does_not_split_directives() {
+        let d = resp(&["extension=\"max-age=3600\", max-age=1"]);
+        assert_eq!(d.max_age, Delta::Valid(1));
+        let d = resp(&["max-age=1, extension=\"max-age=3600\""]);
+        assert_eq!(d.max_age, Delta::Valid(1));
+    }
+
+    #[test]
+    fn rfc9111_1_2_2_invalid_delta_seconds_are_invalid_not_absent() {
+        assert_eq!(resp(&["max-age='3600'"]).max_age, Delta::Invalid);
+        assert_eq!(resp(&["max-age=a3600"]).max_age, Delta::Invalid);
+        assert_eq!(resp(&["max-age=3600a"]).max_age, Delta::Invalid);
+        assert_eq!(resp(&["max-age= 3600"]).max_age, Delta::Invalid);
+        assert_eq!(resp(&["max-age =3600"]).max_age, Delta::Invalid);
+        assert_eq!(resp(&["max-age=-1"]).max_age, Delta::Invalid);
+    }
+
+    #[test]
+    fn rfc9111_5_2_quoted_max_age_is_accepted() {
+        // 9111 5.2: senders should use token form, recipients accept quoted.
+        assert_eq!(resp(&["max-age=\"3600\""]).max_age, Delta::Valid(3600));
+    }
+
+    #[test]
+    fn rfc9111_1_2_2_delta_seconds_saturate_at_2_pow_31() {
+        assert_eq!(
+            parse_delta_seconds("99999999999999999999"),
+            Some(DELTA_SECONDS_MAX)
+        );
+    }
+
+    #[test]
+    fn rfc9111_5_2_directive_names_are_case_insensitive() {
+        let d = resp(&["No-Store, MAX-AGE=5, Private"]);
+        assert!(d.no_store && d.private);
+        assert_eq!(d.max_age, Delta::Valid(5));
+    }
+
+    #[test]
+    fn rfc9111_5_2_2_4_no_cache_with_fields_is_qualified() {
+        let d = resp(&["no-cache=\"set-cookie, x-a\""]);
+        assert!(!d.no_cache);
+        assert_eq!(d.no_cache_fields, vec!["set-cookie", "x-a"]);
+        assert!(resp(&["no-cache"]).no_cache);
+    }
+
+    #[test]
+    fn rfc5861_stale_extensions() {
+        let d = resp(&["max-age=1, stale-while-revalidate=30, stale-if-error=60"]);
+        assert_eq!(d.stale_while_revalidate, Some(30));
+        assert_eq!(d.stale_if_error, Some(60));
+    }
+
+    #[test]
+    fn rfc9111_3_2_s_maxage_and_revalidate_forbid_stale() {
+        assert!(resp(&["s-maxage=5"]).forbids_stale());
+        assert!(resp(&["max-age=5, proxy-revalidate"]).forbids_stale());
+        assert!(resp(&["must-revalidate"]).forbids_stale());
+        assert!(!resp(&["max-age=5"]).forbids_stale());
+    }
+
+    #[test]
+    fn rfc9111_5_4_pragma_only_without_cache_control() {
+        let mut h = HeaderMap::new();
+        h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+        assert!(RequestDirectives::from_headers(&h).no_cache);
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("nothing-to-see-here"),
+        );
+        assert!(!RequestDirectives::from_headers(&h).no_cache);
+    }
+
+    #[test]
+    fn rfc9111_5_2_1_request_directives() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_static("max-stale, min-fresh=10, only-if-cached, max-age=5"),
+        );
+        let r = RequestDirectives::from_headers(&h);
+        assert_eq!(r.max_stale, Some(None));
+        assert_eq!(r.min_fresh, Some(10));
+        assert_eq!(r.max_age, Some(5));
+        assert!(r.only_if_cached);
+    }
+}

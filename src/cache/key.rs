@@ -1,0 +1,93 @@
+//! The cache key: namespace version, scheme, host and request target.
+//!
+//! GET and HEAD share a key (a HEAD is answered from a stored GET), so the
+//! method is not part of it; only those two methods ever reach the cache.
+
+use std::fmt;
+
+/// A primary cache key (RFC 9111 2). Built once per request; cheap to hash
+/// and compare. The version makes old entries unreachable when bumped.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    version: u64,
+    /// `scheme://host` followed by the path and query.
+    text: Box<str>,
+    /// Where the path starts in `text`.
+    path_at: u32,
+}
+
+impl CacheKey {
+    /// `host` is lowercased (hosts are case-insensitive, RFC 3986 3.2.2);
+    /// the path and query are kept exactly as sent, since origins may treat
+    /// case and parameter order as significant.
+    pub fn new(version: u64, tls: bool, host: &str, path_and_query: &str) -> CacheKey {
+        let scheme = if tls { "https://" } else { "http://" };
+        let mut text = String::with_capacity(scheme.len() + host.len() + path_and_query.len());
+        text.push_str(scheme);
+        for c in host.chars() {
+            text.push(c.to_ascii_lowercase());
+        }
+        let path_at = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        text.push_str(path_and_query);
+        CacheKey {
+            version,
+            text: text.into_boxed_str(),
+            path_at,
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The path and query part, as the client sent it.
+    pub fn path_and_query(&self) -> &str {
+        self.text.get(self.path_at as usize..).unwrap_or("")
+    }
+
+    /// The same target under another namespace version.
+    pub fn with_version(&self, version: u64) -> CacheKey {
+        CacheKey {
+            version,
+            ..self.clone()
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "v{}:{}", self.version, self.text)
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_case_insensitive_path_is_not() {
+        let a = CacheKey::new(1, false, "API.example", "/A?x=1");
+        let b = CacheKey::new(1, false, "api.example", "/A?x=1");
+        let c = CacheKey::new(1, false, "api.example", "/a?x=1");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.path_and_query(), "/A?x=1");
+    }
+
+    #[test]
+    fn version_and_scheme_separate_keys() {
+        let a = CacheKey::new(1, false, "h", "/");
+        assert_ne!(a, a.with_version(2));
+        assert_ne!(a, CacheKey::new(1, true, "h", "/"));
+    }
+}

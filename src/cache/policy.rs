@@ -1,0 +1,947 @@
+//! RFC 9111 as pure functions: what may be stored, how long it stays fresh,
+//! how old it is, whether a stored variant matches, whether a client's
+//! conditional request is satisfied, what an unsafe method invalidates.
+//! No I/O and no clocks: callers pass `now`.
+
+use super::directives::{Delta, RequestDirectives, ResponseDirectives, DELTA_SECONDS_MAX};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use std::time::{Duration, SystemTime};
+
+/// Knobs a route or the cache config can turn on the storage decision.
+#[derive(Debug, Clone, Copy)]
+pub struct StoragePolicy {
+    /// Store responses that carry `Set-Cookie` (off by default: a shared
+    /// cache handing one user's cookie to another is the classic leak).
+    pub allow_set_cookie: bool,
+}
+
+/// Heuristic freshness settings (9111 4.2.2).
+#[derive(Debug, Clone, Copy)]
+pub struct Heuristic {
+    pub fraction: f64,
+    pub max: Duration,
+}
+
+/// Why a response is not stored; shown in Cache-Status `detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStorable {
+    Method,
+    Status,
+    NoStore,
+    Private,
+    Authorization,
+    SetCookie,
+    VaryStar,
+    NoFreshnessOrValidator,
+    Partial,
+}
+
+impl NotStorable {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotStorable::Method => "method",
+            NotStorable::Status => "status",
+            NotStorable::NoStore => "no-store",
+            NotStorable::Private => "private",
+            NotStorable::Authorization => "authorization",
+            NotStorable::SetCookie => "set-cookie",
+            NotStorable::VaryStar => "vary-star",
+            NotStorable::NoFreshnessOrValidator => "no-freshness",
+            NotStorable::Partial => "partial",
+        }
+    }
+}
+
+/// Status codes whose semantics we understand (9111 3, `must-understand`).
+pub fn status_understood(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203
+            | 204
+            | 300
+            | 301
+            | 302
+            | 303
+            | 307
+            | 308
+            | 400
+            | 403
+            | 404
+            | 405
+            | 410
+            | 414
+            | 421
+            | 451
+            | 500
+            | 501
+            | 502
+            | 503
+            | 504
+    )
+}
+
+/// Heuristically cacheable status codes (RFC 9110 15.1).
+pub fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+fn has_validator(resp: &HeaderMap) -> bool {
+    resp.contains_key(header::ETAG) || resp.contains_key(header::LAST_MODIFIED)
+}
+
+/// Whether the response carries explicit freshness (9111 4.2.1), valid or not.
+pub fn has_explicit_freshness(resp: &HeaderMap, cc: &ResponseDirectives) -> bool {
+    cc.s_maxage.is_present() || cc.max_age.is_present() || resp.contains_key(header::EXPIRES)
+}
+
+/// Vary field names, lowercased; `None` when Vary contains `*` (9111 4.1).
+pub fn vary_fields(resp: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut fields = Vec::new();
+    for line in resp.get_all(header::VARY) {
+        let Ok(s) = line.to_str() else { continue };
+        for f in s.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            if f == "*" {
+                return None;
+            }
+            if let Ok(name) = HeaderName::from_bytes(f.to_ascii_lowercase().as_bytes()) {
+                if !fields.contains(&name) {
+                    fields.push(name);
+                }
+            }
+        }
+    }
+    Some(fields)
+}
+
+/// May a shared cache store this response? (9111 3, 3.5, 5.2.2)
+pub fn storable(
+    method: &Method,
+    req: &HeaderMap,
+    status: StatusCode,
+    resp: &HeaderMap,
+    cc: &ResponseDirectives,
+    policy: StoragePolicy,
+) -> Result<(), NotStorable> {
+    if method != Method::GET {
+        return Err(NotStorable::Method);
+    }
+    if status == StatusCode::PARTIAL_CONTENT || resp.contains_key(header::CONTENT_RANGE) {
+        // We do not combine partial content (9111 3.3); pass it through.
+        return Err(NotStorable::Partial);
+    }
+    if status.is_informational() || status == StatusCode::NOT_MODIFIED {
+        return Err(NotStorable::Status);
+    }
+    // 9111 5.2.2.3: must-understand lets a cache ignore no-store, but only
+    // for status codes it understands; otherwise nothing may be stored.
+    if cc.must_understand {
+        if !status_understood(status) {
+            return Err(NotStorable::Status);
+        }
+    } else if cc.no_store {
+        return Err(NotStorable::NoStore);
+    }
+    if cc.private {
+        return Err(NotStorable::Private);
+    }
+    // 9111 3.5: an authenticated request's response only with explicit consent.
+    if req.contains_key(header::AUTHORIZATION)
+        && !(cc.public || cc.must_revalidate || cc.s_maxage.is_present())
+    {
+        return Err(NotStorable::Authorization);
+    }
+    if !policy.allow_set_cookie && resp.contains_key(header::SET_COOKIE) {
+        return Err(NotStorable::SetCookie);
+    }
+    if vary_fields(resp).is_none() {
+        return Err(NotStorable::VaryStar);
+    }
+    // 9111 3: explicit freshness, or a heuristically cacheable status / public
+    // with a validator. Without freshness and validator a stored copy could
+    // never be used, so we do not keep one.
+    let explicit = has_explicit_freshness(resp, cc);
+    let validator = has_validator(resp);
+    if explicit && (status_understood(status) || heuristically_cacheable(status)) {
+        return Ok(());
+    }
+    if validator && (heuristically_cacheable(status) || cc.public || cc.no_cache) {
+        return Ok(());
+    }
+    if explicit || validator {
+        return Err(NotStorable::Status);
+    }
+    Err(NotStorable::NoFreshnessOrValidator)
+}
+
+/// Parses an HTTP-date (RFC 9110 5.6.7): IMF-fixdate, RFC 850 or asctime.
+pub fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
+    let s = v.to_str().ok()?;
+    httpdate::parse_http_date(s.trim()).ok()
+}
+
+/// The single value of a header that must appear once; several lines make it
+/// invalid (9111 4.2.1 allows treating duplicates as stale).
+fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<Result<&'a HeaderValue, ()>> {
+    let mut it = h.get_all(name).iter();
+    let first = it.next()?;
+    if it.next().is_some() {
+        return Some(Err(()));
+    }
+    Some(Ok(first))
+}
+
+/// Freshness lifetime (9111 4.2.1, shared cache): s-maxage, max-age, Expires
+/// minus Date, else heuristic (4.2.2). An invalid value yields zero (stale).
+pub fn freshness_lifetime(
+    status: StatusCode,
+    resp: &HeaderMap,
+    cc: &ResponseDirectives,
+    response_time: SystemTime,
+    heuristic: Heuristic,
+) -> Duration {
+    match cc.s_maxage {
+        Delta::Valid(s) => return Duration::from_secs(s),
+        Delta::Invalid => return Duration::ZERO,
+        Delta::Absent => {}
+    }
+    match cc.max_age {
+        Delta::Valid(s) => return Duration::from_secs(s),
+        Delta::Invalid => return Duration::ZERO,
+        Delta::Absent => {}
+    }
+    let date = date_value(resp).unwrap_or(response_time);
+    if let Some(expires) = single(resp, &header::EXPIRES) {
+        // An invalid Expires, including "0", means already expired.
+        return match expires.ok().and_then(parse_http_date) {
+            Some(exp) => exp.duration_since(date).unwrap_or(Duration::ZERO),
+            None => Duration::ZERO,
+        };
+    }
+    if heuristically_cacheable(status) || cc.public {
+        if let Some(Ok(lm)) = single(resp, &header::LAST_MODIFIED) {
+            if let Some(lm) = parse_http_date(lm) {
+                if let Ok(since) = date.duration_since(lm) {
+                    return since.mul_f64(heuristic.fraction).min(heuristic.max);
+                }
+            }
+        }
+    }
+    Duration::ZERO
+}
+
+/// Whether the lifetime comes from the heuristic (9111 4.2.2 asks for a
+/// Warning-like note; we surface it in Cache-Status detail instead).
+pub fn is_heuristic(resp: &HeaderMap, cc: &ResponseDirectives) -> bool {
+    !has_explicit_freshness(resp, cc)
+}
+
+/// The Date header as a time, if valid and single.
+pub fn date_value(resp: &HeaderMap) -> Option<SystemTime> {
+    match single(resp, &header::DATE)? {
+        Ok(v) => parse_http_date(v),
+        Err(()) => None,
+    }
+}
+
+/// The origin's Age (9111 5.1): the first line's leading delta-seconds.
+/// Non-numeric or negative values are ignored; huge values saturate at 2^31.
+pub fn age_value(resp: &HeaderMap) -> Option<u64> {
+    let first = resp.get(header::AGE)?.to_str().ok()?;
+    let digits: &str = {
+        let t = first.trim_start();
+        let end = t
+            .bytes()
+            .position(|b| !b.is_ascii_digit())
+            .unwrap_or(t.len());
+        &t[..end]
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let rest = first.trim_start()[digits.len()..].trim_start();
+    // "7200.0" is not delta-seconds: ignore it entirely.
+    if rest.starts_with('.') {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for b in digits.bytes() {
+        n = n.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+        if n > DELTA_SECONDS_MAX {
+            return Some(DELTA_SECONDS_MAX);
+        }
+    }
+    Some(n)
+}
+
+/// corrected_initial_age (9111 4.2.3).
+pub fn corrected_initial_age(
+    resp: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Duration {
+    let apparent_age = date_value(resp)
+        .and_then(|d| response_time.duration_since(d).ok())
+        .unwrap_or(Duration::ZERO);
+    let response_delay = response_time
+        .duration_since(request_time)
+        .unwrap_or(Duration::ZERO);
+    let corrected_age_value = Duration::from_secs(age_value(resp).unwrap_or(0)) + response_delay;
+    apparent_age.max(corrected_age_value)
+}
+
+/// The facts about a stored response that decide how it may be used.
+#[derive(Debug, Clone)]
+pub struct Freshness {
+    pub lifetime: Duration,
+    pub corrected_initial_age: Duration,
+    pub response_time: SystemTime,
+    pub no_cache: bool,
+    pub forbids_stale: bool,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
+
+impl Freshness {
+    /// current_age (9111 4.2.3).
+    pub fn current_age(&self, now: SystemTime) -> Duration {
+        self.corrected_initial_age + now.duration_since(self.response_time).unwrap_or_default()
+    }
+
+    /// How long past its lifetime the response is at `now`; zero when fresh.
+    pub fn staleness(&self, now: SystemTime) -> Duration {
+        self.current_age(now).saturating_sub(self.lifetime)
+    }
+
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        self.current_age(now) < self.lifetime
+    }
+
+    /// Whether stale-if-error (RFC 5861, or configured grace) still covers it.
+    pub fn can_serve_on_error(&self, now: SystemTime, request_allows: Option<Duration>) -> bool {
+        if self.forbids_stale {
+            return false;
+        }
+        let window = request_allows.map_or(self.stale_if_error, |r| r.max(self.stale_if_error));
+        self.staleness(now) <= window
+    }
+}
+
+/// What a lookup may do with a stored response (9111 4, RFC 5861).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usability {
+    /// Serve it as is.
+    Fresh,
+    /// Stale, but the client accepts it (request `max-stale`).
+    StaleAllowed,
+    /// Stale within stale-while-revalidate: serve now, refresh in background.
+    StaleWhileRevalidate,
+    /// Must be validated with the origin before use.
+    MustValidate,
+}
+
+/// Decides how a stored response may answer this request (9111 4, 4.2.4,
+/// 5.2.1, RFC 5861 3).
+pub fn usability(f: &Freshness, req: &RequestDirectives, now: SystemTime) -> Usability {
+    if f.no_cache || req.no_cache {
+        return Usability::MustValidate;
+    }
+    let age = f.current_age(now);
+    if let Some(max_age) = req.max_age {
+        if age > Duration::from_secs(max_age) {
+            return Usability::MustValidate;
+        }
+    }
+    let fresh_for = f.lifetime.saturating_sub(age);
+    if age < f.lifetime {
+        if let Some(min_fresh) = req.min_fresh {
+            if fresh_for < Duration::from_secs(min_fresh) {
+                return Usability::MustValidate;
+            }
+        }
+        return Usability::Fresh;
+    }
+    if f.forbids_stale {
+        return Usability::MustValidate;
+    }
+    let staleness = age - f.lifetime;
+    if let Some(max_stale) = req.max_stale {
+        if max_stale.is_none_or(|m| staleness <= Duration::from_secs(m)) {
+            return Usability::StaleAllowed;
+        }
+    }
+    if req.min_fresh.is_none() && req.max_age.is_none() && staleness < f.stale_while_revalidate {
+        return Usability::StaleWhileRevalidate;
+    }
+    Usability::MustValidate
+}
+
+/// Normalizes a request's value for one Vary field (9111 4.1): lines joined
+/// with commas, whitespace around list separators removed. `None` if absent.
+pub fn vary_value(req: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut it = req.get_all(name).iter().peekable();
+    it.peek()?;
+    let mut out = String::new();
+    for (i, v) in it.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let s = String::from_utf8_lossy(v.as_bytes());
+        let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+        out.push_str(&parts.join(","));
+    }
+    Some(out)
+}
+
+/// Whether a stored variant's secondary key matches a request (9111 4.1).
+pub fn vary_matches(stored: &[(HeaderName, Option<String>)], req: &HeaderMap) -> bool {
+    stored
+        .iter()
+        .all(|(name, value)| vary_value(req, name).as_deref() == value.as_deref())
+}
+
+/// Weak comparison of entity tags (RFC 9110 8.8.3.2).
+fn etag_weak_eq(a: &str, b: &str) -> bool {
+    a.trim().trim_start_matches("W/") == b.trim().trim_start_matches("W/")
+}
+
+/// Does a client's conditional GET/HEAD match the stored response, so that
+/// the cache answers 304? (9111 4.3.2, RFC 9110 13.1.2 / 13.1.3)
+pub fn conditional_matches(req: &HeaderMap, stored: &HeaderMap) -> bool {
+    let inm: Vec<&HeaderValue> = req.get_all(header::IF_NONE_MATCH).iter().collect();
+    if !inm.is_empty() {
+        let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        return inm.iter().any(|line| {
+            line.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .any(|t| t == "*" || etag_weak_eq(t, etag))
+            })
+        });
+    }
+    if let Some(ims) = req.get(header::IF_MODIFIED_SINCE).and_then(parse_http_date) {
+        let validator = stored
+            .get(header::LAST_MODIFIED)
+            .and_then(parse_http_date)
+            .or_else(|| date_value(stored));
+        return validator.is_some_and(|lm| lm <= ims);
+    }
+    false
+}
+
+/// Headers a stored response's 304 keeps from the stored 200 (RFC 9110
+/// 15.4.5): everything but the content framing.
+pub fn not_modified_headers(stored: &HeaderMap) -> HeaderMap {
+    let mut h = stored.clone();
+    h.remove(header::CONTENT_LENGTH);
+    h.remove(header::TRANSFER_ENCODING);
+    h
+}
+
+/// Fields a cache must not store (9111 3.1) in addition to hop-by-hop ones.
+const NOT_STORED: [&str; 4] = [
+    "proxy-authenticate",
+    "proxy-authentication-info",
+    "proxy-authorization",
+    "proxy-connection",
+];
+
+/// Removes from a response what a cache must not store (9111 3.1): the
+/// hop-by-hop fields, fields named by `Connection`, and the proxy-auth ones.
+pub fn strip_unstorable(h: &mut HeaderMap) {
+    crate::proxy::headers::remove_hop_by_hop(h);
+    for n in NOT_STORED {
+        h.remove(n);
+    }
+}
+
+/// Updates stored headers from a 304 (9111 3.2, 4.3.4): every field in the
+/// 304 replaces the stored one, except content framing.
+pub fn update_from_304(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+    let mut fresh = not_modified.clone();
+    strip_unstorable(&mut fresh);
+    fresh.remove(header::CONTENT_LENGTH);
+    let names: Vec<HeaderName> = fresh.keys().cloned().collect();
+    for name in names {
+        stored.remove(&name);
+        for v in fresh.get_all(&name) {
+            stored.append(name.clone(), v.clone());
+        }
+    }
+}
+
+/// Whether a request method is safe (RFC 9110 9.2.1).
+pub fn is_safe_method(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
+}
+
+/// Paths an unsafe request invalidates (9111 4.4): its own target, and the
+/// `Location` / `Content-Location` targets on the same origin, when the
+/// response is a non-error (2xx or 3xx).
+pub fn invalidation_targets(
+    method: &Method,
+    status: StatusCode,
+    resp: &HeaderMap,
+    request_authority: &str,
+    request_path_and_query: &str,
+) -> Vec<String> {
+    if is_safe_method(method) || !(status.is_success() || status.is_redirection()) {
+        return Vec::new();
+    }
+    let mut out = vec![request_path_and_query.to_string()];
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(v) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        if let Some(p) = same_origin_path(v, request_authority) {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Resolves a Location-style reference to a path if it is same-origin.
+fn same_origin_path(reference: &str, authority: &str) -> Option<String> {
+    if reference.starts_with('/') && !reference.starts_with("//") {
+        return Some(reference.to_string());
+    }
+    let uri: http::Uri = reference.parse().ok()?;
+    let host = uri.authority()?.as_str();
+    if !host.eq_ignore_ascii_case(authority) {
+        return None;
+    }
+    Some(uri.path_and_query().map_or("/", |p| p.as_str()).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    const POLICY: StoragePolicy = StoragePolicy {
+        allow_set_cookie: false,
+    };
+    const HEUR: Heuristic = Heuristic {
+        fraction: 0.1,
+        max: Duration::from_secs(86_400),
+    };
+
+    fn store(req: &[(&str, &str)], status: u16, resp: &[(&str, &str)]) -> Result<(), NotStorable> {
+        let r = headers(resp);
+        storable(
+            &Method::GET,
+            &headers(req),
+            StatusCode::from_u16(status).unwrap(),
+            &r,
+            &ResponseDirectives::from_headers(&r),
+            POLICY,
+        )
+    }
+
+    #[test]
+    fn rfc9111_3_stores_explicitly_fresh_get() {
+        assert_eq!(store(&[], 200, &[("cache-control", "max-age=60")]), Ok(()));
+    }
+
+    #[test]
+    fn rfc9111_3_refuses_without_freshness_or_validator() {
+        assert_eq!(
+            store(&[], 200, &[]),
+            Err(NotStorable::NoFreshnessOrValidator)
+        );
+    }
+
+    #[test]
+    fn rfc9111_3_stores_heuristically_cacheable_with_validator() {
+        assert_eq!(store(&[], 200, &[("etag", "\"a\"")]), Ok(()));
+        assert_eq!(
+            store(&[], 201, &[("etag", "\"a\"")]),
+            Err(NotStorable::Status)
+        );
+    }
+
+    #[test]
+    fn rfc9111_5_2_2_5_no_store_and_private() {
+        assert_eq!(
+            store(&[], 200, &[("cache-control", "max-age=60, no-store")]),
+            Err(NotStorable::NoStore)
+        );
+        assert_eq!(
+            store(&[], 200, &[("cache-control", "max-age=60, private")]),
+            Err(NotStorable::Private)
+        );
+    }
+
+    #[test]
+    fn rfc9111_5_2_2_3_must_understand_overrides_no_store_for_known_status() {
+        let cc = "max-age=60, no-store, must-understand";
+        assert_eq!(store(&[], 200, &[("cache-control", cc)]), Ok(()));
+        assert_eq!(
+            store(&[], 299, &[("cache-control", cc)]),
+            Err(NotStorable::Status)
+        );
+    }
+
+    #[test]
+    fn rfc9111_3_5_authorization_needs_explicit_permission() {
+        let auth = [("authorization", "Basic YTpi")];
+        assert_eq!(
+            store(&auth, 200, &[("cache-control", "max-age=60")]),
+            Err(NotStorable::Authorization)
+        );
+        assert_eq!(
+            store(&auth, 200, &[("cache-control", "max-age=60, public")]),
+            Ok(())
+        );
+        assert_eq!(
+            store(&auth, 200, &[("cache-control", "s-maxage=60")]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn set_cookie_not_stored_unless_allowed() {
+        assert_eq!(
+            store(
+                &[],
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]
+            ),
+            Err(NotStorable::SetCookie)
+        );
+    }
+
+    #[test]
+    fn rfc9111_4_1_vary_star_never_stored() {
+        assert_eq!(
+            store(
+                &[],
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "Foo, *")]
+            ),
+            Err(NotStorable::VaryStar)
+        );
+    }
+
+    fn lifetime(status: u16, resp: &[(&str, &str)], now: SystemTime) -> Duration {
+        let h = headers(resp);
+        freshness_lifetime(
+            StatusCode::from_u16(status).unwrap(),
+            &h,
+            &ResponseDirectives::from_headers(&h),
+            now,
+            HEUR,
+        )
+    }
+
+    #[test]
+    fn rfc9111_4_2_1_s_maxage_beats_max_age_beats_expires() {
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now);
+        let exp = httpdate::fmt_http_date(now + Duration::from_secs(1000));
+        assert_eq!(
+            lifetime(200, &[("cache-control", "max-age=5, s-maxage=9")], now),
+            Duration::from_secs(9)
+        );
+        assert_eq!(
+            lifetime(
+                200,
+                &[("cache-control", "max-age=5"), ("expires", &exp)],
+                now
+            ),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            lifetime(200, &[("date", &date), ("expires", &exp)], now),
+            Duration::from_secs(1000)
+        );
+    }
+
+    #[test]
+    fn rfc9111_5_3_invalid_expires_is_stale() {
+        let now = SystemTime::now();
+        assert_eq!(lifetime(200, &[("expires", "0")], now), Duration::ZERO);
+        let exp = httpdate::fmt_http_date(now + Duration::from_secs(1000));
+        assert_eq!(
+            lifetime(200, &[("expires", &exp), ("expires", &exp)], now),
+            Duration::ZERO
+        );
+        assert_eq!(
+            lifetime(200, &[("expires", &exp.replace("GMT", "UTC"))], now),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn rfc9111_4_2_2_heuristic_is_fraction_of_last_modified_capped() {
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now);
+        let lm = httpdate::fmt_http_date(now - Duration::from_secs(1000));
+        assert_eq!(
+            lifetime(200, &[("date", &date), ("last-modified", &lm)], now),
+            Duration::from_secs(100)
+        );
+        let old = httpdate::fmt_http_date(now - Duration::from_secs(100 * 86_400));
+        assert_eq!(
+            lifetime(200, &[("date", &date), ("last-modified", &old)], now),
+            Duration::from_secs(86_400)
+        );
+        // not heuristically cacheable: no heuristic
+        assert_eq!(
+            lifetime(201, &[("date", &date), ("last-modified", &lm)], now),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn rfc9111_5_1_age_parsing() {
+        assert_eq!(age_value(&headers(&[("age", "abc")])), None);
+        assert_eq!(age_value(&headers(&[("age", "-7200")])), None);
+        assert_eq!(age_value(&headers(&[("age", "7200.0")])), None);
+        assert_eq!(age_value(&headers(&[("age", "7200, 0")])), Some(7200));
+        assert_eq!(age_value(&headers(&[("age", "0, 7200")])), Some(0));
+        assert_eq!(
+            age_value(&headers(&[("age", "7200"), ("age", "0")])),
+            Some(7200)
+        );
+        assert_eq!(
+            age_value(&headers(&[("age", "2147483649")])),
+            Some(DELTA_SECONDS_MAX)
+        );
+    }
+
+    #[test]
+    fn rfc9111_4_2_3_corrected_initial_age_takes_the_larger() {
+        let now = SystemTime::now();
+        let h = headers(&[("age", "30")]);
+        let req_t = now - Duration::from_secs(2);
+        assert_eq!(
+            corrected_initial_age(&h, req_t, now),
+            Duration::from_secs(32)
+        );
+        let date = httpdate::fmt_http_date(now - Duration::from_secs(100));
+        let h = headers(&[("age", "30"), ("date", &date)]);
+        assert!(corrected_initial_age(&h, now, now) >= Duration::from_secs(100));
+    }
+
+    fn fresh(lifetime: u64, age: u64) -> Freshness {
+        let now = SystemTime::now();
+        Freshness {
+            lifetime: Duration::from_secs(lifetime),
+            corrected_initial_age: Duration::from_secs(age),
+            response_time: now,
+            no_cache: false,
+            forbids_stale: false,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn rfc9111_4_2_fresh_vs_stale() {
+        let now = SystemTime::now();
+        let req = RequestDirectives::default();
+        assert_eq!(usability(&fresh(60, 10), &req, now), Usability::Fresh);
+        assert_eq!(
+            usability(&fresh(60, 61), &req, now),
+            Usability::MustValidate
+        );
+    }
+
+    #[test]
+    fn rfc9111_5_2_1_request_max_age_min_fresh_max_stale() {
+        let now = SystemTime::now();
+        let f = fresh(60, 30);
+        let r = RequestDirectives {
+            max_age: Some(10),
+            ..Default::default()
+        };
+        assert_eq!(usability(&f, &r, now), Usability::MustValidate);
+        let r = RequestDirectives {
+            min_fresh: Some(40),
+            ..Default::default()
+        };
+        assert_eq!(usability(&f, &r, now), Usability::MustValidate);
+        let stale = fresh(60, 90);
+        let r = RequestDirectives {
+            max_stale: Some(Some(60)),
+            ..Default::default()
+        };
+        assert_eq!(usability(&stale, &r, now), Usability::StaleAllowed);
+        let r = RequestDirectives {
+            max_stale: Some(Some(10)),
+            ..Default::default()
+        };
+        assert_eq!(usability(&stale, &r, now), Usability::MustValidate);
+    }
+
+    #[test]
+    fn rfc9111_5_2_2_must_revalidate_forbids_max_stale() {
+        let now = SystemTime::now();
+        let mut f = fresh(60, 90);
+        f.forbids_stale = true;
+        let r = RequestDirectives {
+            max_stale: Some(None),
+            ..Default::default()
+        };
+        assert_eq!(usability(&f, &r, now), Usability::MustValidate);
+        assert!(!f.can_serve_on_error(now, Some(Duration::from_secs(1000))));
+    }
+
+    #[test]
+    fn rfc5861_3_stale_while_revalidate_window() {
+        let now = SystemTime::now();
+        let mut f = fresh(1, 5);
+        f.stale_while_revalidate = Duration::from_secs(30);
+        let req = RequestDirectives::default();
+        assert_eq!(usability(&f, &req, now), Usability::StaleWhileRevalidate);
+        f.stale_while_revalidate = Duration::from_secs(2);
+        assert_eq!(usability(&f, &req, now), Usability::MustValidate);
+    }
+
+    #[test]
+    fn rfc5861_4_stale_if_error_window() {
+        let now = SystemTime::now();
+        let mut f = fresh(1, 5);
+        assert!(!f.can_serve_on_error(now, None));
+        f.stale_if_error = Duration::from_secs(10);
+        assert!(f.can_serve_on_error(now, None));
+    }
+
+    #[test]
+    fn rfc9111_5_2_2_4_no_cache_always_validates() {
+        let now = SystemTime::now();
+        let mut f = fresh(60, 0);
+        f.no_cache = true;
+        assert_eq!(
+            usability(&f, &RequestDirectives::default(), now),
+            Usability::MustValidate
+        );
+    }
+
+    #[test]
+    fn rfc9111_4_1_vary_matching_normalizes_whitespace_and_lines() {
+        let name = HeaderName::from_static("foo");
+        let stored = vec![(
+            name.clone(),
+            vary_value(&headers(&[("foo", "a, b")]), &name),
+        )];
+        assert!(vary_matches(&stored, &headers(&[("foo", "a,b")])));
+        assert!(vary_matches(
+            &stored,
+            &headers(&[("foo", "a"), ("foo", "b")])
+        ));
+        assert!(!vary_matches(&stored, &headers(&[("foo", "b, a")])));
+        assert!(!vary_matches(&stored, &headers(&[])));
+        let absent = vec![(name.clone(), None)];
+        assert!(vary_matches(&absent, &headers(&[])));
+        assert!(!vary_matches(&absent, &headers(&[("foo", "")])));
+    }
+
+    #[test]
+    fn rfc9111_4_1_vary_fields_parsing() {
+        let f = vary_fields(&headers(&[("vary", "Foo, bar"), ("vary", "FOO")])).unwrap();
+        assert_eq!(
+            f,
+            vec![
+                HeaderName::from_static("foo"),
+                HeaderName::from_static("bar")
+            ]
+        );
+        assert!(vary_fields(&headers(&[("vary", ""), ("vary", "*")])).is_none());
+    }
+
+    #[test]
+    fn rfc9111_4_3_2_client_conditionals() {
+        let stored = headers(&[
+            ("etag", "\"abc\""),
+            ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ]);
+        assert!(conditional_matches(
+            &headers(&[("if-none-match", "W/\"abc\"")]),
+            &stored
+        ));
+        assert!(conditional_matches(
+            &headers(&[("if-none-match", "\"x\", \"abc\"")]),
+            &stored
+        ));
+        assert!(!conditional_matches(
+            &headers(&[("if-none-match", "\"x\"")]),
+            &stored
+        ));
+        assert!(conditional_matches(
+            &headers(&[("if-modified-since", "Tue, 02 Jan 2024 00:00:00 GMT")]),
+            &stored
+        ));
+        assert!(!conditional_matches(
+            &headers(&[("if-modified-since", "Sun, 31 Dec 2023 00:00:00 GMT")]),
+            &stored
+        ));
+        // If-None-Match takes precedence over If-Modified-Since (RFC 9110 13.2.2)
+        assert!(!conditional_matches(
+            &headers(&[
+                ("if-none-match", "\"x\""),
+                ("if-modified-since", "Tue, 02 Jan 2024 00:00:00 GMT")
+            ]),
+            &stored
+        ));
+    }
+
+    #[test]
+    fn rfc9111_3_2_304_updates_headers_but_not_content_length() {
+        let mut stored = headers(&[("content-length", "10"), ("x-a", "1"), ("etag", "\"1\"")]);
+        let nm = headers(&[
+            ("content-length", "0"),
+            ("x-a", "2"),
+            ("connection", "x-b"),
+            ("x-b", "3"),
+        ]);
+        update_from_304(&mut stored, &nm);
+        assert_eq!(stored.get("x-a").unwrap(), "2");
+        assert_eq!(stored.get("content-length").unwrap(), "10");
+        assert!(stored.get("x-b").is_none());
+    }
+
+    #[test]
+    fn rfc9111_4_4_unsafe_methods_invalidate_target_and_same_origin_locations() {
+        let resp = headers(&[
+            ("location", "/other"),
+            ("content-location", "http://elsewhere.example/x"),
+        ]);
+        let t = invalidation_targets(
+            &Method::POST,
+            StatusCode::CREATED,
+            &resp,
+            "a.example",
+            "/p?q",
+        );
+        assert_eq!(t, vec!["/p?q".to_string(), "/other".to_string()]);
+        assert!(
+            invalidation_targets(&Method::POST, StatusCode::NOT_FOUND, &resp, "a", "/p").is_empty()
+        );
+        assert!(invalidation_targets(&Method::GET, StatusCode::OK, &resp, "a", "/p").is_empty());
+        let resp = headers(&[("location", "http://a.example/abs")]);
+        let t = invalidation_targets(&Method::DELETE, StatusCode::OK, &resp, "a.example", "/p");
+        assert_eq!(t, vec!["/p".to_string(), "/abs".to_string()]);
+    }
+}

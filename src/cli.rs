@@ -1,0 +1,185 @@
+//! Command line: run the gateway, check a config, or run the demo.
+
+use crate::config::Config;
+use crate::proxy::pipeline::Gateway;
+use crate::proxy::server;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kvgate",
+    version,
+    about = "A caching reverse-proxy gateway (RFC 9111 shared cache)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate a config file and exit (status 0 when valid).
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a small demo origin and the gateway in front of it.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+    },
+}
+
+/// Flags for running the gateway; they override the config file.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RunArgs {
+    /// TOML config file (see config/kvgate.toml).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Listen address, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Origin URL, e.g. http://127.0.0.1:8000.
+    #[arg(long)]
+    pub origin: Option<String>,
+    /// TLS certificate chain (PEM) for the main listener.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the main listener.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Log filter (info, warn, kvgate=debug, ...).
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+impl RunArgs {
+    /// The config: file (if any), then flags on top.
+    pub fn resolve(&self) -> Result<Config, String> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(l) = &self.listen {
+            cfg.server.listen = toml::Spanned::new(0..0, l.clone());
+        }
+        if let Some(o) = &self.origin {
+            crate::config::validate_origin_url(o).map_err(|e| format!("--origin: {e}"))?;
+            cfg.origin.url = toml::Spanned::new(0..0, o.clone());
+        }
+        if self.tls_cert.is_some() {
+            cfg.server.tls_cert = self.tls_cert.clone();
+            cfg.server.tls_key = self.tls_key.clone();
+        }
+        if let Some(l) = &self.log_level {
+            cfg.log.level = l.clone();
+        }
+        cfg.listen_addr().map_err(|e| format!("--listen: {e}"))?;
+        Ok(cfg)
+    }
+}
+
+/// Sets up logging from the config's level (RUST_LOG wins when set).
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+/// A running gateway: its bound address and a handle to stop it.
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub stop: tokio::sync::watch::Sender<bool>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds and starts the gateway on the current runtime.
+pub async fn start(cfg: Config) -> Result<Running, String> {
+    let addr = cfg.listen_addr()?;
+    let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
+        (Some(c), Some(k)) => Some(server::tls_acceptor(c, k)?),
+        _ => None,
+    };
+    let gw = Gateway::new(cfg)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    // Expired entries must not pin memory until the LRU reaches them.
+    let sweeper = {
+        let gw = gw.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let keep = Duration::from_secs(gw.config.cache.keep_secs);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stopped.changed() => break,
+                }
+                gw.store.sweep(std::time::SystemTime::now(), keep);
+            }
+        })
+    };
+    let task = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            server::serve(gw, listener, tls, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+            sweeper.abort();
+        })
+    };
+    Ok(Running {
+        addr,
+        gateway: gw,
+        stop,
+        task,
+    })
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the gateway until a shutdown signal, then drains.
+pub async fn run(cfg: Config) -> Result<(), String> {
+    let origin = cfg.origin.url.get_ref().clone();
+    let running = start(cfg).await?;
+    tracing::info!(listen = %running.addr, %origin, "kvgate listening");
+    shutdown_signal().await;
+    tracing::info!("shutting down; draining in-flight requests");
+    let _ = running.stop.send(true);
+    let _ = running.task.await;
+    Ok(())
+}

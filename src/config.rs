@@ -1,0 +1,392 @@
+//! The TOML configuration: schema, defaults and validation.
+//!
+//! Unknown keys are errors. Every error names the file, line, column and key,
+//! with a hint, so a typo never silently turns a feature off.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub origin: OriginConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            origin: OriginConfig::default(),
+            cache: CacheConfig::default(),
+            log: LogConfig::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the main listener.
+    pub listen: Spanned<String>,
+    /// PEM files for TLS on the main listener (both or neither).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_connections: usize,
+    /// A client must send its whole request head within this time.
+    pub header_read_timeout_ms: u64,
+    pub max_header_bytes: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+    /// How long in-flight requests may take to finish on SIGTERM / Ctrl-C.
+    pub shutdown_grace_ms: u64,
+    /// The name this gateway gives itself in `Via` and `Cache-Status`.
+    pub name: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: Spanned::new(0..0, "127.0.0.1:8080".into()),
+            tls_cert: None,
+            tls_key: None,
+            max_connections: 10_000,
+            header_read_timeout_ms: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 16 * 1024 * 1024,
+            shutdown_grace_ms: 10_000,
+            name: "kvgate".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    pub url: Spanned<String>,
+    pub connect_timeout_ms: u64,
+    /// Time from sending the request to the response head.
+    pub first_byte_timeout_ms: u64,
+    /// Longest pause between two body chunks.
+    pub idle_timeout_ms: u64,
+    /// Forward the client's Host (true) or send the origin's own (false).
+    pub preserve_host: bool,
+    pub max_idle_per_host: usize,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        OriginConfig {
+            url: Spanned::new(0..0, "http://127.0.0.1:8000".into()),
+            connect_timeout_ms: 2_000,
+            first_byte_timeout_ms: 30_000,
+            idle_timeout_ms: 30_000,
+            preserve_host: false,
+            max_idle_per_host: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub max_bytes: usize,
+    pub max_object_bytes: usize,
+    pub shards: usize,
+    /// Namespace version: part of every key; bump it to drop everything.
+    pub version: u64,
+    /// Heuristic freshness (RFC 9111 4.2.2): this fraction of the time since
+    /// Last-Modified, capped.
+    pub heuristic_fraction: f64,
+    pub heuristic_max_secs: u64,
+    /// Serve stale on origin errors for this long when the origin said
+    /// nothing (stale-if-error's default; must-revalidate still wins).
+    pub grace_secs: u64,
+    /// Keep stale entries that have a validator this long for revalidation.
+    pub keep_secs: u64,
+    /// A coalesced waiter gives up waiting after this and fetches alone.
+    pub lock_timeout_ms: u64,
+    /// How long a key stays "do not coalesce" after an uncacheable answer.
+    pub hit_for_miss_secs: u64,
+    pub allow_set_cookie: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            max_object_bytes: 8 * 1024 * 1024,
+            shards: 64,
+            version: 1,
+            heuristic_fraction: 0.1,
+            heuristic_max_secs: 86_400,
+            grace_secs: 0,
+            keep_secs: 3_600,
+            lock_timeout_ms: 10_000,
+            hit_for_miss_secs: 30,
+            allow_set_cookie: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `warn`, `kvgate=debug`, ...
+    pub level: String,
+    /// One line per request at info.
+    pub access: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            access: true,
+        }
+    }
+}
+
+/// Rules for requests whose path starts with `prefix` (longest wins).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    pub prefix: Spanned<String>,
+    /// Never cache: every request goes to the origin.
+    #[serde(default)]
+    pub bypass: bool,
+    /// Freshness lifetime forced on storable responses, whatever the origin says.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// Freshness lifetime for storable responses without explicit freshness.
+    #[serde(default)]
+    pub default_ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub stale_while_revalidate_secs: Option<u64>,
+    #[serde(default)]
+    pub stale_if_error_secs: Option<u64>,
+    #[serde(default)]
+    pub allow_set_cookie: Option<bool>,
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}{}", hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+            hint: None,
+        })?;
+        Config::parse(&src, &file)
+    }
+
+    /// Parses and validates config text; `file` names it in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(src).map_err(|e| {
+            let (line, column) = e.span().map_or((0, 0), |s| line_col(src, s.start));
+            let message = e.message().to_string();
+            let hint = if message.contains("unknown field") {
+                Some(
+                    "check the key's spelling and section; see config/kvgate.toml for every key"
+                        .into(),
+                )
+            } else if message.contains("invalid type") {
+                Some("durations are integers with their unit in the key name (…_ms, …_secs)".into())
+            } else {
+                None
+            };
+            ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                message,
+                hint,
+            }
+        })?;
+        cfg.validate(src, file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, src: &str, file: &str) -> Result<(), ConfigError> {
+        let err = |span: std::ops::Range<usize>, key: &str, message: String, hint: &str| {
+            let (line, column) = if span.is_empty() {
+                (0, 0)
+            } else {
+                line_col(src, span.start)
+            };
+            ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                message: format!("{key}: {message}"),
+                hint: Some(hint.to_string()),
+            }
+        };
+        if let Err(e) = self.server.listen.get_ref().parse::<SocketAddr>() {
+            return Err(err(
+                self.server.listen.span(),
+                "server.listen",
+                format!("{e}"),
+                "an IP address and port, e.g. \"127.0.0.1:8080\"",
+            ));
+        }
+        validate_origin_url(self.origin.url.get_ref()).map_err(|m| {
+            err(
+                self.origin.url.span(),
+                "origin.url",
+                m,
+                "e.g. \"http://127.0.0.1:8000\"",
+            )
+        })?;
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return Err(err(
+                0..0,
+                "server.tls_cert / server.tls_key",
+                "both or neither must be set".into(),
+                "give the certificate chain and the private key as PEM files",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.cache.heuristic_fraction) {
+            return Err(err(
+                0..0,
+                "cache.heuristic_fraction",
+                "must be between 0 and 1".into(),
+                "RFC 9111 suggests 0.1",
+            ));
+        }
+        for r in &self.routes {
+            if !r.prefix.get_ref().starts_with('/') {
+                return Err(err(
+                    r.prefix.span(),
+                    &format!("route[{}].prefix", r.name),
+                    "must start with '/'".into(),
+                    "a path prefix such as \"/api/\"",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The route for a path: the longest matching prefix.
+    pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
+        self.routes
+            .iter()
+            .filter(|r| path.starts_with(r.prefix.get_ref().as_str()))
+            .max_by_key(|r| r.prefix.get_ref().len())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.server
+            .listen
+            .get_ref()
+            .parse()
+            .map_err(|e| format!("listen address: {e}"))
+    }
+
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+/// Only plain-HTTP origins are supported for now: say so clearly.
+pub fn validate_origin_url(url: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err("https origins are not supported yet; put the origin on plain HTTP on a private network".into()),
+        _ => return Err("the URL must start with http://".into()),
+    }
+    if uri.authority().is_none() {
+        return Err("the URL has no host".into());
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err("the origin URL must have no path; requests keep theirs".into());
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_from_empty() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.cache.version, 1);
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = Config::parse("[cache]\nmax_bytes = 10\nmax_bites = 5\n", "k.toml").unwrap_err();
+        assert_eq!((e.file.as_str(), e.line), ("k.toml", 3));
+        assert!(e.message.contains("max_bites"), "{}", e.message);
+        assert!(e.to_string().starts_with("k.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let e = Config::parse("[origin]\nconnect_timeout_ms = \"2s\"\n", "k.toml").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.hint.is_some());
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let e = Config::parse("[origin]\n\nurl = \"ftp://x\"\n", "k.toml").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.message.starts_with("origin.url"));
+        let e = Config::parse("[server]\nlisten = \"nope\"\n", "k.toml").unwrap_err();
+        assert_eq!(e.line, 2);
+        let e = Config::parse("[[route]]\nname = \"a\"\nprefix = \"api\"\n", "k.toml").unwrap_err();
+        assert_eq!(e.line, 3);
+    }
+
+    #[test]
+    fn longest_route_prefix_wins() {
+        let c = Config::parse(
+            "[[route]]\nname = \"a\"\nprefix = \"/api/\"\n[[route]]\nname = \"b\"\nprefix = \"/api/v2/\"\nbypass = true\n",
+            "k.toml",
+        )
+        .unwrap();
+        assert_eq!(c.route_for("/api/v2/x").unwrap().name, "b");
+        assert_eq!(c.route_for("/api/v1").unwrap().name, "a");
+        assert!(c.route_for("/other").is_none());
+    }
+}

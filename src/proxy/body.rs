@@ -1,0 +1,336 @@
+//! Response bodies the gateway sends: from memory (a cache hit), streamed
+//! from the origin (optionally captured for the store and for coalesced
+//! waiters), or read from another request's capture (a coalesced waiter).
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a streamed origin body ended early. The client's connection is
+/// aborted (hyper does that on a body error), so a truncated body can never
+/// pass for a whole one.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("origin body failed: {0}")]
+    Origin(#[source] hyper::Error),
+    #[error("origin body idle for more than {0:?}")]
+    Idle(Duration),
+    #[error("the response this request waited on failed mid-body")]
+    SharedFailed,
+}
+
+/// A response body.
+pub enum Body {
+    Empty,
+    Full(Option<Bytes>),
+    Origin(Box<OriginBody>),
+    Shared(SharedReader),
+}
+
+impl Body {
+    pub fn full(b: Bytes) -> Body {
+        if b.is_empty() {
+            Body::Empty
+        } else {
+            Body::Full(Some(b))
+        }
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(s: &'static str) -> Body {
+        Body::full(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+impl From<String> for Body {
+    fn from(s: String) -> Body {
+        Body::full(Bytes::from(s))
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Body::Origin(o) => Pin::new(o.as_mut()).poll_frame(cx),
+            Body::Shared(r) => r.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(b) => b.is_none(),
+            // Not the inner stream's answer: the capture completes only when
+            // a poll sees the end, so let hyper poll once more.
+            Body::Origin(o) => o.finished,
+            Body::Shared(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Origin(o) => o
+                .inner
+                .as_ref()
+                .map_or_else(SizeHint::default, |i| i.size_hint()),
+            Body::Shared(r) => r.size_hint,
+        }
+    }
+}
+
+/// A body being received once and read by several responses (the leader of
+/// a coalesced fetch and its waiters). Chunks are kept until the last reader
+/// is gone.
+#[derive(Default)]
+pub struct SharedBody {
+    state: Mutex<SharedState>,
+}
+
+#[derive(Default)]
+struct SharedState {
+    chunks: Vec<Bytes>,
+    done: bool,
+    failed: bool,
+    wakers: Vec<Waker>,
+}
+
+impl SharedBody {
+    /// A shared body that is already complete (a 304-refreshed entry).
+    pub fn complete(b: Bytes) -> Arc<SharedBody> {
+        let s = SharedBody::default();
+        {
+            let mut st = s.lock();
+            if !b.is_empty() {
+                st.chunks.push(b);
+            }
+            st.done = true;
+        }
+        Arc::new(s)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, chunk: Bytes) {
+        let mut st = self.lock();
+        st.chunks.push(chunk);
+        for w in st.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    fn finish(&self, failed: bool) {
+        let mut st = self.lock();
+        st.done = true;
+        st.failed = failed;
+        for w in st.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    pub fn reader(self: &Arc<Self>, size_hint: SizeHint) -> SharedReader {
+        SharedReader {
+            shared: self.clone(),
+            next: 0,
+            size_hint,
+        }
+    }
+}
+
+/// One response's cursor into a [`SharedBody`].
+pub struct SharedReader {
+    shared: Arc<SharedBody>,
+    next: usize,
+    size_hint: SizeHint,
+}
+
+impl SharedReader {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut st = self.shared.lock();
+        if let Some(c) = st.chunks.get(self.next) {
+            self.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(c.clone()))));
+        }
+        if st.failed {
+            return Poll::Ready(Some(Err(BodyError::SharedFailed)));
+        }
+        if st.done {
+            return Poll::Ready(None);
+        }
+        st.wakers.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Receives a whole body for the store: called once, with the body, when
+/// the origin body ended cleanly (and fit in the limit).
+pub type OnComplete = Box<dyn FnOnce(Option<Bytes>) + Send>;
+
+/// Captures a streamed body for the store and for coalesced readers.
+pub struct Capture {
+    pub shared: Option<Arc<SharedBody>>,
+    /// Largest body to collect for the store; beyond it, nothing is stored.
+    pub limit: usize,
+    pub on_complete: OnComplete,
+}
+
+/// A body streamed from the origin, with an idle timeout between chunks,
+/// optionally teed into a [`Capture`].
+pub struct OriginBody {
+    /// `None` once moved to a background task (see `Drop`).
+    inner: Option<Incoming>,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    capture: Option<Capture>,
+    collected: Vec<Bytes>,
+    collected_len: usize,
+    over_limit: bool,
+    finished: bool,
+}
+
+impl OriginBody {
+    pub fn new(inner: Incoming, idle: Duration, capture: Option<Capture>) -> OriginBody {
+        OriginBody {
+            inner: Some(inner),
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            capture,
+            collected: Vec::new(),
+            collected_len: 0,
+            over_limit: false,
+            finished: false,
+        }
+    }
+
+    fn on_chunk(&mut self, chunk: &Bytes) {
+        let Some(cap) = &self.capture else { return };
+        if let Some(s) = &cap.shared {
+            s.push(chunk.clone());
+        }
+        if !self.over_limit {
+            self.collected_len += chunk.len();
+            if self.collected_len > cap.limit {
+                self.over_limit = true;
+                self.collected.clear();
+            } else {
+                self.collected.push(chunk.clone());
+            }
+        }
+    }
+
+    fn on_end(&mut self, ok: bool) {
+        self.finished = true;
+        let Some(cap) = self.capture.take() else {
+            return;
+        };
+        if let Some(s) = &cap.shared {
+            s.finish(!ok);
+        }
+        let body = if ok && !self.over_limit {
+            // One exact-size copy: hyper's chunks may point into larger read
+            // buffers, which a long-lived cache entry must not pin.
+            let mut buf = BytesMut::with_capacity(self.collected_len);
+            for c in self.collected.drain(..) {
+                buf.extend_from_slice(&c);
+            }
+            Some(buf.freeze())
+        } else {
+            None
+        };
+        (cap.on_complete)(body);
+    }
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle_timer.as_mut().reset(Instant::now() + this.idle);
+                if let Some(d) = frame.data_ref() {
+                    this.on_chunk(d);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.on_end(false);
+                Poll::Ready(Some(Err(BodyError::Origin(e))))
+            }
+            Poll::Ready(None) => {
+                this.on_end(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.idle_timer.as_mut().poll(cx).is_ready() {
+                    this.on_end(false);
+                    return Poll::Ready(Some(Err(BodyError::Idle(this.idle))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for OriginBody {
+    /// The client went away mid-body. If others wait on this body or it is
+    /// headed for the store, finish receiving it in the background: the
+    /// fetch is not tied to the client connection.
+    fn drop(&mut self) {
+        if self.finished || self.capture.is_none() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.on_end(false);
+            return;
+        };
+        let rest = OriginBody {
+            inner: self.inner.take(),
+            idle: self.idle,
+            idle_timer: Box::pin(tokio::time::sleep(self.idle)),
+            capture: self.capture.take(),
+            collected: std::mem::take(&mut self.collected),
+            collected_len: self.collected_len,
+            over_limit: self.over_limit,
+            finished: false,
+        };
+        self.finished = true;
+        handle.spawn(async move {
+            let mut rest = Box::pin(rest);
+            while let Some(frame) = std::future::poll_fn(|cx| rest.as_mut().poll_frame(cx)).await {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}

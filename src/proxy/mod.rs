@@ -1,0 +1,8 @@
+//! The listener and the request pipeline.
+
+pub mod body;
+pub mod headers;
+pub mod origin;
+pub mod pipeline;
+pub mod respond;
+pub mod server;

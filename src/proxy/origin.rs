@@ -1,0 +1,107 @@
+//! The origin client: pooled keep-alive connections, connect and
+//! time-to-first-byte timeouts, errors mapped to 502 / 504.
+
+use crate::config::OriginConfig;
+use http::header::{HeaderValue, HOST};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+/// Why the origin did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("origin connection failed: {0}")]
+    Connect(String),
+    #[error("origin timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("origin request failed: {0}")]
+    Request(String),
+}
+
+impl OriginError {
+    /// 504 for timeouts, 502 for everything else (RFC 9110 15.6.3 / 15.6.5).
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            OriginError::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
+            _ => http::StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Request bodies sent upstream: the client's, streamed, or nothing.
+pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+
+pub struct OriginClient {
+    client: Client<HttpConnector, UpstreamBody>,
+    authority: http::uri::Authority,
+    scheme: http::uri::Scheme,
+    host_header: HeaderValue,
+    preserve_host: bool,
+    first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl OriginClient {
+    pub fn new(cfg: &OriginConfig) -> Result<OriginClient, String> {
+        let uri = crate::config::validate_origin_url(cfg.url.get_ref())?;
+        let authority = uri.authority().cloned().ok_or("origin URL has no host")?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(cfg.max_idle_per_host)
+            // The origin may close an idle keep-alive connection just as we
+            // reuse it; retrying that is safe (the request never reached it).
+            .retry_canceled_requests(true)
+            .build(connector);
+        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        Ok(OriginClient {
+            client,
+            authority,
+            scheme: uri.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
+            host_header,
+            preserve_host: cfg.preserve_host,
+            first_byte_timeout: Duration::from_millis(cfg.first_byte_timeout_ms),
+            idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
+        })
+    }
+
+    /// Sends a request (its URI holds only the path and query) to the origin.
+    pub async fn send(
+        &self,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, OriginError> {
+        let pq = req.uri().path_and_query().cloned();
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = pq.or_else(|| Some(http::uri::PathAndQuery::from_static("/")));
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| OriginError::Request(e.to_string()))?;
+        if !self.preserve_host || !req.headers().contains_key(HOST) {
+            req.headers_mut().insert(HOST, self.host_header.clone());
+        }
+        *req.version_mut() = http::Version::HTTP_11;
+        match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+            Err(_) => Err(OriginError::Timeout(self.first_byte_timeout)),
+            Ok(Err(e)) if e.is_connect() => Err(OriginError::Connect(error_chain(&e))),
+            Ok(Err(e)) => Err(OriginError::Request(error_chain(&e))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

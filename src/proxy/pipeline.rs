@@ -1,0 +1,727 @@
+//! The request pipeline: guard -> cache key -> lookup -> (hit | stale |
+//! validate | miss) -> response. Data flows one way; every branch ends in one
+//! response and at most one origin request per key at a time.
+
+use super::body::{Body, Capture, OriginBody, SharedBody};
+use super::headers::{forward_request_headers, remove_hop_by_hop, ClientInfo};
+use super::origin::{OriginClient, UpstreamBody};
+use super::respond::{self, CacheResult, Labels};
+use crate::cache::directives::{RequestDirectives, ResponseDirectives};
+use crate::cache::key::CacheKey;
+use crate::cache::policy::{self, Freshness, Heuristic, StoragePolicy, Usability};
+use crate::cache::revalidate::{self, Join, Outcome, SharedResponse, SingleFlight};
+use crate::cache::store::{Entry, Store};
+use crate::config::{Config, RouteConfig};
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Everything the request path needs, shared by all connections.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub flights: Arc<SingleFlight>,
+    pub origin: OriginClient,
+    pub metrics: Metrics,
+    pub labels: Labels,
+    /// The global cache namespace version (bumped by the admin API).
+    version: AtomicU64,
+}
+
+/// The per-request facts every branch needs.
+struct Ctx {
+    key: CacheKey,
+    method: Method,
+    /// The request headers as forwarded (after the guard and edge).
+    headers: HeaderMap,
+    req_cc: RequestDirectives,
+    route: Option<RouteConfig>,
+    path: String,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
+        let origin = OriginClient::new(&config.origin)?;
+        let c = &config.cache;
+        Ok(Arc::new(Gateway {
+            store: Store::new(c.max_bytes, c.max_object_bytes, c.shards),
+            flights: SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs)),
+            origin,
+            metrics: Metrics::default(),
+            labels: Labels::new(&config.server.name),
+            version: AtomicU64::new(c.version),
+            config: Arc::new(config),
+        }))
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// Bumps the namespace version: every older entry becomes unreachable.
+    pub fn bump_version(&self) -> u64 {
+        self.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Serves one client request.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let resp = self.route(req, client, &path).await;
+        let result = resp
+            .headers()
+            .get(respond::X_CACHE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        self.metrics.record(result, resp.status());
+        if self.config.log.access {
+            tracing::info!(
+                target: "kvgate::access",
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                cache = result,
+                micros = started.elapsed().as_micros() as u64,
+            );
+        }
+        resp
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: ClientInfo,
+        path: &str,
+    ) -> Response<Body> {
+        let cfg = &self.config;
+        // Guard: limits a client cannot exceed.
+        if path.len() > cfg.server.max_uri_bytes {
+            return self.own(
+                StatusCode::URI_TOO_LONG,
+                "request target too long",
+                CacheResult::Bypass,
+            );
+        }
+        let declared_len = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes)
+            || req.body().size_hint().lower() > cfg.server.max_body_bytes
+        {
+            return self.own(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+                CacheResult::Bypass,
+            );
+        }
+        let (mut parts, body) = req.into_parts();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        forward_request_headers(&mut parts.headers, client, &self.labels.via);
+        let route = cfg.route_for(path).cloned();
+        let key = CacheKey::new(self.version(), client.tls, &host, path);
+        let ctx = Ctx {
+            req_cc: RequestDirectives::from_headers(&parts.headers),
+            key,
+            method: parts.method.clone(),
+            headers: parts.headers,
+            route,
+            path: path.to_string(),
+        };
+        let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
+        if !cfg.cache.enabled || ctx.route.as_ref().is_some_and(|r| r.bypass) || !cacheable_method {
+            return self.pass(ctx, body, &host, client).await;
+        }
+        self.lookup(ctx).await
+    }
+
+    fn own(&self, status: StatusCode, msg: &str, result: CacheResult) -> Response<Body> {
+        respond::own(status, msg, &self.labels, result, "fwd=bypass")
+    }
+
+    /// Cache lookup and the decision it leads to (9111 4).
+    async fn lookup(self: &Arc<Self>, ctx: Ctx) -> Response<Body> {
+        let now = SystemTime::now();
+        let head = ctx.method == Method::HEAD;
+        let stored = self.store.lookup(&ctx.key, &ctx.headers);
+        if let Some(e) = &stored {
+            match policy::usability(&e.freshness, &ctx.req_cc, now) {
+                Usability::Fresh => {
+                    return respond::from_entry(
+                        e,
+                        &ctx.headers,
+                        head,
+                        now,
+                        &self.labels,
+                        CacheResult::Hit,
+                        "hit",
+                    );
+                }
+                Usability::StaleAllowed => {
+                    return respond::from_entry(
+                        e,
+                        &ctx.headers,
+                        head,
+                        now,
+                        &self.labels,
+                        CacheResult::Stale,
+                        "hit; detail=max-stale",
+                    );
+                }
+                Usability::StaleWhileRevalidate => {
+                    self.refresh_in_background(&ctx, e.clone());
+                    return respond::from_entry(
+                        e,
+                        &ctx.headers,
+                        head,
+                        now,
+                        &self.labels,
+                        CacheResult::Stale,
+                        "hit; detail=stale-while-revalidate",
+                    );
+                }
+                Usability::MustValidate => {}
+            }
+        }
+        if ctx.req_cc.only_if_cached {
+            // 9111 5.2.1.7: nothing usable stored.
+            return self.own(
+                StatusCode::GATEWAY_TIMEOUT,
+                "only-if-cached and nothing usable is stored",
+                CacheResult::Miss,
+            );
+        }
+        if head {
+            // A HEAD is answered from a stored GET; without one it passes.
+            return self.fetch(&ctx, None, false, None).await;
+        }
+        match self.flights.join(&ctx.key) {
+            Join::Leader(guard) => self.fetch(&ctx, stored, true, Some(guard)).await,
+            Join::Bypass => self.fetch(&ctx, stored, true, None).await,
+            Join::Waiter(rx) => {
+                let lock_timeout = Duration::from_millis(self.config.cache.lock_timeout_ms);
+                match revalidate::wait(rx, lock_timeout).await {
+                    Outcome::Shared(r)
+                        if r.vary.is_empty() || policy::vary_matches(&r.vary, &ctx.headers) =>
+                    {
+                        self.from_shared(&ctx, &r)
+                    }
+                    _ => {
+                        // Not shareable: fetch alone (and store, if we can).
+                        let stored = self.store.lookup(&ctx.key, &ctx.headers).or(stored);
+                        self.fetch(&ctx, stored, true, None).await
+                    }
+                }
+            }
+        }
+    }
+
+    /// A coalesced waiter's answer: the leader's head, its body as it streams.
+    fn from_shared(&self, ctx: &Ctx, r: &SharedResponse) -> Response<Body> {
+        let now = SystemTime::now();
+        if r.status == StatusCode::OK && policy::conditional_matches(&ctx.headers, &r.headers) {
+            let mut resp = Response::new(Body::Empty);
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            *resp.headers_mut() = policy::not_modified_headers(&r.headers);
+            respond::mark(
+                resp.headers_mut(),
+                &self.labels,
+                CacheResult::Hit,
+                "hit; detail=coalesced",
+            );
+            return resp;
+        }
+        let hint = r.content_length.map_or_else(
+            http_body::SizeHint::default,
+            http_body::SizeHint::with_exact,
+        );
+        let mut resp = Response::new(Body::Shared(r.body.reader(hint)));
+        *resp.status_mut() = r.status;
+        *resp.headers_mut() = r.headers.clone();
+        resp.headers_mut().insert(
+            header::AGE,
+            HeaderValue::from(r.freshness.current_age(now).as_secs()),
+        );
+        respond::mark(
+            resp.headers_mut(),
+            &self.labels,
+            CacheResult::Hit,
+            "hit; detail=coalesced",
+        );
+        resp
+    }
+
+    /// Stale-while-revalidate: one background refresh per key, not tied to
+    /// the client connection (RFC 5861 3).
+    fn refresh_in_background(self: &Arc<Self>, ctx: &Ctx, stored: Arc<Entry>) {
+        let Some(guard) = self.flights.try_lead(&ctx.key) else {
+            return; // already being fetched or refreshed
+        };
+        self.metrics
+            .background_refreshes
+            .fetch_add(1, Ordering::Relaxed);
+        let gw = self.clone();
+        let ctx = Ctx {
+            key: ctx.key.clone(),
+            method: Method::GET,
+            headers: ctx.headers.clone(),
+            req_cc: RequestDirectives::default(),
+            route: ctx.route.clone(),
+            path: ctx.path.clone(),
+        };
+        tokio::spawn(async move {
+            let resp = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
+            // Drain the body so the capture completes and the store updates.
+            let mut body = resp.into_body();
+            while let Some(frame) =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+            {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Goes to the origin for a GET/HEAD: a conditional request when a stored
+    /// entry has validators, a plain one otherwise. Stores what may be
+    /// stored, serves stale on errors where allowed (RFC 5861 4).
+    async fn fetch(
+        self: &Arc<Self>,
+        ctx: &Ctx,
+        stored: Option<Arc<Entry>>,
+        may_store: bool,
+        guard: Option<revalidate::FlightGuard>,
+    ) -> Response<Body> {
+        let may_store = may_store && !ctx.req_cc.no_store && ctx.method == Method::GET;
+        let mut headers = ctx.headers.clone();
+        if may_store {
+            // We want a response we can store and share: the client's own
+            // conditionals are answered by us, from that response.
+            headers.remove(header::IF_NONE_MATCH);
+            headers.remove(header::IF_MODIFIED_SINCE);
+            headers.remove(header::IF_MATCH);
+            headers.remove(header::IF_UNMODIFIED_SINCE);
+            headers.remove(header::IF_RANGE);
+            if let Some(e) = &stored {
+                if let Some(etag) = e.headers.get(header::ETAG) {
+                    headers.insert(header::IF_NONE_MATCH, etag.clone());
+                }
+                if let Some(lm) = e.headers.get(header::LAST_MODIFIED) {
+                    headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+                }
+            }
+        }
+        let mut req = Request::new(Either::Right(Empty::<Bytes>::new()));
+        *req.method_mut() = ctx.method.clone();
+        *req.uri_mut() = ctx
+            .path
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        *req.headers_mut() = headers;
+        let request_time = SystemTime::now();
+        self.metrics.origin_requests.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let result = self.origin.send(req).await;
+        self.metrics.observe_origin(sent.elapsed());
+        let now = SystemTime::now();
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.origin_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %ctx.path, error = %e, "origin failed");
+                if let Some(s) = stored.filter(|s| self.can_serve_on_error(ctx, s, now)) {
+                    return respond::from_entry(
+                        &s,
+                        &ctx.headers,
+                        ctx.method == Method::HEAD,
+                        now,
+                        &self.labels,
+                        CacheResult::Stale,
+                        "hit; detail=stale-if-error",
+                    );
+                }
+                let msg = e.to_string();
+                return respond::own(
+                    e.status(),
+                    &msg,
+                    &self.labels,
+                    CacheResult::Miss,
+                    "fwd=miss; detail=origin-error",
+                );
+            }
+        };
+        let status = resp.status();
+        // 304 to our conditional: refresh the stored entry (9111 4.3.4).
+        if let (StatusCode::NOT_MODIFIED, Some(s), true) = (status, &stored, may_store) {
+            let refreshed = Arc::new(self.refreshed(ctx, s, resp.headers(), request_time, now));
+            self.store.replace(&ctx.key, s, refreshed.clone());
+            if let Some(g) = guard {
+                g.publish(Arc::new(SharedResponse {
+                    status: refreshed.status,
+                    headers: refreshed.headers.clone(),
+                    vary: refreshed.vary.clone(),
+                    body: SharedBody::complete(refreshed.body.clone()),
+                    freshness: refreshed.freshness.clone(),
+                    content_length: Some(refreshed.body.len() as u64),
+                }));
+            }
+            return respond::from_entry(
+                &refreshed,
+                &ctx.headers,
+                false,
+                now,
+                &self.labels,
+                CacheResult::Revalidated,
+                "fwd=stale; fwd-status=304",
+            );
+        }
+        if status.is_server_error() && matches!(status.as_u16(), 500 | 502 | 503 | 504) {
+            if let Some(s) = stored
+                .as_ref()
+                .filter(|s| self.can_serve_on_error(ctx, s, now))
+            {
+                return respond::from_entry(
+                    s,
+                    &ctx.headers,
+                    ctx.method == Method::HEAD,
+                    now,
+                    &self.labels,
+                    CacheResult::Stale,
+                    "hit; detail=stale-if-error",
+                );
+            }
+        }
+        let (mut parts, incoming) = resp.into_parts();
+        let cc = ResponseDirectives::from_headers(&parts.headers);
+        let verdict = if may_store {
+            self.storable(ctx, status, &parts.headers, &cc)
+        } else {
+            Err(policy::NotStorable::Method)
+        };
+        let too_big = content_length(&parts.headers)
+            .is_some_and(|n| n > self.store.max_object_bytes() as u64);
+        let result = if stored.is_some() {
+            "fwd=stale"
+        } else {
+            "fwd=uri-miss"
+        };
+        let idle = self.origin.idle_timeout;
+        match (verdict, too_big) {
+            (Ok(()), false) => {
+                let vary: Vec<_> = policy::vary_fields(&parts.headers)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|n| {
+                        let v = policy::vary_value(&ctx.headers, &n);
+                        (n, v)
+                    })
+                    .collect();
+                let mut stored_headers = parts.headers.clone();
+                policy::strip_unstorable(&mut stored_headers);
+                stored_headers.remove(header::AGE);
+                let freshness = self.freshness(ctx, status, &parts.headers, &cc, request_time, now);
+                let tags = Vec::new();
+                let shared = Arc::new(SharedBody::default());
+                if let Some(g) = &guard {
+                    g.publish(Arc::new(SharedResponse {
+                        status,
+                        headers: stored_headers.clone(),
+                        vary: vary.clone().into_boxed_slice(),
+                        body: shared.clone(),
+                        freshness: freshness.clone(),
+                        content_length: content_length(&parts.headers),
+                    }));
+                }
+                let gw = self.clone();
+                let key = ctx.key.clone();
+                let old = stored.clone();
+                let capture = Capture {
+                    shared: Some(shared),
+                    limit: self.store.max_object_bytes(),
+                    on_complete: Box::new(move |body| {
+                        if let Some(body) = body {
+                            let entry = Arc::new(Entry::new(
+                                status,
+                                stored_headers,
+                                body,
+                                vary,
+                                freshness,
+                                tags,
+                            ));
+                            gw.store.insert(key, entry);
+                        } else if let Some(old) = old {
+                            // The refresh failed mid-body: keep serving the stale entry.
+                            drop(old);
+                        }
+                        drop(guard); // end the flight only after the store has it
+                    }),
+                };
+                remove_hop_by_hop(&mut parts.headers);
+                let detail = format!("{result}; fwd-status={}; stored", status.as_u16());
+                let mut client_resp =
+                    self.client_response(ctx, parts, incoming, idle, Some(capture));
+                respond::mark(
+                    client_resp.headers_mut(),
+                    &self.labels,
+                    CacheResult::Miss,
+                    &detail,
+                );
+                client_resp
+            }
+            (verdict, _) => {
+                if let Some(g) = guard {
+                    g.not_shareable();
+                }
+                if stored.is_some() && may_store && status.is_success() {
+                    // The origin now says "do not store": drop the old copy.
+                    self.store.purge_key(&ctx.key, false);
+                }
+                remove_hop_by_hop(&mut parts.headers);
+                let why = match verdict {
+                    Err(e) => e.as_str(),
+                    Ok(()) => "too-large",
+                };
+                let detail = format!("{result}; fwd-status={}; detail={why}", status.as_u16());
+                let mut client_resp = self.client_response(ctx, parts, incoming, idle, None);
+                respond::mark(
+                    client_resp.headers_mut(),
+                    &self.labels,
+                    CacheResult::Miss,
+                    &detail,
+                );
+                client_resp
+            }
+        }
+    }
+
+    /// The client's response to an origin response: the client's own
+    /// conditional answered with 304 when the fresh response matches.
+    fn client_response(
+        &self,
+        ctx: &Ctx,
+        parts: http::response::Parts,
+        incoming: Incoming,
+        idle: Duration,
+        capture: Option<Capture>,
+    ) -> Response<Body> {
+        let conditional = parts.status == StatusCode::OK
+            && capture.is_some()
+            && policy::conditional_matches(&ctx.headers, &parts.headers);
+        let body = Body::Origin(Box::new(OriginBody::new(incoming, idle, capture)));
+        if conditional {
+            // Dropping the origin body finishes the capture in the background.
+            drop(body);
+            let mut r = Response::new(Body::Empty);
+            *r.status_mut() = StatusCode::NOT_MODIFIED;
+            *r.headers_mut() = policy::not_modified_headers(&parts.headers);
+            return r;
+        }
+        Response::from_parts(parts, body)
+    }
+
+    fn can_serve_on_error(&self, ctx: &Ctx, s: &Entry, now: SystemTime) -> bool {
+        let grace = Duration::from_secs(self.config.cache.grace_secs);
+        let req_sie = ctx
+            .headers
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|d| d.trim().strip_prefix("stale-if-error="))
+            .find_map(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs);
+        s.freshness
+            .can_serve_on_error(now, Some(req_sie.map_or(grace, |r| r.max(grace))))
+    }
+
+    fn storable(
+        &self,
+        ctx: &Ctx,
+        status: StatusCode,
+        h: &HeaderMap,
+        cc: &ResponseDirectives,
+    ) -> Result<(), policy::NotStorable> {
+        let allow_set_cookie = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.allow_set_cookie)
+            .unwrap_or(self.config.cache.allow_set_cookie);
+        let verdict = policy::storable(
+            &ctx.method,
+            &ctx.headers,
+            status,
+            h,
+            cc,
+            StoragePolicy { allow_set_cookie },
+        );
+        let route_ttl = ctx
+            .route
+            .as_ref()
+            .is_some_and(|r| r.ttl_secs.is_some() || r.default_ttl_secs.is_some());
+        match verdict {
+            Err(policy::NotStorable::NoFreshnessOrValidator)
+                if route_ttl && policy::heuristically_cacheable(status) =>
+            {
+                Ok(())
+            }
+            v => v,
+        }
+    }
+
+    fn freshness(
+        &self,
+        ctx: &Ctx,
+        status: StatusCode,
+        h: &HeaderMap,
+        cc: &ResponseDirectives,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Freshness {
+        let c = &self.config.cache;
+        let heuristic = Heuristic {
+            fraction: c.heuristic_fraction,
+            max: Duration::from_secs(c.heuristic_max_secs),
+        };
+        let route = ctx.route.as_ref();
+        let mut lifetime = policy::freshness_lifetime(status, h, cc, response_time, heuristic);
+        if let Some(r) = route {
+            if let Some(t) = r.ttl_secs {
+                lifetime = Duration::from_secs(t);
+            } else if let (Some(t), false) =
+                (r.default_ttl_secs, policy::has_explicit_freshness(h, cc))
+            {
+                lifetime = Duration::from_secs(t);
+            }
+        }
+        let swr = cc
+            .stale_while_revalidate
+            .or(route.and_then(|r| r.stale_while_revalidate_secs))
+            .unwrap_or(0);
+        let sie = cc
+            .stale_if_error
+            .or(route.and_then(|r| r.stale_if_error_secs))
+            .unwrap_or(0);
+        Freshness {
+            lifetime,
+            corrected_initial_age: policy::corrected_initial_age(h, request_time, response_time),
+            response_time,
+            no_cache: cc.no_cache || !cc.no_cache_fields.is_empty(),
+            forbids_stale: cc.forbids_stale(),
+            stale_while_revalidate: Duration::from_secs(swr),
+            stale_if_error: Duration::from_secs(sie),
+        }
+    }
+
+    /// The stored entry updated by a 304 (9111 4.3.4): new headers, new
+    /// freshness measured from this exchange.
+    fn refreshed(
+        &self,
+        ctx: &Ctx,
+        s: &Entry,
+        not_modified: &HeaderMap,
+        request_time: SystemTime,
+        now: SystemTime,
+    ) -> Entry {
+        let mut headers = s.headers.clone();
+        policy::update_from_304(&mut headers, not_modified);
+        let mut with_age = headers.clone();
+        if let Some(a) = not_modified.get(header::AGE) {
+            with_age.insert(header::AGE, a.clone());
+        }
+        headers.remove(header::AGE);
+        let cc = ResponseDirectives::from_headers(&headers);
+        let freshness = self.freshness(ctx, s.status, &with_age, &cc, request_time, now);
+        Entry::new(
+            s.status,
+            headers,
+            s.body.clone(),
+            s.vary.to_vec(),
+            freshness,
+            s.tags.to_vec(),
+        )
+    }
+
+    /// Forwards a request the cache does not handle (unsafe methods,
+    /// bypass routes), streaming the body both ways, then invalidates what
+    /// an unsafe method changed (9111 4.4).
+    async fn pass(
+        self: &Arc<Self>,
+        ctx: Ctx,
+        body: Incoming,
+        host: &str,
+        client: ClientInfo,
+    ) -> Response<Body> {
+        let mut req = Request::new(Either::Left(body) as UpstreamBody);
+        *req.method_mut() = ctx.method.clone();
+        *req.uri_mut() = ctx
+            .path
+            .parse()
+            .unwrap_or_else(|_| http::Uri::from_static("/"));
+        *req.headers_mut() = ctx.headers.clone();
+        self.metrics.origin_requests.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let result = self.origin.send(req).await;
+        self.metrics.observe_origin(sent.elapsed());
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.metrics.origin_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(path = %ctx.path, error = %e, "origin failed");
+                return respond::own(
+                    e.status(),
+                    &e.to_string(),
+                    &self.labels,
+                    CacheResult::Bypass,
+                    "fwd=bypass; detail=origin-error",
+                );
+            }
+        };
+        let (mut parts, incoming) = resp.into_parts();
+        for target in
+            policy::invalidation_targets(&ctx.method, parts.status, &parts.headers, host, &ctx.path)
+        {
+            let key = CacheKey::new(self.version(), client.tls, host, &target);
+            self.store.purge_key(&key, false);
+        }
+        remove_hop_by_hop(&mut parts.headers);
+        let detail = format!("fwd=bypass; fwd-status={}", parts.status.as_u16());
+        let mut r = Response::from_parts(
+            parts,
+            Body::Origin(Box::new(OriginBody::new(
+                incoming,
+                self.origin.idle_timeout,
+                None,
+            ))),
+        );
+        respond::mark(r.headers_mut(), &self.labels, CacheResult::Bypass, &detail);
+        r
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}

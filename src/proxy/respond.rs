@@ -1,0 +1,154 @@
+//! Response construction: from a stored entry, from the origin, and the
+//! gateway's own errors; the `X-Cache` and `Cache-Status` (RFC 9211) fields.
+
+use super::body::Body;
+use crate::cache::policy;
+use crate::cache::store::Entry;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use std::time::SystemTime;
+
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How a response was produced, as `X-Cache` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+    Stale,
+    Revalidated,
+    Bypass,
+}
+
+impl CacheResult {
+    pub const ALL: [CacheResult; 5] = [
+        CacheResult::Hit,
+        CacheResult::Miss,
+        CacheResult::Stale,
+        CacheResult::Revalidated,
+        CacheResult::Bypass,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "HIT",
+            CacheResult::Miss => "MISS",
+            CacheResult::Stale => "STALE",
+            CacheResult::Revalidated => "REVALIDATED",
+            CacheResult::Bypass => "BYPASS",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    fn header(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+}
+
+/// Prebuilt header values for the hot path.
+pub struct Labels {
+    pub name: String,
+    pub via: HeaderValue,
+    hit: HeaderValue,
+}
+
+impl Labels {
+    pub fn new(name: &str) -> Labels {
+        let name = if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            "kvgate".to_string()
+        } else {
+            name.to_string()
+        };
+        Labels {
+            via: HeaderValue::from_str(&format!("1.1 {name}"))
+                .unwrap_or(HeaderValue::from_static("1.1 kvgate")),
+            hit: HeaderValue::from_str(&format!("{name}; hit"))
+                .unwrap_or(HeaderValue::from_static("kvgate; hit")),
+            name,
+        }
+    }
+
+    /// A Cache-Status member (RFC 9211 2): `name; params`.
+    pub fn cache_status(&self, params: &str) -> HeaderValue {
+        if params == "hit" {
+            return self.hit.clone();
+        }
+        HeaderValue::from_str(&format!("{}; {}", self.name, params))
+            .unwrap_or_else(|_| self.hit.clone())
+    }
+}
+
+/// Adds the gateway's own fields to a response.
+pub fn mark(h: &mut HeaderMap, labels: &Labels, result: CacheResult, status_params: &str) {
+    h.insert(X_CACHE, result.header());
+    h.append(CACHE_STATUS, labels.cache_status(status_params));
+    h.append(header::VIA, labels.via.clone());
+}
+
+/// A response from a stored entry, with `Age` (9111 4.2.3, 5.1). Answers 304
+/// when the client's own conditional matches (9111 4.3.2). `head` omits the
+/// body.
+pub fn from_entry(
+    e: &Entry,
+    req: &HeaderMap,
+    head: bool,
+    now: SystemTime,
+    labels: &Labels,
+    result: CacheResult,
+    status_params: &str,
+) -> Response<Body> {
+    let age = e.freshness.current_age(now).as_secs();
+    let conditional = e.status == StatusCode::OK && policy::conditional_matches(req, &e.headers);
+    let mut resp = if conditional {
+        let mut r = Response::new(Body::Empty);
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        *r.headers_mut() = policy::not_modified_headers(&e.headers);
+        r
+    } else {
+        let mut r = Response::new(if head {
+            Body::Empty
+        } else {
+            Body::full(e.body.clone())
+        });
+        *r.status_mut() = e.status;
+        *r.headers_mut() = e.headers.clone();
+        if head {
+            // A HEAD answer keeps the GET's Content-Length (RFC 9110 9.3.2).
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(e.body.len()));
+        }
+        r
+    };
+    resp.headers_mut()
+        .insert(header::AGE, HeaderValue::from(age));
+    mark(resp.headers_mut(), labels, result, status_params);
+    resp
+}
+
+/// The gateway's own answer (errors, refusals): short plain text.
+pub fn own(
+    status: StatusCode,
+    message: &str,
+    labels: &Labels,
+    result: CacheResult,
+    params: &str,
+) -> Response<Body> {
+    let mut r = Response::new(Body::from(format!("kvgate: {message}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    mark(r.headers_mut(), labels, result, params);
+    r
+}
