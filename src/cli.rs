@@ -122,12 +122,13 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
             let keep = Duration::from_secs(gw.config.cache.keep_secs);
+            let grace = Duration::from_secs(gw.config.cache.grace_secs);
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                     _ = stopped.changed() => break,
                 }
-                gw.store.sweep(std::time::SystemTime::now(), keep);
+                gw.store.sweep(std::time::SystemTime::now(), keep, grace);
             }
         })
     };

@@ -109,8 +109,9 @@ pub struct CacheConfig {
     /// Last-Modified, capped.
     pub heuristic_fraction: f64,
     pub heuristic_max_secs: u64,
-    /// Serve stale on origin errors for this long when the origin said
-    /// nothing (stale-if-error's default; must-revalidate still wins).
+    /// When the origin cannot be reached at all (refused, reset, timed out),
+    /// serve a stale entry up to this long past its lifetime (RFC 9111 4.2.4
+    /// allows it when disconnected; must-revalidate / no-cache still win).
     pub grace_secs: u64,
     /// Keep stale entries that have a validator this long for revalidation.
     pub keep_secs: u64,
@@ -131,7 +132,7 @@ impl Default for CacheConfig {
             version: 1,
             heuristic_fraction: 0.1,
             heuristic_max_secs: 86_400,
-            grace_secs: 0,
+            grace_secs: 60,
             keep_secs: 3_600,
             lock_timeout_ms: 10_000,
             hit_for_miss_secs: 30,

@@ -175,10 +175,23 @@ pub struct ResponseDirectives {
     pub stale_while_revalidate: Option<u64>,
     /// RFC 5861.
     pub stale_if_error: Option<u64>,
+    /// Read from a targeted field (`CDN-Cache-Control`, RFC 9213) instead of
+    /// Cache-Control; Expires is then ignored.
+    pub targeted: bool,
 }
 
+pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
+
 impl ResponseDirectives {
+    /// The directives a gateway obeys: `CDN-Cache-Control` when present and
+    /// valid (RFC 9213 2.1: it then replaces Cache-Control and Expires),
+    /// else Cache-Control.
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        if let Some(targeted) = targeted_directives(headers) {
+            let mut r = Self::from_directives(&targeted);
+            r.targeted = true;
+            return r;
+        }
         let lines = headers.get_all(CACHE_CONTROL).iter().map(|v| v.as_bytes());
         Self::from_directives(&parse_directives(lines))
     }
@@ -222,6 +235,66 @@ impl ResponseDirectives {
     pub fn forbids_stale(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_present()
     }
+}
+
+/// `CDN-Cache-Control` as a Structured Field Dictionary (RFC 9213 2.1,
+/// RFC 8941 3.2). An invalid field is ignored as a whole, as RFC 9213 says.
+fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
+    let mut lines = headers.get_all(CDN_CACHE_CONTROL).iter().peekable();
+    lines.peek()?;
+    let mut out = Vec::new();
+    for line in lines {
+        let s = line.to_str().ok()?;
+        for member in s.split(',') {
+            let member = member.trim_matches([' ', '\t']);
+            if member.is_empty() {
+                return None; // empty list member: invalid dictionary
+            }
+            let (key, value) = match member.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (member, None),
+            };
+            let key = key.split(';').next().unwrap_or("");
+            let valid_key = key
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'*')
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b));
+            if !valid_key {
+                return None;
+            }
+            let value = match value.map(|v| v.split(';').next().unwrap_or("")) {
+                None => None,
+                Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() => {
+                    Some(v.to_string())
+                }
+                Some(v) if v.starts_with('"') && v.ends_with('"') && v.len() >= 2 => {
+                    if matches!(
+                        key,
+                        "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
+                    ) {
+                        return None; // wrong type for a delta directive
+                    }
+                    Some(v[1..v.len() - 1].to_string())
+                }
+                Some(v)
+                    if v.starts_with('-')
+                        || v.starts_with('?')
+                        || v.starts_with(|c: char| c.is_ascii_alphabetic() || c == '*') =>
+                {
+                    Some(v.to_string())
+                }
+                Some(_) => return None,
+            };
+            out.push(Directive {
+                name: key.to_string(),
+                value,
+            });
+        }
+    }
+    Some(out)
 }
 
 /// Request Cache-Control directives (9111 5.2.1).
@@ -376,6 +449,21 @@ mod tests {
         assert!(resp(&["max-age=5, proxy-revalidate"]).forbids_stale());
         assert!(resp(&["must-revalidate"]).forbids_stale());
         assert!(!resp(&["max-age=5"]).forbids_stale());
+    }
+
+    #[test]
+    fn rfc9213_cdn_cache_control_overrides_and_invalid_is_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(CDN_CACHE_CONTROL, HeaderValue::from_static("max-age=600"));
+        let d = ResponseDirectives::from_headers(&h);
+        assert!(d.targeted && !d.no_store);
+        assert_eq!(d.max_age, Delta::Valid(600));
+        for bad in ["max-age=\"10000\"", "max-age=10000, &&&&&", "MaX-aGe=5"] {
+            h.insert(CDN_CACHE_CONTROL, HeaderValue::from_static(bad));
+            let d = ResponseDirectives::from_headers(&h);
+            assert!(!d.targeted && d.no_store, "{bad}");
+        }
     }
 
     #[test]

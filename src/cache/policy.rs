@@ -95,7 +95,9 @@ fn has_validator(resp: &HeaderMap) -> bool {
 
 /// Whether the response carries explicit freshness (9111 4.2.1), valid or not.
 pub fn has_explicit_freshness(resp: &HeaderMap, cc: &ResponseDirectives) -> bool {
-    cc.s_maxage.is_present() || cc.max_age.is_present() || resp.contains_key(header::EXPIRES)
+    cc.s_maxage.is_present()
+        || cc.max_age.is_present()
+        || (!cc.targeted && resp.contains_key(header::EXPIRES))
 }
 
 /// Vary field names, lowercased; `None` when Vary contains `*` (9111 4.1).
@@ -129,7 +131,7 @@ pub fn storable(
     if method != Method::GET {
         return Err(NotStorable::Method);
     }
-    if status == StatusCode::PARTIAL_CONTENT || resp.contains_key(header::CONTENT_RANGE) {
+    if status == StatusCode::PARTIAL_CONTENT {
         // We do not combine partial content (9111 3.3); pass it through.
         return Err(NotStorable::Partial);
     }
@@ -163,9 +165,11 @@ pub fn storable(
     // 9111 3: explicit freshness, or a heuristically cacheable status / public
     // with a validator. Without freshness and validator a stored copy could
     // never be used, so we do not keep one.
+    // Any final status may be stored with explicit freshness (9111 3); only
+    // `must-understand` restricts it to understood codes (checked above).
     let explicit = has_explicit_freshness(resp, cc);
     let validator = has_validator(resp);
-    if explicit && (status_understood(status) || heuristically_cacheable(status)) {
+    if explicit {
         return Ok(());
     }
     if validator && (heuristically_cacheable(status) || cc.public || cc.no_cache) {
@@ -214,7 +218,8 @@ pub fn freshness_lifetime(
         Delta::Absent => {}
     }
     let date = date_value(resp).unwrap_or(response_time);
-    if let Some(expires) = single(resp, &header::EXPIRES) {
+    // RFC 9213 2.1: with a targeted field, Expires is ignored.
+    if let Some(expires) = single(resp, &header::EXPIRES).filter(|_| !cc.targeted) {
         // An invalid Expires, including "0", means already expired.
         return match expires.ok().and_then(parse_http_date) {
             Some(exp) => exp.duration_since(date).unwrap_or(Duration::ZERO),
@@ -321,8 +326,11 @@ impl Freshness {
     }
 
     /// Whether stale-if-error (RFC 5861, or configured grace) still covers it.
+    /// `extra` is what the client (request stale-if-error) or the gateway's
+    /// grace allows beyond the origin's own stale-if-error.
     pub fn can_serve_on_error(&self, now: SystemTime, request_allows: Option<Duration>) -> bool {
-        if self.forbids_stale {
+        // 9111 5.2.2.4: no-cache means never without successful validation.
+        if self.forbids_stale || self.no_cache {
             return false;
         }
         let window = request_allows.map_or(self.stale_if_error, |r| r.max(self.stale_if_error));
@@ -432,6 +440,52 @@ pub fn conditional_matches(req: &HeaderMap, stored: &HeaderMap) -> bool {
         return validator.is_some_and(|lm| lm <= ims);
     }
     false
+}
+
+/// A single byte range a stored body of `len` bytes can satisfy (RFC 9110
+/// 14.1.2, 14.2): `Ok(Some(start..end))`, `Ok(None)` to ignore the header
+/// (absent, several ranges, not bytes), `Err(())` when unsatisfiable.
+pub fn byte_range(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
+    let Some(spec) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return Ok(None);
+    };
+    let Some(set) = spec.trim().strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if set.contains(',') {
+        return Ok(None); // multipart ranges: send the whole representation
+    }
+    let Some((first, last)) = set.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let parse = |s: &str| s.trim().parse::<u64>().ok();
+    let range = match (first.trim().is_empty(), parse(first), parse(last)) {
+        (true, _, Some(suffix)) if suffix > 0 => len.saturating_sub(suffix)..len,
+        (true, _, _) => return Err(()),
+        (false, Some(a), None) if last.trim().is_empty() => a..len,
+        (false, Some(a), Some(b)) if b >= a => a..(b + 1).min(len),
+        _ => return Ok(None),
+    };
+    if range.start >= len {
+        return Err(());
+    }
+    Ok(Some(range))
+}
+
+/// Whether `If-Range` lets a range request be answered partially (RFC 9110
+/// 13.1.5): only a strong ETag match or an exact date match.
+pub fn if_range_allows(req: &HeaderMap, stored: &HeaderMap) -> bool {
+    let Some(v) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let v = v.trim();
+    if v.starts_with('"') {
+        return stored.get(header::ETAG).and_then(|e| e.to_str().ok()) == Some(v);
+    }
+    stored
+        .get(header::LAST_MODIFIED)
+        .and_then(|l| l.to_str().ok())
+        == Some(v)
 }
 
 /// Headers a stored response's 304 keeps from the stored 200 (RFC 9110
@@ -905,6 +959,19 @@ mod tests {
             ]),
             &stored
         ));
+    }
+
+    #[test]
+    fn rfc9110_14_2_byte_ranges() {
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 10);
+        assert_eq!(r("bytes=0-4"), Ok(Some(0..5)));
+        assert_eq!(r("bytes=5-"), Ok(Some(5..10)));
+        assert_eq!(r("bytes=-3"), Ok(Some(7..10)));
+        assert_eq!(r("bytes=5-100"), Ok(Some(5..10)));
+        assert_eq!(r("bytes=10-"), Err(()));
+        assert_eq!(r("bytes=0-1,3-4"), Ok(None));
+        assert_eq!(r("items=0-1"), Ok(None));
+        assert_eq!(byte_range(&headers(&[]), 10), Ok(None));
     }
 
     #[test]

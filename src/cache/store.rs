@@ -66,9 +66,9 @@ impl Entry {
     /// Whether the entry can still be of any use at `now`: served stale under
     /// SWR / stale-if-error, or revalidated (when it has a validator) within
     /// `keep` past its lifetime.
-    pub fn is_useful(&self, now: SystemTime, keep: Duration) -> bool {
+    pub fn is_useful(&self, now: SystemTime, keep: Duration, grace: Duration) -> bool {
         let f = &self.freshness;
-        let mut window = f.stale_while_revalidate.max(f.stale_if_error);
+        let mut window = f.stale_while_revalidate.max(f.stale_if_error).max(grace);
         if self.headers.contains_key(http::header::ETAG)
             || self.headers.contains_key(http::header::LAST_MODIFIED)
         {
@@ -389,19 +389,19 @@ impl Store {
 
     /// Drops entries that can no longer be used at all, so expired content
     /// does not pin memory until the LRU gets to it. Returns how many.
-    pub fn sweep(&self, now: SystemTime, keep: Duration) -> usize {
+    pub fn sweep(&self, now: SystemTime, keep: Duration, grace: Duration) -> usize {
         let mut total = 0;
         for s in self.shards.iter() {
             let mut shard = lock(s);
             let keys: Vec<CacheKey> = shard
                 .lru
                 .iter()
-                .filter(|(_, v)| v.iter().any(|e| !e.is_useful(now, keep)))
+                .filter(|(_, v)| v.iter().any(|e| !e.is_useful(now, keep, grace)))
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in keys {
                 total += shard.rewrite(&k, &mut |e| {
-                    if e.is_useful(now, keep) {
+                    if e.is_useful(now, keep, grace) {
                         Rewrite::Keep
                     } else {
                         Rewrite::Drop
@@ -628,7 +628,11 @@ mod tests {
         let s = Store::new(1 << 20, 1 << 20, 1);
         s.insert(key("/a"), entry("x", vec![], &[]));
         assert_eq!(
-            s.sweep(SystemTime::now() + Duration::from_secs(120), Duration::ZERO),
+            s.sweep(
+                SystemTime::now() + Duration::from_secs(120),
+                Duration::ZERO,
+                Duration::ZERO
+            ),
             1
         );
         assert_eq!(s.usage(), (0, 0));

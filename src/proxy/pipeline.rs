@@ -353,7 +353,7 @@ impl Gateway {
             Err(e) => {
                 self.metrics.origin_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %ctx.path, error = %e, "origin failed");
-                if let Some(s) = stored.filter(|s| self.can_serve_on_error(ctx, s, now)) {
+                if let Some(s) = stored.filter(|s| self.can_serve_on_error(ctx, s, now, true)) {
                     return respond::from_entry(
                         &s,
                         &ctx.headers,
@@ -402,7 +402,7 @@ impl Gateway {
         if status.is_server_error() && matches!(status.as_u16(), 500 | 502 | 503 | 504) {
             if let Some(s) = stored
                 .as_ref()
-                .filter(|s| self.can_serve_on_error(ctx, s, now))
+                .filter(|s| self.can_serve_on_error(ctx, s, now, false))
             {
                 return respond::from_entry(
                     s,
@@ -543,8 +543,20 @@ impl Gateway {
         Response::from_parts(parts, body)
     }
 
-    fn can_serve_on_error(&self, ctx: &Ctx, s: &Entry, now: SystemTime) -> bool {
-        let grace = Duration::from_secs(self.config.cache.grace_secs);
+    /// Stale-if-error (RFC 5861 4) and, when the origin could not be reached
+    /// at all ("disconnected", 9111 4.2.4), the configured grace.
+    fn can_serve_on_error(
+        &self,
+        ctx: &Ctx,
+        s: &Entry,
+        now: SystemTime,
+        disconnected: bool,
+    ) -> bool {
+        let grace = if disconnected {
+            Duration::from_secs(self.config.cache.grace_secs)
+        } else {
+            Duration::ZERO
+        };
         let req_sie = ctx
             .headers
             .get_all(header::CACHE_CONTROL)

@@ -112,6 +112,8 @@ pub fn from_entry(
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         *r.headers_mut() = policy::not_modified_headers(&e.headers);
         r
+    } else if let Some(r) = partial(e, req, head) {
+        r
     } else {
         let mut r = Response::new(if head {
             Body::Empty
@@ -131,6 +133,47 @@ pub fn from_entry(
         .insert(header::AGE, HeaderValue::from(age));
     mark(resp.headers_mut(), labels, result, status_params);
     resp
+}
+
+/// A 206 (or 416) from a stored 200 for a single byte range (RFC 9110
+/// 14.2, 15.3.7); the slice shares the stored body.
+fn partial(e: &Entry, req: &HeaderMap, head: bool) -> Option<Response<Body>> {
+    if e.status != StatusCode::OK
+        || !req.contains_key(header::RANGE)
+        || !policy::if_range_allows(req, &e.headers)
+    {
+        return None;
+    }
+    let len = e.body.len() as u64;
+    let mut r = match policy::byte_range(req, len) {
+        Ok(None) => return None,
+        Ok(Some(range)) => {
+            let body = e.body.slice(range.start as usize..range.end as usize);
+            let mut r = Response::new(Body::Empty);
+            *r.headers_mut() = e.headers.clone();
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            let cr = format!("bytes {}-{}/{len}", range.start, range.end - 1);
+            r.headers_mut()
+                .insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).ok()?);
+            if !head {
+                *r.body_mut() = Body::full(body);
+            }
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r
+        }
+        Err(()) => {
+            let mut r = Response::new(Body::Empty);
+            let cr = format!("bytes */{len}");
+            r.headers_mut()
+                .insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).ok()?);
+            *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            r
+        }
+    };
+    r.headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    Some(r)
 }
 
 /// The gateway's own answer (errors, refusals): short plain text.
