@@ -4,4 +4,5 @@
 //! -> `cache` (key, policy, store, revalidation) -> response. `config` holds
 //! the TOML schema.
 
+pub mod edge;
 pub mod kv;

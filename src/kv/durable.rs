@@ -394,25 +394,15 @@ mod tests {
     #[tokio::test]
     async fn sweep_removes_expired_rows_for_good() {
         let (_dir, kv) = fresh();
-        kv.put(
-            "a",
-            Bytes::new(),
-            PutOptions::ttl(Duration::from_millis(10)),
-        )
-        .await
-        .unwrap();
+        // TTLs well above an fsync, so no put's own sweep gets there first.
+        let ttl = PutOptions::ttl(Duration::from_millis(300));
+        kv.put("a", Bytes::new(), ttl.clone()).await.unwrap();
         // Rewritten without TTL: its old index row must not delete it.
-        kv.put(
-            "b",
-            Bytes::new(),
-            PutOptions::ttl(Duration::from_millis(10)),
-        )
-        .await
-        .unwrap();
+        kv.put("b", Bytes::new(), ttl).await.unwrap();
         kv.put("b", Bytes::new(), PutOptions::default())
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(kv.sweep_expired().await.unwrap(), 1);
         assert_eq!(kv.sweep_expired().await.unwrap(), 0);
         assert!(kv.get("b").await.unwrap().is_some());

@@ -253,7 +253,7 @@ pub(crate) mod conformance {
         .await
         .unwrap();
         assert!(kv.get("t:short").await.unwrap().is_some());
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
         assert_eq!(kv.get("t:short").await.unwrap(), None);
         let page = kv.list("t:", None, 10).await.unwrap();
         let names: Vec<_> = page.keys.iter().map(|k| k.name.as_str()).collect();
