@@ -640,10 +640,9 @@ impl Edge {
 
     async fn store_assignment(&self, key: String, value: Bytes) {
         let kv = Arc::clone(&self.kv);
-        let opts = PutOptions {
-            ttl: Some(self.sticky_ttl),
-            metadata: Some(serde_json::json!({ "assigned_at": unix_seconds() })),
-        };
+        // No metadata: every request of the user reads this entry back, and
+        // the assignment time is already implied by the expiry (expiry - TTL).
+        let opts = PutOptions::ttl(self.sticky_ttl);
         self.background.pending.fetch_add(1, Ordering::AcqRel);
         let guard = PendingGuard(Arc::clone(&self.background));
         let write = async move {
