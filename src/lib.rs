@@ -1,12 +1,15 @@
 //! kvgate: a reverse-proxy caching gateway.
 //!
 //! The request path flows one way: `proxy` (listener, guard, origin client)
-//! -> `cache` (key, policy, store, revalidation) -> response. `config` holds
-//! the TOML schema.
+//! -> `edge` (identity, flags, experiments, preferences: injected headers)
+//! -> `cache` (key, policy, store, revalidation) -> response. `kv` holds the
+//! state edge decisions need; `config` holds the TOML schema.
 
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod edge;
+pub mod kv;
 pub mod metrics;
 pub mod proxy;

@@ -1,0 +1,265 @@
+//! In-memory backend: a `BTreeMap` under a mutex, for tests and for
+//! deployments that accept losing state on restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use super::{
+    check_key, clamp_limit, is_expired, now_ms, prepare_put, time_from_ms, KeyInfo, Kv, KvEntry,
+    KvError, KvFuture, ListPage, PutOptions,
+};
+
+/// Expired entries removed per put: bounded so no single write pays for a
+/// large backlog, yet enough to outpace the rate at which entries expire.
+const SWEEP_PER_PUT: usize = 64;
+
+struct Stored {
+    value: Bytes,
+    metadata: Option<serde_json::Value>,
+    /// Milliseconds since the Unix epoch; 0 = never.
+    expires_ms: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: BTreeMap<String, Stored>,
+    /// (expiry, key) for every entry with a TTL, so sweeping finds the
+    /// expired ones without scanning the whole map.
+    expiry: BTreeSet<(u64, String)>,
+}
+
+impl Inner {
+    fn remove(&mut self, key: &str) -> Option<Stored> {
+        let old = self.entries.remove(key)?;
+        if old.expires_ms != 0 {
+            self.expiry.remove(&(old.expires_ms, key.to_owned()));
+        }
+        Some(old)
+    }
+
+    fn sweep(&mut self, now: u64, max: usize) -> usize {
+        let due: Vec<(u64, String)> = self
+            .expiry
+            .iter()
+            .take_while(|(at, _)| is_expired(*at, now))
+            .take(max)
+            .cloned()
+            .collect();
+        for (at, key) in &due {
+            self.expiry.remove(&(*at, key.clone()));
+            self.entries.remove(key);
+        }
+        due.len()
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryKv {
+    inner: Mutex<Inner>,
+}
+
+impl MemoryKv {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Removes every expired entry now; returns how many were removed.
+    pub fn sweep_expired(&self) -> usize {
+        self.lock().sweep(now_ms(), usize::MAX)
+    }
+
+    /// Number of entries held, expired ones not yet swept included.
+    pub fn len_including_expired(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map half-updated in
+        // a way that matters (each operation is a few map calls), so recover.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get_now(&self, key: &str) -> Result<Option<KvEntry>, KvError> {
+        check_key(key)?;
+        let now = now_ms();
+        let mut inner = self.lock();
+        let Some(stored) = inner.entries.get(key) else {
+            return Ok(None);
+        };
+        if is_expired(stored.expires_ms, now) {
+            inner.remove(key);
+            return Ok(None);
+        }
+        Ok(Some(KvEntry {
+            value: stored.value.clone(),
+            metadata: stored.metadata.clone(),
+            expires_at: time_from_ms(stored.expires_ms),
+        }))
+    }
+
+    fn put_now(&self, key: &str, value: Bytes, opts: PutOptions) -> Result<(), KvError> {
+        check_key(key)?;
+        let (expires_ms, _) = prepare_put(&opts)?;
+        let mut inner = self.lock();
+        inner.remove(key);
+        if expires_ms != 0 {
+            inner.expiry.insert((expires_ms, key.to_owned()));
+        }
+        inner.entries.insert(
+            key.to_owned(),
+            Stored {
+                value,
+                metadata: opts.metadata,
+                expires_ms,
+            },
+        );
+        inner.sweep(now_ms(), SWEEP_PER_PUT);
+        Ok(())
+    }
+
+    fn delete_now(&self, key: &str) -> Result<bool, KvError> {
+        check_key(key)?;
+        let now = now_ms();
+        let removed = self.lock().remove(key);
+        Ok(removed.is_some_and(|old| !is_expired(old.expires_ms, now)))
+    }
+
+    fn list_now(
+        &self,
+        prefix: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<ListPage, KvError> {
+        let limit = clamp_limit(limit);
+        let now = now_ms();
+        let start = match cursor {
+            Some(c) if c >= prefix => Bound::Excluded(c),
+            _ => Bound::Included(prefix),
+        };
+        let inner = self.lock();
+        let mut keys = Vec::new();
+        let mut more = false;
+        let live = inner
+            .entries
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(_, s)| !is_expired(s.expires_ms, now));
+        for (name, stored) in live {
+            if keys.len() == limit {
+                more = true;
+                break;
+            }
+            keys.push(KeyInfo {
+                name: name.clone(),
+                metadata: stored.metadata.clone(),
+                expires_at: time_from_ms(stored.expires_ms),
+            });
+        }
+        let cursor = if more {
+            keys.last().map(|k| k.name.clone())
+        } else {
+            None
+        };
+        Ok(ListPage { keys, cursor })
+    }
+}
+
+// Every operation is a few map calls under an uncontended-in-practice mutex,
+// so the work runs inline in the returned future.
+impl Kv for MemoryKv {
+    fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<KvEntry>> {
+        Box::pin(async move { self.get_now(key) })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()> {
+        Box::pin(async move { self.put_now(key, value, opts) })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool> {
+        Box::pin(async move { self.delete_now(key) })
+    }
+
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> KvFuture<'a, ListPage> {
+        Box::pin(async move { self.list_now(prefix, cursor, limit) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::conformance;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn put_get_delete() {
+        conformance::put_get_delete(&MemoryKv::new()).await;
+    }
+
+    #[tokio::test]
+    async fn metadata_round_trips() {
+        conformance::metadata_round_trips(&MemoryKv::new()).await;
+    }
+
+    #[tokio::test]
+    async fn ttl_expiry() {
+        conformance::ttl_expiry(&MemoryKv::new()).await;
+    }
+
+    #[tokio::test]
+    async fn list_prefix_and_cursor() {
+        conformance::list_prefix_and_cursor(&MemoryKv::new()).await;
+    }
+
+    #[tokio::test]
+    async fn refusals() {
+        conformance::refusals(&MemoryKv::new()).await;
+    }
+
+    #[tokio::test]
+    async fn puts_sweep_expired_entries() {
+        let kv = MemoryKv::new();
+        for i in 0..10 {
+            kv.put(
+                &format!("gone:{i}"),
+                Bytes::new(),
+                PutOptions::ttl(Duration::from_millis(10)),
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(kv.len_including_expired(), 10);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        kv.put("keep", Bytes::new(), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(kv.len_including_expired(), 1);
+    }
+
+    #[tokio::test]
+    async fn sweep_expired_removes_everything_due() {
+        let kv = MemoryKv::new();
+        kv.put(
+            "a",
+            Bytes::new(),
+            PutOptions::ttl(Duration::from_millis(10)),
+        )
+        .await
+        .unwrap();
+        kv.put("b", Bytes::new(), PutOptions::ttl(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(kv.sweep_expired(), 1);
+        assert_eq!(kv.len_including_expired(), 1);
+    }
+}

@@ -1,0 +1,355 @@
+//! Key-value state: one async, dyn-compatible trait and its backends.
+//!
+//! Everything kvgate keeps per user (flag overrides, sticky experiment
+//! assignments, preferences) lives behind [`Kv`], so a Redis backend can later
+//! slot in without touching the callers. Futures are boxed to keep the trait
+//! usable as `Arc<dyn Kv>`.
+//!
+//! Semantics shared by every backend (checked by one conformance suite):
+//! - keys are non-empty and at most [`MAX_KEY_BYTES`] bytes; metadata
+//!   serializes to at most [`MAX_METADATA_BYTES`] bytes; a TTL must be > 0;
+//! - an entry past its expiry is never returned by `get` or `list`;
+//! - `list` walks keys in byte order, starting strictly after `cursor`, and
+//!   returns a `cursor` only when at least one more live key matches.
+
+mod durable;
+mod memory;
+mod namespaced;
+
+pub use durable::DurableKv;
+pub use memory::MemoryKv;
+pub use namespaced::Namespaced;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+/// The boxed future every [`Kv`] method returns.
+pub type KvFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KvError>> + Send + 'a>>;
+
+/// Longest key accepted, namespace included.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest metadata document accepted, as compact JSON.
+pub const MAX_METADATA_BYTES: usize = 1024;
+/// Most keys one `list` call returns; larger limits are clamped.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+/// One stored value with its metadata and expiry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvEntry {
+    pub value: Bytes,
+    pub metadata: Option<serde_json::Value>,
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Options for [`Kv::put`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PutOptions {
+    /// The entry disappears this long after the put. `None` keeps it forever.
+    pub ttl: Option<Duration>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl PutOptions {
+    pub fn ttl(ttl: Duration) -> Self {
+        PutOptions {
+            ttl: Some(ttl),
+            metadata: None,
+        }
+    }
+}
+
+/// A listed key: name, metadata and expiry, never the value.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct KeyInfo {
+    pub name: String,
+    pub metadata: Option<serde_json::Value>,
+    #[serde(serialize_with = "serialize_opt_time")]
+    pub expires_at: Option<SystemTime>,
+}
+
+/// One page of a prefix listing.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ListPage {
+    pub keys: Vec<KeyInfo>,
+    /// Pass back to `list` for the next page; `None` when this page is the last.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("stored entry is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+}
+
+/// The state store. Implementations must be cheap to share (`Arc<dyn Kv>`).
+pub trait Kv: Send + Sync + 'static {
+    fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<KvEntry>>;
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()>;
+    /// Returns whether a live entry was removed.
+    fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool>;
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> KvFuture<'a, ListPage>;
+}
+
+pub(crate) fn check_key(key: &str) -> Result<(), KvError> {
+    if key.is_empty() {
+        return Err(KvError::InvalidKey("key is empty".into()));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(KvError::InvalidKey(format!(
+            "key is {} bytes, the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Validates put options and turns them into the stored form: the expiry in
+/// milliseconds since the Unix epoch (0 = never) and the metadata as JSON.
+pub(crate) fn prepare_put(opts: &PutOptions) -> Result<(u64, Option<Vec<u8>>), KvError> {
+    let expires_ms = match opts.ttl {
+        None => 0,
+        Some(ttl) if ttl.is_zero() => {
+            return Err(KvError::InvalidArgument(
+                "ttl must be greater than zero".into(),
+            ))
+        }
+        Some(ttl) => {
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            now_ms().saturating_add(ttl_ms)
+        }
+    };
+    let metadata = match &opts.metadata {
+        None => None,
+        Some(meta) => {
+            let encoded = serde_json::to_vec(meta)
+                .map_err(|e| KvError::InvalidArgument(format!("metadata: {e}")))?;
+            if encoded.len() > MAX_METADATA_BYTES {
+                return Err(KvError::InvalidArgument(format!(
+                    "metadata is {} bytes, the limit is {MAX_METADATA_BYTES}",
+                    encoded.len()
+                )));
+            }
+            Some(encoded)
+        }
+    };
+    Ok((expires_ms, metadata))
+}
+
+pub(crate) fn clamp_limit(limit: usize) -> usize {
+    limit.clamp(1, MAX_LIST_LIMIT)
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// 0 means "never expires".
+pub(crate) fn is_expired(expires_ms: u64, now_ms: u64) -> bool {
+    expires_ms != 0 && expires_ms <= now_ms
+}
+
+pub(crate) fn time_from_ms(expires_ms: u64) -> Option<SystemTime> {
+    (expires_ms != 0).then(|| UNIX_EPOCH + Duration::from_millis(expires_ms))
+}
+
+pub(crate) fn parse_metadata(raw: Option<&[u8]>) -> Result<Option<serde_json::Value>, KvError> {
+    raw.map(|bytes| {
+        serde_json::from_slice(bytes).map_err(|e| KvError::Corrupt(format!("metadata: {e}")))
+    })
+    .transpose()
+}
+
+fn serialize_opt_time<S: serde::Serializer>(
+    time: &Option<SystemTime>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match time.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+        Some(since) => serializer.serialize_u64(since.as_secs()),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// The behaviour every backend must show, run against each one by its tests.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+    use serde_json::json;
+
+    pub async fn put_get_delete(kv: &dyn Kv) {
+        assert_eq!(kv.get("a").await.unwrap(), None);
+        kv.put("a", Bytes::from_static(b"one"), PutOptions::default())
+            .await
+            .unwrap();
+        let entry = kv.get("a").await.unwrap().unwrap();
+        assert_eq!(entry.value, Bytes::from_static(b"one"));
+        assert_eq!(entry.metadata, None);
+        assert_eq!(entry.expires_at, None);
+
+        kv.put("a", Bytes::from_static(b"two"), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(kv.get("a").await.unwrap().unwrap().value, "two");
+
+        assert!(kv.delete("a").await.unwrap());
+        assert!(!kv.delete("a").await.unwrap());
+        assert_eq!(kv.get("a").await.unwrap(), None);
+    }
+
+    pub async fn metadata_round_trips(kv: &dyn Kv) {
+        let meta = json!({"version": "v2", "updated": 1700000000});
+        kv.put(
+            "m",
+            Bytes::from_static(b"x"),
+            PutOptions {
+                ttl: Some(Duration::from_secs(3600)),
+                metadata: Some(meta.clone()),
+            },
+        )
+        .await
+        .unwrap();
+        let entry = kv.get("m").await.unwrap().unwrap();
+        assert_eq!(entry.metadata, Some(meta.clone()));
+        let expires = entry.expires_at.unwrap();
+        let left = expires.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(3590) && left <= Duration::from_secs(3600));
+
+        let page = kv.list("m", None, 10).await.unwrap();
+        assert_eq!(page.keys.len(), 1);
+        assert_eq!(page.keys[0].name, "m");
+        assert_eq!(page.keys[0].metadata, Some(meta));
+        assert_eq!(page.keys[0].expires_at, Some(expires));
+    }
+
+    pub async fn ttl_expiry(kv: &dyn Kv) {
+        kv.put(
+            "t:short",
+            Bytes::from_static(b"x"),
+            PutOptions::ttl(Duration::from_millis(40)),
+        )
+        .await
+        .unwrap();
+        kv.put(
+            "t:long",
+            Bytes::from_static(b"y"),
+            PutOptions::ttl(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+        assert!(kv.get("t:short").await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(kv.get("t:short").await.unwrap(), None);
+        let page = kv.list("t:", None, 10).await.unwrap();
+        let names: Vec<_> = page.keys.iter().map(|k| k.name.as_str()).collect();
+        assert_eq!(names, ["t:long"]);
+        // Deleting an expired entry reports that nothing live was removed.
+        assert!(!kv.delete("t:short").await.unwrap());
+        // A put replaces the TTL: no TTL now means no expiry.
+        kv.put("t:long", Bytes::from_static(b"z"), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(kv.get("t:long").await.unwrap().unwrap().expires_at, None);
+    }
+
+    pub async fn list_prefix_and_cursor(kv: &dyn Kv) {
+        for i in 0..25 {
+            let key = format!("user:{i:02}");
+            kv.put(&key, Bytes::from(key.clone()), PutOptions::default())
+                .await
+                .unwrap();
+        }
+        kv.put("other:1", Bytes::new(), PutOptions::default())
+            .await
+            .unwrap();
+        kv.put("users", Bytes::new(), PutOptions::default())
+            .await
+            .unwrap();
+
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let page = kv.list("user:", cursor.as_deref(), 10).await.unwrap();
+            pages += 1;
+            assert!(page.keys.len() <= 10);
+            seen.extend(page.keys.into_iter().map(|k| k.name));
+            match page.cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        let expected: Vec<String> = (0..25).map(|i| format!("user:{i:02}")).collect();
+        assert_eq!(seen, expected);
+
+        // Exactly one full page: no cursor, since nothing follows.
+        let page = kv.list("user:1", None, 10).await.unwrap();
+        assert_eq!(page.keys.len(), 10);
+        assert_eq!(page.cursor, None);
+
+        // Empty prefix lists everything; limit 0 is clamped to 1.
+        let page = kv.list("", None, 0).await.unwrap();
+        assert_eq!(page.keys.len(), 1);
+        assert_eq!(page.keys[0].name, "other:1");
+        assert_eq!(page.cursor.as_deref(), Some("other:1"));
+
+        // Expired keys are skipped when deciding whether a next page exists.
+        kv.put("x:a", Bytes::new(), PutOptions::default())
+            .await
+            .unwrap();
+        kv.put(
+            "x:b",
+            Bytes::new(),
+            PutOptions::ttl(Duration::from_millis(20)),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let page = kv.list("x:", None, 1).await.unwrap();
+        assert_eq!(page.keys.len(), 1);
+        assert_eq!(page.cursor, None);
+    }
+
+    pub async fn refusals(kv: &dyn Kv) {
+        assert!(matches!(kv.get("").await, Err(KvError::InvalidKey(_))));
+        let long = "k".repeat(MAX_KEY_BYTES + 1);
+        assert!(matches!(
+            kv.put(&long, Bytes::new(), PutOptions::default()).await,
+            Err(KvError::InvalidKey(_))
+        ));
+        assert!(matches!(
+            kv.put("k", Bytes::new(), PutOptions::ttl(Duration::ZERO))
+                .await,
+            Err(KvError::InvalidArgument(_))
+        ));
+        let big = PutOptions {
+            ttl: None,
+            metadata: Some(json!({ "blob": "x".repeat(MAX_METADATA_BYTES) })),
+        };
+        assert!(matches!(
+            kv.put("k", Bytes::new(), big).await,
+            Err(KvError::InvalidArgument(_))
+        ));
+        assert_eq!(
+            kv.get("k").await.unwrap(),
+            None,
+            "a refused put stores nothing"
+        );
+    }
+}
