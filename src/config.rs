@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use toml::Spanned;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -18,16 +18,34 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// Edge decisions (identity, flags, experiments, preferences). Off
+    /// unless the section is present.
+    pub edge: Option<crate::edge::EdgeConfig>,
+    pub state: StateConfig,
 }
 
-impl Default for Config {
+/// Where edge state (overrides, sticky assignments, preferences) lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// `durable` (redb file, survives restarts and kill -9) or `memory`.
+    pub backend: StateBackend,
+    /// The redb file for the durable backend.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateBackend {
+    Durable,
+    Memory,
+}
+
+impl Default for StateConfig {
     fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            origin: OriginConfig::default(),
-            cache: CacheConfig::default(),
-            log: LogConfig::default(),
-            routes: Vec::new(),
+        StateConfig {
+            backend: StateBackend::Durable,
+            path: PathBuf::from("kvgate-state.redb"),
         }
     }
 }
@@ -291,6 +309,18 @@ impl Config {
                 "RFC 9111 suggests 0.1",
             ));
         }
+        if let Some(edge) = &self.edge {
+            if let Err(e) = edge.validate() {
+                let (line, column) = locate_key(src, &e.field);
+                return Err(ConfigError {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    message: e.to_string(),
+                    hint: Some("see the [edge] section of config/kvgate.toml".into()),
+                });
+            }
+        }
         for r in &self.routes {
             if !r.prefix.get_ref().starts_with('/') {
                 return Err(err(
@@ -323,6 +353,35 @@ impl Config {
     pub fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
     }
+}
+
+/// Finds the line of a dotted key (`experiments.new-checkout.traffic`)
+/// under `[edge...]`: the last segment's `key =` line after the nearest
+/// table header naming the earlier segments, else that header itself.
+fn locate_key(src: &str, dotted: &str) -> (usize, usize) {
+    let segments: Vec<&str> = dotted.split('.').collect();
+    let last = segments.last().copied().unwrap_or("");
+    let table_hint = segments[..segments.len().saturating_sub(1)].join(".");
+    let mut in_table = table_hint.is_empty();
+    let mut header_line = None;
+    for (i, line) in src.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_table = t.contains(&table_hint) && t.contains("edge");
+            if in_table && header_line.is_none() {
+                header_line = Some(i + 1);
+            }
+            continue;
+        }
+        if in_table {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim().trim_matches('"') == last {
+                    return (i + 1, line.len() - line.trim_start().len() + 1);
+                }
+            }
+        }
+    }
+    header_line.map_or((0, 0), |l| (l, 1))
 }
 
 /// Only plain-HTTP origins are supported for now: say so clearly.
@@ -377,6 +436,14 @@ mod tests {
         assert_eq!(e.line, 2);
         let e = Config::parse("[[route]]\nname = \"a\"\nprefix = \"api\"\n", "k.toml").unwrap_err();
         assert_eq!(e.line, 3);
+    }
+
+    #[test]
+    fn edge_errors_are_located() {
+        let src = "[edge.experiments.exp]\nvariants = { a = 1 }\ntraffic = 7.0\n";
+        let e = Config::parse(src, "k.toml").unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("traffic"), "{e}");
     }
 
     #[test]

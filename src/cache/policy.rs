@@ -442,10 +442,27 @@ pub fn conditional_matches(req: &HeaderMap, stored: &HeaderMap) -> bool {
     false
 }
 
+/// How a Range request can be answered from a stored body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// Ignore the header (absent, several ranges, not bytes): send it all.
+    Whole,
+    Part(std::ops::Range<u64>),
+    Unsatisfiable,
+}
+
 /// A single byte range a stored body of `len` bytes can satisfy (RFC 9110
-/// 14.1.2, 14.2): `Ok(Some(start..end))`, `Ok(None)` to ignore the header
-/// (absent, several ranges, not bytes), `Err(())` when unsatisfiable.
-pub fn byte_range(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
+/// 14.1.2, 14.2).
+pub fn byte_range(req: &HeaderMap, len: u64) -> RangeAnswer {
+    match byte_range_inner(req, len) {
+        Ok(Some(r)) => RangeAnswer::Part(r),
+        Ok(None) => RangeAnswer::Whole,
+        Err(()) => RangeAnswer::Unsatisfiable,
+    }
+}
+
+#[allow(clippy::result_unit_err)]
+fn byte_range_inner(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
     let Some(spec) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
@@ -964,14 +981,14 @@ mod tests {
     #[test]
     fn rfc9110_14_2_byte_ranges() {
         let r = |v: &str| byte_range(&headers(&[("range", v)]), 10);
-        assert_eq!(r("bytes=0-4"), Ok(Some(0..5)));
-        assert_eq!(r("bytes=5-"), Ok(Some(5..10)));
-        assert_eq!(r("bytes=-3"), Ok(Some(7..10)));
-        assert_eq!(r("bytes=5-100"), Ok(Some(5..10)));
-        assert_eq!(r("bytes=10-"), Err(()));
-        assert_eq!(r("bytes=0-1,3-4"), Ok(None));
-        assert_eq!(r("items=0-1"), Ok(None));
-        assert_eq!(byte_range(&headers(&[]), 10), Ok(None));
+        assert_eq!(r("bytes=0-4"), RangeAnswer::Part(0..5));
+        assert_eq!(r("bytes=5-"), RangeAnswer::Part(5..10));
+        assert_eq!(r("bytes=-3"), RangeAnswer::Part(7..10));
+        assert_eq!(r("bytes=5-100"), RangeAnswer::Part(5..10));
+        assert_eq!(r("bytes=10-"), RangeAnswer::Unsatisfiable);
+        assert_eq!(r("bytes=0-1,3-4"), RangeAnswer::Whole);
+        assert_eq!(r("items=0-1"), RangeAnswer::Whole);
+        assert_eq!(byte_range(&headers(&[]), 10), RangeAnswer::Whole);
     }
 
     #[test]

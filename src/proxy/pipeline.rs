@@ -11,7 +11,9 @@ use crate::cache::key::CacheKey;
 use crate::cache::policy::{self, Freshness, Heuristic, StoragePolicy, Usability};
 use crate::cache::revalidate::{self, Join, Outcome, SharedResponse, SingleFlight};
 use crate::cache::store::{Entry, Store};
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, RouteConfig, StateBackend, StateConfig};
+use crate::edge::Edge;
+use crate::kv::{DurableKv, Kv, MemoryKv};
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -31,6 +33,8 @@ pub struct Gateway {
     pub origin: OriginClient,
     pub metrics: Metrics,
     pub labels: Labels,
+    /// Edge decisions, when `[edge]` is configured.
+    pub edge: Option<Edge>,
     /// The global cache namespace version (bumped by the admin API).
     version: AtomicU64,
 }
@@ -49,6 +53,10 @@ struct Ctx {
 impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
         let origin = OriginClient::new(&config.origin)?;
+        let edge = match &config.edge {
+            Some(e) => Some(Edge::new(e, open_state(&config.state)?).map_err(|e| e.to_string())?),
+            None => None,
+        };
         let c = &config.cache;
         Ok(Arc::new(Gateway {
             store: Store::new(c.max_bytes, c.max_object_bytes, c.shards),
@@ -56,6 +64,7 @@ impl Gateway {
             origin,
             metrics: Metrics::default(),
             labels: Labels::new(&config.server.name),
+            edge,
             version: AtomicU64::new(c.version),
             config: Arc::new(config),
         }))
@@ -141,7 +150,24 @@ impl Gateway {
             .or_else(|| parts.uri.authority().map(|a| a.to_string()))
             .unwrap_or_default();
         forward_request_headers(&mut parts.headers, client, &self.labels.via);
+        // Edge: decide flags / variants / preferences and inject them before
+        // the cache key and Vary see the request, so that variants the origin
+        // varies on are cached apart.
+        let mut set_cookie = None;
+        if let Some(edge) = &self.edge {
+            edge.strip_injected(&mut parts.headers);
+            let decision = edge
+                .decide(&parts.headers, parts.uri.path(), client.tls)
+                .await;
+            decision.apply(&mut parts.headers);
+            set_cookie = decision.set_cookie;
+        }
         let route = cfg.route_for(path).cloned();
+        if let Some(edge) = &self.edge {
+            edge.counter_registry()
+                .route(route.as_ref().map_or("default", |r| r.name.as_str()))
+                .incr();
+        }
         let key = CacheKey::new(self.version(), client.tls, &host, path);
         let ctx = Ctx {
             req_cc: RequestDirectives::from_headers(&parts.headers),
@@ -152,10 +178,19 @@ impl Gateway {
             path: path.to_string(),
         };
         let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
-        if !cfg.cache.enabled || ctx.route.as_ref().is_some_and(|r| r.bypass) || !cacheable_method {
-            return self.pass(ctx, body, &host, client).await;
+        let mut resp = if !cfg.cache.enabled
+            || ctx.route.as_ref().is_some_and(|r| r.bypass)
+            || !cacheable_method
+        {
+            self.pass(ctx, body, &host, client).await
+        } else {
+            self.lookup(ctx).await
+        };
+        if let Some(cookie) = set_cookie {
+            // Per response, never stored: the cookie is this client's alone.
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
         }
-        self.lookup(ctx).await
+        resp
     }
 
     fn own(&self, status: StatusCode, msg: &str, result: CacheResult) -> Response<Body> {
@@ -227,7 +262,7 @@ impl Gateway {
                     Outcome::Shared(r)
                         if r.vary.is_empty() || policy::vary_matches(&r.vary, &ctx.headers) =>
                     {
-                        self.from_shared(&ctx, &r)
+                        self.serve_shared(&ctx, &r)
                     }
                     _ => {
                         // Not shareable: fetch alone (and store, if we can).
@@ -240,7 +275,7 @@ impl Gateway {
     }
 
     /// A coalesced waiter's answer: the leader's head, its body as it streams.
-    fn from_shared(&self, ctx: &Ctx, r: &SharedResponse) -> Response<Body> {
+    fn serve_shared(&self, ctx: &Ctx, r: &SharedResponse) -> Response<Body> {
         let now = SystemTime::now();
         if r.status == StatusCode::OK && policy::conditional_matches(&ctx.headers, &r.headers) {
             let mut resp = Response::new(Body::Empty);
@@ -732,6 +767,17 @@ impl Gateway {
         respond::mark(r.headers_mut(), &self.labels, CacheResult::Bypass, &detail);
         r
     }
+}
+
+/// Opens the KV that edge state lives in.
+fn open_state(cfg: &StateConfig) -> Result<Arc<dyn Kv>, String> {
+    Ok(match cfg.backend {
+        StateBackend::Memory => Arc::new(MemoryKv::new()),
+        StateBackend::Durable => Arc::new(
+            DurableKv::open(&cfg.path)
+                .map_err(|e| format!("state file {}: {e}", cfg.path.display()))?,
+        ),
+    })
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {

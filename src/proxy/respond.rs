@@ -146,8 +146,8 @@ fn partial(e: &Entry, req: &HeaderMap, head: bool) -> Option<Response<Body>> {
     }
     let len = e.body.len() as u64;
     let mut r = match policy::byte_range(req, len) {
-        Ok(None) => return None,
-        Ok(Some(range)) => {
+        policy::RangeAnswer::Whole => return None,
+        policy::RangeAnswer::Part(range) => {
             let body = e.body.slice(range.start as usize..range.end as usize);
             let mut r = Response::new(Body::Empty);
             *r.headers_mut() = e.headers.clone();
@@ -162,7 +162,7 @@ fn partial(e: &Entry, req: &HeaderMap, head: bool) -> Option<Response<Body>> {
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             r
         }
-        Err(()) => {
+        policy::RangeAnswer::Unsatisfiable => {
             let mut r = Response::new(Body::Empty);
             let cr = format!("bytes */{len}");
             r.headers_mut()

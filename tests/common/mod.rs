@@ -1,0 +1,238 @@
+//! Test support: a real origin server (hyper) whose answers each test
+//! scripts, a real gateway on an ephemeral loopback port, and a plain
+//! HTTP client. Nothing is mocked: every request crosses real sockets.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kvgate::config::Config;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What the origin answers.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn ok(body: &str) -> Reply {
+        Reply {
+            status: StatusCode::OK,
+            headers: Vec::new(),
+            body: Bytes::from(body.to_string()),
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn status(mut self, s: u16) -> Reply {
+        self.status = StatusCode::from_u16(s).expect("valid status");
+        self
+    }
+    pub fn header(mut self, k: &str, v: &str) -> Reply {
+        self.headers.push((k.to_string(), v.to_string()));
+        self
+    }
+    pub fn delay(mut self, d: Duration) -> Reply {
+        self.delay = d;
+        self
+    }
+}
+
+/// A request as the origin saw it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+type Script = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
+
+/// A scripted origin. `script(seen, n)` gets the n-th (1-based) request for
+/// that path and returns the reply.
+pub struct Origin {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Origin {
+    pub async fn start(script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Origin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let script: Arc<Script> = Arc::new(script);
+        let seen2 = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = seen2.clone();
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let seen = seen.clone();
+                        let script = script.clone();
+                        async move {
+                            let s = Seen {
+                                method: req.method().clone(),
+                                path: req
+                                    .uri()
+                                    .path_and_query()
+                                    .map_or("/".into(), |p| p.to_string()),
+                                headers: req.headers().clone(),
+                            };
+                            let n = {
+                                let mut v = seen.lock().expect("lock");
+                                v.push(s.clone());
+                                v.iter().filter(|x| x.path == s.path).count()
+                            };
+                            let _ = req.into_body().collect().await;
+                            let reply = script(&s, n);
+                            if !reply.delay.is_zero() {
+                                tokio::time::sleep(reply.delay).await;
+                            }
+                            let mut r = Response::new(Full::new(reply.body));
+                            *r.status_mut() = reply.status;
+                            for (k, v) in reply.headers {
+                                r.headers_mut().append(
+                                    HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+                                    HeaderValue::from_str(&v).expect("header value"),
+                                );
+                            }
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Origin { addr, seen }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests the origin received for `path` (path and query).
+    pub fn count(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.path == path)
+            .count()
+    }
+
+    pub fn total(&self) -> usize {
+        self.seen.lock().expect("lock").len()
+    }
+
+    pub fn requests(&self, path: &str) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+/// A gateway running in this process on an ephemeral port.
+pub struct Gateway {
+    pub running: kvgate::cli::Running,
+}
+
+impl Gateway {
+    pub async fn start(origin: &str, tweak: impl FnOnce(&mut Config)) -> Gateway {
+        let mut cfg = Config::default();
+        cfg.server.listen = toml::Spanned::new(0..0, "127.0.0.1:0".to_string());
+        cfg.origin.url = toml::Spanned::new(0..0, origin.to_string());
+        cfg.log.access = false;
+        tweak(&mut cfg);
+        let running = kvgate::cli::start(cfg).await.expect("gateway starts");
+        Gateway { running }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.running.addr, path)
+    }
+}
+
+/// A response, whole.
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn x_cache(&self) -> &str {
+        self.header("x-cache")
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Sends one request and reads the whole response.
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: &str) -> Got {
+    let mut req = Request::new(Full::new(Bytes::from(body.to_string())));
+    *req.method_mut() = method;
+    *req.uri_mut() = url.parse().expect("url");
+    for (k, v) in headers {
+        req.headers_mut().append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    let resp = client().request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str) -> Got {
+    send(Method::GET, url, &[], "").await
+}
+
+pub async fn get_with(url: &str, headers: &[(&str, &str)]) -> Got {
+    send(Method::GET, url, headers, "").await
+}
+
+/// Counts of X-Cache values in a set of responses.
+pub fn tally(got: &[Got]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for g in got {
+        *m.entry(g.x_cache().to_string()).or_insert(0) += 1;
+    }
+    m
+}
