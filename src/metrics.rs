@@ -22,8 +22,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn record(&self, result: &str, status: StatusCode) {
-        if let Some(r) = CacheResult::ALL.iter().find(|r| r.as_str() == result) {
+    pub fn record(&self, result: Option<CacheResult>, status: StatusCode) {
+        if let Some(r) = result {
             self.requests[r.index()].fetch_add(1, Ordering::Relaxed);
         }
         if status.is_server_error() {

@@ -45,6 +45,24 @@ impl CacheKey {
         self.text.get(self.path_at as usize..).unwrap_or("")
     }
 
+    /// The host part (lowercased), without the scheme.
+    pub fn authority(&self) -> &str {
+        let head = self.text.get(..self.path_at as usize).unwrap_or("");
+        head.split_once("://").map_or(head, |(_, h)| h)
+    }
+
+    /// Another target on the same scheme, host and version.
+    pub fn with_path(&self, path_and_query: &str) -> CacheKey {
+        let mut text = String::with_capacity(self.path_at as usize + path_and_query.len());
+        text.push_str(self.text.get(..self.path_at as usize).unwrap_or(""));
+        text.push_str(path_and_query);
+        CacheKey {
+            version: self.version,
+            text: text.into_boxed_str(),
+            path_at: self.path_at,
+        }
+    }
+
     /// The same target under another namespace version.
     pub fn with_version(&self, version: u64) -> CacheKey {
         CacheKey {
@@ -82,6 +100,11 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(a.path_and_query(), "/A?x=1");
+        assert_eq!(a.authority(), "api.example");
+        assert_eq!(
+            a.with_path("/b"),
+            CacheKey::new(1, false, "api.example", "/b")
+        );
     }
 
     #[test]

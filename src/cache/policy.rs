@@ -288,8 +288,16 @@ pub fn corrected_initial_age(
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Duration {
+    // Date has one-second resolution: compare it with the response time
+    // truncated to the second, or a response would look up to 1 s old the
+    // moment it arrives (and a max-age=1 response be stale at once).
+    let response_second = response_time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(response_time, |d| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(d.as_secs())
+        });
     let apparent_age = date_value(resp)
-        .and_then(|d| response_time.duration_since(d).ok())
+        .and_then(|d| response_second.duration_since(d).ok())
         .unwrap_or(Duration::ZERO);
     let response_delay = response_time
         .duration_since(request_time)

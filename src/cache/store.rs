@@ -46,6 +46,7 @@ impl Entry {
         freshness: Freshness,
         tags: Vec<Arc<str>>,
     ) -> Entry {
+        let headers = owned_headers(&headers);
         let header_bytes: usize = headers
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 48)
@@ -88,6 +89,20 @@ impl Entry {
             .max(Duration::from_secs(1));
         e
     }
+}
+
+/// Copies header values out of whatever buffer they were parsed from: a
+/// value parsed by hyper is a view into the connection's read buffer, and a
+/// long-lived entry must not pin that whole buffer.
+fn owned_headers(h: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(h.len());
+    for (name, value) in h {
+        let mut copy =
+            http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+        copy.set_sensitive(value.is_sensitive());
+        out.append(name.clone(), copy);
+    }
+    out
 }
 
 /// Metadata of one stored entry, for listing (no body).

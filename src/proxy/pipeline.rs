@@ -33,6 +33,8 @@ pub struct Gateway {
     pub origin: OriginClient,
     pub metrics: Metrics,
     pub labels: Labels,
+    /// Route rules, shared with every request that matches them.
+    routes: Vec<Arc<RouteConfig>>,
     /// Edge decisions, when `[edge]` is configured.
     pub edge: Option<Edge>,
     /// The global cache namespace version (bumped by the admin API).
@@ -46,8 +48,33 @@ struct Ctx {
     /// The request headers as forwarded (after the guard and edge).
     headers: HeaderMap,
     req_cc: RequestDirectives,
-    route: Option<RouteConfig>,
-    path: String,
+    route: Option<Arc<RouteConfig>>,
+    client: ClientInfo,
+}
+
+impl Ctx {
+    /// The request target (path and query), as the client sent it.
+    fn path(&self) -> &str {
+        self.key.path_and_query()
+    }
+
+    /// Headers for the origin: the client's (after edge injection), with
+    /// hop-by-hop fields removed and Via / X-Forwarded-* added.
+    fn origin_headers(&self, via: &HeaderValue) -> HeaderMap {
+        let mut h = self.headers.clone();
+        forward_request_headers(&mut h, self.client, via);
+        h
+    }
+}
+
+/// The request's authority: Host, else the URI's (HTTP/2), else empty.
+fn authority(parts: &http::request::Parts) -> &str {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .unwrap_or("")
 }
 
 impl Gateway {
@@ -65,6 +92,7 @@ impl Gateway {
             metrics: Metrics::default(),
             labels: Labels::new(&config.server.name),
             edge,
+            routes: config.routes.iter().cloned().map(Arc::new).collect(),
             version: AtomicU64::new(c.version),
             config: Arc::new(config),
         }))
@@ -72,6 +100,15 @@ impl Gateway {
 
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Relaxed)
+    }
+
+    /// The route for a path: the longest matching prefix.
+    fn route_for(&self, path: &str) -> Option<Arc<RouteConfig>> {
+        self.routes
+            .iter()
+            .filter(|r| path.starts_with(r.prefix.get_ref().as_str()))
+            .max_by_key(|r| r.prefix.get_ref().len())
+            .cloned()
     }
 
     /// Bumps the namespace version: every older entry becomes unreachable.
@@ -86,39 +123,40 @@ impl Gateway {
         client: ClientInfo,
     ) -> Response<Body> {
         let started = Instant::now();
-        let method = req.method().clone();
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let resp = self.route(req, client, &path).await;
+        // Only the access log needs these; the hit path should not pay for them.
+        let logged = (self.config.log.access
+            && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO))
+        .then(|| {
+            (
+                req.method().clone(),
+                req.uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string(),
+            )
+        });
+        let resp = self.route(req, client).await;
         let result = resp
             .headers()
             .get(respond::X_CACHE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
+            .and_then(|v| CacheResult::from_bytes(v.as_bytes()));
         self.metrics.record(result, resp.status());
-        if self.config.log.access {
+        if let Some((method, path)) = logged {
             tracing::info!(
                 target: "kvgate::access",
                 method = %method,
                 path = %path,
                 status = resp.status().as_u16(),
-                cache = result,
+                cache = result.map_or("-", CacheResult::as_str),
                 micros = started.elapsed().as_micros() as u64,
             );
         }
         resp
     }
 
-    async fn route(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        client: ClientInfo,
-        path: &str,
-    ) -> Response<Body> {
+    async fn route(self: &Arc<Self>, req: Request<Incoming>, client: ClientInfo) -> Response<Body> {
         let cfg = &self.config;
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         // Guard: limits a client cannot exceed.
         if path.len() > cfg.server.max_uri_bytes {
             return self.own(
@@ -142,14 +180,6 @@ impl Gateway {
             );
         }
         let (mut parts, body) = req.into_parts();
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-            .unwrap_or_default();
-        forward_request_headers(&mut parts.headers, client, &self.labels.via);
         // Edge: decide flags / variants / preferences and inject them before
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
@@ -162,27 +192,28 @@ impl Gateway {
             decision.apply(&mut parts.headers);
             set_cookie = decision.set_cookie;
         }
-        let route = cfg.route_for(path).cloned();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let route = self.route_for(path);
         if let Some(edge) = &self.edge {
             edge.counter_registry()
                 .route(route.as_ref().map_or("default", |r| r.name.as_str()))
                 .incr();
         }
-        let key = CacheKey::new(self.version(), client.tls, &host, path);
+        let key = CacheKey::new(self.version(), client.tls, authority(&parts), path);
         let ctx = Ctx {
             req_cc: RequestDirectives::from_headers(&parts.headers),
             key,
-            method: parts.method.clone(),
+            method: parts.method,
             headers: parts.headers,
             route,
-            path: path.to_string(),
+            client,
         };
         let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
         let mut resp = if !cfg.cache.enabled
             || ctx.route.as_ref().is_some_and(|r| r.bypass)
             || !cacheable_method
         {
-            self.pass(ctx, body, &host, client).await
+            self.pass(ctx, body).await
         } else {
             self.lookup(ctx).await
         };
@@ -325,7 +356,7 @@ impl Gateway {
             headers: ctx.headers.clone(),
             req_cc: RequestDirectives::default(),
             route: ctx.route.clone(),
-            path: ctx.path.clone(),
+            client: ctx.client,
         };
         tokio::spawn(async move {
             let resp = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
@@ -352,7 +383,7 @@ impl Gateway {
         guard: Option<revalidate::FlightGuard>,
     ) -> Response<Body> {
         let may_store = may_store && !ctx.req_cc.no_store && ctx.method == Method::GET;
-        let mut headers = ctx.headers.clone();
+        let mut headers = ctx.origin_headers(&self.labels.via);
         if may_store {
             // We want a response we can store and share: the client's own
             // conditionals are answered by us, from that response.
@@ -373,7 +404,7 @@ impl Gateway {
         let mut req = Request::new(Either::Right(Empty::<Bytes>::new()));
         *req.method_mut() = ctx.method.clone();
         *req.uri_mut() = ctx
-            .path
+            .path()
             .parse()
             .unwrap_or_else(|_| http::Uri::from_static("/"));
         *req.headers_mut() = headers;
@@ -387,7 +418,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.origin_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(path = %ctx.path, error = %e, "origin failed");
+                tracing::warn!(path = %ctx.path(), error = %e, "origin failed");
                 if let Some(s) = stored.filter(|s| self.can_serve_on_error(ctx, s, now, true)) {
                     return respond::from_entry(
                         &s,
@@ -715,20 +746,14 @@ impl Gateway {
     /// Forwards a request the cache does not handle (unsafe methods,
     /// bypass routes), streaming the body both ways, then invalidates what
     /// an unsafe method changed (9111 4.4).
-    async fn pass(
-        self: &Arc<Self>,
-        ctx: Ctx,
-        body: Incoming,
-        host: &str,
-        client: ClientInfo,
-    ) -> Response<Body> {
+    async fn pass(self: &Arc<Self>, ctx: Ctx, body: Incoming) -> Response<Body> {
         let mut req = Request::new(Either::Left(body) as UpstreamBody);
         *req.method_mut() = ctx.method.clone();
         *req.uri_mut() = ctx
-            .path
+            .path()
             .parse()
             .unwrap_or_else(|_| http::Uri::from_static("/"));
-        *req.headers_mut() = ctx.headers.clone();
+        *req.headers_mut() = ctx.origin_headers(&self.labels.via);
         self.metrics.origin_requests.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
         let result = self.origin.send(req).await;
@@ -737,7 +762,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 self.metrics.origin_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(path = %ctx.path, error = %e, "origin failed");
+                tracing::warn!(path = %ctx.path(), error = %e, "origin failed");
                 return respond::own(
                     e.status(),
                     &e.to_string(),
@@ -748,11 +773,15 @@ impl Gateway {
             }
         };
         let (mut parts, incoming) = resp.into_parts();
-        for target in
-            policy::invalidation_targets(&ctx.method, parts.status, &parts.headers, host, &ctx.path)
-        {
-            let key = CacheKey::new(self.version(), client.tls, host, &target);
-            self.store.purge_key(&key, false);
+        let targets = policy::invalidation_targets(
+            &ctx.method,
+            parts.status,
+            &parts.headers,
+            ctx.key.authority(),
+            ctx.path(),
+        );
+        for target in targets {
+            self.store.purge_key(&ctx.key.with_path(&target), false);
         }
         remove_hop_by_hop(&mut parts.headers);
         let detail = format!("fwd=bypass; fwd-status={}", parts.status.as_u16());

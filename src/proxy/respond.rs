@@ -40,6 +40,12 @@ impl CacheResult {
         }
     }
 
+    pub fn from_bytes(b: &[u8]) -> Option<CacheResult> {
+        CacheResult::ALL
+            .into_iter()
+            .find(|r| r.as_str().as_bytes() == b)
+    }
+
     pub fn index(self) -> usize {
         self as usize
     }
