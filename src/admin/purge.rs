@@ -120,7 +120,7 @@ pub fn encode_cursor(raw: &str) -> String {
 }
 
 pub fn decode_cursor(hex: &str) -> Option<String> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..hex.len())
