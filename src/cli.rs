@@ -56,6 +56,11 @@ pub struct RunArgs {
     /// Log filter (info, warn, kvgate=debug, ...).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Admin API listen address, e.g. 127.0.0.1:9090 (starts the admin
+    /// listener even without an [admin] section). The token comes from
+    /// KVGATE_ADMIN_TOKEN or [admin] token.
+    #[arg(long)]
+    pub admin_listen: Option<String>,
 }
 
 impl RunArgs {
@@ -79,6 +84,23 @@ impl RunArgs {
         if let Some(l) = &self.log_level {
             cfg.log.level = l.clone();
         }
+        if let Some(l) = &self.admin_listen {
+            let admin = cfg.admin.get_or_insert_with(Default::default);
+            admin.listen = toml::Spanned::new(0..0, l.clone());
+            admin
+                .listen_addr()
+                .map_err(|e| format!("--admin-listen: {e}"))?;
+        }
+        if let Some(admin) = &mut cfg.admin {
+            // The environment wins over the file, so the file need not hold
+            // the secret. An empty variable counts as unset.
+            if let Some(token) = std::env::var(crate::admin::TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty())
+            {
+                admin.token = Some(token);
+            }
+        }
         cfg.listen_addr().map_err(|e| format!("--listen: {e}"))?;
         Ok(cfg)
     }
@@ -98,6 +120,8 @@ pub fn init_logging(level: &str) {
 /// A running gateway: its bound address and a handle to stop it.
 pub struct Running {
     pub addr: std::net::SocketAddr,
+    /// The admin listener's bound address, when it runs.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub gateway: Arc<Gateway>,
     pub stop: tokio::sync::watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<()>,
@@ -106,6 +130,12 @@ pub struct Running {
 /// Binds and starts the gateway on the current runtime.
 pub async fn start(cfg: Config) -> Result<Running, String> {
     let addr = cfg.listen_addr()?;
+    // Checked before anything binds: a refused admin config stops the start.
+    let admin_settings = cfg
+        .admin
+        .as_ref()
+        .map(crate::admin::AdminSettings::from_config)
+        .transpose()?;
     let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
         (Some(c), Some(k)) => Some(server::tls_acceptor(c, k)?),
         _ => None,
@@ -116,6 +146,19 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let admin = match admin_settings {
+        Some(s) => Some(crate::admin::start(s, gw.clone(), addr, stopped.clone()).await?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|a| a.addr);
+    let reload = match &gw.config.source {
+        Some(path) => Some(crate::admin::reload::spawn_on_sighup(
+            gw.clone(),
+            path,
+            stopped.clone(),
+        )?),
+        None => None,
+    };
     // Expired entries must not pin memory until the LRU reaches them.
     let sweeper = {
         let gw = gw.clone();
@@ -140,10 +183,17 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
             })
             .await;
             sweeper.abort();
+            if let Some(r) = reload {
+                r.abort();
+            }
+            if let Some(a) = admin {
+                let _ = a.task.await;
+            }
         })
     };
     Ok(Running {
         addr,
+        admin_addr,
         gateway: gw,
         stop,
         task,
@@ -178,6 +228,9 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let origin = cfg.origin.url.get_ref().clone();
     let running = start(cfg).await?;
     tracing::info!(listen = %running.addr, %origin, "kvgate listening");
+    if let Some(admin) = running.admin_addr {
+        tracing::info!(listen = %admin, "admin API listening");
+    }
     shutdown_signal().await;
     tracing::info!("shutting down; draining in-flight requests");
     let _ = running.stop.send(true);

@@ -22,6 +22,83 @@ pub struct Config {
     /// unless the section is present.
     pub edge: Option<crate::edge::EdgeConfig>,
     pub state: StateConfig,
+    /// The admin listener. Off unless the section (or `--admin-listen`) is
+    /// present, so a second port is never opened by surprise.
+    pub admin: Option<AdminConfig>,
+    /// The file this config was read from, for reloads (SIGHUP).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// The admin API listener (`[admin]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: Spanned<String>,
+    /// Bearer token; `KVGATE_ADMIN_TOKEN` wins when set. Without one the
+    /// listener only starts on loopback, and then only `/healthz` answers.
+    pub token: Option<String>,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: Spanned::new(0..0, "127.0.0.1:9090".into()),
+            token: None,
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl AdminConfig {
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen
+            .get_ref()
+            .parse()
+            .map_err(|e| format!("admin listen address: {e}"))
+    }
+}
+
+/// Where cache tags come from (`[cache.tags]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TagsConfig {
+    /// Response header with space-separated tags ("" turns it off).
+    pub surrogate_key_header: String,
+    /// Response header with comma-separated tags ("" turns it off).
+    pub cache_tag_header: String,
+    /// Remove both headers before the response leaves the gateway.
+    pub strip_headers: bool,
+    /// Request header whose value `{user}` stands for when `[edge]` is off.
+    pub user_header: String,
+    /// Tags beyond this many per entry are dropped.
+    pub max_per_entry: usize,
+    /// Longer tags are dropped (not truncated: two tags must not collide).
+    pub max_len: usize,
+}
+
+impl Default for TagsConfig {
+    fn default() -> Self {
+        TagsConfig {
+            surrogate_key_header: "Surrogate-Key".into(),
+            cache_tag_header: "Cache-Tag".into(),
+            strip_headers: true,
+            user_header: "X-User-Id".into(),
+            max_per_entry: 64,
+            max_len: 256,
+        }
+    }
+}
+
+/// A tag every response stored under `prefix` gets (`[[cache.tag_rule]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagRuleConfig {
+    pub prefix: Spanned<String>,
+    /// A template: `{user}` and `{segmentN}` (N from 1) are replaced.
+    pub tag: Spanned<String>,
 }
 
 /// Where edge state (overrides, sticky assignments, preferences) lives.
@@ -138,6 +215,9 @@ pub struct CacheConfig {
     /// How long a key stays "do not coalesce" after an uncacheable answer.
     pub hit_for_miss_secs: u64,
     pub allow_set_cookie: bool,
+    pub tags: TagsConfig,
+    #[serde(rename = "tag_rule")]
+    pub tag_rules: Vec<TagRuleConfig>,
 }
 
 impl Default for CacheConfig {
@@ -155,6 +235,8 @@ impl Default for CacheConfig {
             lock_timeout_ms: 10_000,
             hit_for_miss_secs: 30,
             allow_set_cookie: false,
+            tags: TagsConfig::default(),
+            tag_rules: Vec::new(),
         }
     }
 }
@@ -232,7 +314,9 @@ impl Config {
             message: format!("cannot read: {e}"),
             hint: None,
         })?;
-        Config::parse(&src, &file)
+        let mut cfg = Config::parse(&src, &file)?;
+        cfg.source = Some(path.to_path_buf());
+        Ok(cfg)
     }
 
     /// Parses and validates config text; `file` names it in errors.
@@ -321,6 +405,63 @@ impl Config {
                 });
             }
         }
+        if let Some(admin) = &self.admin {
+            if let Err(e) = admin.listen.get_ref().parse::<SocketAddr>() {
+                return Err(err(
+                    admin.listen.span(),
+                    "admin.listen",
+                    format!("{e}"),
+                    "an IP address and port, e.g. \"127.0.0.1:9090\"",
+                ));
+            }
+            if admin
+                .token
+                .as_deref()
+                .is_some_and(|t| !crate::admin::auth::is_valid_token(t))
+            {
+                return Err(err(
+                    0..0,
+                    "admin.token",
+                    "must be 1 to 4096 visible ASCII characters".into(),
+                    "e.g. the output of `openssl rand -hex 32`",
+                ));
+            }
+        }
+        let t = &self.cache.tags;
+        for (key, name) in [
+            ("cache.tags.surrogate_key_header", &t.surrogate_key_header),
+            ("cache.tags.cache_tag_header", &t.cache_tag_header),
+            ("cache.tags.user_header", &t.user_header),
+        ] {
+            if !name.is_empty() && http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                let (line, column) = locate_plain_key(src, "cache.tags", key_tail(key));
+                return Err(ConfigError {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    message: format!("{key}: {name:?} is not a header name"),
+                    hint: Some("a header name such as \"Surrogate-Key\", or \"\" for none".into()),
+                });
+            }
+        }
+        for rule in &self.cache.tag_rules {
+            if !rule.prefix.get_ref().starts_with('/') {
+                return Err(err(
+                    rule.prefix.span(),
+                    "cache.tag_rule.prefix",
+                    "must start with '/'".into(),
+                    "a path prefix such as \"/users/\"",
+                ));
+            }
+            if let Err(m) = crate::cache::tags::Template::parse(rule.tag.get_ref()) {
+                return Err(err(
+                    rule.tag.span(),
+                    "cache.tag_rule.tag",
+                    m,
+                    "placeholders are {user} and {segment1}, {segment2}, ...",
+                ));
+            }
+        }
         for r in &self.routes {
             if !r.prefix.get_ref().starts_with('/') {
                 return Err(err(
@@ -384,6 +525,31 @@ fn locate_key(src: &str, dotted: &str) -> (usize, usize) {
     header_line.map_or((0, 0), |l| (l, 1))
 }
 
+fn key_tail(dotted: &str) -> &str {
+    dotted.rsplit('.').next().unwrap_or(dotted)
+}
+
+/// The line of `key =` inside the `[table]` section (values that are not
+/// `Spanned` have no position of their own).
+fn locate_plain_key(src: &str, table: &str, key: &str) -> (usize, usize) {
+    let mut in_table = false;
+    for (i, line) in src.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            in_table = t.trim_matches(|c| c == '[' || c == ']').trim() == table;
+            continue;
+        }
+        if in_table {
+            if let Some((k, _)) = t.split_once('=') {
+                if k.trim().trim_matches('"') == key {
+                    return (i + 1, line.len() - line.trim_start().len() + 1);
+                }
+            }
+        }
+    }
+    (0, 0)
+}
+
 /// Only plain-HTTP origins are supported for now: say so clearly.
 pub fn validate_origin_url(url: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
@@ -444,6 +610,38 @@ mod tests {
         let e = Config::parse(src, "k.toml").unwrap_err();
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("traffic"), "{e}");
+    }
+
+    #[test]
+    fn admin_and_tag_errors_are_located() {
+        let e = Config::parse("[admin]\nlisten = \"nope\"\n", "k.toml").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        let e = Config::parse(
+            "[admin]\nlisten = \"127.0.0.1:1\"\ntokn = \"x\"\n",
+            "k.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        let e = Config::parse(
+            "[cache.tags]\nmax_len = 10\ncache_tag_header = \"bad header\"\n",
+            "k.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        let e = Config::parse(
+            "[[cache.tag_rule]]\nprefix = \"/users/\"\ntag = \"user:{usr}\"\n",
+            "k.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 3, "{e}");
+        assert!(e.message.contains("{usr}"), "{e}");
+        let c = Config::parse(
+            "[admin]\ntoken = \"s3cret\"\n[[cache.tag_rule]]\nprefix = \"/users/\"\ntag = \"user:{user}\"\n",
+            "k.toml",
+        )
+        .unwrap();
+        assert_eq!(c.admin.unwrap().listen.get_ref(), "127.0.0.1:9090");
+        assert_eq!(c.cache.tag_rules.len(), 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! -> `cache` (key, policy, store, revalidation) -> response. `kv` holds the
 //! state edge decisions need; `config` holds the TOML schema.
 
+pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;

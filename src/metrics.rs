@@ -16,6 +16,10 @@ pub struct Metrics {
     pub origin_requests: AtomicU64,
     pub origin_errors: AtomicU64,
     pub background_refreshes: AtomicU64,
+    /// Purge requests served by the admin API, and the entries they touched
+    /// (removed, or marked stale by a soft purge).
+    pub purges: AtomicU64,
+    pub purged_entries: AtomicU64,
     /// Cumulative-style counts per bucket (plus +Inf) and the sum in µs.
     origin_latency: [AtomicU64; 11],
     origin_latency_sum_us: AtomicU64,

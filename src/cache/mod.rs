@@ -6,3 +6,4 @@ pub mod key;
 pub mod policy;
 pub mod revalidate;
 pub mod store;
+pub mod tags;

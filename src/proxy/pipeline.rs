@@ -11,6 +11,7 @@ use crate::cache::key::CacheKey;
 use crate::cache::policy::{self, Freshness, Heuristic, StoragePolicy, Usability};
 use crate::cache::revalidate::{self, Join, Outcome, SharedResponse, SingleFlight};
 use crate::cache::store::{Entry, Store};
+use crate::cache::tags::Tagger;
 use crate::config::{Config, RouteConfig, StateBackend, StateConfig};
 use crate::edge::Edge;
 use crate::kv::{DurableKv, Kv, MemoryKv};
@@ -21,6 +22,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -37,8 +39,14 @@ pub struct Gateway {
     routes: Vec<Arc<RouteConfig>>,
     /// Edge decisions, when `[edge]` is configured.
     pub edge: Option<Edge>,
+    /// Where stored responses get their tags (origin headers, config rules).
+    pub tags: Tagger,
     /// The global cache namespace version (bumped by the admin API).
     version: AtomicU64,
+    /// Bumps per route name: a key's version is the global version plus its
+    /// route's bumps, so either bump moves every key of the route to a
+    /// version it has never had.
+    route_versions: HashMap<String, AtomicU64>,
 }
 
 /// The per-request facts every branch needs.
@@ -50,6 +58,8 @@ struct Ctx {
     req_cc: RequestDirectives,
     route: Option<Arc<RouteConfig>>,
     client: ClientInfo,
+    /// The user id `{user}` tag templates use, when a rule needs it.
+    user: Option<String>,
 }
 
 impl Ctx {
@@ -85,6 +95,12 @@ impl Gateway {
             None => None,
         };
         let c = &config.cache;
+        let tags = Tagger::new(c)?;
+        let route_versions = config
+            .routes
+            .iter()
+            .map(|r| (r.name.clone(), AtomicU64::new(0)))
+            .collect();
         Ok(Arc::new(Gateway {
             store: Store::new(c.max_bytes, c.max_object_bytes, c.shards),
             flights: SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs)),
@@ -93,7 +109,9 @@ impl Gateway {
             labels: Labels::new(&config.server.name),
             edge,
             routes: config.routes.iter().cloned().map(Arc::new).collect(),
+            tags,
             version: AtomicU64::new(c.version),
+            route_versions,
             config: Arc::new(config),
         }))
     }
@@ -114,6 +132,28 @@ impl Gateway {
     /// Bumps the namespace version: every older entry becomes unreachable.
     pub fn bump_version(&self) -> u64 {
         self.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Raises the global version to at least `to` (a reloaded config's
+    /// `cache.version`); never lowers it, which would resurrect old entries.
+    pub fn raise_version_to(&self, to: u64) -> u64 {
+        self.version.fetch_max(to, Ordering::Relaxed).max(to)
+    }
+
+    /// The version in the keys of requests on `route`.
+    pub fn key_version(&self, route: Option<&RouteConfig>) -> u64 {
+        let bumps = route
+            .and_then(|r| self.route_versions.get(&r.name))
+            .map_or(0, |v| v.load(Ordering::Relaxed));
+        self.version().wrapping_add(bumps)
+    }
+
+    /// Bumps one route's version; `None` for an unknown route. Returns the
+    /// version that route's keys now carry.
+    pub fn bump_route_version(&self, name: &str) -> Option<u64> {
+        let bumps = self.route_versions.get(name)?;
+        let after = bumps.fetch_add(1, Ordering::Relaxed) + 1;
+        Some(self.version().wrapping_add(after))
     }
 
     /// Serves one client request.
@@ -184,6 +224,7 @@ impl Gateway {
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
         let mut set_cookie = None;
+        let mut user = None;
         if let Some(edge) = &self.edge {
             edge.strip_injected(&mut parts.headers);
             let decision = edge
@@ -191,6 +232,16 @@ impl Gateway {
                 .await;
             decision.apply(&mut parts.headers);
             set_cookie = decision.set_cookie;
+            if self.tags.needs_user() {
+                user = Some(decision.user_id);
+            }
+        } else if self.tags.needs_user() {
+            user = self
+                .tags
+                .user_header()
+                .and_then(|h| parts.headers.get(h))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let route = self.route_for(path);
@@ -199,7 +250,12 @@ impl Gateway {
                 .route(route.as_ref().map_or("default", |r| r.name.as_str()))
                 .incr();
         }
-        let key = CacheKey::new(self.version(), client.tls, authority(&parts), path);
+        let key = CacheKey::new(
+            self.key_version(route.as_deref()),
+            client.tls,
+            authority(&parts),
+            path,
+        );
         let ctx = Ctx {
             req_cc: RequestDirectives::from_headers(&parts.headers),
             key,
@@ -207,6 +263,7 @@ impl Gateway {
             headers: parts.headers,
             route,
             client,
+            user,
         };
         let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
         let mut resp = if !cfg.cache.enabled
@@ -357,6 +414,7 @@ impl Gateway {
             req_cc: RequestDirectives::default(),
             route: ctx.route.clone(),
             client: ctx.client,
+            user: ctx.user.clone(),
         };
         tokio::spawn(async move {
             let resp = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
@@ -482,6 +540,7 @@ impl Gateway {
             }
         }
         let (mut parts, incoming) = resp.into_parts();
+        let origin_tags = self.tags.take_from_response(&mut parts.headers);
         let cc = ResponseDirectives::from_headers(&parts.headers);
         let verdict = if may_store {
             self.storable(ctx, status, &parts.headers, &cc)
@@ -510,7 +569,9 @@ impl Gateway {
                 policy::strip_unstorable(&mut stored_headers);
                 stored_headers.remove(header::AGE);
                 let freshness = self.freshness(ctx, status, &parts.headers, &cc, request_time, now);
-                let tags = Vec::new();
+                let tags = self
+                    .tags
+                    .entry_tags(origin_tags, ctx.path(), ctx.user.as_deref());
                 let shared = Arc::new(SharedBody::default());
                 if let Some(g) = &guard {
                     g.publish(Arc::new(SharedResponse {
@@ -726,6 +787,7 @@ impl Gateway {
     ) -> Entry {
         let mut headers = s.headers.clone();
         policy::update_from_304(&mut headers, not_modified);
+        self.tags.take_from_response(&mut headers);
         let mut with_age = headers.clone();
         if let Some(a) = not_modified.get(header::AGE) {
             with_age.insert(header::AGE, a.clone());
@@ -773,6 +835,7 @@ impl Gateway {
             }
         };
         let (mut parts, incoming) = resp.into_parts();
+        self.tags.take_from_response(&mut parts.headers);
         let targets = policy::invalidation_targets(
             &ctx.method,
             parts.status,
@@ -781,7 +844,9 @@ impl Gateway {
             ctx.path(),
         );
         for target in targets {
-            self.store.purge_key(&ctx.key.with_path(&target), false);
+            let version = self.key_version(self.route_for(&target).as_deref());
+            let key = ctx.key.with_path(&target).with_version(version);
+            self.store.purge_key(&key, false);
         }
         remove_hop_by_hop(&mut parts.headers);
         let detail = format!("fwd=bypass; fwd-status={}", parts.status.as_u16());

@@ -1,0 +1,201 @@
+//! The admin listener: a second HTTP port for operators, JSON in and out.
+//!
+//! Every route but `/healthz` needs `Authorization: Bearer <token>`, checked
+//! before anything else happens (an unauthenticated client learns nothing,
+//! not even which routes exist). Without a configured token the listener
+//! only starts on a loopback address, and then every authenticated route
+//! answers 401 saying so: an open admin API on loopback would still be
+//! reachable by any local process and by browsers (DNS rebinding).
+//!
+//! Routes and handlers are in [`routes`]; `/metrics` rendering in
+//! [`prometheus`]; purge semantics in [`purge`].
+
+pub mod auth;
+pub mod prometheus;
+pub mod purge;
+pub mod reload;
+mod reply;
+mod request;
+pub mod routes;
+
+use crate::config::AdminConfig;
+use crate::proxy::pipeline::Gateway;
+use auth::Token;
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use reply::{AdminResponse, ApiError};
+use routes::Route;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+/// The environment variable that holds the admin token (wins over the config).
+pub const TOKEN_ENV: &str = "KVGATE_ADMIN_TOKEN";
+
+/// Admin connections at once; operators and scrapers need few.
+const MAX_CONNECTIONS: usize = 256;
+
+/// The admin listener's settings, checked before anything binds so that a
+/// refused configuration stops the gateway at start.
+pub struct AdminSettings {
+    pub addr: SocketAddr,
+    token: Option<Token>,
+    max_body_bytes: usize,
+}
+
+impl AdminSettings {
+    pub fn from_config(cfg: &AdminConfig) -> Result<AdminSettings, String> {
+        let addr = cfg.listen_addr()?;
+        let token = cfg
+            .token
+            .as_deref()
+            .map(Token::new)
+            .transpose()
+            .map_err(|e| format!("admin: {e}"))?;
+        if token.is_none() && !addr.ip().is_loopback() {
+            return Err(format!(
+                "refusing to start the admin API on {addr} without a token: set {TOKEN_ENV} \
+                 or [admin] token, or listen on a loopback address such as 127.0.0.1:9090"
+            ));
+        }
+        if token.is_none() {
+            tracing::warn!(
+                %addr,
+                "no admin token configured: the admin API answers only /healthz; set {TOKEN_ENV}"
+            );
+        }
+        Ok(AdminSettings {
+            addr,
+            token,
+            max_body_bytes: cfg.max_body_bytes,
+        })
+    }
+}
+
+/// What every admin request can see.
+pub struct AdminState {
+    pub gateway: Arc<Gateway>,
+    /// The gateway's own (main) listener address, for `/readyz`.
+    pub gateway_addr: SocketAddr,
+    /// Becomes true when the gateway starts shutting down.
+    pub stopping: watch::Receiver<bool>,
+    token: Option<Token>,
+    max_body_bytes: usize,
+}
+
+/// A bound, running admin listener.
+pub struct AdminListener {
+    pub addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the admin listener and serves it until `stopping` turns true.
+pub async fn start(
+    settings: AdminSettings,
+    gateway: Arc<Gateway>,
+    gateway_addr: SocketAddr,
+    stopping: watch::Receiver<bool>,
+) -> Result<AdminListener, String> {
+    let listener = TcpListener::bind(settings.addr)
+        .await
+        .map_err(|e| format!("cannot listen on {} for the admin API: {e}", settings.addr))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let state = Arc::new(AdminState {
+        gateway,
+        gateway_addr,
+        stopping: stopping.clone(),
+        token: settings.token,
+        max_body_bytes: settings.max_body_bytes,
+    });
+    let task = tokio::spawn(serve(state, listener, stopping));
+    Ok(AdminListener { addr, task })
+}
+
+async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stopping: watch::Receiver<bool>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let state = state.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(answer(&state, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+}
+
+async fn answer(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
+    dispatch(state, req)
+        .await
+        .unwrap_or_else(ApiError::into_response)
+}
+
+/// Health, then authentication, then the route, the method, the body.
+async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, ApiError> {
+    let (parts, body) = req.into_parts();
+    if parts.uri.path() == "/healthz" {
+        if parts.method != Method::GET {
+            return Err(ApiError::method_not_allowed(&[Method::GET]));
+        }
+        return Ok(reply::ok(&serde_json::json!({ "status": "ok" })));
+    }
+    if let Err(refusal) = auth::check(state.token.as_ref(), &parts.headers) {
+        tracing::debug!(path = parts.uri.path(), ?refusal, "admin request refused");
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, refusal.message()));
+    }
+    let segments = request::path_segments(parts.uri.path())?;
+    let route = Route::parse(&segments)
+        .ok_or_else(|| ApiError::not_found(format!("no admin route {}", parts.uri.path())))?;
+    if !route.methods().contains(&parts.method) {
+        return Err(ApiError::method_not_allowed(route.methods()));
+    }
+    let body = if route.takes_body(&parts.method) {
+        request::read_body(&parts.headers, body, state.max_body_bytes).await?
+    } else {
+        bytes::Bytes::new()
+    };
+    routes::handle(state, route, &parts.method, parts.uri.query(), body).await
+}

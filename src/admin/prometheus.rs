@@ -1,0 +1,227 @@
+//! `/metrics`: the gateway's counters in the Prometheus text format (0.0.4).
+
+use crate::edge::CountersSnapshot;
+use crate::metrics::ORIGIN_BUCKETS;
+use crate::proxy::pipeline::Gateway;
+use crate::proxy::respond::CacheResult;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A label value with `\`, `"` and newlines escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+struct Text(String);
+
+impl Text {
+    fn help(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    /// One metric with one value and no labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.help(name, kind, help);
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+            .collect();
+        let _ = writeln!(self.0, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+/// Renders every series.
+pub fn render(gw: &Gateway) -> String {
+    let m = &gw.metrics;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut t = Text(String::with_capacity(4096));
+
+    t.help(
+        "kvgate_requests_total",
+        "counter",
+        "Client requests by cache result (X-Cache).",
+    );
+    for r in CacheResult::ALL {
+        t.sample(
+            "kvgate_requests_total",
+            &[("cache", r.as_str())],
+            m.requests_for(r),
+        );
+    }
+    t.single(
+        "kvgate_responses_5xx_total",
+        "counter",
+        "Responses with a 5xx status.",
+        load(&m.responses_5xx),
+    );
+    t.single(
+        "kvgate_origin_requests_total",
+        "counter",
+        "Requests sent to the origin.",
+        load(&m.origin_requests),
+    );
+    t.single(
+        "kvgate_origin_errors_total",
+        "counter",
+        "Origin requests that failed (refused, reset, timed out).",
+        load(&m.origin_errors),
+    );
+
+    let (buckets, sum_us) = m.origin_latency();
+    t.help(
+        "kvgate_origin_latency_seconds",
+        "histogram",
+        "Time from sending a request to the origin to its response head.",
+    );
+    let mut cumulative = 0u64;
+    for (i, count) in buckets.iter().enumerate() {
+        cumulative += count;
+        let le = ORIGIN_BUCKETS
+            .get(i)
+            .map_or_else(|| "+Inf".to_string(), |b| b.to_string());
+        t.sample(
+            "kvgate_origin_latency_seconds_bucket",
+            &[("le", &le)],
+            cumulative,
+        );
+    }
+    let _ = writeln!(
+        t.0,
+        "kvgate_origin_latency_seconds_sum {}",
+        sum_us as f64 / 1e6
+    );
+    let _ = writeln!(t.0, "kvgate_origin_latency_seconds_count {cumulative}");
+
+    let (bytes, entries) = gw.store.usage();
+    t.single(
+        "kvgate_cache_bytes",
+        "gauge",
+        "Bytes charged by stored responses (bodies, headers, overhead).",
+        bytes,
+    );
+    t.single(
+        "kvgate_cache_max_bytes",
+        "gauge",
+        "The store's byte budget.",
+        gw.config.cache.max_bytes,
+    );
+    t.single(
+        "kvgate_cache_entries",
+        "gauge",
+        "Stored responses (each Vary variant counts).",
+        entries,
+    );
+    t.single(
+        "kvgate_cache_tags",
+        "gauge",
+        "Distinct tags in the tag index.",
+        gw.store.tag_count(),
+    );
+    t.single(
+        "kvgate_cache_version",
+        "gauge",
+        "The global cache namespace version.",
+        gw.version(),
+    );
+    t.single(
+        "kvgate_cache_evictions_total",
+        "counter",
+        "Entries evicted to stay within the byte budget.",
+        load(&gw.store.stats.evictions),
+    );
+    t.single(
+        "kvgate_cache_expired_total",
+        "counter",
+        "Expired entries swept because they could no longer be used.",
+        load(&gw.store.stats.expired),
+    );
+    t.single(
+        "kvgate_purges_total",
+        "counter",
+        "Purge requests served by the admin API.",
+        load(&m.purges),
+    );
+    t.single(
+        "kvgate_purged_entries_total",
+        "counter",
+        "Entries removed (or marked stale, for soft purges) by purges.",
+        load(&m.purged_entries),
+    );
+    t.single(
+        "kvgate_background_refreshes_total",
+        "counter",
+        "Stale-while-revalidate refreshes started.",
+        load(&m.background_refreshes),
+    );
+    t.single(
+        "kvgate_coalesced_waiters_total",
+        "counter",
+        "Requests that waited for another request's origin fetch instead of making their own.",
+        load(&gw.flights.coalesced),
+    );
+    t.single(
+        "kvgate_flights_in_progress",
+        "gauge",
+        "Origin fetches being coalesced right now.",
+        gw.flights.in_flight(),
+    );
+    if let Some(edge) = &gw.edge {
+        render_edge(&mut t, &edge.counter_registry().snapshot());
+    }
+    t.0
+}
+
+fn render_edge(t: &mut Text, c: &CountersSnapshot) {
+    t.help(
+        "kvgate_edge_route_requests_total",
+        "counter",
+        "Requests per configured route (\"default\" for none).",
+    );
+    for (route, n) in &c.requests {
+        t.sample("kvgate_edge_route_requests_total", &[("route", route)], n);
+    }
+    t.help(
+        "kvgate_edge_flag_evaluations_total",
+        "counter",
+        "Feature flag evaluations per flag.",
+    );
+    for (flag, n) in &c.flag_evaluations {
+        t.sample("kvgate_edge_flag_evaluations_total", &[("flag", flag)], n);
+    }
+    t.help(
+        "kvgate_edge_exposures_total",
+        "counter",
+        "Experiment exposures per experiment and variant.",
+    );
+    for (exp, variants) in &c.exposures {
+        for (variant, n) in variants {
+            t.sample(
+                "kvgate_edge_exposures_total",
+                &[("experiment", exp), ("variant", variant)],
+                n,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let mut t = Text(String::new());
+        t.sample("m", &[("a", "x\"y"), ("b", "z")], 3);
+        assert_eq!(t.0, "m{a=\"x\\\"y\",b=\"z\"} 3\n");
+    }
+}

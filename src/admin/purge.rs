@@ -1,0 +1,203 @@
+//! Purges and listings over the store, as the admin API defines them.
+//!
+//! URL purges match the exact path and query on every scheme and host (keys
+//! carry `scheme://host`; the operator names what clients requested, not
+//! which Host header they sent) and every namespace version, like prefix
+//! and tag purges: entries of older versions are unreachable already, and
+//! purging them too frees their memory at once.
+
+use crate::cache::key::CacheKey;
+use crate::cache::store::{EntryInfo, Store};
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+/// Rows read per `Store::list` call while collecting a URL's keys.
+const LIST_PAGE: usize = 10_000;
+
+/// What one `POST /purge` asks for.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    #[serde(default)]
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub soft: bool,
+}
+
+/// Most targets one purge request may name.
+pub const MAX_TARGETS: usize = 10_000;
+
+impl PurgeRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        let total = self.urls.len() + self.prefixes.len() + self.tags.len();
+        if total == 0 {
+            return Err("nothing to purge: give \"urls\", \"prefixes\" or \"tags\"".into());
+        }
+        if total > MAX_TARGETS {
+            return Err(format!(
+                "at most {MAX_TARGETS} urls, prefixes and tags per request"
+            ));
+        }
+        if let Some(u) = self.urls.iter().find(|u| !u.starts_with('/')) {
+            return Err(format!(
+                "url {u:?} must be a path (and query) starting with '/'"
+            ));
+        }
+        if let Some(p) = self.prefixes.iter().find(|p| !p.starts_with('/')) {
+            return Err(format!("prefix {p:?} must start with '/'"));
+        }
+        if self.tags.iter().any(String::is_empty) {
+            return Err("tags must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// Applies the purge; returns how many entries it touched (an entry
+    /// matched by several targets of a soft purge counts once per target).
+    pub fn apply(&self, store: &Store) -> usize {
+        let mut purged = 0;
+        for url in &self.urls {
+            purged += purge_url(store, url, self.soft);
+        }
+        for prefix in &self.prefixes {
+            purged += store.purge_prefix(prefix, self.soft);
+        }
+        for tag in &self.tags {
+            // An unknown tag simply matches nothing.
+            purged += store.purge_tag(tag, self.soft);
+        }
+        purged
+    }
+}
+
+/// Every stored key of exactly this path and query, on any scheme, host
+/// and version, purged; returns the variants touched.
+pub fn purge_url(store: &Store, path_and_query: &str, soft: bool) -> usize {
+    let now = SystemTime::now();
+    let mut keys = HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let (page, next) = store.list(
+            Some(path_and_query),
+            None,
+            cursor.as_deref(),
+            LIST_PAGE,
+            now,
+        );
+        keys.extend(
+            page.iter()
+                .filter(|info| info.path == path_and_query)
+                .filter_map(key_of),
+        );
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    keys.iter().map(|k| store.purge_key(k, soft)).sum()
+}
+
+/// The key a listed entry is stored under (its text is `scheme://host` and
+/// then exactly its path).
+fn key_of(info: &EntryInfo) -> Option<CacheKey> {
+    let origin = info.key.strip_suffix(info.path.as_str())?;
+    let (tls, host) = if let Some(h) = origin.strip_prefix("https://") {
+        (true, h)
+    } else {
+        (false, origin.strip_prefix("http://")?)
+    };
+    Some(CacheKey::new(info.version, tls, host, &info.path))
+}
+
+/// Listing cursors are `Store::list`'s sort keys, hex-encoded so that they
+/// travel in a query string untouched.
+pub fn encode_cursor(raw: &str) -> String {
+    raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn decode_cursor(hex: &str) -> Option<String> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::policy::Freshness;
+    use crate::cache::store::Entry;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn entry() -> Arc<Entry> {
+        Arc::new(Entry::new(
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from_static(b"x"),
+            vec![],
+            Freshness {
+                lifetime: Duration::from_secs(60),
+                corrected_initial_age: Duration::ZERO,
+                response_time: SystemTime::now(),
+                no_cache: false,
+                forbids_stale: false,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+            },
+            vec![],
+        ))
+    }
+
+    #[test]
+    fn url_purge_is_exact_and_covers_hosts_schemes_versions() {
+        let s = Store::new(1 << 20, 1 << 20, 4);
+        for (v, tls, host, path) in [
+            (1, false, "a.example", "/p?x=1"),
+            (1, true, "B.example", "/p?x=1"),
+            (2, false, "a.example", "/p?x=1"),
+            (1, false, "a.example", "/p?x=12"),
+            (1, false, "a.example", "/p"),
+        ] {
+            s.insert(CacheKey::new(v, tls, host, path), entry());
+        }
+        assert_eq!(purge_url(&s, "/p?x=1", false), 3);
+        assert_eq!(s.usage().1, 2);
+        assert_eq!(purge_url(&s, "/p?x=1", false), 0);
+        assert_eq!(purge_url(&s, "/p", true), 1);
+        assert_eq!(s.usage().1, 2);
+    }
+
+    #[test]
+    fn cursors_round_trip() {
+        let raw = "http://h/a\u{0}00000000000000000001\u{0}0000";
+        assert_eq!(decode_cursor(&encode_cursor(raw)).as_deref(), Some(raw));
+        assert_eq!(decode_cursor("zz"), None);
+        assert_eq!(decode_cursor("abc"), None);
+    }
+
+    #[test]
+    fn requests_are_validated() {
+        assert!(PurgeRequest::default().validate().is_err());
+        let bad_url = PurgeRequest {
+            urls: vec!["http://x/a".into()],
+            ..Default::default()
+        };
+        assert!(bad_url.validate().is_err());
+        let ok = PurgeRequest {
+            tags: vec!["t".into()],
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+    }
+}

@@ -1,0 +1,356 @@
+//! Cache tags: which tags a stored response carries, so that one purge can
+//! drop every response about one thing (a user, a product, a section).
+//!
+//! Tags come from the origin (`Surrogate-Key`: space separated, `Cache-Tag`:
+//! comma separated; names configurable) and from config rules whose
+//! templates are filled from the request (`user:{user}`, `path:{segment1}`).
+//! Pure: no I/O, no clock; the pipeline calls [`Tagger::take_from_response`]
+//! on every origin response and [`Tagger::entry_tags`] where it builds an entry.
+
+use crate::config::CacheConfig;
+use http::header::{HeaderMap, HeaderName};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// One piece of a tag template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Literal(String),
+    /// The request's user id.
+    User,
+    /// The Nth (1-based) segment of the request path.
+    Segment(usize),
+}
+
+/// A parsed tag template such as `user:{user}` or `section:{segment1}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pieces: Vec<Piece>,
+}
+
+impl Template {
+    /// Parses a template; unknown placeholders and stray braces are errors,
+    /// so a typo is caught when the config loads, not as a silently missing tag.
+    pub fn parse(src: &str) -> Result<Template, String> {
+        if src.is_empty() {
+            return Err("the tag template is empty".into());
+        }
+        let mut pieces = Vec::new();
+        let mut rest = src;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                None => {
+                    pieces.push(Piece::Literal(rest.to_string()));
+                    break;
+                }
+                Some(i) if rest.as_bytes()[i] == b'}' => {
+                    return Err(format!("unmatched '}}' in tag template {src:?}"));
+                }
+                Some(i) => {
+                    if i > 0 {
+                        pieces.push(Piece::Literal(rest[..i].to_string()));
+                    }
+                    let after = &rest[i + 1..];
+                    let end = after
+                        .find('}')
+                        .ok_or_else(|| format!("unclosed '{{' in tag template {src:?}"))?;
+                    let name = &after[..end];
+                    pieces.push(placeholder(name).ok_or_else(|| {
+                        format!("unknown placeholder {{{name}}} in tag template {src:?}")
+                    })?);
+                    rest = &after[end + 1..];
+                }
+            }
+        }
+        Ok(Template { pieces })
+    }
+
+    pub fn uses_user(&self) -> bool {
+        self.pieces.contains(&Piece::User)
+    }
+
+    /// The tag for one request, or `None` when a placeholder has no value
+    /// (no user id, fewer path segments): no tag beats a wrong one.
+    pub fn render(&self, path: &str, user: Option<&str>) -> Option<String> {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Literal(s) => out.push_str(s),
+                Piece::User => out.push_str(user.filter(|u| !u.is_empty())?),
+                Piece::Segment(n) => out.push_str(segment(path, *n)?),
+            }
+        }
+        Some(out)
+    }
+}
+
+fn placeholder(name: &str) -> Option<Piece> {
+    if name == "user" {
+        return Some(Piece::User);
+    }
+    let n: usize = name.strip_prefix("segment")?.parse().ok()?;
+    (n >= 1).then_some(Piece::Segment(n))
+}
+
+/// The Nth (1-based) non-empty segment of the path, query excluded, as sent.
+fn segment(path_and_query: &str, n: usize) -> Option<&str> {
+    let path = path_and_query
+        .split_once('?')
+        .map_or(path_and_query, |(p, _)| p);
+    path.split('/').filter(|s| !s.is_empty()).nth(n - 1)
+}
+
+/// Tags from a space-separated (`Surrogate-Key`) value.
+pub fn parse_surrogate_key(value: &str) -> impl Iterator<Item = &str> {
+    value.split_ascii_whitespace()
+}
+
+/// Tags from a comma-separated (`Cache-Tag`) value.
+pub fn parse_cache_tag(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|t| !t.is_empty())
+}
+
+struct Rule {
+    prefix: String,
+    template: Template,
+}
+
+/// The configured tag sources and limits.
+pub struct Tagger {
+    surrogate_key: Option<HeaderName>,
+    cache_tag: Option<HeaderName>,
+    strip: bool,
+    user_header: Option<HeaderName>,
+    rules: Vec<Rule>,
+    max_per_entry: usize,
+    max_len: usize,
+}
+
+fn header_name(name: &str) -> Result<Option<HeaderName>, String> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    HeaderName::from_bytes(name.as_bytes())
+        .map(Some)
+        .map_err(|_| format!("{name:?} is not a header name"))
+}
+
+impl Tagger {
+    /// From `[cache.tags]` and `[[cache.tag_rule]]` (already validated by
+    /// the config; the errors here only guard configs built in code).
+    pub fn new(cfg: &CacheConfig) -> Result<Tagger, String> {
+        let t = &cfg.tags;
+        let rules = cfg
+            .tag_rules
+            .iter()
+            .map(|r| {
+                Ok(Rule {
+                    prefix: r.prefix.get_ref().clone(),
+                    template: Template::parse(r.tag.get_ref())?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Tagger {
+            surrogate_key: header_name(&t.surrogate_key_header)?,
+            cache_tag: header_name(&t.cache_tag_header)?,
+            strip: t.strip_headers,
+            user_header: header_name(&t.user_header)?,
+            rules,
+            max_per_entry: t.max_per_entry,
+            max_len: t.max_len,
+        })
+    }
+
+    /// Whether any rule needs the request's user id (so the request path
+    /// only looks it up when it will be used).
+    pub fn needs_user(&self) -> bool {
+        self.rules.iter().any(|r| r.template.uses_user())
+    }
+
+    /// The request header `{user}` reads when the edge is off.
+    pub fn user_header(&self) -> Option<&HeaderName> {
+        self.user_header.as_ref()
+    }
+
+    /// Reads the origin's tags from a response head and, unless configured
+    /// otherwise, removes the tag headers so neither the client nor later
+    /// hits see them (they are the origin's internal vocabulary).
+    pub fn take_from_response(&self, headers: &mut HeaderMap) -> Vec<String> {
+        let mut tags = Vec::new();
+        if let Some(name) = &self.surrogate_key {
+            for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+                tags.extend(parse_surrogate_key(v).map(str::to_string));
+            }
+        }
+        if let Some(name) = &self.cache_tag {
+            for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+                tags.extend(parse_cache_tag(v).map(str::to_string));
+            }
+        }
+        if self.strip {
+            for name in [&self.surrogate_key, &self.cache_tag].into_iter().flatten() {
+                headers.remove(name);
+            }
+        }
+        tags
+    }
+
+    /// The tags of an entry: rule tags first (the operator's, so an origin
+    /// sending many tags cannot crowd them out), then the origin's;
+    /// deduplicated, overlong ones dropped, at most `max_per_entry`.
+    pub fn entry_tags(
+        &self,
+        from_origin: Vec<String>,
+        path: &str,
+        user: Option<&str>,
+    ) -> Vec<Arc<str>> {
+        if from_origin.is_empty() && self.rules.is_empty() {
+            return Vec::new();
+        }
+        let from_rules = self
+            .rules
+            .iter()
+            .filter(|r| path.starts_with(&r.prefix))
+            .filter_map(|r| r.template.render(path, user));
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for tag in from_rules.chain(from_origin) {
+            if out.len() >= self.max_per_entry {
+                break;
+            }
+            if tag.is_empty() || tag.len() > self.max_len || !is_visible_ascii(&tag) {
+                continue;
+            }
+            if seen.insert(tag.clone()) {
+                out.push(Arc::from(tag));
+            }
+        }
+        out
+    }
+}
+
+fn is_visible_ascii(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, TagRuleConfig};
+    use http::HeaderValue;
+    use toml::Spanned;
+
+    fn rule(prefix: &str, tag: &str) -> TagRuleConfig {
+        TagRuleConfig {
+            prefix: Spanned::new(0..0, prefix.into()),
+            tag: Spanned::new(0..0, tag.into()),
+        }
+    }
+
+    fn tagger(rules: Vec<TagRuleConfig>, tweak: impl FnOnce(&mut CacheConfig)) -> Tagger {
+        let mut c = Config::default().cache;
+        c.tag_rules = rules;
+        tweak(&mut c);
+        Tagger::new(&c).unwrap()
+    }
+
+    fn strs(tags: &[Arc<str>]) -> Vec<&str> {
+        tags.iter().map(|t| &**t).collect()
+    }
+
+    #[test]
+    fn templates_parse_and_refuse_typos() {
+        assert!(Template::parse("user:{user}").unwrap().uses_user());
+        assert!(!Template::parse("p:{segment2}").unwrap().uses_user());
+        for bad in [
+            "",
+            "u:{usr}",
+            "u:{segment0}",
+            "u:{segment}",
+            "u:{user",
+            "u:}x",
+        ] {
+            assert!(Template::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn templates_render_from_path_and_user() {
+        let t = Template::parse("{segment1}/{segment2}:{user}").unwrap();
+        assert_eq!(
+            t.render("/users/42/orders?x=/y", Some("u1")).as_deref(),
+            Some("users/42:u1")
+        );
+        // a missing value means no tag at all
+        assert_eq!(t.render("/users", Some("u1")), None);
+        assert_eq!(t.render("/users/42", None), None);
+        assert_eq!(t.render("/users/42", Some("")), None);
+        assert_eq!(
+            Template::parse("static")
+                .unwrap()
+                .render("/", None)
+                .as_deref(),
+            Some("static")
+        );
+    }
+
+    #[test]
+    fn origin_headers_are_parsed_and_stripped() {
+        let t = tagger(vec![], |_| {});
+        let mut h = HeaderMap::new();
+        h.insert("surrogate-key", HeaderValue::from_static(" a  b\tc "));
+        h.append("surrogate-key", HeaderValue::from_static("d"));
+        h.insert("cache-tag", HeaderValue::from_static("e, f ,,g"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        let tags = t.take_from_response(&mut h);
+        assert_eq!(tags, ["a", "b", "c", "d", "e", "f", "g"]);
+        assert!(!h.contains_key("surrogate-key") && !h.contains_key("cache-tag"));
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn header_names_are_configurable_and_stripping_optional() {
+        let t = tagger(vec![], |c| {
+            c.tags.surrogate_key_header = "X-Keys".into();
+            c.tags.cache_tag_header = String::new();
+            c.tags.strip_headers = false;
+        });
+        let mut h = HeaderMap::new();
+        h.insert("x-keys", HeaderValue::from_static("a b"));
+        h.insert("cache-tag", HeaderValue::from_static("ignored"));
+        assert_eq!(t.take_from_response(&mut h), ["a", "b"]);
+        assert!(h.contains_key("x-keys"));
+    }
+
+    #[test]
+    fn entry_tags_rules_first_deduplicated_and_capped() {
+        let t = tagger(
+            vec![rule("/users/", "user:{user}"), rule("/", "s:{segment1}")],
+            |c| {
+                c.tags.max_per_entry = 4;
+                c.tags.max_len = 10;
+            },
+        );
+        assert!(t.needs_user());
+        let origin = vec![
+            "user:u1".to_string(),
+            "x".repeat(11),
+            "ok".into(),
+            "bad tag".into(),
+            "more".into(),
+            "over".into(),
+        ];
+        let tags = t.entry_tags(origin, "/users/7", Some("u1"));
+        assert_eq!(strs(&tags), ["user:u1", "s:users", "ok", "more"]);
+        // the user rule does not apply outside its prefix
+        let tags = t.entry_tags(vec![], "/items/1", Some("u1"));
+        assert_eq!(strs(&tags), ["s:items"]);
+    }
+
+    #[test]
+    fn nothing_configured_costs_nothing() {
+        let t = tagger(vec![], |_| {});
+        assert!(!t.needs_user());
+        assert!(t.entry_tags(vec![], "/a", None).is_empty());
+    }
+}
