@@ -27,7 +27,7 @@ const ENTRY_OVERHEAD: usize = 320;
 pub struct Entry {
     pub status: StatusCode,
     /// Response headers as stored: unstorable fields and `Age` removed.
-    pub headers: HeaderMap,
+    pub headers: StoredHeaders,
     pub body: Bytes,
     /// The secondary key: Vary field names and the request's values.
     pub vary: Box<[(HeaderName, Option<String>)]>,
@@ -46,11 +46,8 @@ impl Entry {
         freshness: Freshness,
         tags: Vec<Arc<str>>,
     ) -> Entry {
-        let headers = owned_headers(&headers);
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 48)
-            .sum();
+        let headers = StoredHeaders::from_map(&headers);
+        let header_bytes = headers.charge();
         let tag_bytes: usize = tags.iter().map(|t| t.len() + 32).sum();
         let charge = ENTRY_OVERHEAD + header_bytes + body.len() + tag_bytes;
         Entry {
@@ -70,8 +67,8 @@ impl Entry {
     pub fn is_useful(&self, now: SystemTime, keep: Duration, grace: Duration) -> bool {
         let f = &self.freshness;
         let mut window = f.stale_while_revalidate.max(f.stale_if_error).max(grace);
-        if self.headers.contains_key(http::header::ETAG)
-            || self.headers.contains_key(http::header::LAST_MODIFIED)
+        if self.headers.contains(&http::header::ETAG)
+            || self.headers.contains(&http::header::LAST_MODIFIED)
         {
             window = window.max(keep);
         }
@@ -91,18 +88,63 @@ impl Entry {
     }
 }
 
-/// Copies header values out of whatever buffer they were parsed from: a
-/// value parsed by hyper is a view into the connection's read buffer, and a
-/// long-lived entry must not pin that whole buffer.
-fn owned_headers(h: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(h.len());
-    for (name, value) in h {
-        let mut copy =
-            http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-        copy.set_sensitive(value.is_sensitive());
-        out.append(name.clone(), copy);
+/// Response headers in the compact form an entry keeps: every value in one
+/// buffer (a single allocation, shared by each response built from it),
+/// names and offsets beside it. A `HeaderMap` costs about three times as
+/// much per entry, and values parsed by hyper would pin the connection's
+/// read buffer besides.
+#[derive(Debug, Clone)]
+pub struct StoredHeaders {
+    values: Bytes,
+    fields: Box<[(HeaderName, u32, u32)]>,
+}
+
+impl StoredHeaders {
+    pub fn from_map(h: &HeaderMap) -> StoredHeaders {
+        let total: usize = h.values().map(|v| v.len()).sum();
+        let mut values = Vec::with_capacity(total);
+        let mut fields = Vec::with_capacity(h.len());
+        for (name, value) in h {
+            let start = values.len() as u32;
+            values.extend_from_slice(value.as_bytes());
+            fields.push((name.clone(), start, values.len() as u32));
+        }
+        StoredHeaders {
+            values: Bytes::from(values),
+            fields: fields.into_boxed_slice(),
+        }
     }
-    out
+
+    fn value(&self, start: u32, end: u32) -> Option<http::HeaderValue> {
+        let bytes = self.values.slice(start as usize..end as usize);
+        http::HeaderValue::from_maybe_shared(bytes).ok()
+    }
+
+    /// A `HeaderMap` for a response; values share the stored buffer.
+    pub fn to_map(&self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(self.fields.len() + 4);
+        for (name, start, end) in self.fields.iter() {
+            if let Some(v) = self.value(*start, *end) {
+                h.append(name.clone(), v);
+            }
+        }
+        h
+    }
+
+    /// The first value of a field.
+    pub fn get(&self, name: &HeaderName) -> Option<http::HeaderValue> {
+        let (_, start, end) = self.fields.iter().find(|(n, _, _)| n == name)?;
+        self.value(*start, *end)
+    }
+
+    pub fn contains(&self, name: &HeaderName) -> bool {
+        self.fields.iter().any(|(n, _, _)| n == name)
+    }
+
+    /// Bytes charged against the store's budget for these headers.
+    fn charge(&self) -> usize {
+        self.values.len() + self.fields.len() * (std::mem::size_of::<(HeaderName, u32, u32)>() + 8)
+    }
 }
 
 /// Metadata of one stored entry, for listing (no body).

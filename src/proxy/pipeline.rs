@@ -451,10 +451,10 @@ impl Gateway {
             headers.remove(header::IF_UNMODIFIED_SINCE);
             headers.remove(header::IF_RANGE);
             if let Some(e) = &stored {
-                if let Some(etag) = e.headers.get(header::ETAG) {
+                if let Some(etag) = e.headers.get(&header::ETAG) {
                     headers.insert(header::IF_NONE_MATCH, etag.clone());
                 }
-                if let Some(lm) = e.headers.get(header::LAST_MODIFIED) {
+                if let Some(lm) = e.headers.get(&header::LAST_MODIFIED) {
                     headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
                 }
             }
@@ -506,7 +506,7 @@ impl Gateway {
             if let Some(g) = guard {
                 g.publish(Arc::new(SharedResponse {
                     status: refreshed.status,
-                    headers: refreshed.headers.clone(),
+                    headers: refreshed.headers.to_map(),
                     vary: refreshed.vary.clone(),
                     body: SharedBody::complete(refreshed.body.clone()),
                     freshness: refreshed.freshness.clone(),
@@ -785,7 +785,7 @@ impl Gateway {
         request_time: SystemTime,
         now: SystemTime,
     ) -> Entry {
-        let mut headers = s.headers.clone();
+        let mut headers = s.headers.to_map();
         policy::update_from_304(&mut headers, not_modified);
         self.tags.take_from_response(&mut headers);
         let mut with_age = headers.clone();

@@ -112,14 +112,15 @@ pub fn from_entry(
     status_params: &str,
 ) -> Response<Body> {
     let age = e.freshness.current_age(now).as_secs();
-    let conditional = e.status == StatusCode::OK && policy::conditional_matches(req, &e.headers);
+    let stored = e.headers.to_map();
+    let conditional = e.status == StatusCode::OK && policy::conditional_matches(req, &stored);
     let mut resp = if conditional {
         let mut r = Response::new(Body::Empty);
         *r.status_mut() = StatusCode::NOT_MODIFIED;
-        *r.headers_mut() = policy::not_modified_headers(&e.headers);
+        *r.headers_mut() = policy::not_modified_headers(&stored);
         r
-    } else if let Some(r) = partial(e, req, head) {
-        r
+    } else if req.contains_key(header::RANGE) {
+        partial(e, stored, req, head)
     } else {
         let mut r = Response::new(if head {
             Body::Empty
@@ -127,7 +128,7 @@ pub fn from_entry(
             Body::full(e.body.clone())
         });
         *r.status_mut() = e.status;
-        *r.headers_mut() = e.headers.clone();
+        *r.headers_mut() = stored;
         if head {
             // A HEAD answer keeps the GET's Content-Length (RFC 9110 9.3.2).
             r.headers_mut()
@@ -141,27 +142,37 @@ pub fn from_entry(
     resp
 }
 
-/// A 206 (or 416) from a stored 200 for a single byte range (RFC 9110
-/// 14.2, 15.3.7); the slice shares the stored body.
-fn partial(e: &Entry, req: &HeaderMap, head: bool) -> Option<Response<Body>> {
-    if e.status != StatusCode::OK
-        || !req.contains_key(header::RANGE)
-        || !policy::if_range_allows(req, &e.headers)
-    {
-        return None;
-    }
+/// For a Range request: a 206 (or 416) from a stored 200 for a single byte
+/// range (RFC 9110 14.2, 15.3.7), the slice sharing the stored body; the
+/// whole response when the range cannot or need not be honoured.
+fn partial(e: &Entry, stored: HeaderMap, req: &HeaderMap, head: bool) -> Response<Body> {
     let len = e.body.len() as u64;
-    let mut r = match policy::byte_range(req, len) {
-        policy::RangeAnswer::Whole => return None,
+    let answer = if e.status == StatusCode::OK && policy::if_range_allows(req, &stored) {
+        policy::byte_range(req, len)
+    } else {
+        policy::RangeAnswer::Whole
+    };
+    let mut r = match answer {
+        policy::RangeAnswer::Whole => {
+            let mut r = Response::new(if head {
+                Body::Empty
+            } else {
+                Body::full(e.body.clone())
+            });
+            *r.status_mut() = e.status;
+            *r.headers_mut() = stored;
+            return r;
+        }
         policy::RangeAnswer::Part(range) => {
             let body = e.body.slice(range.start as usize..range.end as usize);
             let mut r = Response::new(Body::Empty);
-            *r.headers_mut() = e.headers.clone();
+            *r.headers_mut() = stored;
             r.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
             let cr = format!("bytes {}-{}/{len}", range.start, range.end - 1);
-            r.headers_mut()
-                .insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).ok()?);
+            if let Ok(v) = HeaderValue::from_str(&cr) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
             if !head {
                 *r.body_mut() = Body::full(body);
             }
@@ -170,16 +181,16 @@ fn partial(e: &Entry, req: &HeaderMap, head: bool) -> Option<Response<Body>> {
         }
         policy::RangeAnswer::Unsatisfiable => {
             let mut r = Response::new(Body::Empty);
-            let cr = format!("bytes */{len}");
-            r.headers_mut()
-                .insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).ok()?);
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
             *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
             r
         }
     };
     r.headers_mut()
         .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    Some(r)
+    r
 }
 
 /// The gateway's own answer (errors, refusals): short plain text.
