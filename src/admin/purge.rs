@@ -6,13 +6,7 @@
 //! and tag purges: entries of older versions are unreachable already, and
 //! purging them too frees their memory at once.
 
-use crate::cache::key::CacheKey;
-use crate::cache::store::{EntryInfo, Store};
-use std::collections::HashSet;
-use std::time::SystemTime;
-
-/// Rows read per `Store::list` call while collecting a URL's keys.
-const LIST_PAGE: usize = 10_000;
+use crate::cache::store::Store;
 
 /// What one `POST /purge` asks for.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -77,40 +71,7 @@ impl PurgeRequest {
 /// Every stored key of exactly this path and query, on any scheme, host
 /// and version, purged; returns the variants touched.
 pub fn purge_url(store: &Store, path_and_query: &str, soft: bool) -> usize {
-    let now = SystemTime::now();
-    let mut keys = HashSet::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let (page, next) = store.list(
-            Some(path_and_query),
-            None,
-            cursor.as_deref(),
-            LIST_PAGE,
-            now,
-        );
-        keys.extend(
-            page.iter()
-                .filter(|info| info.path == path_and_query)
-                .filter_map(key_of),
-        );
-        match next {
-            Some(c) => cursor = Some(c),
-            None => break,
-        }
-    }
-    keys.iter().map(|k| store.purge_key(k, soft)).sum()
-}
-
-/// The key a listed entry is stored under (its text is `scheme://host` and
-/// then exactly its path).
-fn key_of(info: &EntryInfo) -> Option<CacheKey> {
-    let origin = info.key.strip_suffix(info.path.as_str())?;
-    let (tls, host) = if let Some(h) = origin.strip_prefix("https://") {
-        (true, h)
-    } else {
-        (false, origin.strip_prefix("http://")?)
-    };
-    Some(CacheKey::new(info.version, tls, host, &info.path))
+    store.purge_path(path_and_query, soft)
 }
 
 /// Listing cursors are `Store::list`'s sort keys, hex-encoded so that they
@@ -133,12 +94,14 @@ pub fn decode_cursor(hex: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::key::CacheKey;
     use crate::cache::policy::Freshness;
     use crate::cache::store::Entry;
     use bytes::Bytes;
     use http::{HeaderMap, StatusCode};
     use std::sync::Arc;
     use std::time::Duration;
+    use std::time::SystemTime;
 
     fn entry() -> Arc<Entry> {
         Arc::new(Entry::new(

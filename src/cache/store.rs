@@ -395,6 +395,11 @@ impl Store {
         self.purge_where(|k| k.path_and_query().starts_with(prefix), soft)
     }
 
+    /// Every key of exactly this path and query (any host, scheme, version).
+    pub fn purge_path(&self, path_and_query: &str, soft: bool) -> usize {
+        self.purge_where(|k| k.path_and_query() == path_and_query, soft)
+    }
+
     fn purge_where(&self, pred: impl Fn(&CacheKey) -> bool, soft: bool) -> usize {
         let mut total = 0;
         for s in self.shards.iter() {
@@ -422,11 +427,9 @@ impl Store {
         let mut total = 0;
         for s in self.shards.iter() {
             let mut shard = lock(s);
-            let Some(keys) = shard
-                .tags
-                .get(tag)
-                .map(|set| set.iter().cloned().collect::<Vec<_>>())
-            else {
+            // Taken out of the index whole: every key in it is rewritten
+            // below, and rewriting re-indexes what stays (soft purge).
+            let Some(keys) = shard.tags.remove(tag) else {
                 continue;
             };
             for k in keys {
