@@ -325,3 +325,33 @@ async fn graceful_shutdown_drains_in_flight_requests() {
         "listener closed"
     );
 }
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed() {
+    let origin = Origin::start(|_, _| Reply::ok("ok")).await;
+    let gw = Gateway::start(&origin.url(), |c| c.server.max_connections = 1).await;
+    // The first connection holds the only permit while it stays open.
+    let mut first = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .expect("connect");
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 256];
+    let n = first.read(&mut buf).await.expect("first answered");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // A second one is accepted by the kernel, then closed without an answer.
+    let mut second = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .expect("connect");
+    let _ = second.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let read = tokio::time::timeout(Duration::from_secs(3), second.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "second connection must be closed"
+    );
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(get(&gw.url("/")).await.status, 200, "the permit comes back");
+}
