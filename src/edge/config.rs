@@ -103,6 +103,11 @@ pub struct PreferencesConfig {
     /// Largest effective document (defaults merged with the user's, as sent
     /// in the header) that a PATCH may produce.
     pub max_bytes: usize,
+    /// A path on the main listener where users read (GET) and update
+    /// (PATCH) their own preferences; off when absent. The user is whoever
+    /// the identity layer says (X-User-Id must come from a trusted auth
+    /// layer in front of kvgate).
+    pub self_service_path: Option<String>,
 }
 
 impl Default for PreferencesConfig {
@@ -111,6 +116,7 @@ impl Default for PreferencesConfig {
             defaults: serde_json::Map::new(),
             header: "X-User-Preferences".into(),
             max_bytes: 4096,
+            self_service_path: None,
         }
     }
 }
@@ -417,6 +423,14 @@ impl EdgeConfig {
                 "preferences.header",
                 "must differ from X-Feature-Flags, X-Experiment-* and the identity header",
             ));
+        }
+        if let Some(p) = &prefs.self_service_path {
+            if !p.starts_with('/') {
+                return Err(problem(
+                    "preferences.self_service_path",
+                    "must be a path starting with '/'",
+                ));
+            }
         }
         if !(2..=MAX_PREFERENCES_BYTES).contains(&prefs.max_bytes) {
             return Err(problem(

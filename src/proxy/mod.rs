@@ -5,4 +5,5 @@ pub mod headers;
 pub mod origin;
 pub mod pipeline;
 pub mod respond;
+pub mod self_service;
 pub mod server;

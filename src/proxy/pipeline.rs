@@ -6,6 +6,7 @@ use super::body::{Body, Capture, OriginBody, SharedBody};
 use super::headers::{forward_request_headers, remove_hop_by_hop, ClientInfo};
 use super::origin::{OriginClient, UpstreamBody};
 use super::respond::{self, CacheResult, Labels};
+use super::self_service;
 use crate::cache::directives::{RequestDirectives, ResponseDirectives};
 use crate::cache::key::CacheKey;
 use crate::cache::policy::{self, Freshness, Heuristic, StoragePolicy, Usability};
@@ -39,6 +40,8 @@ pub struct Gateway {
     routes: Vec<Arc<RouteConfig>>,
     /// Edge decisions, when `[edge]` is configured.
     pub edge: Option<Edge>,
+    /// Where users manage their own preferences, when configured.
+    self_service_path: Option<String>,
     /// Where stored responses get their tags (origin headers, config rules).
     pub tags: Tagger,
     /// The global cache namespace version (bumped by the admin API).
@@ -109,6 +112,10 @@ impl Gateway {
             labels: Labels::new(&config.server.name),
             edge,
             routes: config.routes.iter().cloned().map(Arc::new).collect(),
+            self_service_path: config
+                .edge
+                .as_ref()
+                .and_then(|e| e.preferences.self_service_path.clone()),
             tags,
             version: AtomicU64::new(c.version),
             route_versions,
@@ -232,6 +239,24 @@ impl Gateway {
                 .await;
             decision.apply(&mut parts.headers);
             set_cookie = decision.set_cookie;
+            if let Some(prefs) = self.self_service_path.as_deref() {
+                if parts.uri.path() == prefs {
+                    let max = cfg.edge.as_ref().map_or(4096, |e| e.preferences.max_bytes);
+                    let mut r = self_service::preferences(
+                        edge,
+                        &parts.method,
+                        body,
+                        &decision.user_id,
+                        max,
+                        &self.labels,
+                    )
+                    .await;
+                    if let Some(cookie) = set_cookie {
+                        r.headers_mut().append(header::SET_COOKIE, cookie);
+                    }
+                    return r;
+                }
+            }
             if self.tags.needs_user() {
                 user = Some(decision.user_id);
             }

@@ -1,0 +1,70 @@
+//! Users managing their own preferences on the main listener.
+
+mod common;
+use common::*;
+use http::Method;
+
+#[tokio::test]
+async fn users_read_and_patch_their_own_preferences() {
+    let origin = Origin::start(|_, _| Reply::ok("ok")).await;
+    let gw = Gateway::start(&origin.url(), |c| {
+        let parsed = kvgate::config::Config::parse(
+            "[state]\nbackend = \"memory\"\n[edge.preferences]\nself_service_path = \"/_prefs\"\nmax_bytes = 200\ndefaults = { theme = \"light\", lang = \"en\" }\n",
+            "t",
+        )
+        .expect("config");
+        c.edge = parsed.edge;
+        c.state = parsed.state;
+    })
+    .await;
+    let alice = [("x-user-id", "alice")];
+    let r = get_with(&gw.url("/_prefs"), &alice).await;
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(v["theme"], "light");
+    assert_eq!(r.header("cache-control"), "private, no-store");
+
+    let r = send(
+        Method::PATCH,
+        &gw.url("/_prefs"),
+        &alice,
+        r#"{"theme":"dark"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // the origin now sees alice's merged document; bob keeps the defaults
+    get_with(&gw.url("/page"), &alice).await;
+    get_with(&gw.url("/page"), &[("x-user-id", "bob")]).await;
+    let seen = origin.requests("/page");
+    let prefs = |i: usize| {
+        seen[i]
+            .headers
+            .get("x-user-preferences")
+            .map(|v| v.to_str().unwrap_or("").to_string())
+    };
+    assert!(
+        prefs(0).is_some_and(|p| p.contains("\"theme\":\"dark\"") && p.contains("\"lang\":\"en\"")),
+        "{:?}",
+        prefs(0)
+    );
+    assert!(
+        prefs(1).is_some_and(|p| p.contains("\"theme\":\"light\"")),
+        "{:?}",
+        prefs(1)
+    );
+
+    // refusals change nothing
+    for bad in ["{not json", "[1,2]", r#"{"theme": 5}"#] {
+        let r = send(Method::PATCH, &gw.url("/_prefs"), &alice, bad).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    let huge = format!(r#"{{"theme":"{}"}}"#, "x".repeat(500));
+    let r = send(Method::PATCH, &gw.url("/_prefs"), &alice, &huge).await;
+    assert!(r.status == 400 || r.status == 413, "{}", r.status);
+    let r = send(Method::DELETE, &gw.url("/_prefs"), &alice, "").await;
+    assert_eq!(r.status, 405);
+    let v: serde_json::Value =
+        serde_json::from_slice(&get_with(&gw.url("/_prefs"), &alice).await.body).expect("json");
+    assert_eq!(v["theme"], "dark");
+    assert_eq!(origin.count("/_prefs"), 0, "answered by the gateway itself");
+}
