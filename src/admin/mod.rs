@@ -133,14 +133,7 @@ async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stopping: watc
     loop {
         let (stream, _) = tokio::select! {
             _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = crate::proxy::server::accept(&listener, "admin") => accepted,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             drop(stream);

@@ -306,6 +306,27 @@ impl Gateway {
         resp
     }
 
+    /// A response from a stored entry for this request (HEAD: no body).
+    fn serve_stored(
+        &self,
+        e: &Entry,
+        ctx: &Ctx,
+        now: SystemTime,
+        result: CacheResult,
+        status_params: &str,
+    ) -> Response<Body> {
+        let head = ctx.method == Method::HEAD;
+        respond::from_entry(
+            e,
+            &ctx.headers,
+            head,
+            now,
+            &self.labels,
+            result,
+            status_params,
+        )
+    }
+
     fn own(&self, status: StatusCode, msg: &str, result: CacheResult) -> Response<Body> {
         respond::own(status, msg, &self.labels, result, "fwd=bypass")
     }
@@ -318,35 +339,23 @@ impl Gateway {
         if let Some(e) = &stored {
             match policy::usability(&e.freshness, &ctx.req_cc, now) {
                 Usability::Fresh => {
-                    return respond::from_entry(
-                        e,
-                        &ctx.headers,
-                        head,
-                        now,
-                        &self.labels,
-                        CacheResult::Hit,
-                        "hit",
-                    );
+                    return self.serve_stored(e, &ctx, now, CacheResult::Hit, "hit");
                 }
                 Usability::StaleAllowed => {
-                    return respond::from_entry(
+                    return self.serve_stored(
                         e,
-                        &ctx.headers,
-                        head,
+                        &ctx,
                         now,
-                        &self.labels,
                         CacheResult::Stale,
                         "hit; detail=max-stale",
                     );
                 }
                 Usability::StaleWhileRevalidate => {
                     self.refresh_in_background(&ctx, e.clone());
-                    return respond::from_entry(
+                    return self.serve_stored(
                         e,
-                        &ctx.headers,
-                        head,
+                        &ctx,
                         now,
-                        &self.labels,
                         CacheResult::Stale,
                         "hit; detail=stale-while-revalidate",
                     );
@@ -503,12 +512,10 @@ impl Gateway {
                 self.metrics.origin_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %ctx.path(), error = %e, "origin failed");
                 if let Some(s) = stored.filter(|s| self.can_serve_on_error(ctx, s, now, true)) {
-                    return respond::from_entry(
+                    return self.serve_stored(
                         &s,
-                        &ctx.headers,
-                        ctx.method == Method::HEAD,
+                        ctx,
                         now,
-                        &self.labels,
                         CacheResult::Stale,
                         "hit; detail=stale-if-error",
                     );
@@ -538,12 +545,10 @@ impl Gateway {
                     content_length: Some(refreshed.body.len() as u64),
                 }));
             }
-            return respond::from_entry(
+            return self.serve_stored(
                 &refreshed,
-                &ctx.headers,
-                false,
+                ctx,
                 now,
-                &self.labels,
                 CacheResult::Revalidated,
                 "fwd=stale; fwd-status=304",
             );
@@ -553,12 +558,10 @@ impl Gateway {
                 .as_ref()
                 .filter(|s| self.can_serve_on_error(ctx, s, now, false))
             {
-                return respond::from_entry(
+                return self.serve_stored(
                     s,
-                    &ctx.headers,
-                    ctx.method == Method::HEAD,
+                    ctx,
                     now,
-                    &self.labels,
                     CacheResult::Stale,
                     "hit; detail=stale-if-error",
                 );

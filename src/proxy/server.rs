@@ -42,6 +42,23 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// The next connection; accept errors (EMFILE and friends) are logged and
+/// retried after a short pause instead of spinning.
+pub async fn accept(
+    listener: &TcpListener,
+    what: &str,
+) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(a) => return a,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` resolves, then lets in-flight
 /// requests finish for up to the configured grace period.
 pub async fn serve(
@@ -69,15 +86,7 @@ pub async fn serve(
     loop {
         let (stream, addr) = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener, "gateway") => accepted,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             tracing::warn!(%addr, "connection limit reached; closing new connection");
