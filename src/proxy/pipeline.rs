@@ -227,6 +227,11 @@ impl Gateway {
             );
         }
         let (mut parts, body) = req.into_parts();
+        // Hop-by-hop fields go first: a client must not be able to name an
+        // injected header in `Connection` and have it removed after the
+        // edge decided (the cache would file the origin's answer under the
+        // wrong variant).
+        remove_hop_by_hop(&mut parts.headers);
         // Edge: decide flags / variants / preferences and inject them before
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
@@ -476,6 +481,10 @@ impl Gateway {
     ) -> Response<Body> {
         let may_store = may_store && !ctx.req_cc.no_store && ctx.method == Method::GET;
         let mut headers = ctx.origin_headers(&self.labels.via);
+        // The cache path never forwards a request body (GET / HEAD): a
+        // Content-Length left in place would make the origin wait for bytes
+        // that never come, or read the next request as this body.
+        headers.remove(header::CONTENT_LENGTH);
         if may_store {
             // We want a response we can store and share: the client's own
             // conditionals are answered by us, from that response.
