@@ -166,12 +166,24 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
         tokio::spawn(async move {
             let keep = Duration::from_secs(gw.config.cache.keep_secs);
             let grace = Duration::from_secs(gw.config.cache.grace_secs);
+            // One shard per tick, a full pass about every 5 s, each on a
+            // blocking thread: a large store must not stall the request path.
+            let shards = gw.store.shard_count().max(1);
+            let tick = Duration::from_secs(5) / shards as u32;
+            let mut next = 0;
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = tokio::time::sleep(tick) => {}
                     _ = stopped.changed() => break,
                 }
-                gw.store.sweep(std::time::SystemTime::now(), keep, grace);
+                let gw = gw.clone();
+                let shard = next;
+                next = (next + 1) % shards;
+                let _ = tokio::task::spawn_blocking(move || {
+                    gw.store
+                        .sweep_shard(shard, std::time::SystemTime::now(), keep, grace)
+                })
+                .await;
             }
         })
     };

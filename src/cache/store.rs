@@ -165,6 +165,8 @@ struct Shard {
     lru: LruCache<CacheKey, Vec<Arc<Entry>>>,
     tags: HashMap<Arc<str>, HashSet<CacheKey>>,
     bytes: usize,
+    /// Variants stored, kept as a count so reading it is O(1).
+    entries: usize,
     budget: usize,
 }
 
@@ -195,6 +197,7 @@ impl Shard {
             Some(variants) => {
                 self.unindex(key, &variants);
                 self.bytes -= variants.iter().map(|e| e.charge).sum::<usize>();
+                self.entries -= variants.len();
                 variants.len()
             }
             None => 0,
@@ -208,6 +211,7 @@ impl Shard {
             return;
         }
         self.bytes += variants.iter().map(|e| e.charge).sum::<usize>();
+        self.entries += variants.len();
         self.index(&key, &variants);
         self.lru.put(key, variants);
     }
@@ -220,6 +224,7 @@ impl Shard {
             };
             self.unindex(&key, &variants);
             self.bytes -= variants.iter().map(|e| e.charge).sum::<usize>();
+            self.entries -= variants.len();
             evicted += variants.len() as u64;
         }
         evicted
@@ -292,6 +297,7 @@ impl Store {
                         lru: LruCache::unbounded(),
                         tags: HashMap::new(),
                         bytes: 0,
+                        entries: 0,
                         budget,
                     })
                 })
@@ -450,25 +456,39 @@ impl Store {
     /// Drops entries that can no longer be used at all, so expired content
     /// does not pin memory until the LRU gets to it. Returns how many.
     pub fn sweep(&self, now: SystemTime, keep: Duration, grace: Duration) -> usize {
+        (0..self.shards.len())
+            .map(|i| self.sweep_shard(i, now, keep, grace))
+            .sum()
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Sweeps one shard. The sweeper walks the shards one at a time, so a
+    /// large store never holds a lock, or the runtime, for a whole pass.
+    pub fn sweep_shard(&self, i: usize, now: SystemTime, keep: Duration, grace: Duration) -> usize {
+        let Some(s) = self.shards.get(i) else {
+            return 0;
+        };
+        let mut shard = lock(s);
+        let keys: Vec<CacheKey> = shard
+            .lru
+            .iter()
+            .filter(|(_, v)| v.iter().any(|e| !e.is_useful(now, keep, grace)))
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut total = 0;
-        for s in self.shards.iter() {
-            let mut shard = lock(s);
-            let keys: Vec<CacheKey> = shard
-                .lru
-                .iter()
-                .filter(|(_, v)| v.iter().any(|e| !e.is_useful(now, keep, grace)))
-                .map(|(k, _)| k.clone())
-                .collect();
-            for k in keys {
-                total += shard.rewrite(&k, &mut |e| {
-                    if e.is_useful(now, keep, grace) {
-                        Rewrite::Keep
-                    } else {
-                        Rewrite::Drop
-                    }
-                });
-            }
+        for k in keys {
+            total += shard.rewrite(&k, &mut |e| {
+                if e.is_useful(now, keep, grace) {
+                    Rewrite::Keep
+                } else {
+                    Rewrite::Drop
+                }
+            });
         }
+        drop(shard);
         self.stats
             .expired
             .fetch_add(total as u64, Ordering::Relaxed);
@@ -482,7 +502,7 @@ impl Store {
         for s in self.shards.iter() {
             let shard = lock(s);
             bytes += shard.bytes;
-            entries += shard.lru.iter().map(|(_, v)| v.len()).sum::<usize>();
+            entries += shard.entries;
         }
         (bytes, entries)
     }
