@@ -88,44 +88,78 @@ impl Entry {
     }
 }
 
-/// Response headers in the compact form an entry keeps: every value in one
-/// buffer (a single allocation, shared by each response built from it),
-/// names and offsets beside it. A `HeaderMap` costs about three times as
-/// much per entry, and values parsed by hyper would pin the connection's
-/// read buffer besides.
+/// Response headers in the compact form an entry keeps: one buffer (a
+/// single allocation, shared by every response built from it) holding a
+/// little index of name and value lengths, then each field's name and value.
+/// A `HeaderMap` costs several times as much per entry, and values parsed by
+/// hyper would pin the connection's read buffer besides.
+///
+/// Layout: `count: u16`, then `count` x (`name_len: u16`, `value_len: u16`),
+/// then the names and values, field after field. Names are stored in
+/// `HeaderName`'s lowercase form.
 #[derive(Debug, Clone)]
 pub struct StoredHeaders {
-    values: Bytes,
-    fields: Box<[(HeaderName, u32, u32)]>,
+    block: Bytes,
 }
+
+/// Fields a stored response keeps at most (the rest are dropped).
+const MAX_STORED_FIELDS: usize = 256;
 
 impl StoredHeaders {
     pub fn from_map(h: &HeaderMap) -> StoredHeaders {
-        let total: usize = h.values().map(|v| v.len()).sum();
-        let mut values = Vec::with_capacity(total);
-        let mut fields = Vec::with_capacity(h.len());
-        for (name, value) in h {
-            let start = values.len() as u32;
-            values.extend_from_slice(value.as_bytes());
-            fields.push((name.clone(), start, values.len() as u32));
+        let fields: Vec<(&HeaderName, &http::HeaderValue)> = h
+            .iter()
+            .filter(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
+            .take(MAX_STORED_FIELDS)
+            .collect();
+        let data: usize = fields.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+        let mut block = Vec::with_capacity(2 + 4 * fields.len() + data);
+        block.extend_from_slice(&(fields.len() as u16).to_le_bytes());
+        for (n, v) in &fields {
+            block.extend_from_slice(&(n.as_str().len() as u16).to_le_bytes());
+            block.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        }
+        for (n, v) in &fields {
+            block.extend_from_slice(n.as_str().as_bytes());
+            block.extend_from_slice(v.as_bytes());
         }
         StoredHeaders {
-            values: Bytes::from(values),
-            fields: fields.into_boxed_slice(),
+            block: Bytes::from(block),
         }
     }
 
-    fn value(&self, start: u32, end: u32) -> Option<http::HeaderValue> {
-        let bytes = self.values.slice(start as usize..end as usize);
-        http::HeaderValue::from_maybe_shared(bytes).ok()
+    /// Each field as (name bytes, value range in the block).
+    fn fields(&self) -> impl Iterator<Item = (&[u8], std::ops::Range<usize>)> + '_ {
+        let b = &self.block[..];
+        let count = b
+            .get(..2)
+            .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize);
+        let mut at = 2 + 4 * count;
+        (0..count).map_while(move |i| {
+            let lens = b.get(2 + 4 * i..2 + 4 * i + 4)?;
+            let name_len = u16::from_le_bytes([lens[0], lens[1]]) as usize;
+            let value_len = u16::from_le_bytes([lens[2], lens[3]]) as usize;
+            let name = b.get(at..at + name_len)?;
+            let value = at + name_len..at + name_len + value_len;
+            at = value.end;
+            Some((name, value))
+        })
+    }
+
+    fn value(&self, range: std::ops::Range<usize>) -> Option<http::HeaderValue> {
+        http::HeaderValue::from_maybe_shared(self.block.slice(range)).ok()
     }
 
     /// A `HeaderMap` for a response; values share the stored buffer.
     pub fn to_map(&self) -> HeaderMap {
-        let mut h = HeaderMap::with_capacity(self.fields.len() + 4);
-        for (name, start, end) in self.fields.iter() {
-            if let Some(v) = self.value(*start, *end) {
-                h.append(name.clone(), v);
+        let count = self
+            .block
+            .get(..2)
+            .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize);
+        let mut h = HeaderMap::with_capacity(count + 4);
+        for (name, range) in self.fields() {
+            if let (Ok(name), Some(v)) = (HeaderName::from_bytes(name), self.value(range)) {
+                h.append(name, v);
             }
         }
         h
@@ -133,17 +167,19 @@ impl StoredHeaders {
 
     /// The first value of a field.
     pub fn get(&self, name: &HeaderName) -> Option<http::HeaderValue> {
-        let (_, start, end) = self.fields.iter().find(|(n, _, _)| n == name)?;
-        self.value(*start, *end)
+        let wanted = name.as_str().as_bytes();
+        let (_, range) = self.fields().find(|(n, _)| *n == wanted)?;
+        self.value(range)
     }
 
     pub fn contains(&self, name: &HeaderName) -> bool {
-        self.fields.iter().any(|(n, _, _)| n == name)
+        let wanted = name.as_str().as_bytes();
+        self.fields().any(|(n, _)| n == wanted)
     }
 
     /// Bytes charged against the store's budget for these headers.
     fn charge(&self) -> usize {
-        self.values.len() + self.fields.len() * (std::mem::size_of::<(HeaderName, u32, u32)>() + 8)
+        self.block.len() + 32
     }
 }
 
@@ -603,6 +639,21 @@ mod tests {
 
     fn key(p: &str) -> CacheKey {
         CacheKey::new(1, false, "h", p)
+    }
+
+    #[test]
+    fn stored_headers_round_trip() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.append("x-multi", HeaderValue::from_static("a"));
+        h.append("x-multi", HeaderValue::from_static("b"));
+        h.insert("etag", HeaderValue::from_static("\"e\""));
+        let s = StoredHeaders::from_map(&h);
+        assert_eq!(s.to_map(), h);
+        assert_eq!(s.get(&http::header::ETAG).unwrap(), "\"e\"");
+        assert!(s.contains(&HeaderName::from_static("x-multi")));
+        assert!(!s.contains(&http::header::LAST_MODIFIED));
+        assert_eq!(StoredHeaders::from_map(&HeaderMap::new()).to_map().len(), 0);
     }
 
     #[test]
