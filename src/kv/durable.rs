@@ -277,10 +277,7 @@ fn list_blocking(
 ) -> Result<ListPage, KvError> {
     let limit = clamp_limit(limit);
     let now = now_ms();
-    let start = match cursor {
-        Some(c) if c >= prefix => Bound::Excluded(c),
-        _ => Bound::Included(prefix),
-    };
+    let start = super::list_start(prefix, cursor);
     let txn = db.begin_read().map_err(backend)?;
     let table = txn.open_table(ENTRIES).map_err(backend)?;
     let mut keys = Vec::new();

@@ -137,10 +137,7 @@ impl MemoryKv {
     ) -> Result<ListPage, KvError> {
         let limit = clamp_limit(limit);
         let now = now_ms();
-        let start = match cursor {
-            Some(c) if c >= prefix => Bound::Excluded(c),
-            _ => Bound::Included(prefix),
-        };
+        let start = super::list_start(prefix, cursor);
         let inner = self.lock();
         let mut keys = Vec::new();
         let mut more = false;

@@ -153,6 +153,15 @@ pub(crate) fn clamp_limit(limit: usize) -> usize {
     limit.clamp(1, MAX_LIST_LIMIT)
 }
 
+/// Where a listing starts: just after the cursor (the last key of the
+/// previous page) when it lies within the prefix range, else at the prefix.
+pub(crate) fn list_start<'a>(prefix: &'a str, cursor: Option<&'a str>) -> std::ops::Bound<&'a str> {
+    match cursor {
+        Some(c) if c >= prefix => std::ops::Bound::Excluded(c),
+        _ => std::ops::Bound::Included(prefix),
+    }
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
