@@ -421,3 +421,34 @@ async fn config_file_errors_name_file_line_and_key() {
         String::from_utf8_lossy(&ok.stderr)
     );
 }
+
+#[tokio::test]
+async fn rfc9110_7_6_1_connection_cannot_poison_a_vary_variant() {
+    let origin = Origin::start(|s, _| {
+        let lang = s
+            .headers
+            .get("accept-language")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        Reply::ok(&lang)
+            .header("cache-control", "max-age=60")
+            .header("vary", "Accept-Language")
+    })
+    .await;
+    let gw = Gateway::start(&origin.url(), |_| {}).await;
+    // The attacker's Accept-Language is hop-by-hop for this hop: the origin
+    // never sees it, so the answer must not be filed under "fr".
+    let attacker = get_with(
+        &gw.url("/v"),
+        &[("connection", "accept-language"), ("accept-language", "fr")],
+    )
+    .await;
+    assert_eq!(attacker.text(), "none");
+    let victim = get_with(&gw.url("/v"), &[("accept-language", "fr")]).await;
+    assert_eq!(
+        victim.text(),
+        "fr",
+        "a French reader got the poisoned variant"
+    );
+}

@@ -203,28 +203,8 @@ impl Gateway {
 
     async fn route(self: &Arc<Self>, req: Request<Incoming>, client: ClientInfo) -> Response<Body> {
         let cfg = &self.config;
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        // Guard: limits a client cannot exceed.
-        if path.len() > cfg.server.max_uri_bytes {
-            return self.own(
-                StatusCode::URI_TOO_LONG,
-                "request target too long",
-                CacheResult::Bypass,
-            );
-        }
-        let declared_len = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes)
-            || req.body().size_hint().lower() > cfg.server.max_body_bytes
-        {
-            return self.own(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large",
-                CacheResult::Bypass,
-            );
+        if let Some(refusal) = self.guard(&req) {
+            return refusal;
         }
         let (mut parts, body) = req.into_parts();
         // Hop-by-hop fields go first: a client must not be able to name an
@@ -309,6 +289,35 @@ impl Gateway {
             resp.headers_mut().append(header::SET_COOKIE, cookie);
         }
         resp
+    }
+
+    /// Guard: limits a client cannot exceed (414, 413). Header size (431)
+    /// and the header-read timeout are enforced by the listener.
+    fn guard(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+        let limits = &self.config.server;
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        if path.len() > limits.max_uri_bytes {
+            return Some(self.own(
+                StatusCode::URI_TOO_LONG,
+                "request target too long",
+                CacheResult::Bypass,
+            ));
+        }
+        let declared_len = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > limits.max_body_bytes)
+            || req.body().size_hint().lower() > limits.max_body_bytes
+        {
+            return Some(self.own(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large",
+                CacheResult::Bypass,
+            ));
+        }
+        None
     }
 
     /// A response from a stored entry for this request (HEAD: no body).
