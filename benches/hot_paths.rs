@@ -29,15 +29,7 @@ fn entry(body: usize) -> Arc<Entry> {
         h,
         Bytes::from(vec![b'x'; body]),
         Vec::new(),
-        Freshness {
-            lifetime: Duration::from_secs(3600),
-            corrected_initial_age: Duration::ZERO,
-            response_time: SystemTime::now(),
-            no_cache: false,
-            forbids_stale: false,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-        },
+        Freshness::plain(Duration::from_secs(3600), SystemTime::now()),
         Vec::new(),
     ))
 }

@@ -22,15 +22,7 @@ fn entry(tags: Vec<Arc<str>>) -> Arc<Entry> {
         HeaderMap::new(),
         Bytes::from_static(b"{\"ok\":true}"),
         vec![],
-        Freshness {
-            lifetime: Duration::from_secs(3600),
-            corrected_initial_age: Duration::ZERO,
-            response_time: SystemTime::now(),
-            no_cache: false,
-            forbids_stale: false,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-        },
+        Freshness::plain(Duration::from_secs(3600), SystemTime::now()),
         tags,
     ))
 }

@@ -213,20 +213,21 @@ async fn rfc9111_5_2_1_request_directives() {
     assert_eq!(get(&gw.url("/b")).await.x_cache(), "MISS");
 }
 
+/// An origin that answers with the Accept-Language it saw and varies on it.
+fn echo_language(s: &Seen, _: usize) -> Reply {
+    let lang = s
+        .headers
+        .get("accept-language")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none");
+    Reply::ok(lang)
+        .header("cache-control", "max-age=60")
+        .header("vary", "Accept-Language")
+}
+
 #[tokio::test]
 async fn rfc9111_4_1_vary_variants_stored_side_by_side() {
-    let origin = Origin::start(|s, _| {
-        let lang = s
-            .headers
-            .get("accept-language")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_string();
-        Reply::ok(&lang)
-            .header("cache-control", "max-age=60")
-            .header("vary", "Accept-Language")
-    })
-    .await;
+    let origin = Origin::start(echo_language).await;
     let gw = Gateway::start(&origin.url(), |_| {}).await;
     assert_eq!(
         get_with(&gw.url("/v"), &[("accept-language", "en")])
@@ -424,18 +425,7 @@ async fn config_file_errors_name_file_line_and_key() {
 
 #[tokio::test]
 async fn rfc9110_7_6_1_connection_cannot_poison_a_vary_variant() {
-    let origin = Origin::start(|s, _| {
-        let lang = s
-            .headers
-            .get("accept-language")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_string();
-        Reply::ok(&lang)
-            .header("cache-control", "max-age=60")
-            .header("vary", "Accept-Language")
-    })
-    .await;
+    let origin = Origin::start(echo_language).await;
     let gw = Gateway::start(&origin.url(), |_| {}).await;
     // The attacker's Accept-Language is hop-by-hop for this hop: the origin
     // never sees it, so the answer must not be filed under "fr".

@@ -109,15 +109,7 @@ mod tests {
             HeaderMap::new(),
             Bytes::from_static(b"x"),
             vec![],
-            Freshness {
-                lifetime: Duration::from_secs(60),
-                corrected_initial_age: Duration::ZERO,
-                response_time: SystemTime::now(),
-                no_cache: false,
-                forbids_stale: false,
-                stale_while_revalidate: Duration::ZERO,
-                stale_if_error: Duration::ZERO,
-            },
+            Freshness::plain(Duration::from_secs(60), SystemTime::now()),
             vec![],
         ))
     }

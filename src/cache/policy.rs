@@ -319,6 +319,20 @@ pub struct Freshness {
 }
 
 impl Freshness {
+    /// A response fresh for `lifetime` from `response_time`, with no
+    /// directives that restrict or extend its use.
+    pub fn plain(lifetime: Duration, response_time: SystemTime) -> Freshness {
+        Freshness {
+            lifetime,
+            corrected_initial_age: Duration::ZERO,
+            response_time,
+            no_cache: false,
+            forbids_stale: false,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+        }
+    }
+
     /// current_age (9111 4.2.3).
     pub fn current_age(&self, now: SystemTime) -> Duration {
         self.corrected_initial_age + now.duration_since(self.response_time).unwrap_or_default()
@@ -824,16 +838,9 @@ mod tests {
     }
 
     fn fresh(lifetime: u64, age: u64) -> Freshness {
-        let now = SystemTime::now();
-        Freshness {
-            lifetime: Duration::from_secs(lifetime),
-            corrected_initial_age: Duration::from_secs(age),
-            response_time: now,
-            no_cache: false,
-            forbids_stale: false,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-        }
+        let mut f = Freshness::plain(Duration::from_secs(lifetime), SystemTime::now());
+        f.corrected_initial_age = Duration::from_secs(age);
+        f
     }
 
     #[test]

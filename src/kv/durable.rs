@@ -305,12 +305,7 @@ fn list_blocking(
             expires_at: time_from_ms(record.expires_ms),
         });
     }
-    let cursor = if more {
-        keys.last().map(|k| k.name.clone())
-    } else {
-        None
-    };
-    Ok(ListPage { keys, cursor })
+    Ok(ListPage::new(keys, more))
 }
 
 #[cfg(test)]

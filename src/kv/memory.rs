@@ -157,12 +157,7 @@ impl MemoryKv {
                 expires_at: time_from_ms(stored.expires_ms),
             });
         }
-        let cursor = if more {
-            keys.last().map(|k| k.name.clone())
-        } else {
-            None
-        };
-        Ok(ListPage { keys, cursor })
+        Ok(ListPage::new(keys, more))
     }
 }
 

@@ -78,6 +78,19 @@ pub struct ListPage {
     pub cursor: Option<String>,
 }
 
+impl ListPage {
+    /// A page of `keys`; when `more` live keys follow, the cursor is the
+    /// last key returned.
+    pub(crate) fn new(keys: Vec<KeyInfo>, more: bool) -> ListPage {
+        let cursor = if more {
+            keys.last().map(|k| k.name.clone())
+        } else {
+            None
+        };
+        ListPage { keys, cursor }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
     #[error("invalid key: {0}")]
