@@ -71,8 +71,6 @@ pub struct TagsConfig {
     pub cache_tag_header: String,
     /// Remove both headers before the response leaves the gateway.
     pub strip_headers: bool,
-    /// Request header whose value `{user}` stands for when `[edge]` is off.
-    pub user_header: String,
     /// Tags beyond this many per entry are dropped.
     pub max_per_entry: usize,
     /// Longer tags are dropped (not truncated: two tags must not collide).
@@ -85,7 +83,6 @@ impl Default for TagsConfig {
             surrogate_key_header: "Surrogate-Key".into(),
             cache_tag_header: "Cache-Tag".into(),
             strip_headers: true,
-            user_header: "X-User-Id".into(),
             max_per_entry: 64,
             max_len: 256,
         }
@@ -97,7 +94,7 @@ impl Default for TagsConfig {
 #[serde(deny_unknown_fields)]
 pub struct TagRuleConfig {
     pub prefix: Spanned<String>,
-    /// A template: `{user}` and `{segmentN}` (N from 1) are replaced.
+    /// A template: `{segmentN}` (N from 1) is replaced by that path segment.
     pub tag: Spanned<String>,
 }
 
@@ -145,6 +142,9 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// The name this gateway gives itself in `Via` and `Cache-Status`.
     pub name: String,
+    /// Peers (load balancers) whose `X-Forwarded-For` / `-Proto` are kept;
+    /// from anyone else those headers are replaced. Empty: trust no one.
+    pub trusted_proxies: Vec<crate::protocol::cidr::Cidr>,
 }
 
 impl Default for ServerConfig {
@@ -160,6 +160,7 @@ impl Default for ServerConfig {
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_grace_ms: 10_000,
             name: "kvgate".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -280,6 +281,31 @@ pub struct RouteConfig {
     pub stale_if_error_secs: Option<u64>,
     #[serde(default)]
     pub allow_set_cookie: Option<bool>,
+}
+
+/// Requests are matched in their path's normal form (`protocol::path`), so
+/// a prefix in any other form would never match: say so at load time.
+fn check_normal_prefix(
+    prefix: &Spanned<String>,
+    key: &str,
+    err: &dyn Fn(std::ops::Range<usize>, &str, String, &str) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let p = prefix.get_ref();
+    match crate::protocol::path::normalize(p) {
+        Ok(n) if n == p.as_str() => Ok(()),
+        Ok(n) => Err(err(
+            prefix.span(),
+            key,
+            format!("{p:?} is not in normal form; requests are matched as {n:?}"),
+            &format!("write \"{n}\" (no dot segments, repeated slashes or needless %-escapes)"),
+        )),
+        Err(e) => Err(err(
+            prefix.span(),
+            key,
+            e.to_string(),
+            "a path prefix such as \"/api/\"",
+        )),
+    }
 }
 
 /// A configuration error, located in its file.
@@ -431,7 +457,6 @@ impl Config {
         for (key, name) in [
             ("cache.tags.surrogate_key_header", &t.surrogate_key_header),
             ("cache.tags.cache_tag_header", &t.cache_tag_header),
-            ("cache.tags.user_header", &t.user_header),
         ] {
             if !name.is_empty() && http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 let (line, column) = locate_plain_key(src, "cache.tags", key_tail(key));
@@ -453,12 +478,13 @@ impl Config {
                     "a path prefix such as \"/users/\"",
                 ));
             }
+            check_normal_prefix(&rule.prefix, "cache.tag_rule.prefix", &err)?;
             if let Err(m) = crate::cache::tags::Template::parse(rule.tag.get_ref()) {
                 return Err(err(
                     rule.tag.span(),
                     "cache.tag_rule.tag",
                     m,
-                    "placeholders are {user} and {segment1}, {segment2}, ...",
+                    "placeholders are {segment1}, {segment2}, ... (path segments of the URL)",
                 ));
             }
         }
@@ -471,6 +497,7 @@ impl Config {
                     "a path prefix such as \"/api/\"",
                 ));
             }
+            check_normal_prefix(&r.prefix, &format!("route[{}].prefix", r.name), &err)?;
         }
         Ok(())
     }
@@ -635,13 +662,44 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.line, 3, "{e}");
         assert!(e.message.contains("{usr}"), "{e}");
+        let e = Config::parse(
+            "[[cache.tag_rule]]\nprefix = \"/users/\"\ntag = \"user:{user}\"\n",
+            "k.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("whoever filled it"), "{e}");
         let c = Config::parse(
-            "[admin]\ntoken = \"s3cret\"\n[[cache.tag_rule]]\nprefix = \"/users/\"\ntag = \"user:{user}\"\n",
+            "[admin]\ntoken = \"s3cret\"\n[[cache.tag_rule]]\nprefix = \"/users/\"\ntag = \"user:{segment2}\"\n",
             "k.toml",
         )
         .unwrap();
         assert_eq!(c.admin.unwrap().listen.get_ref(), "127.0.0.1:9090");
         assert_eq!(c.cache.tag_rules.len(), 1);
+    }
+
+    #[test]
+    fn prefixes_must_be_in_the_normal_form_requests_are_matched_in() {
+        let e = Config::parse(
+            "[[route]]\nname = \"a\"\nprefix = \"/api//%61\"\n",
+            "k.toml",
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.message.contains("\"/api/a\"")), (3, true), "{e}");
+        let e = Config::parse(
+            "[[cache.tag_rule]]\nprefix = \"/../x\"\ntag = \"t\"\n",
+            "k.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("above the root"), "{e}");
+        let e =
+            Config::parse("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n", "k.toml").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+        let c = Config::parse(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n",
+            "k.toml",
+        )
+        .unwrap();
+        assert_eq!(c.server.trusted_proxies.len(), 2);
     }
 
     #[test]

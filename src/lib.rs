@@ -13,4 +13,5 @@ pub mod demo;
 pub mod edge;
 pub mod kv;
 pub mod metrics;
+pub mod protocol;
 pub mod proxy;

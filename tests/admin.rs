@@ -312,15 +312,17 @@ async fn tag_purge_from_config_rules() {
     let origin = Origin::start(|s, n| cached(&format!("{} v{n}", s.path))).await;
     let gw = gateway(&origin, |c| {
         c.cache.tag_rules = vec![
-            tag_rule("/users/", "user:{user}"),
+            tag_rule("/users/", "user:{segment2}"),
             tag_rule("/", "section:{segment1}"),
         ];
     })
     .await;
+    // Bob's profile is first fetched by alice: its tag must still name bob,
+    // the page's owner, not whoever filled the shared entry (hardening #6).
     for (path, user) in [
         ("/users/alice/profile", "alice"),
         ("/users/alice/orders", "alice"),
-        ("/users/bob/profile", "bob"),
+        ("/users/bob/profile", "alice"),
     ] {
         let r = get_with(&gw.url(path), &[("x-user-id", user)]).await;
         assert_eq!(r.x_cache(), "MISS");
@@ -334,6 +336,9 @@ async fn tag_purge_from_config_rules() {
     assert_eq!(alice.x_cache(), "MISS");
     let bob = get_with(&gw.url("/users/bob/profile"), &[("x-user-id", "bob")]).await;
     assert_eq!(bob.x_cache(), "HIT");
+    assert_eq!(purge(&gw, json!({"tags": ["user:bob"]})).await, 1);
+    let bob = get_with(&gw.url("/users/bob/profile"), &[("x-user-id", "bob")]).await;
+    assert_eq!(bob.x_cache(), "MISS");
     assert_eq!(purge(&gw, json!({"tags": ["section:news"]})).await, 1);
     assert_eq!(get(&gw.url("/news/today")).await.x_cache(), "MISS");
 }

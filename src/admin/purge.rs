@@ -7,6 +7,7 @@
 //! purging them too frees their memory at once.
 
 use crate::cache::store::Store;
+use crate::protocol::path::normalize_target;
 
 /// What one `POST /purge` asks for.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
@@ -44,6 +45,11 @@ impl PurgeRequest {
         if let Some(p) = self.prefixes.iter().find(|p| !p.starts_with('/')) {
             return Err(format!("prefix {p:?} must start with '/'"));
         }
+        for t in self.urls.iter().chain(&self.prefixes) {
+            if let Err(e) = normalize_target(t) {
+                return Err(format!("{t:?}: {e}"));
+            }
+        }
         if self.tags.iter().any(String::is_empty) {
             return Err("tags must not be empty".into());
         }
@@ -52,13 +58,19 @@ impl PurgeRequest {
 
     /// Applies the purge; returns how many entries it touched (an entry
     /// matched by several targets of a soft purge counts once per target).
+    /// URLs and prefixes are matched in the normal form keys are in, so
+    /// `/a/../b` purges what requests for `/b` stored (see `validate`).
     pub fn apply(&self, store: &Store) -> usize {
         let mut purged = 0;
         for url in &self.urls {
-            purged += purge_url(store, url, self.soft);
+            if let Ok(url) = normalize_target(url) {
+                purged += purge_url(store, &url, self.soft);
+            }
         }
         for prefix in &self.prefixes {
-            purged += store.purge_prefix(prefix, self.soft);
+            if let Ok(prefix) = normalize_target(prefix) {
+                purged += store.purge_prefix(&prefix, self.soft);
+            }
         }
         for tag in &self.tags {
             // An unknown tag simply matches nothing.
@@ -154,5 +166,28 @@ mod tests {
             ..Default::default()
         };
         assert!(ok.validate().is_ok());
+        let climbing = PurgeRequest {
+            prefixes: vec!["/a/../../b".into()],
+            ..Default::default()
+        };
+        assert!(climbing.validate().is_err());
+    }
+
+    #[test]
+    fn urls_and_prefixes_match_in_normal_form() {
+        let s = Store::new(1 << 20, 1 << 20, 4);
+        s.insert(CacheKey::new(1, false, "h", "/account/x"), entry());
+        s.insert(CacheKey::new(1, false, "h", "/account/y"), entry());
+        let by_url = PurgeRequest {
+            urls: vec!["/x/../%61ccount//x".into()],
+            ..Default::default()
+        };
+        assert_eq!(by_url.apply(&s), 1);
+        let by_prefix = PurgeRequest {
+            prefixes: vec!["//account/".into()],
+            ..Default::default()
+        };
+        assert_eq!(by_prefix.apply(&s), 1);
+        assert_eq!(s.usage().1, 0);
     }
 }

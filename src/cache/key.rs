@@ -4,22 +4,26 @@
 //! method is not part of it; only those two methods ever reach the cache.
 
 use std::fmt;
+use std::sync::Arc;
 
-/// A primary cache key (RFC 9111 2). Built once per request; cheap to hash
-/// and compare. The version makes old entries unreachable when bumped.
+/// A primary cache key (RFC 9111 2). Built once per request; cheap to hash,
+/// compare and clone (the tag index and the LRU share one copy of the text,
+/// which a client chooses and may make long). The version makes old entries
+/// unreachable when bumped.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     version: u64,
     /// `scheme://host` followed by the path and query.
-    text: Box<str>,
+    text: Arc<str>,
     /// Where the path starts in `text`.
     path_at: u32,
 }
 
 impl CacheKey {
     /// `host` is lowercased (hosts are case-insensitive, RFC 3986 3.2.2);
-    /// the path and query are kept exactly as sent, since origins may treat
-    /// case and parameter order as significant.
+    /// the path and query are kept as given (the request path's normal form,
+    /// see `protocol::path`), since origins may treat case and parameter
+    /// order as significant.
     pub fn new(version: u64, tls: bool, host: &str, path_and_query: &str) -> CacheKey {
         let scheme = if tls { "https://" } else { "http://" };
         let mut text = String::with_capacity(scheme.len() + host.len() + path_and_query.len());
@@ -31,7 +35,7 @@ impl CacheKey {
         text.push_str(path_and_query);
         CacheKey {
             version,
-            text: text.into_boxed_str(),
+            text: Arc::from(text),
             path_at,
         }
     }
@@ -40,7 +44,7 @@ impl CacheKey {
         self.version
     }
 
-    /// The path and query part, as the client sent it.
+    /// The path and query part.
     pub fn path_and_query(&self) -> &str {
         self.text.get(self.path_at as usize..).unwrap_or("")
     }
@@ -58,7 +62,7 @@ impl CacheKey {
         text.push_str(path_and_query);
         CacheKey {
             version: self.version,
-            text: text.into_boxed_str(),
+            text: Arc::from(text),
             path_at: self.path_at,
         }
     }
@@ -73,6 +77,12 @@ impl CacheKey {
 
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// Bytes this key holds on the heap, once however often it is cloned.
+    pub fn heap_bytes(&self) -> usize {
+        // Arc's two counters precede the text.
+        self.text.len() + 16
     }
 }
 

@@ -35,6 +35,8 @@ pub enum NotStorable {
     VaryStar,
     NoFreshnessOrValidator,
     Partial,
+    /// More header fields, or a longer value, than an entry keeps.
+    HeadersTooLarge,
 }
 
 impl NotStorable {
@@ -49,6 +51,7 @@ impl NotStorable {
             NotStorable::VaryStar => "vary-star",
             NotStorable::NoFreshnessOrValidator => "no-freshness",
             NotStorable::Partial => "partial",
+            NotStorable::HeadersTooLarge => "headers-too-large",
         }
     }
 }

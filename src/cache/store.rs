@@ -19,8 +19,18 @@ use std::time::{Duration, SystemTime};
 
 /// Most variants kept per primary key; the oldest goes first.
 const MAX_VARIANTS: usize = 32;
-/// Fixed bookkeeping cost charged per entry besides its headers and body.
+/// Fixed bookkeeping cost charged per entry besides its headers and body:
+/// the `Arc<Entry>` allocation and its slot in the key's variant list.
 const ENTRY_OVERHEAD: usize = 320;
+/// Fixed cost per stored key besides its text: the LRU node and its hash
+/// table slot.
+const KEY_OVERHEAD: usize = 128;
+/// Cost of one (tag, key) pair in the tag index: a key handle in a hash set
+/// and, for a tag only this entry has, the set's own table and its slot in
+/// the index (the key text itself is shared, charged once per key).
+const TAG_INDEX_OVERHEAD: usize = 256;
+/// Cost of one Vary field in an entry's secondary key, besides its bytes.
+const VARY_FIELD_OVERHEAD: usize = 64;
 
 /// A stored response.
 #[derive(Debug, Clone)]
@@ -33,7 +43,8 @@ pub struct Entry {
     pub vary: Box<[(HeaderName, Option<String>)]>,
     pub freshness: Freshness,
     pub tags: Box<[Arc<str>]>,
-    /// Bytes charged against the store's budget.
+    /// Bytes charged against the store's budget for the entry itself (its
+    /// key is charged once per key, see `key_charge`).
     pub charge: usize,
 }
 
@@ -48,8 +59,16 @@ impl Entry {
     ) -> Entry {
         let headers = StoredHeaders::from_map(&headers);
         let header_bytes = headers.charge();
-        let tag_bytes: usize = tags.iter().map(|t| t.len() + 32).sum();
-        let charge = ENTRY_OVERHEAD + header_bytes + body.len() + tag_bytes;
+        // A tag's text (shared with the index), its slot in the entry, and
+        // the entry's share of the index: one hash-set slot per tag.
+        let tag_bytes: usize = tags.iter().map(|t| t.len() + 32 + TAG_INDEX_OVERHEAD).sum();
+        let vary_bytes: usize = vary
+            .iter()
+            .map(|(n, v)| {
+                n.as_str().len() + v.as_ref().map_or(0, String::len) + VARY_FIELD_OVERHEAD
+            })
+            .sum();
+        let charge = ENTRY_OVERHEAD + header_bytes + body.len() + tag_bytes + vary_bytes;
         Entry {
             status,
             headers,
@@ -102,10 +121,24 @@ pub struct StoredHeaders {
     block: Bytes,
 }
 
-/// Fields a stored response keeps at most (the rest are dropped).
+/// What an entry may cost beyond its body: headers, key, tags, Vary.
+const MAX_ENTRY_EXTRA: usize = 512 * 1024;
+
+/// Fields a stored response keeps at most.
 const MAX_STORED_FIELDS: usize = 256;
 
 impl StoredHeaders {
+    /// Whether every field of `h` fits the compact form (at most 256
+    /// fields, names and values under 64 KiB). A response that does not is
+    /// not stored: a HIT must not lose headers the MISS had.
+    pub fn fits(h: &HeaderMap) -> bool {
+        h.len() <= MAX_STORED_FIELDS
+            && h.iter()
+                .all(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
+    }
+
+    /// The compact form; fields beyond what [`StoredHeaders::fits`] allows
+    /// are dropped (callers check first).
     pub fn from_map(h: &HeaderMap) -> StoredHeaders {
         let fields: Vec<(&HeaderName, &http::HeaderValue)> = h
             .iter()
@@ -206,6 +239,17 @@ struct Shard {
     budget: usize,
 }
 
+/// What a key's presence costs, besides its entries: the text (shared by
+/// the LRU and every tag-index slot) and the LRU node.
+fn key_charge(key: &CacheKey) -> usize {
+    KEY_OVERHEAD + key.heap_bytes()
+}
+
+/// Everything a key and its variants are charged.
+fn charge_of(key: &CacheKey, variants: &[Arc<Entry>]) -> usize {
+    key_charge(key) + variants.iter().map(|e| e.charge).sum::<usize>()
+}
+
 impl Shard {
     fn unindex(&mut self, key: &CacheKey, variants: &[Arc<Entry>]) {
         for e in variants {
@@ -232,7 +276,7 @@ impl Shard {
         match self.lru.pop(key) {
             Some(variants) => {
                 self.unindex(key, &variants);
-                self.bytes -= variants.iter().map(|e| e.charge).sum::<usize>();
+                self.bytes -= charge_of(key, &variants);
                 self.entries -= variants.len();
                 variants.len()
             }
@@ -246,7 +290,7 @@ impl Shard {
         if variants.is_empty() {
             return;
         }
-        self.bytes += variants.iter().map(|e| e.charge).sum::<usize>();
+        self.bytes += charge_of(&key, &variants);
         self.entries += variants.len();
         self.index(&key, &variants);
         self.lru.put(key, variants);
@@ -259,7 +303,7 @@ impl Shard {
                 break;
             };
             self.unindex(&key, &variants);
-            self.bytes -= variants.iter().map(|e| e.charge).sum::<usize>();
+            self.bytes -= charge_of(&key, &variants);
             self.entries -= variants.len();
             evicted += variants.len() as u64;
         }
@@ -309,6 +353,9 @@ pub struct StoreStats {
 pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     max_object_bytes: usize,
+    /// Most one entry may be charged: the body limit plus room for a long
+    /// key, a full set of headers, tags and Vary fields, within a shard.
+    max_entry_charge: usize,
     pub stats: StoreStats,
 }
 
@@ -340,6 +387,10 @@ impl Store {
                 .collect(),
             // An object may not take more than a shard's budget.
             max_object_bytes: max_object_bytes.min(budget),
+            max_entry_charge: max_object_bytes
+                .min(budget)
+                .saturating_add(MAX_ENTRY_EXTRA)
+                .min(budget),
             stats: StoreStats::default(),
         }
     }
@@ -367,8 +418,12 @@ impl Store {
     }
 
     /// Stores an entry, replacing the variant with the same secondary key.
+    /// An entry that would cost more than an object may (body limit plus
+    /// what its key, headers, tags and Vary may add) is not stored.
     pub fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
-        if entry.body.len() > self.max_object_bytes {
+        if entry.body.len() > self.max_object_bytes
+            || key_charge(&key) + entry.charge > self.max_entry_charge
+        {
             return;
         }
         let mut shard = self.shard(&key);

@@ -3,7 +3,10 @@
 //!
 //! Tags come from the origin (`Surrogate-Key`: space separated, `Cache-Tag`:
 //! comma separated; names configurable) and from config rules whose
-//! templates are filled from the request (`user:{user}`, `path:{segment1}`).
+//! templates are filled from the URL (`user:{segment2}` for `/users/42`).
+//! Never from who asked: a shared entry is filled by whichever client came
+//! first, so a tag naming the requester would name the wrong user for
+//! everyone else, and a purge by that user's tag would miss the page.
 //! Pure: no I/O, no clock; the pipeline calls [`Tagger::take_from_response`]
 //! on every origin response and [`Tagger::entry_tags`] where it builds an entry.
 
@@ -16,13 +19,11 @@ use std::sync::Arc;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
     Literal(String),
-    /// The request's user id.
-    User,
     /// The Nth (1-based) segment of the request path.
     Segment(usize),
 }
 
-/// A parsed tag template such as `user:{user}` or `section:{segment1}`.
+/// A parsed tag template such as `user:{segment2}` or `section:{segment1}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     pieces: Vec<Piece>,
@@ -55,6 +56,13 @@ impl Template {
                         .find('}')
                         .ok_or_else(|| format!("unclosed '{{' in tag template {src:?}"))?;
                     let name = &after[..end];
+                    if name == "user" {
+                        return Err(format!(
+                            "{{user}} in tag template {src:?} would tag a shared entry with \
+                             whoever filled it; take the id from the URL ({{segmentN}}) or \
+                             have the origin send it in Surrogate-Key"
+                        ));
+                    }
                     pieces.push(placeholder(name).ok_or_else(|| {
                         format!("unknown placeholder {{{name}}} in tag template {src:?}")
                     })?);
@@ -65,18 +73,13 @@ impl Template {
         Ok(Template { pieces })
     }
 
-    pub fn uses_user(&self) -> bool {
-        self.pieces.contains(&Piece::User)
-    }
-
-    /// The tag for one request, or `None` when a placeholder has no value
-    /// (no user id, fewer path segments): no tag beats a wrong one.
-    pub fn render(&self, path: &str, user: Option<&str>) -> Option<String> {
+    /// The tag for one URL, or `None` when a placeholder has no value
+    /// (fewer path segments): no tag beats a wrong one.
+    pub fn render(&self, path: &str) -> Option<String> {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
                 Piece::Literal(s) => out.push_str(s),
-                Piece::User => out.push_str(user.filter(|u| !u.is_empty())?),
                 Piece::Segment(n) => out.push_str(segment(path, *n)?),
             }
         }
@@ -85,9 +88,6 @@ impl Template {
 }
 
 fn placeholder(name: &str) -> Option<Piece> {
-    if name == "user" {
-        return Some(Piece::User);
-    }
     let n: usize = name.strip_prefix("segment")?.parse().ok()?;
     (n >= 1).then_some(Piece::Segment(n))
 }
@@ -120,7 +120,6 @@ pub struct Tagger {
     surrogate_key: Option<HeaderName>,
     cache_tag: Option<HeaderName>,
     strip: bool,
-    user_header: Option<HeaderName>,
     rules: Vec<Rule>,
     max_per_entry: usize,
     max_len: usize,
@@ -154,22 +153,10 @@ impl Tagger {
             surrogate_key: header_name(&t.surrogate_key_header)?,
             cache_tag: header_name(&t.cache_tag_header)?,
             strip: t.strip_headers,
-            user_header: header_name(&t.user_header)?,
             rules,
             max_per_entry: t.max_per_entry,
             max_len: t.max_len,
         })
-    }
-
-    /// Whether any rule needs the request's user id (so the request path
-    /// only looks it up when it will be used).
-    pub fn needs_user(&self) -> bool {
-        self.rules.iter().any(|r| r.template.uses_user())
-    }
-
-    /// The request header `{user}` reads when the edge is off.
-    pub fn user_header(&self) -> Option<&HeaderName> {
-        self.user_header.as_ref()
     }
 
     /// Reads the origin's tags from a response head and, unless configured
@@ -198,12 +185,7 @@ impl Tagger {
     /// The tags of an entry: rule tags first (the operator's, so an origin
     /// sending many tags cannot crowd them out), then the origin's;
     /// deduplicated, overlong ones dropped, at most `max_per_entry`.
-    pub fn entry_tags(
-        &self,
-        from_origin: Vec<String>,
-        path: &str,
-        user: Option<&str>,
-    ) -> Vec<Arc<str>> {
+    pub fn entry_tags(&self, from_origin: Vec<String>, path: &str) -> Vec<Arc<str>> {
         if from_origin.is_empty() && self.rules.is_empty() {
             return Vec::new();
         }
@@ -211,7 +193,7 @@ impl Tagger {
             .rules
             .iter()
             .filter(|r| path.starts_with(&r.prefix))
-            .filter_map(|r| r.template.render(path, user));
+            .filter_map(|r| r.template.render(path));
         let mut seen = HashSet::new();
         let mut out = Vec::new();
         for tag in from_rules.chain(from_origin) {
@@ -260,8 +242,10 @@ mod tests {
 
     #[test]
     fn templates_parse_and_refuse_typos() {
-        assert!(Template::parse("user:{user}").unwrap().uses_user());
-        assert!(!Template::parse("p:{segment2}").unwrap().uses_user());
+        assert!(Template::parse("p:{segment2}").is_ok());
+        // Requester-based tags are refused, with the reason (hardening #6).
+        let e = Template::parse("user:{user}").unwrap_err();
+        assert!(e.contains("whoever filled it"), "{e}");
         for bad in [
             "",
             "u:{usr}",
@@ -275,21 +259,16 @@ mod tests {
     }
 
     #[test]
-    fn templates_render_from_path_and_user() {
-        let t = Template::parse("{segment1}/{segment2}:{user}").unwrap();
+    fn templates_render_from_path() {
+        let t = Template::parse("{segment1}/{segment2}:x").unwrap();
         assert_eq!(
-            t.render("/users/42/orders?x=/y", Some("u1")).as_deref(),
-            Some("users/42:u1")
+            t.render("/users/42/orders?x=/y").as_deref(),
+            Some("users/42:x")
         );
         // a missing value means no tag at all
-        assert_eq!(t.render("/users", Some("u1")), None);
-        assert_eq!(t.render("/users/42", None), None);
-        assert_eq!(t.render("/users/42", Some("")), None);
+        assert_eq!(t.render("/users"), None);
         assert_eq!(
-            Template::parse("static")
-                .unwrap()
-                .render("/", None)
-                .as_deref(),
+            Template::parse("static").unwrap().render("/").as_deref(),
             Some("static")
         );
     }
@@ -325,13 +304,15 @@ mod tests {
     #[test]
     fn entry_tags_rules_first_deduplicated_and_capped() {
         let t = tagger(
-            vec![rule("/users/", "user:{user}"), rule("/", "s:{segment1}")],
+            vec![
+                rule("/users/", "user:{segment2}"),
+                rule("/", "s:{segment1}"),
+            ],
             |c| {
                 c.tags.max_per_entry = 4;
                 c.tags.max_len = 10;
             },
         );
-        assert!(t.needs_user());
         let origin = vec![
             "user:u1".to_string(),
             "x".repeat(11),
@@ -340,17 +321,16 @@ mod tests {
             "more".into(),
             "over".into(),
         ];
-        let tags = t.entry_tags(origin, "/users/7", Some("u1"));
+        let tags = t.entry_tags(origin, "/users/u1");
         assert_eq!(strs(&tags), ["user:u1", "s:users", "ok", "more"]);
         // the user rule does not apply outside its prefix
-        let tags = t.entry_tags(vec![], "/items/1", Some("u1"));
+        let tags = t.entry_tags(vec![], "/items/1");
         assert_eq!(strs(&tags), ["s:items"]);
     }
 
     #[test]
     fn nothing_configured_costs_nothing() {
         let t = tagger(vec![], |_| {});
-        assert!(!t.needs_user());
-        assert!(t.entry_tags(vec![], "/a", None).is_empty());
+        assert!(t.entry_tags(vec![], "/a").is_empty());
     }
 }

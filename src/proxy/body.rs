@@ -139,6 +139,19 @@ impl SharedBody {
         }
     }
 
+    /// The body outgrew what may be held for readers: they fail (their
+    /// connections are aborted, as for a truncated body) and nothing more
+    /// is kept, so a body without `Content-Length` cannot grow without bound.
+    fn overflow(&self) {
+        let mut st = self.lock();
+        st.chunks = Vec::new();
+        st.done = true;
+        st.failed = true;
+        for w in st.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
     fn finish(&self, failed: bool) {
         let mut st = self.lock();
         st.done = true;
@@ -185,14 +198,25 @@ impl SharedReader {
     }
 }
 
-/// Receives a whole body for the store: called once, with the body, when
-/// the origin body ended cleanly (and fit in the limit).
-pub type OnComplete = Box<dyn FnOnce(Option<Bytes>) + Send>;
+/// How a captured body ended.
+#[derive(Debug)]
+pub enum CaptureEnd {
+    /// Whole and within the limit: store it.
+    Complete(Bytes),
+    /// Cut short (origin error, idle, or no reader left to finish it).
+    Failed,
+    /// Larger than the limit: streamed through, nothing kept.
+    TooLarge,
+}
+
+/// Receives the outcome of a capture, exactly once.
+pub type OnComplete = Box<dyn FnOnce(CaptureEnd) + Send>;
 
 /// Captures a streamed body for the store and for coalesced readers.
 pub struct Capture {
     pub shared: Option<Arc<SharedBody>>,
-    /// Largest body to collect for the store; beyond it, nothing is stored.
+    /// Largest body to collect for the store or hold for readers; beyond
+    /// it, nothing is kept and the rest only streams to the client.
     pub limit: usize,
     pub on_complete: OnComplete,
 }
@@ -207,7 +231,6 @@ pub struct OriginBody {
     capture: Option<Capture>,
     collected: Vec<Bytes>,
     collected_len: usize,
-    over_limit: bool,
     finished: bool,
 }
 
@@ -220,25 +243,29 @@ impl OriginBody {
             capture,
             collected: Vec::new(),
             collected_len: 0,
-            over_limit: false,
             finished: false,
         }
     }
 
     fn on_chunk(&mut self, chunk: &Bytes) {
         let Some(cap) = &self.capture else { return };
+        self.collected_len = self.collected_len.saturating_add(chunk.len());
+        if self.collected_len > cap.limit {
+            // Past the limit the capture ends at once: what was collected is
+            // freed, readers fail, and the rest streams to the client only.
+            self.collected = Vec::new();
+            if let Some(cap) = self.capture.take() {
+                if let Some(s) = &cap.shared {
+                    s.overflow();
+                }
+                (cap.on_complete)(CaptureEnd::TooLarge);
+            }
+            return;
+        }
         if let Some(s) = &cap.shared {
             s.push(chunk.clone());
         }
-        if !self.over_limit {
-            self.collected_len += chunk.len();
-            if self.collected_len > cap.limit {
-                self.over_limit = true;
-                self.collected.clear();
-            } else {
-                self.collected.push(chunk.clone());
-            }
-        }
+        self.collected.push(chunk.clone());
     }
 
     fn on_end(&mut self, ok: bool) {
@@ -249,18 +276,18 @@ impl OriginBody {
         if let Some(s) = &cap.shared {
             s.finish(!ok);
         }
-        let body = if ok && !self.over_limit {
+        let end = if ok {
             // One exact-size copy: hyper's chunks may point into larger read
             // buffers, which a long-lived cache entry must not pin.
             let mut buf = BytesMut::with_capacity(self.collected_len);
             for c in self.collected.drain(..) {
                 buf.extend_from_slice(&c);
             }
-            Some(buf.freeze())
+            CaptureEnd::Complete(buf.freeze())
         } else {
-            None
+            CaptureEnd::Failed
         };
-        (cap.on_complete)(body);
+        (cap.on_complete)(end);
     }
 
     fn poll_frame(
@@ -304,7 +331,9 @@ impl OriginBody {
 impl Drop for OriginBody {
     /// The client went away mid-body. If others wait on this body or it is
     /// headed for the store, finish receiving it in the background: the
-    /// fetch is not tied to the client connection.
+    /// fetch is not tied to the client connection. A body that will be
+    /// neither stored nor read (past the limit, or never captured) is not
+    /// downloaded further: dropping `inner` closes the origin stream.
     fn drop(&mut self) {
         if self.finished || self.capture.is_none() {
             return;
@@ -320,7 +349,6 @@ impl Drop for OriginBody {
             capture: self.capture.take(),
             collected: std::mem::take(&mut self.collected),
             collected_len: self.collected_len,
-            over_limit: self.over_limit,
             finished: false,
         };
         self.finished = true;

@@ -19,6 +19,11 @@ pub enum OriginError {
     Timeout(Duration),
     #[error("origin request failed: {0}")]
     Request(String),
+    /// RFC 9112 6.3: a response with both `Transfer-Encoding` and
+    /// `Content-Length` may be an attempt at response splitting or
+    /// smuggling; like nginx, answer 502 and keep nothing of it.
+    #[error("origin response has both Transfer-Encoding and Content-Length")]
+    AmbiguousFraming,
 }
 
 impl OriginError {
@@ -90,6 +95,12 @@ impl OriginClient {
             Err(_) => Err(OriginError::Timeout(self.first_byte_timeout)),
             Ok(Err(e)) if e.is_connect() => Err(OriginError::Connect(error_chain(&e))),
             Ok(Err(e)) => Err(OriginError::Request(error_chain(&e))),
+            Ok(Ok(resp))
+                if resp.headers().contains_key(http::header::TRANSFER_ENCODING)
+                    && resp.headers().contains_key(http::header::CONTENT_LENGTH) =>
+            {
+                Err(OriginError::AmbiguousFraming)
+            }
             Ok(Ok(resp)) => Ok(resp),
         }
     }

@@ -2,8 +2,10 @@
 //! validate | miss) -> response. Data flows one way; every branch ends in one
 //! response and at most one origin request per key at a time.
 
-use super::body::{Body, Capture, OriginBody, SharedBody};
-use super::headers::{forward_request_headers, remove_hop_by_hop, ClientInfo};
+use super::body::{Body, Capture, CaptureEnd, OriginBody, SharedBody};
+use super::headers::{
+    forward_request_headers, remove_hop_by_hop, strip_client_forwarding, ClientInfo,
+};
 use super::origin::{OriginClient, UpstreamBody};
 use super::respond::{self, CacheResult, Labels};
 use super::self_service;
@@ -11,12 +13,14 @@ use crate::cache::directives::{RequestDirectives, ResponseDirectives};
 use crate::cache::key::CacheKey;
 use crate::cache::policy::{self, Freshness, Heuristic, StoragePolicy, Usability};
 use crate::cache::revalidate::{self, Join, Outcome, SharedResponse, SingleFlight};
-use crate::cache::store::{Entry, Store};
+use crate::cache::store::{Entry, Store, StoredHeaders};
 use crate::cache::tags::Tagger;
 use crate::config::{Config, RouteConfig, StateBackend, StateConfig};
 use crate::edge::Edge;
 use crate::kv::{DurableKv, Kv, MemoryKv};
 use crate::metrics::Metrics;
+use crate::protocol::cidr;
+use crate::protocol::path::{self, PathError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -61,12 +65,10 @@ struct Ctx {
     req_cc: RequestDirectives,
     route: Option<Arc<RouteConfig>>,
     client: ClientInfo,
-    /// The user id `{user}` tag templates use, when a rule needs it.
-    user: Option<String>,
 }
 
 impl Ctx {
-    /// The request target (path and query), as the client sent it.
+    /// The request target (path and query), in normal form.
     fn path(&self) -> &str {
         self.key.path_and_query()
     }
@@ -75,19 +77,80 @@ impl Ctx {
     /// hop-by-hop fields removed and Via / X-Forwarded-* added.
     fn origin_headers(&self, via: &HeaderValue) -> HeaderMap {
         let mut h = self.headers.clone();
-        forward_request_headers(&mut h, self.client, via);
+        forward_request_headers(&mut h, self.client, self.key.authority(), via);
         h
+    }
+
+    /// Whether this request alone keeps a response from being stored
+    /// (`Authorization`, or its own `no-store`): such a request neither
+    /// joins nor leads a shared fetch, and does not evict what others
+    /// stored (9111 3.5, 5.2.1.5).
+    fn limits_storage_itself(&self) -> bool {
+        self.req_cc.no_store || self.headers.contains_key(header::AUTHORIZATION)
     }
 }
 
-/// The request's authority: Host, else the URI's (HTTP/2), else empty.
+/// The request's authority: the URI's (HTTP/2 `:authority`, or an
+/// absolute-form target, which wins over `Host` per RFC 9112 3.2.2), else
+/// `Host`, else empty (HTTP/1.0).
 fn authority(parts: &http::request::Parts) -> &str {
     parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
         .unwrap_or("")
+}
+
+/// RFC 9112 3.2: an HTTP/1.1 request without `Host`, with more than one, or
+/// with one that is not a valid authority, gets 400 (it must not reach the
+/// origin, nor name a cache key).
+fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    match host {
+        None if req.version() == http::Version::HTTP_11 && req.uri().authority().is_none() => {
+            Err("HTTP/1.1 request without Host")
+        }
+        None => Ok(()),
+        Some(h) => {
+            let valid = h
+                .to_str()
+                .ok()
+                .filter(|s| !s.contains('@'))
+                .and_then(|s| s.parse::<http::uri::Authority>().ok())
+                .is_some();
+            if valid {
+                Ok(())
+            } else {
+                Err("invalid Host header")
+            }
+        }
+    }
+}
+
+/// Rewrites the request target to its normal form (see `protocol::path`).
+fn normalize_request_target(parts: &mut http::request::Parts) -> Result<(), PathError> {
+    let Some(pq) = parts.uri.path_and_query() else {
+        return Ok(());
+    };
+    let std::borrow::Cow::Owned(normal) = path::normalize_target(pq.as_str())? else {
+        return Ok(());
+    };
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    // The normal form only drops and decodes characters the original had,
+    // so it is still a valid path and query.
+    uri.path_and_query = http::uri::PathAndQuery::try_from(normal).ok();
+    parts.uri = http::Uri::from_parts(uri).map_err(|_| PathError::BadEscape)?;
+    Ok(())
 }
 
 impl Gateway {
@@ -127,13 +190,24 @@ impl Gateway {
         self.version.load(Ordering::Relaxed)
     }
 
-    /// The route for a path: the longest matching prefix.
+    /// The route for a path in normal form: the longest matching prefix.
+    /// An origin may route an encoded `/` as a separator, so when the path
+    /// has one and that reading falls under a bypass route, bypass wins.
     fn route_for(&self, path: &str) -> Option<Arc<RouteConfig>> {
-        self.routes
-            .iter()
-            .filter(|r| path.starts_with(r.prefix.get_ref().as_str()))
-            .max_by_key(|r| r.prefix.get_ref().len())
-            .cloned()
+        let longest = |p: &str| {
+            self.routes
+                .iter()
+                .filter(|r| p.starts_with(r.prefix.get_ref().as_str()))
+                .max_by_key(|r| r.prefix.get_ref().len())
+                .cloned()
+        };
+        let route = longest(path);
+        if let Some(opened) = path::separator_decoded(path) {
+            if let Some(bypass) = longest(&opened).filter(|r| r.bypass) {
+                return Some(bypass);
+            }
+        }
+        route
     }
 
     /// Bumps the namespace version: every older entry becomes unreachable.
@@ -212,11 +286,26 @@ impl Gateway {
         // edge decided (the cache would file the origin's answer under the
         // wrong variant).
         remove_hop_by_hop(&mut parts.headers);
+        let trusted_peer = cidr::any_contains(&cfg.server.trusted_proxies, client.addr.ip());
+        strip_client_forwarding(&mut parts.headers, trusted_peer);
+        // One normal form of the path for everything that follows: routes,
+        // bypass, the edge, tags, the key and the origin request.
+        if let Err(e) = normalize_request_target(&mut parts) {
+            return self.own(StatusCode::BAD_REQUEST, &e.to_string(), CacheResult::Bypass);
+        }
+        // The authority the request names: the URI's (HTTP/2 `:authority`,
+        // absolute-form) wins over `Host` (RFC 9112 3.2.2); the origin sees
+        // the same one in `Host` when `preserve_host` is on.
+        let authority = authority(&parts).to_owned();
+        if parts.uri.authority().is_some() {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
         // Edge: decide flags / variants / preferences and inject them before
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
         let mut set_cookie = None;
-        let mut user = None;
         if let Some(edge) = &self.edge {
             edge.strip_injected(&mut parts.headers);
             let decision = edge
@@ -242,16 +331,6 @@ impl Gateway {
                     return r;
                 }
             }
-            if self.tags.needs_user() {
-                user = Some(decision.user_id);
-            }
-        } else if self.tags.needs_user() {
-            user = self
-                .tags
-                .user_header()
-                .and_then(|h| parts.headers.get(h))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let route = self.route_for(path);
@@ -263,7 +342,7 @@ impl Gateway {
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
-            authority(&parts),
+            &authority,
             path,
         );
         let ctx = Ctx {
@@ -273,7 +352,6 @@ impl Gateway {
             headers: parts.headers,
             route,
             client,
-            user,
         };
         let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
         let mut resp = if !cfg.cache.enabled
@@ -291,8 +369,9 @@ impl Gateway {
         resp
     }
 
-    /// Guard: limits a client cannot exceed (414, 413). Header size (431)
-    /// and the header-read timeout are enforced by the listener.
+    /// Guard: limits a client cannot exceed (414, 413) and a request head
+    /// that names no valid authority (400). Header size (431) and the
+    /// header-read timeout are enforced by the listener.
     fn guard(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
         let limits = &self.config.server;
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -302,6 +381,9 @@ impl Gateway {
                 "request target too long",
                 CacheResult::Bypass,
             ));
+        }
+        if let Err(why) = check_host(req) {
+            return Some(self.own(StatusCode::BAD_REQUEST, why, CacheResult::Bypass));
         }
         let declared_len = req
             .headers()
@@ -389,6 +471,11 @@ impl Gateway {
             // A HEAD is answered from a stored GET; without one it passes.
             return self.fetch(&ctx, None, false, None).await;
         }
+        if ctx.limits_storage_itself() {
+            // Its answer may not be shareable for reasons of its own; others
+            // must neither wait on it nor be marked hit-for-miss by it.
+            return self.fetch(&ctx, stored, true, None).await;
+        }
         match self.flights.join(&ctx.key) {
             Join::Leader(guard) => self.fetch(&ctx, stored, true, Some(guard)).await,
             Join::Bypass => self.fetch(&ctx, stored, true, None).await,
@@ -462,7 +549,6 @@ impl Gateway {
             req_cc: RequestDirectives::default(),
             route: ctx.route.clone(),
             client: ctx.client,
-            user: ctx.user.clone(),
         };
         tokio::spawn(async move {
             let resp = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
@@ -551,25 +637,7 @@ impl Gateway {
         let status = resp.status();
         // 304 to our conditional: refresh the stored entry (9111 4.3.4).
         if let (StatusCode::NOT_MODIFIED, Some(s), true) = (status, &stored, may_store) {
-            let refreshed = Arc::new(self.refreshed(ctx, s, resp.headers(), request_time, now));
-            self.store.replace(&ctx.key, s, refreshed.clone());
-            if let Some(g) = guard {
-                g.publish(Arc::new(SharedResponse {
-                    status: refreshed.status,
-                    headers: refreshed.headers.to_map(),
-                    vary: refreshed.vary.clone(),
-                    body: SharedBody::complete(refreshed.body.clone()),
-                    freshness: refreshed.freshness.clone(),
-                    content_length: Some(refreshed.body.len() as u64),
-                }));
-            }
-            return self.serve_stored(
-                &refreshed,
-                ctx,
-                now,
-                CacheResult::Revalidated,
-                "fwd=stale; fwd-status=304",
-            );
+            return self.merge_304(ctx, s, resp.headers(), request_time, now, guard);
         }
         if status.is_server_error() && matches!(status.as_u16(), 500 | 502 | 503 | 504) {
             if let Some(s) = stored
@@ -615,9 +683,7 @@ impl Gateway {
                 policy::strip_unstorable(&mut stored_headers);
                 stored_headers.remove(header::AGE);
                 let freshness = self.freshness(ctx, status, &parts.headers, &cc, request_time, now);
-                let tags = self
-                    .tags
-                    .entry_tags(origin_tags, ctx.path(), ctx.user.as_deref());
+                let tags = self.tags.entry_tags(origin_tags, ctx.path());
                 let shared = Arc::new(SharedBody::default());
                 if let Some(g) = &guard {
                     g.publish(Arc::new(SharedResponse {
@@ -632,23 +698,33 @@ impl Gateway {
                 let gw = self.clone();
                 let key = ctx.key.clone();
                 let old = stored.clone();
+                let mut guard = guard;
                 let capture = Capture {
                     shared: Some(shared),
                     limit: self.store.max_object_bytes(),
-                    on_complete: Box::new(move |body| {
-                        if let Some(body) = body {
-                            let entry = Arc::new(Entry::new(
-                                status,
-                                stored_headers,
-                                body,
-                                vary,
-                                freshness,
-                                tags,
-                            ));
-                            gw.store.insert(key, entry);
-                        } else if let Some(old) = old {
-                            // The refresh failed mid-body: keep serving the stale entry.
-                            drop(old);
+                    on_complete: Box::new(move |end| {
+                        match end {
+                            CaptureEnd::Complete(body) => {
+                                let entry = Arc::new(Entry::new(
+                                    status,
+                                    stored_headers,
+                                    body,
+                                    vary,
+                                    freshness,
+                                    tags,
+                                ));
+                                gw.store.insert(key, entry);
+                            }
+                            CaptureEnd::TooLarge => {
+                                // Nobody could share it: later requests go
+                                // straight to the origin for a while.
+                                if let Some(g) = guard.take() {
+                                    g.not_shareable();
+                                }
+                            }
+                            // The refresh failed mid-body: keep serving the
+                            // stale entry.
+                            CaptureEnd::Failed => drop(old),
                         }
                         drop(guard); // end the flight only after the store has it
                     }),
@@ -669,7 +745,8 @@ impl Gateway {
                 if let Some(g) = guard {
                     g.not_shareable();
                 }
-                if stored.is_some() && may_store && status.is_success() {
+                let request_caused = verdict == Err(policy::NotStorable::Authorization);
+                if stored.is_some() && may_store && status.is_success() && !request_caused {
                     // The origin now says "do not store": drop the old copy.
                     self.store.purge_key(&ctx.key, false);
                 }
@@ -762,7 +839,13 @@ impl Gateway {
             h,
             cc,
             StoragePolicy { allow_set_cookie },
-        );
+        )
+        .and_then(|()| {
+            // A HIT must carry every header the MISS had.
+            StoredHeaders::fits(h)
+                .then_some(())
+                .ok_or(policy::NotStorable::HeadersTooLarge)
+        });
         let route_ttl = ctx
             .route
             .as_ref()
@@ -821,18 +904,70 @@ impl Gateway {
         }
     }
 
-    /// The stored entry updated by a 304 (9111 4.3.4): new headers, new
+    /// A 304 to our conditional (9111 4.3.4): the stored entry's headers
+    /// updated and its freshness measured anew. The 304's `Set-Cookie` goes
+    /// to this client only, never into the shared entry. If the merged
+    /// headers no longer allow storing (`no-store`, `private`, `Vary: *`),
+    /// the entry is dropped and this client alone gets it; if only this
+    /// request forbids it (`Authorization`), the entry stays as it was.
+    fn merge_304(
+        &self,
+        ctx: &Ctx,
+        s: &Arc<Entry>,
+        not_modified: &HeaderMap,
+        request_time: SystemTime,
+        now: SystemTime,
+        guard: Option<revalidate::FlightGuard>,
+    ) -> Response<Body> {
+        let merged = merged_304_headers(s, not_modified);
+        let cc = ResponseDirectives::from_headers(&merged);
+        let verdict = self.storable(ctx, s.status, &merged, &cc);
+        let refreshed = Arc::new(self.refreshed(ctx, s, merged, not_modified, request_time, now));
+        let merged = refreshed.headers.to_map();
+        let detail = match verdict {
+            Ok(()) => {
+                self.store.replace(&ctx.key, s, refreshed.clone());
+                if let Some(g) = guard {
+                    g.publish(Arc::new(SharedResponse {
+                        status: refreshed.status,
+                        headers: merged,
+                        vary: refreshed.vary.clone(),
+                        body: SharedBody::complete(refreshed.body.clone()),
+                        freshness: refreshed.freshness.clone(),
+                        content_length: Some(refreshed.body.len() as u64),
+                    }));
+                }
+                "fwd=stale; fwd-status=304".to_owned()
+            }
+            Err(why) => {
+                if let Some(g) = guard {
+                    g.not_shareable();
+                }
+                if why != policy::NotStorable::Authorization {
+                    self.store.purge_key(&ctx.key, false);
+                }
+                format!("fwd=stale; fwd-status=304; detail={}", why.as_str())
+            }
+        };
+        let mut resp = self.serve_stored(&refreshed, ctx, now, CacheResult::Revalidated, &detail);
+        for cookie in not_modified.get_all(header::SET_COOKIE) {
+            resp.headers_mut()
+                .append(header::SET_COOKIE, cookie.clone());
+        }
+        resp
+    }
+
+    /// The stored entry with `headers` merged from a 304 (9111 4.3.4) and
     /// freshness measured from this exchange.
     fn refreshed(
         &self,
         ctx: &Ctx,
         s: &Entry,
+        mut headers: HeaderMap,
         not_modified: &HeaderMap,
         request_time: SystemTime,
         now: SystemTime,
     ) -> Entry {
-        let mut headers = s.headers.to_map();
-        policy::update_from_304(&mut headers, not_modified);
         self.tags.take_from_response(&mut headers);
         let mut with_age = headers.clone();
         if let Some(a) = not_modified.get(header::AGE) {
@@ -890,6 +1025,10 @@ impl Gateway {
             ctx.path(),
         );
         for target in targets {
+            // Location targets are the origin's; keys are in normal form.
+            let Ok(target) = path::normalize_target(&target) else {
+                continue;
+            };
             let version = self.key_version(self.route_for(&target).as_deref());
             let key = ctx.key.with_path(&target).with_version(version);
             self.store.purge_key(&key, false);
@@ -907,6 +1046,16 @@ impl Gateway {
         respond::mark(r.headers_mut(), &self.labels, CacheResult::Bypass, &detail);
         r
     }
+}
+
+/// A stored entry's headers updated from a 304 (9111 3.2), except for the
+/// 304's `Set-Cookie`: that belongs to the client whose request caused it.
+fn merged_304_headers(s: &Entry, not_modified: &HeaderMap) -> HeaderMap {
+    let mut headers = s.headers.to_map();
+    let mut update = not_modified.clone();
+    update.remove(header::SET_COOKIE);
+    policy::update_from_304(&mut headers, &update);
+    headers
 }
 
 /// Opens the KV that edge state lives in.
