@@ -283,12 +283,15 @@ pub struct RouteConfig {
     pub allow_set_cookie: Option<bool>,
 }
 
+/// Builds a located error: span, key, message, hint.
+type ErrorAt = dyn Fn(std::ops::Range<usize>, &str, String, &str) -> ConfigError;
+
 /// Requests are matched in their path's normal form (`protocol::path`), so
 /// a prefix in any other form would never match: say so at load time.
 fn check_normal_prefix(
     prefix: &Spanned<String>,
     key: &str,
-    err: &dyn Fn(std::ops::Range<usize>, &str, String, &str) -> ConfigError,
+    err: &ErrorAt,
 ) -> Result<(), ConfigError> {
     let p = prefix.get_ref();
     match crate::protocol::path::normalize(p) {
