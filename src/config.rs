@@ -284,14 +284,14 @@ pub struct RouteConfig {
 }
 
 /// Builds a located error: span, key, message, hint.
-type ErrorAt = dyn Fn(std::ops::Range<usize>, &str, String, &str) -> ConfigError;
+type ErrorAt<'a> = dyn Fn(std::ops::Range<usize>, &str, String, &str) -> ConfigError + 'a;
 
 /// Requests are matched in their path's normal form (`protocol::path`), so
 /// a prefix in any other form would never match: say so at load time.
 fn check_normal_prefix(
     prefix: &Spanned<String>,
     key: &str,
-    err: &ErrorAt,
+    err: &ErrorAt<'_>,
 ) -> Result<(), ConfigError> {
     let p = prefix.get_ref();
     match crate::protocol::path::normalize(p) {
