@@ -55,7 +55,19 @@ pub enum Join {
 
 struct Table {
     flights: HashMap<CacheKey, watch::Sender<Outcome>>,
-    uncacheable: LruCache<CacheKey, Instant>,
+    /// Hit-for-miss marks by key hash: a client picks the key (a Host of up
+    /// to 64 KiB), so the table must not hold 65,536 copies of it. A hash
+    /// collision only costs one key its coalescing for a while.
+    uncacheable: LruCache<u64, Instant>,
+}
+
+fn key_hash(key: &CacheKey) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed SipHash keys: the same key must hash alike on every call; the
+    // table is an LRU bounded in entries, so a chosen collision buys nothing.
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 /// The single-flight table.
@@ -84,11 +96,12 @@ impl SingleFlight {
     /// Joins the flight for `key`, or starts it.
     pub fn join(self: &Arc<Self>, key: &CacheKey) -> Join {
         let mut t = self.lock();
-        if let Some(until) = t.uncacheable.get(key) {
+        let hash = key_hash(key);
+        if let Some(until) = t.uncacheable.get(&hash) {
             if *until > Instant::now() {
                 return Join::Bypass;
             }
-            t.uncacheable.pop(key);
+            t.uncacheable.pop(&hash);
         }
         if let Some(tx) = t.flights.get(key) {
             self.coalesced.fetch_add(1, Ordering::Relaxed);
@@ -147,7 +160,7 @@ impl FlightGuard {
     pub fn not_shareable(mut self) {
         let mut t = self.table.lock();
         let until = Instant::now() + self.table.hit_for_miss;
-        t.uncacheable.put(self.key.clone(), until);
+        t.uncacheable.put(key_hash(&self.key), until);
         if let Some(tx) = t.flights.remove(&self.key) {
             tx.send_replace(Outcome::GoAlone);
         }
