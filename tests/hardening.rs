@@ -15,7 +15,7 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(request.as_bytes()).await.expect("write");
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -188,6 +188,39 @@ async fn http11_without_host_is_refused() {
     let r = raw(gw.running.addr, "GET /old HTTP/1.0\r\n\r\n").await;
     assert_eq!(status_of(&r), 200, "{r}");
     assert_eq!(origin.total(), 1, "refused requests reached the origin");
+}
+
+// Beyond the list: a reverse proxy tunnels nothing and echoes nothing.
+#[tokio::test]
+async fn connect_and_trace_are_refused() {
+    let origin = Origin::start(|_, _| Reply::ok("x")).await;
+    let gw = Gateway::start(&origin.url(), |_| {}).await;
+    let r = raw(
+        gw.running.addr,
+        "TRACE / HTTP/1.1\r\nHost: x\r\nCookie: sid=1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&r), 405, "{r}");
+    let r = raw(
+        gw.running.addr,
+        "CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&r), 405, "{r}");
+    // A request with both Content-Length and Transfer-Encoding never
+    // reaches the origin as two requests (smuggling).
+    let r = raw(
+        gw.running.addr,
+        "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+         0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    // hyper reads the chunked body (Transfer-Encoding wins, RFC 9112 6.3),
+    // answers, and closes instead of reading what follows as a request.
+    assert_eq!(status_of(&r), 200, "{r}");
+    assert!(r.contains("connection: close"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1 ").count(), 1, "{r}");
+    assert_eq!(origin.count("/smuggled"), 0);
 }
 
 // 4. Encodings, dot segments and repeated slashes cannot dodge a bypass

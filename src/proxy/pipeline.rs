@@ -385,6 +385,16 @@ impl Gateway {
         if let Err(why) = check_host(req) {
             return Some(self.own(StatusCode::BAD_REQUEST, why, CacheResult::Bypass));
         }
+        // A reverse proxy tunnels nothing (CONNECT), and TRACE would echo
+        // the client's cookies and credentials back through any script
+        // that can send it (cross-site tracing).
+        if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+            return Some(self.own(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed",
+                CacheResult::Bypass,
+            ));
+        }
         let declared_len = req
             .headers()
             .get(header::CONTENT_LENGTH)
