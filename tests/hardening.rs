@@ -480,3 +480,32 @@ async fn responses_with_oversized_header_values_are_not_stored() {
     assert_eq!(second.x_cache(), "MISS");
     assert_eq!(second.header("x-big").len(), 70 * 1024);
 }
+
+// 2c. Over HTTP/2 there is no Host header: the authority is `:authority`,
+// which the origin sees with preserve_host, and a client's
+// X-Forwarded-Host still never reaches it.
+#[tokio::test]
+async fn h2_requests_forward_their_authority_not_the_clients_headers() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let origin = Origin::start(|_, _| Reply::ok("x").header("cache-control", "max-age=60")).await;
+    let gw = Gateway::start(&origin.url(), |c| c.origin.preserve_host = true).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let mut conn_req = http::Request::new(Full::new(Bytes::new()));
+    *conn_req.uri_mut() = format!("http://{}/h2", gw.running.addr).parse().unwrap();
+    conn_req
+        .headers_mut()
+        .insert("x-forwarded-host", "evil.example".parse().unwrap());
+    let resp = client.request(conn_req).await.expect("h2 request");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let _ = resp.into_body().collect().await;
+    let seen = &origin.requests("/h2")[0].headers;
+    let authority = gw.running.addr.to_string();
+    assert_eq!(seen.get("host").unwrap().to_str().unwrap(), authority);
+    assert_eq!(
+        seen.get("x-forwarded-host").unwrap().to_str().unwrap(),
+        authority
+    );
+}
