@@ -30,6 +30,17 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
+/// Longest admin token accepted (and longest `Authorization` value the
+/// admin API looks at).
+pub const MAX_TOKEN_BYTES: usize = 4096;
+
+/// Admin tokens are visible ASCII so that they fit in a header unchanged.
+pub fn is_valid_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= MAX_TOKEN_BYTES
+        && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// The admin API listener (`[admin]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -443,11 +454,7 @@ impl Config {
                     "an IP address and port, e.g. \"127.0.0.1:9090\"",
                 ));
             }
-            if admin
-                .token
-                .as_deref()
-                .is_some_and(|t| !crate::admin::auth::is_valid_token(t))
-            {
+            if admin.token.as_deref().is_some_and(|t| !is_valid_token(t)) {
                 return Err(err(
                     0..0,
                     "admin.token",

@@ -1,6 +1,6 @@
 //! Process-wide counters for `/metrics` (Prometheus text format) and tests.
 
-use crate::proxy::respond::CacheResult;
+use crate::cache::result::CacheResult;
 use http::StatusCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

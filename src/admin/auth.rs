@@ -7,15 +7,8 @@
 use http::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
-/// Longest token accepted (and longest `Authorization` value looked at).
-pub const MAX_TOKEN_BYTES: usize = 4096;
-
-/// Tokens are visible ASCII so that they fit in a header unchanged.
-pub fn is_valid_token(token: &str) -> bool {
-    !token.is_empty()
-        && token.len() <= MAX_TOKEN_BYTES
-        && token.bytes().all(|b| b.is_ascii_graphic())
-}
+/// The rule for tokens is the config's (it validates `admin.token`).
+pub use crate::config::{is_valid_token, MAX_TOKEN_BYTES};
 
 /// The configured token, as its digest.
 #[derive(Clone)]

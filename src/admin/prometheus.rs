@@ -1,9 +1,9 @@
 //! `/metrics`: the gateway's counters in the Prometheus text format (0.0.4).
 
+use crate::cache::result::CacheResult;
 use crate::edge::CountersSnapshot;
 use crate::metrics::ORIGIN_BUCKETS;
 use crate::proxy::pipeline::Gateway;
-use crate::proxy::respond::CacheResult;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 

@@ -1,9 +1,12 @@
-//! The HTTP cache: keys, RFC 9111 policy (pure), the store, and the
-//! single-flight table for fetches and background refreshes.
+//! The HTTP cache: keys, RFC 9111 policy (pure), the store, the
+//! single-flight table for fetches and background refreshes, and the body
+//! its waiters share. Imports `protocol` and nothing above it.
 
 pub mod directives;
 pub mod key;
 pub mod policy;
-pub mod revalidate;
+pub mod result;
+pub mod shared_body;
+pub mod single_flight;
 pub mod store;
 pub mod tags;

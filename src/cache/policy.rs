@@ -550,7 +550,7 @@ const NOT_STORED: [&str; 4] = [
 /// Removes from a response what a cache must not store (9111 3.1): the
 /// hop-by-hop fields, fields named by `Connection`, and the proxy-auth ones.
 pub fn strip_unstorable(h: &mut HeaderMap) {
-    crate::proxy::headers::remove_hop_by_hop(h);
+    crate::protocol::headers::remove_hop_by_hop(h);
     for n in NOT_STORED {
         h.remove(n);
     }

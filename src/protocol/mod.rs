@@ -1,6 +1,7 @@
 //! Protocol rules that are neither proxying nor caching, used by both:
-//! request-target normalisation (RFC 3986), trusted address ranges. Pure
-//! functions, no I/O.
+//! request-target normalisation (RFC 3986), hop-by-hop fields (RFC 9110),
+//! trusted address ranges. Pure functions, no I/O; imports nothing above it.
 
 pub mod cidr;
+pub mod headers;
 pub mod path;

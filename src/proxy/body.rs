@@ -2,13 +2,14 @@
 //! from the origin (optionally captured for the store and for coalesced
 //! waiters), or read from another request's capture (a coalesced waiter).
 
+pub use crate::cache::shared_body::{SharedBody, SharedReader};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
@@ -69,7 +70,9 @@ impl HttpBody for Body {
             Body::Empty => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Origin(o) => Pin::new(o.as_mut()).poll_frame(cx),
-            Body::Shared(r) => r.poll_frame(cx),
+            Body::Shared(r) => r
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|_| BodyError::SharedFailed))),
         }
     }
 
@@ -92,109 +95,8 @@ impl HttpBody for Body {
                 .inner
                 .as_ref()
                 .map_or_else(SizeHint::default, |i| i.size_hint()),
-            Body::Shared(r) => r.size_hint,
+            Body::Shared(r) => r.size_hint(),
         }
-    }
-}
-
-/// A body being received once and read by several responses (the leader of
-/// a coalesced fetch and its waiters). Chunks are kept until the last reader
-/// is gone.
-#[derive(Default)]
-pub struct SharedBody {
-    state: Mutex<SharedState>,
-}
-
-#[derive(Default)]
-struct SharedState {
-    chunks: Vec<Bytes>,
-    done: bool,
-    failed: bool,
-    wakers: Vec<Waker>,
-}
-
-impl SharedBody {
-    /// A shared body that is already complete (a 304-refreshed entry).
-    pub fn complete(b: Bytes) -> Arc<SharedBody> {
-        let s = SharedBody::default();
-        {
-            let mut st = s.lock();
-            if !b.is_empty() {
-                st.chunks.push(b);
-            }
-            st.done = true;
-        }
-        Arc::new(s)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn push(&self, chunk: Bytes) {
-        let mut st = self.lock();
-        st.chunks.push(chunk);
-        for w in st.wakers.drain(..) {
-            w.wake();
-        }
-    }
-
-    /// The body outgrew what may be held for readers: they fail (their
-    /// connections are aborted, as for a truncated body) and nothing more
-    /// is kept, so a body without `Content-Length` cannot grow without bound.
-    fn overflow(&self) {
-        let mut st = self.lock();
-        st.chunks = Vec::new();
-        st.done = true;
-        st.failed = true;
-        for w in st.wakers.drain(..) {
-            w.wake();
-        }
-    }
-
-    fn finish(&self, failed: bool) {
-        let mut st = self.lock();
-        st.done = true;
-        st.failed = failed;
-        for w in st.wakers.drain(..) {
-            w.wake();
-        }
-    }
-
-    pub fn reader(self: &Arc<Self>, size_hint: SizeHint) -> SharedReader {
-        SharedReader {
-            shared: self.clone(),
-            next: 0,
-            size_hint,
-        }
-    }
-}
-
-/// One response's cursor into a [`SharedBody`].
-pub struct SharedReader {
-    shared: Arc<SharedBody>,
-    next: usize,
-    size_hint: SizeHint,
-}
-
-impl SharedReader {
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let mut st = self.shared.lock();
-        if let Some(c) = st.chunks.get(self.next) {
-            self.next += 1;
-            return Poll::Ready(Some(Ok(Frame::data(c.clone()))));
-        }
-        if st.failed {
-            return Poll::Ready(Some(Err(BodyError::SharedFailed)));
-        }
-        if st.done {
-            return Poll::Ready(None);
-        }
-        st.wakers.push(cx.waker().clone());
-        Poll::Pending
     }
 }
 

@@ -12,7 +12,7 @@ use super::self_service;
 use crate::cache::directives::{RequestDirectives, ResponseDirectives};
 use crate::cache::key::CacheKey;
 use crate::cache::policy::{self, Freshness, Heuristic, StoragePolicy, Usability};
-use crate::cache::revalidate::{self, Join, Outcome, SharedResponse, SingleFlight};
+use crate::cache::single_flight::{self, Join, Outcome, SharedResponse, SingleFlight};
 use crate::cache::store::{Entry, Store, StoredHeaders};
 use crate::cache::tags::Tagger;
 use crate::config::{Config, RouteConfig, StateBackend, StateConfig};
@@ -491,7 +491,7 @@ impl Gateway {
             Join::Bypass => self.fetch(&ctx, stored, true, None).await,
             Join::Waiter(rx) => {
                 let lock_timeout = Duration::from_millis(self.config.cache.lock_timeout_ms);
-                match revalidate::wait(rx, lock_timeout).await {
+                match single_flight::wait(rx, lock_timeout).await {
                     Outcome::Shared(r)
                         if r.vary.is_empty() || policy::vary_matches(&r.vary, &ctx.headers) =>
                     {
@@ -582,7 +582,7 @@ impl Gateway {
         ctx: &Ctx,
         stored: Option<Arc<Entry>>,
         may_store: bool,
-        guard: Option<revalidate::FlightGuard>,
+        guard: Option<single_flight::FlightGuard>,
     ) -> Response<Body> {
         let may_store = may_store && !ctx.req_cc.no_store && ctx.method == Method::GET;
         let mut headers = ctx.origin_headers(&self.labels.via);
@@ -927,7 +927,7 @@ impl Gateway {
         not_modified: &HeaderMap,
         request_time: SystemTime,
         now: SystemTime,
-        guard: Option<revalidate::FlightGuard>,
+        guard: Option<single_flight::FlightGuard>,
     ) -> Response<Body> {
         let merged = merged_304_headers(s, not_modified);
         let cc = ResponseDirectives::from_headers(&merged);

@@ -3,6 +3,7 @@
 
 use super::body::Body;
 use crate::cache::policy;
+pub use crate::cache::result::CacheResult;
 use crate::cache::store::Entry;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -10,50 +11,6 @@ use std::time::SystemTime;
 
 pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-
-/// How a response was produced, as `X-Cache` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    Hit,
-    Miss,
-    Stale,
-    Revalidated,
-    Bypass,
-}
-
-impl CacheResult {
-    pub const ALL: [CacheResult; 5] = [
-        CacheResult::Hit,
-        CacheResult::Miss,
-        CacheResult::Stale,
-        CacheResult::Revalidated,
-        CacheResult::Bypass,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "HIT",
-            CacheResult::Miss => "MISS",
-            CacheResult::Stale => "STALE",
-            CacheResult::Revalidated => "REVALIDATED",
-            CacheResult::Bypass => "BYPASS",
-        }
-    }
-
-    pub fn from_bytes(b: &[u8]) -> Option<CacheResult> {
-        CacheResult::ALL
-            .into_iter()
-            .find(|r| r.as_str().as_bytes() == b)
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    fn header(self) -> HeaderValue {
-        HeaderValue::from_static(self.as_str())
-    }
-}
 
 /// Prebuilt header values for the hot path.
 pub struct Labels {

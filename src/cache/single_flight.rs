@@ -10,7 +10,7 @@
 
 use super::key::CacheKey;
 use super::policy::Freshness;
-use crate::proxy::body::SharedBody;
+use super::shared_body::SharedBody;
 use http::{HeaderMap, StatusCode};
 use lru::LruCache;
 use std::collections::HashMap;
