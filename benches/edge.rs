@@ -5,6 +5,7 @@
 //! a current-thread runtime; `block_on_overhead` measures that harness cost.
 
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -12,7 +13,13 @@ use http::{HeaderMap, HeaderValue};
 use kvgate::edge::{Edge, EdgeConfig};
 use kvgate::kv::{DurableKv, Kv, MemoryKv};
 
+/// The peer every benchmarked request comes from: trusted, so X-User-Id counts.
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
 const CONFIG: &str = r#"
+    [identity]
+    trusted_from = ["127.0.0.0/8"]
+    secret = "bench-secret-bench-secret-bench-secret"
     [flags.newUI]
     default = false
     [flags.betaFeatures]
@@ -51,8 +58,10 @@ fn bench_backend(c: &mut Criterion, name: &str, kv: Arc<dyn Kv>) {
     // A returning user with overrides and stored preferences as well.
     let customized = headers_for("user-custom-7");
     rt.block_on(async {
-        edge.decide(&assigned, "/checkout/pay", false).await;
-        edge.decide(&customized, "/checkout/pay", false).await;
+        edge.decide(&assigned, "/checkout/pay", LOOPBACK, false)
+            .await;
+        edge.decide(&customized, "/checkout/pay", LOOPBACK, false)
+            .await;
         edge.set_flag_override("newUI", "user-custom-7", serde_json::json!(true))
             .await
             .unwrap();
@@ -68,13 +77,15 @@ fn bench_backend(c: &mut Criterion, name: &str, kv: Arc<dyn Kv>) {
 
     let mut group = c.benchmark_group(format!("decide/{name}"));
     group.bench_function("assigned_user", |b| {
-        b.iter(|| rt.block_on(edge.decide(black_box(&assigned), "/checkout/pay", false)))
+        b.iter(|| rt.block_on(edge.decide(black_box(&assigned), "/checkout/pay", LOOPBACK, false)))
     });
     group.bench_function("user_with_overrides_and_prefs", |b| {
-        b.iter(|| rt.block_on(edge.decide(black_box(&customized), "/checkout/pay", false)))
+        b.iter(|| {
+            rt.block_on(edge.decide(black_box(&customized), "/checkout/pay", LOOPBACK, false))
+        })
     });
     group.bench_function("new_anonymous_visitor", |b| {
-        b.iter(|| rt.block_on(edge.decide(black_box(&anonymous), "/checkout/pay", true)))
+        b.iter(|| rt.block_on(edge.decide(black_box(&anonymous), "/checkout/pay", LOOPBACK, true)))
     });
     group.finish();
 }

@@ -190,10 +190,19 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     let task = {
         let gw = gw.clone();
         tokio::spawn(async move {
-            server::serve(gw, listener, tls, async move {
+            server::serve(gw.clone(), listener, tls, async move {
                 let _ = stopped.wait_for(|s| *s).await;
             })
             .await;
+            // Queued edge writes (sticky assignments, preference renewals)
+            // are committed before the process goes; a hung store gets the
+            // same grace as in-flight requests.
+            if let Some(edge) = &gw.edge {
+                let grace = Duration::from_millis(gw.config.server.shutdown_grace_ms);
+                if tokio::time::timeout(grace, edge.settle()).await.is_err() {
+                    tracing::warn!("edge state writes still pending at shutdown were abandoned");
+                }
+            }
             sweeper.abort();
             if let Some(r) = reload {
                 r.abort();

@@ -606,6 +606,8 @@ async fn metrics_count_a_known_sequence() {
 const EDGE_TOML: &str = r#"
 [state]
 backend = "memory"
+[edge.identity]
+trusted_from = ["127.0.0.0/8", "::1/128"]
 [edge.flags.newUI]
 default = false
 [edge.experiments.new-checkout]

@@ -20,12 +20,19 @@ const PREFS_HEADER: &str = "x-user-preferences";
 const DEFAULT_FLAGS: &str = r#"betafeatures=?0, newui=?0, theme="dark""#;
 const VARIANTS: [&str; 3] = ["control", "variant_a", "variant_b"];
 
-/// The `[edge]` section the tests share: three flags, one experiment with
-/// weights `control / variant_a / variant_b`, preference defaults.
+/// What makes the tests' own requests (from loopback) trusted to name their
+/// user in X-User-Id, like an auth proxy on the same host.
+const TRUST_LOOPBACK: &str = r#"trusted_from = ["127.0.0.0/8", "::1/128"]"#;
+
+/// The `[edge]` section the tests share: loopback trusted for X-User-Id,
+/// three flags, one experiment with weights `control / variant_a /
+/// variant_b`, preference defaults.
 fn edge_toml(weights: (u32, u32, u32)) -> String {
     let (c, a, b) = weights;
     format!(
         r#"
+[edge.identity]
+{TRUST_LOOPBACK}
 [edge.flags.newUI]
 default = false
 [edge.flags.betaFeatures]
@@ -339,7 +346,8 @@ async fn clients_cannot_strip_injected_headers_through_connection() {
 
 // 3 ------------------------------------------------------------------------
 
-/// The `kvgate_uid` value of a response's single Set-Cookie, checked for form.
+/// The `kvgate_uid` value (`<uuid>.<mac>`) of a response's single
+/// Set-Cookie, checked for form.
 fn issued_uid(r: &Got) -> String {
     let cookies: Vec<&str> = r
         .headers
@@ -353,8 +361,10 @@ fn issued_uid(r: &Got) -> String {
     let uid = pair
         .strip_prefix("kvgate_uid=")
         .unwrap_or_else(|| panic!("not a kvgate_uid cookie: {cookie}"));
-    let parsed = uuid::Uuid::parse_str(uid).expect("a UUID");
+    let (id, mac) = uid.rsplit_once('.').expect("<id>.<mac>");
+    let parsed = uuid::Uuid::parse_str(id).expect("a UUID");
     assert_eq!(parsed.get_version_num(), 4, "{uid}");
+    assert_eq!(mac.len(), 43, "base64url of 32 bytes: {uid}");
     let attrs: Vec<&str> = attrs.split(';').map(str::trim).collect();
     for want in ["Path=/", "HttpOnly", "SameSite=Lax"] {
         assert!(attrs.contains(&want), "{want} missing in {cookie}");
@@ -368,6 +378,12 @@ fn issued_uid(r: &Got) -> String {
     assert!(max_age >= 30 * 86_400, "Max-Age {max_age} is not long");
     assert!(!attrs.contains(&"Secure"), "Secure over plain HTTP");
     uid.to_string()
+}
+
+/// The user id the edge (and the admin API) knows a cookie value as.
+fn anon_user(uid: &str) -> String {
+    let (id, _) = uid.rsplit_once('.').expect("<id>.<mac>");
+    format!("anon:{id}")
 }
 
 #[tokio::test]
@@ -395,7 +411,8 @@ async fn anonymous_identity_is_issued_once_and_sticks() {
         .expect("variant body")
         .to_string();
     assert!(VARIANTS.contains(&variant.as_str()), "{variant}");
-    assert_eq!(view_variant(&gw, &uid).await, variant);
+    let user = anon_user(&uid);
+    assert_eq!(view_variant(&gw, &user).await, variant);
 
     // a second newcomer gets a different id, also with a cookie (HIT or not)
     let second = get(&gw.url("/i")).await;
@@ -419,7 +436,7 @@ async fn anonymous_identity_is_issued_once_and_sticks() {
     get_with(&gw.url(&p), &[("cookie", &cookie)]).await;
     assert_eq!(seen_header(&origin, &p, EXP_HEADER), variant);
     // the returning id is stored as a sticky assignment
-    assigned_becomes(&gw, &uid, &variant).await;
+    assigned_becomes(&gw, &user, &variant).await;
 
     // X-User-Id wins over the cookie
     let r = admin(&gw, Method::PUT, "/flags/newUI/users/carol", "true").await;
@@ -934,6 +951,7 @@ async fn counters_and_metrics_are_exact() {
             "requests": {"api": 5, "default": 3},
             "flag_evaluations": {"betaFeatures": 8, "newUI": 8, "theme": 8},
             "exposures": {"new-checkout": expected_exposures},
+            "dropped_writes": 0,
         })
     );
     assert_eq!(exposures(&gw).await, expected_exposures);
@@ -1103,4 +1121,176 @@ async fn a_get_with_a_body_does_not_leave_the_origin_waiting() {
     let r = send(Method::GET, &gw.url("/body"), &[("x-user-id", "u1")], "b").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), "c");
+}
+
+// Identity hardening -----------------------------------------------------------
+
+/// A `Got`'s Set-Cookie headers.
+fn set_cookies(r: &Got) -> Vec<String> {
+    r.headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ASCII").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_forged_cookie_or_an_untrusted_header_gets_nothing_of_alice() {
+    let origin = Origin::start(|_, _| no_store("ok")).await;
+    // No trusted_from: X-User-Id is never believed, even from loopback.
+    let untrusting = memory_toml("").replace(TRUST_LOOPBACK, "");
+    let gw = edge_gateway(&origin, &untrusting).await;
+    let r = admin(&gw, Method::PUT, "/flags/newUI/users/alice", "true").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = admin(
+        &gw,
+        Method::PATCH,
+        "/users/alice/preferences",
+        r#"{"theme":"dark"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let forged = get_with(&gw.url("/forged"), &[("cookie", "kvgate_uid=alice")]).await;
+    assert_eq!(seen_header(&origin, "/forged", FLAGS_HEADER), DEFAULT_FLAGS);
+    assert_eq!(
+        seen_header(&origin, "/forged", PREFS_HEADER),
+        r#"{"language":"en","theme":"light"}"#
+    );
+    let fresh = issued_uid(&forged);
+    assert_ne!(fresh, "alice", "the forged cookie is replaced");
+
+    let claimed = get_as(&gw, "/claimed", "alice").await;
+    assert_eq!(
+        seen_header(&origin, "/claimed", FLAGS_HEADER),
+        DEFAULT_FLAGS
+    );
+    issued_uid(&claimed);
+    stop(gw).await;
+
+    // The same header from a trusted peer names alice.
+    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let r = admin(&gw, Method::PUT, "/flags/newUI/users/alice", "true").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get_as(&gw, "/trusted", "alice").await;
+    assert!(set_cookies(&r).is_empty());
+    assert_eq!(
+        seen_header(&origin, "/trusted", FLAGS_HEADER),
+        r#"betafeatures=?0, newui, theme="dark""#
+    );
+    // ... but never an anonymous user's id.
+    let r = get_as(
+        &gw,
+        "/claims-anon",
+        "anon:00000000-0000-4000-8000-000000000000",
+    )
+    .await;
+    issued_uid(&r);
+}
+
+#[tokio::test]
+async fn signed_ids_hold_across_requests_and_a_restart_and_tampering_is_refused() {
+    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.redb");
+    let gw = edge_gateway(&origin, &durable_toml(&state, (50, 25, 25))).await;
+
+    let first = get(&gw.url("/s1")).await;
+    let uid = issued_uid(&first);
+    let variant = seen_header(&origin, "/s1", EXP_HEADER);
+    let cookie = format!("kvgate_uid={uid}");
+    let again = get_with(&gw.url("/s2"), &[("cookie", &cookie)]).await;
+    assert!(set_cookies(&again).is_empty(), "the id was kept");
+    assert_eq!(seen_header(&origin, "/s2", EXP_HEADER), variant);
+    assigned_becomes(&gw, &anon_user(&uid), &variant).await;
+
+    // One character of the mac changed: a new id, not this one.
+    let (id, mac) = uid.rsplit_once('.').expect("<id>.<mac>");
+    let swapped = if mac.starts_with('A') { 'B' } else { 'A' };
+    let tampered = format!("kvgate_uid={id}.{swapped}{}", &mac[1..]);
+    let r = get_with(&gw.url("/s3"), &[("cookie", &tampered)]).await;
+    let replaced = issued_uid(&r);
+    assert_ne!(replaced, uid);
+    assert_ne!(anon_user(&replaced), anon_user(&uid));
+    stop(gw).await;
+
+    // A restart on the same state keeps the generated secret: same id.
+    let gw = edge_gateway(&origin, &durable_toml(&state, (50, 25, 25))).await;
+    let r = get_with(&gw.url("/s4"), &[("cookie", &cookie)]).await;
+    assert!(set_cookies(&r).is_empty(), "the id survived the restart");
+    assert_eq!(seen_header(&origin, "/s4", EXP_HEADER), variant);
+    stop(gw).await;
+}
+
+#[tokio::test]
+async fn cookie_secure_sets_secure_over_plain_http() {
+    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let toml = memory_toml("").replace(
+        TRUST_LOOPBACK,
+        &format!("{TRUST_LOOPBACK}\ncookie_secure = true"),
+    );
+    let gw = edge_gateway(&origin, &toml).await;
+    let r = get(&gw.url("/sec")).await;
+    let cookies = set_cookies(&r);
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    assert!(cookies[0].ends_with("; Secure"), "{}", cookies[0]);
+}
+
+#[tokio::test]
+async fn an_invalid_trusted_network_is_a_config_error_naming_the_key() {
+    let toml = memory_toml("").replace(
+        TRUST_LOOPBACK,
+        r#"trusted_from = ["127.0.0.0/8", "10.0.0.0/40"]"#,
+    );
+    let Err(err) = Config::parse(&toml, "t") else {
+        panic!("an invalid network was accepted");
+    };
+    let text = err.to_string();
+    assert!(text.contains("edge.identity.trusted_from[1]"), "{text}");
+}
+
+// Edge writes at shutdown ------------------------------------------------------
+
+#[tokio::test]
+async fn shutdown_commits_the_queued_edge_writes() {
+    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state.redb");
+    // A commit window far longer than the test: every write is still
+    // queued when the gateway is told to stop.
+    let toml = durable_toml(&state, (50, 25, 25)).replace(
+        "[edge.identity]",
+        "[edge]\nwrite_flush_ms = 60000\n[edge.identity]",
+    );
+    let gw = edge_gateway(&origin, &toml).await;
+    let users: Vec<String> = (0..60).map(|i| format!("quit-{i}")).collect();
+    let mut requests = tokio::task::JoinSet::new();
+    for u in &users {
+        let (url, u) = (gw.url(&format!("/q/{u}")), u.clone());
+        requests.spawn(async move { get_with(&url, &[("x-user-id", u.as_str())]).await });
+    }
+    while let Some(r) = requests.join_next().await {
+        assert_eq!(r.expect("request task").status, 200);
+    }
+    // Stopped without settling first: the shutdown path must do it.
+    let Gateway { running } = gw;
+    let queued = running.gateway.edge.as_ref().map(|e| e.pending_writes());
+    assert_eq!(queued, Some(users.len()), "the writes wait in the queue");
+    running.stop.send(true).expect("gateway still running");
+    running.task.await.expect("gateway task");
+    let edge = running.gateway.edge.as_ref().expect("edge on");
+    assert_eq!(edge.pending_writes(), 0, "writes left behind at shutdown");
+    drop(running.gateway);
+
+    let kv = kvgate::kv::DurableKv::open(&state).expect("state file released");
+    use kvgate::kv::Kv;
+    for u in &users {
+        let entry = kv
+            .get(&format!("production:exp:new-checkout:user:{u}"))
+            .await
+            .expect("read")
+            .unwrap_or_else(|| panic!("{u}'s assignment was lost at shutdown"));
+        let seen = seen_header(&origin, &format!("/q/{u}"), EXP_HEADER);
+        assert_eq!(entry.value, seen.as_str());
+    }
 }

@@ -9,7 +9,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     flag_key, prefs, prefs_key, sfv, sticky_key, unix_seconds, Edge, ExperimentRuntime,
-    FlagRuntime, FlagValue, PREFS_LOCK_STRIPES,
+    FlagRuntime, FlagValue,
 };
 use crate::kv::{Kv, KvError, PutOptions};
 
@@ -266,10 +266,9 @@ impl Edge {
         patch: Value,
     ) -> Result<Value, EdgeAdminError> {
         check_user(user_id)?;
-        let stripe = user_id.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        }) % PREFS_LOCK_STRIPES;
-        let _serialized = self.prefs_locks[stripe].lock().await;
+        // Shared with the renewals of the write queue, which re-store the
+        // document under the same lock.
+        let _serialized = self.writes.prefs_lock(user_id).lock().await;
         let stored = self.stored_preferences(user_id).await?;
         let next = prefs::apply_patch(&self.prefs.defaults, &stored, &patch, self.prefs.max_bytes)
             .map_err(|e| EdgeAdminError::BadRequest(e.to_string()))?;
@@ -279,8 +278,9 @@ impl Edge {
         } else {
             let encoded =
                 serde_json::to_vec(&next).map_err(|e| EdgeAdminError::BadRequest(e.to_string()))?;
+            // Idle documents expire; requests from the user renew them.
             let opts = PutOptions {
-                ttl: None,
+                ttl: Some(self.prefs_ttl),
                 metadata: Some(json!({ "updated_at": unix_seconds() })),
             };
             self.kv.put(&key, Bytes::from(encoded), opts).await?;

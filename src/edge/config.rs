@@ -6,6 +6,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use super::identity::{Cidr, MIN_SECRET_BYTES};
 use super::sfv;
 
 /// Longest flag, experiment or variant name.
@@ -15,6 +16,10 @@ pub const MAX_ENVIRONMENT_LEN: usize = 64;
 /// Upper bound for `preferences.max_bytes`: the document travels in a request
 /// header, and origins commonly cap a header line at 8 to 16 KiB.
 pub const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
+/// Default for `write_queue_capacity`.
+pub const DEFAULT_WRITE_QUEUE_CAPACITY: usize = 10_000;
+/// Upper bound for `write_queue_capacity`.
+pub const MAX_WRITE_QUEUE_CAPACITY: usize = 1_000_000;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -22,8 +27,19 @@ pub struct EdgeConfig {
     pub identity: IdentityConfig,
     /// Key namespace in the KV, so `production` and `preview` never share state.
     pub environment: String,
-    /// Lifetime of a sticky experiment assignment.
+    /// Lifetime of a sticky experiment assignment; past it the user is
+    /// assigned again by hash (the same variant unless weights changed).
     pub sticky_ttl_days: u32,
+    /// Most state writes (sticky assignments, preference refreshes) waiting
+    /// to be committed; past it new ones are dropped and counted
+    /// (`Edge::dropped_writes`), since a dropped write is redone on the
+    /// user's next request.
+    pub write_queue_capacity: usize,
+    /// How long queued writes wait for company before one commit takes
+    /// them all: at most one commit (fsync) per this many milliseconds,
+    /// however many users arrive. 0 commits as soon as a write is queued.
+    /// Shutdown commits at once.
+    pub write_flush_ms: u64,
     pub flags: BTreeMap<String, FlagConfig>,
     pub experiments: BTreeMap<String, ExperimentConfig>,
     pub preferences: PreferencesConfig,
@@ -35,6 +51,8 @@ impl Default for EdgeConfig {
             identity: IdentityConfig::default(),
             environment: "production".into(),
             sticky_ttl_days: 30,
+            write_queue_capacity: DEFAULT_WRITE_QUEUE_CAPACITY,
+            write_flush_ms: 50,
             flags: BTreeMap::new(),
             experiments: BTreeMap::new(),
             preferences: PreferencesConfig::default(),
@@ -42,14 +60,41 @@ impl Default for EdgeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
     /// Request header carrying an authenticated user id (set by an upstream
-    /// auth layer; kvgate does not authenticate it).
+    /// auth layer; kvgate does not authenticate it). Believed only from
+    /// peers in `trusted_from`.
     pub header: String,
     /// Optional cookie carrying the user id, read when the header is absent.
+    /// A plain cookie proves nothing (any client can set it), so it too is
+    /// believed only from peers in `trusted_from`.
     pub cookie: Option<String>,
+    /// Networks (CIDR, or bare addresses) whose requests may name a user in
+    /// `header` or `cookie`: the auth proxy in front of kvgate. Empty (the
+    /// default): never believed, every user is anonymous.
+    pub trusted_from: Vec<String>,
+    /// Key for signing anonymous ids, at least 32 bytes. `KVGATE_EDGE_SECRET`
+    /// wins when set. Without either, kvgate generates one and keeps it in
+    /// the state store, so ids survive restarts as long as the state does.
+    pub secret: Option<String>,
+    /// Mark the anonymous cookie `Secure` even on plain HTTP, for a
+    /// TLS-terminating balancer in front (it is always set on TLS).
+    pub cookie_secure: bool,
+}
+
+// By hand, so the secret never reaches a log line.
+impl fmt::Debug for IdentityConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityConfig")
+            .field("header", &self.header)
+            .field("cookie", &self.cookie)
+            .field("trusted_from", &self.trusted_from)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("cookie_secure", &self.cookie_secure)
+            .finish()
+    }
 }
 
 impl Default for IdentityConfig {
@@ -57,7 +102,23 @@ impl Default for IdentityConfig {
         IdentityConfig {
             header: "X-User-Id".into(),
             cookie: None,
+            trusted_from: Vec::new(),
+            secret: None,
+            cookie_secure: false,
         }
+    }
+}
+
+impl IdentityConfig {
+    /// The parsed `trusted_from` networks.
+    pub fn trusted_networks(&self) -> Result<Vec<Cidr>, EdgeConfigError> {
+        self.trusted_from
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                Cidr::parse(text).map_err(|e| problem(format!("identity.trusted_from[{i}]"), e))
+            })
+            .collect()
     }
 }
 
@@ -108,6 +169,9 @@ pub struct PreferencesConfig {
     /// the identity layer says (X-User-Id must come from a trusted auth
     /// layer in front of kvgate).
     pub self_service_path: Option<String>,
+    /// A user's stored preferences are dropped after this many days without
+    /// a change or a request from them (requests renew it at most daily).
+    pub ttl_days: u32,
 }
 
 impl Default for PreferencesConfig {
@@ -117,6 +181,7 @@ impl Default for PreferencesConfig {
             header: "X-User-Preferences".into(),
             max_bytes: 4096,
             self_service_path: None,
+            ttl_days: 365,
         }
     }
 }
@@ -294,6 +359,15 @@ impl EdgeConfig {
                 ));
             }
         }
+        self.identity.trusted_networks()?;
+        if let Some(secret) = &self.identity.secret {
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(problem(
+                    "identity.secret",
+                    format!("must be at least {MIN_SECRET_BYTES} bytes"),
+                ));
+            }
+        }
 
         let env = &self.environment;
         if env.is_empty()
@@ -309,6 +383,15 @@ impl EdgeConfig {
         }
         if !(1..=3650).contains(&self.sticky_ttl_days) {
             return Err(problem("sticky_ttl_days", "must be within 1..=3650"));
+        }
+        if self.write_flush_ms > 60_000 {
+            return Err(problem("write_flush_ms", "must be within 0..=60000"));
+        }
+        if !(1..=MAX_WRITE_QUEUE_CAPACITY).contains(&self.write_queue_capacity) {
+            return Err(problem(
+                "write_queue_capacity",
+                format!("must be within 1..={MAX_WRITE_QUEUE_CAPACITY}"),
+            ));
         }
 
         let mut sf_keys: HashMap<String, &str> = HashMap::new();
@@ -432,6 +515,9 @@ impl EdgeConfig {
                 ));
             }
         }
+        if !(1..=3650).contains(&prefs.ttl_days) {
+            return Err(problem("preferences.ttl_days", "must be within 1..=3650"));
+        }
         if !(2..=MAX_PREFERENCES_BYTES).contains(&prefs.max_bytes) {
             return Err(problem(
                 "preferences.max_bytes",
@@ -465,6 +551,7 @@ mod tests {
         [identity]
         header = "X-User-Id"
         cookie = "session_user"
+        trusted_from = ["127.0.0.0/8", "::1/128"]
 
         [flags.newUI]
         default = false
@@ -503,6 +590,7 @@ mod tests {
         assert_eq!(exp.path_prefix.as_deref(), Some("/checkout"));
         assert_eq!(cfg.preferences.defaults["theme"], "light");
         assert_eq!(cfg.identity.cookie.as_deref(), Some("session_user"));
+        assert_eq!(cfg.identity.trusted_networks().unwrap().len(), 2);
     }
 
     #[test]
@@ -514,6 +602,15 @@ mod tests {
         assert_eq!(cfg.sticky_ttl_days, 30);
         assert_eq!(cfg.preferences.header, "X-User-Preferences");
         assert_eq!(cfg.preferences.max_bytes, 4096);
+        assert_eq!(cfg.preferences.ttl_days, 365);
+        assert_eq!(cfg.write_queue_capacity, 10_000);
+        assert_eq!(cfg.write_flush_ms, 50);
+        assert!(
+            cfg.identity.trusted_from.is_empty(),
+            "no peer is trusted by default"
+        );
+        assert_eq!(cfg.identity.secret, None);
+        assert!(!cfg.identity.cookie_secure);
         cfg.validate().unwrap();
         let exp = parse("[experiments.e]\nvariants = { a = 1 }").unwrap();
         assert_eq!(exp.experiments["e"].traffic, 1.0);
@@ -579,6 +676,12 @@ mod tests {
             ("identity.header = \"X-Feature-Flags\"", "identity.header"),
             ("identity.cookie = \"a;b\"", "identity.cookie"),
             ("identity.cookie = \"kvgate_uid\"", "identity.cookie"),
+            ("identity.trusted_from = [\"127.0.0.0/8\", \"10.0.0.0/33\"]", "identity.trusted_from[1]"),
+            ("identity.trusted_from = [\"localhost\"]", "identity.trusted_from[0]"),
+            ("identity.secret = \"short\"", "identity.secret"),
+            ("write_queue_capacity = 0", "write_queue_capacity"),
+            ("write_flush_ms = 60001", "write_flush_ms"),
+            ("preferences.ttl_days = 0", "preferences.ttl_days"),
             ("preferences.header = \"X-Experiment-foo\"", "preferences.header"),
             ("preferences.header = \"x-user-id\"", "preferences.header"),
             ("preferences.max_bytes = 1", "preferences.max_bytes"),
@@ -589,5 +692,21 @@ mod tests {
             assert_eq!(err.field, field, "{text} -> {err}");
             assert!(err.to_string().starts_with(&format!("edge.{field}: ")));
         }
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_redacts_the_secret() {
+        let cfg = IdentityConfig {
+            secret: Some("s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t".into()),
+            ..IdentityConfig::default()
+        };
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
     }
 }

@@ -60,6 +60,7 @@ struct Registry {
     requests: BTreeMap<String, Arc<StripedCounter>>,
     flag_evaluations: BTreeMap<String, Arc<StripedCounter>>,
     exposures: BTreeMap<String, BTreeMap<String, Arc<StripedCounter>>>,
+    dropped_writes: Arc<StripedCounter>,
 }
 
 /// Exact sums at one moment, shaped for the admin API and `/metrics`.
@@ -71,6 +72,8 @@ pub struct CountersSnapshot {
     pub flag_evaluations: BTreeMap<String, u64>,
     /// experiment -> variant -> exposures
     pub exposures: BTreeMap<String, BTreeMap<String, u64>>,
+    /// State writes dropped because the edge's write queue was full.
+    pub dropped_writes: u64,
 }
 
 fn entry(map: &mut BTreeMap<String, Arc<StripedCounter>>, name: &str) -> Arc<StripedCounter> {
@@ -103,6 +106,11 @@ impl Counters {
         entry(variants, variant)
     }
 
+    /// Writes the edge dropped at a full write queue.
+    pub fn dropped_writes(&self) -> Arc<StripedCounter> {
+        Arc::clone(&self.lock().dropped_writes)
+    }
+
     pub fn snapshot(&self) -> CountersSnapshot {
         let registry = self.lock();
         let sums = |map: &BTreeMap<String, Arc<StripedCounter>>| {
@@ -116,6 +124,7 @@ impl Counters {
                 .iter()
                 .map(|(exp, variants)| (exp.clone(), sums(variants)))
                 .collect(),
+            dropped_writes: registry.dropped_writes.sum(),
         }
     }
 }
@@ -170,7 +179,8 @@ mod tests {
             serde_json::json!({
                 "requests": {"api": 5},
                 "flag_evaluations": {"newUI": 0},
-                "exposures": {}
+                "exposures": {},
+                "dropped_writes": 0
             })
         );
     }

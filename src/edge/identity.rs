@@ -1,23 +1,49 @@
-//! Who is asking: the user id from a configured header or cookie, else the
-//! anonymous `kvgate_uid` cookie, else a newly issued anonymous id.
+//! Who is asking: the user id from the configured header or cookie (only
+//! from trusted peers), else kvgate's signed anonymous `kvgate_uid` cookie,
+//! else a newly issued anonymous id.
+//!
+//! Anonymous ids are unforgeable and live in their own namespace: the cookie
+//! holds `<id>.<mac>`, the mac being HMAC-SHA256 over the id under a secret
+//! only kvgate knows (base64url, no padding), and the user id the rest of the
+//! edge sees is `anon:<id>`. No cookie can therefore name an authenticated
+//! user, and an authenticated id may not start with `anon:`, so nobody can
+//! claim an anonymous user's state either.
 
+use std::net::IpAddr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
 use http::header::COOKIE;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use sha2::Sha256;
 
 /// Cookie that carries an anonymous id kvgate issued.
 pub const ANONYMOUS_COOKIE: &str = "kvgate_uid";
+/// Prefix of every anonymous user id as the edge (KV keys, admin, tags) sees it.
+pub const ANONYMOUS_PREFIX: &str = "anon:";
 /// Longest user id accepted from a header or cookie.
 pub const MAX_USER_ID_BYTES: usize = 128;
 /// Lifetime of the anonymous cookie: one year (browsers cap at 400 days).
 pub const ANONYMOUS_COOKIE_MAX_AGE_SECS: u64 = 365 * 24 * 60 * 60;
+/// Shortest secret accepted for signing anonymous ids: HMAC-SHA256 wants a
+/// key of at least its output size.
+pub const MIN_SECRET_BYTES: usize = 32;
+/// Longest id part of a signed anonymous cookie (kvgate issues 36-byte UUIDs).
+const MAX_ANONYMOUS_ID_BYTES: usize = 64;
+/// Domain separation: the mac covers this label too, so a mac made with the
+/// same secret for another purpose can never pass as an anonymous id's.
+const MAC_LABEL: &[u8] = b"kvgate anonymous id v1\0";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Identity {
+    /// `anon:<id>` for anonymous users, the header's or cookie's id otherwise.
     pub user_id: String,
     /// The id is kvgate's anonymous id (issued now or earlier).
     pub anonymous: bool,
     /// The id was issued by this request: no state can exist for it yet.
-    pub fresh: bool,
+    /// `Some` holds the signed cookie value to send back.
+    pub fresh: Option<String>,
 }
 
 /// A user id is 1 to 128 visible ASCII characters. Anything else (empty,
@@ -27,62 +53,202 @@ pub fn is_valid_user_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_USER_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// The first valid value of cookie `name` across every `Cookie` header (HTTP/2
-/// clients may split cookies over several).
-fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// Whether `id` lies in the anonymous namespace (compared case-insensitively,
+/// so `ANON:x` cannot be passed off as a different-looking twin either).
+pub fn is_anonymous_id(id: &str) -> bool {
+    id.len() >= ANONYMOUS_PREFIX.len()
+        && id.as_bytes()[..ANONYMOUS_PREFIX.len()].eq_ignore_ascii_case(ANONYMOUS_PREFIX.as_bytes())
+}
+
+/// An id an authenticated source (trusted header or cookie) may name.
+fn is_valid_authenticated_id(id: &str) -> bool {
+    is_valid_user_id(id) && !is_anonymous_id(id)
+}
+
+/// Signs and verifies anonymous ids with one secret.
+#[derive(Clone)]
+pub(crate) struct Signer {
+    /// Keyed once; cloned per use (cheaper than re-keying).
+    mac: Hmac<Sha256>,
+}
+
+impl Signer {
+    pub(crate) fn new(secret: &[u8]) -> Signer {
+        // HMAC accepts keys of any length; the error case cannot happen.
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        Signer { mac }
+    }
+
+    fn mac_of(&self, id: &str) -> Hmac<Sha256> {
+        let mut mac = self.mac.clone();
+        mac.update(MAC_LABEL);
+        mac.update(id.as_bytes());
+        mac
+    }
+
+    /// The cookie value for `id`: `<id>.<base64url mac>`.
+    pub(crate) fn sign(&self, id: &str) -> String {
+        let tag = self.mac_of(id).finalize().into_bytes();
+        format!("{id}.{}", URL_SAFE_NO_PAD.encode(tag))
+    }
+
+    /// The id inside a signed cookie value, if its mac is right (compared in
+    /// constant time). Anything else is `None`: wrong shape, an id kvgate
+    /// could not have issued, base64 that is not canonical, a wrong mac.
+    pub(crate) fn verify<'v>(&self, value: &'v str) -> Option<&'v str> {
+        let (id, tag) = value.rsplit_once('.')?;
+        let id_ok = !id.is_empty()
+            && id.len() <= MAX_ANONYMOUS_ID_BYTES
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !id_ok || tag.len() != 43 {
+            return None;
+        }
+        let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
+        self.mac_of(id).verify_slice(&tag).ok()?;
+        Some(id)
+    }
+}
+
+/// An IPv4 or IPv6 network in CIDR notation (a bare address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR network"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: the prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { network, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
+        match (self.network, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Every value of cookie `name` across every `Cookie` header (HTTP/2
+/// clients may split cookies over several), unquoted, in order.
+pub(crate) fn cookie_values<'h>(
+    headers: &'h HeaderMap,
+    name: &'h str,
+) -> impl Iterator<Item = &'h str> + 'h {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|line| line.split(';'))
-        .filter_map(|pair| {
+        .filter_map(move |pair| {
             let (k, v) = pair.trim().split_once('=')?;
             if k.trim() != name {
                 return None;
             }
             let v = v.trim();
             // RFC 6265 allows a value wrapped in double quotes.
-            let v = v
-                .strip_prefix('"')
-                .and_then(|inner| inner.strip_suffix('"'))
-                .unwrap_or(v);
-            is_valid_user_id(v).then_some(v)
+            Some(
+                v.strip_prefix('"')
+                    .and_then(|inner| inner.strip_suffix('"'))
+                    .unwrap_or(v),
+            )
         })
-        .next()
 }
 
-pub(crate) fn resolve(headers: &HeaderMap, header: &HeaderName, cookie: Option<&str>) -> Identity {
-    let known = |id: &str, anonymous: bool| Identity {
-        user_id: id.to_owned(),
-        anonymous,
-        fresh: false,
-    };
+/// Where the request came from and what to trust of it.
+pub(crate) struct Sources<'a> {
+    pub header: &'a HeaderName,
+    pub cookie: Option<&'a str>,
+    /// The peer is in `identity.trusted_from`: the header and configured
+    /// cookie are believed.
+    pub trusted: bool,
+}
+
+/// The authenticated user the request names, if it comes from a trusted
+/// peer and names a valid id outside the anonymous namespace.
+pub(crate) fn authenticated(headers: &HeaderMap, sources: &Sources<'_>) -> Option<Identity> {
+    if !sources.trusted {
+        return None;
+    }
     let from_header = headers
-        .get(header)
+        .get(sources.header)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
-        .filter(|id| is_valid_user_id(id));
-    if let Some(id) = from_header {
-        return known(id, false);
+        .filter(|id| is_valid_authenticated_id(id));
+    let id = from_header.or_else(|| {
+        sources
+            .cookie
+            .and_then(|name| cookie_values(headers, name).find(|v| is_valid_authenticated_id(v)))
+    })?;
+    Some(Identity {
+        user_id: id.to_owned(),
+        anonymous: false,
+        fresh: None,
+    })
+}
+
+/// The anonymous user of a validly signed `kvgate_uid` cookie, else a new
+/// one: no cookie, or only forged or tampered ones, get a fresh id.
+pub(crate) fn anonymous(headers: &HeaderMap, signer: &Signer) -> Identity {
+    if let Some(id) = cookie_values(headers, ANONYMOUS_COOKIE).find_map(|v| signer.verify(v)) {
+        return Identity {
+            user_id: format!("{ANONYMOUS_PREFIX}{id}"),
+            anonymous: true,
+            fresh: None,
+        };
     }
-    if let Some(id) = cookie.and_then(|name| cookie_value(headers, name)) {
-        return known(id, false);
-    }
-    if let Some(id) = cookie_value(headers, ANONYMOUS_COOKIE) {
-        return known(id, true);
-    }
+    let id = uuid::Uuid::new_v4().to_string();
     Identity {
-        user_id: uuid::Uuid::new_v4().to_string(),
+        user_id: format!("{ANONYMOUS_PREFIX}{id}"),
         anonymous: true,
-        fresh: true,
+        fresh: Some(signer.sign(&id)),
     }
 }
 
-/// `Set-Cookie` for a newly issued anonymous id.
-pub(crate) fn anonymous_cookie(user_id: &str, tls: bool) -> Option<HeaderValue> {
-    let secure = if tls { "; Secure" } else { "" };
+/// [`authenticated`], else [`anonymous`].
+#[cfg(test)]
+pub(crate) fn resolve(headers: &HeaderMap, sources: &Sources<'_>, signer: &Signer) -> Identity {
+    authenticated(headers, sources).unwrap_or_else(|| anonymous(headers, signer))
+}
+
+/// `Set-Cookie` for a newly issued anonymous id (`value` is already signed).
+pub(crate) fn anonymous_cookie(value: &str, secure: bool) -> Option<HeaderValue> {
+    let secure = if secure { "; Secure" } else { "" };
     let cookie = format!(
-        "{ANONYMOUS_COOKIE}={user_id}; Path=/; Max-Age={ANONYMOUS_COOKIE_MAX_AGE_SECS}; \
+        "{ANONYMOUS_COOKIE}={value}; Path=/; Max-Age={ANONYMOUS_COOKIE_MAX_AGE_SECS}; \
          HttpOnly; SameSite=Lax{secure}"
     );
     HeaderValue::from_str(&cookie).ok()
@@ -91,6 +257,9 @@ pub(crate) fn anonymous_cookie(user_id: &str, tls: bool) -> Option<HeaderValue> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -107,71 +276,242 @@ mod tests {
         HeaderName::from_static("x-user-id")
     }
 
+    fn signer() -> Signer {
+        Signer::new(SECRET)
+    }
+
+    fn resolve_with(h: &HeaderMap, cookie: Option<&str>, trusted: bool) -> Identity {
+        let header = user_header();
+        let sources = Sources {
+            header: &header,
+            cookie,
+            trusted,
+        };
+        resolve(h, &sources, &signer())
+    }
+
     #[test]
-    fn header_wins_over_cookies() {
+    fn header_wins_over_cookies_from_a_trusted_peer() {
+        let anon = signer().sign("anon-1");
         let h = headers(&[
             ("x-user-id", "alice"),
-            ("cookie", "sid=bob; kvgate_uid=anon-1"),
+            ("cookie", &format!("sid=bob; kvgate_uid={anon}")),
         ]);
-        let id = resolve(&h, &user_header(), Some("sid"));
+        let id = resolve_with(&h, Some("sid"), true);
         assert_eq!(
             id,
             Identity {
                 user_id: "alice".into(),
                 anonymous: false,
-                fresh: false
+                fresh: None
             }
         );
     }
 
     #[test]
+    fn header_and_configured_cookie_are_ignored_from_an_untrusted_peer() {
+        let anon = signer().sign("anon-1");
+        let h = headers(&[
+            ("x-user-id", "alice"),
+            ("cookie", &format!("sid=bob; kvgate_uid={anon}")),
+        ]);
+        let id = resolve_with(&h, Some("sid"), false);
+        assert_eq!((id.user_id.as_str(), id.anonymous), ("anon:anon-1", true));
+        let id = resolve_with(&headers(&[("x-user-id", "alice")]), None, false);
+        assert!(id.anonymous && id.fresh.is_some());
+        assert!(id.user_id.starts_with(ANONYMOUS_PREFIX));
+    }
+
+    #[test]
     fn configured_cookie_then_anonymous_cookie() {
+        let anon = signer().sign("anon-1");
         let h = headers(&[
             ("cookie", "a=1; sid=\"bob\""),
-            ("cookie", "kvgate_uid=anon-1"),
+            ("cookie", &format!("kvgate_uid={anon}")),
         ]);
-        let id = resolve(&h, &user_header(), Some("sid"));
+        let id = resolve_with(&h, Some("sid"), true);
         assert_eq!((id.user_id.as_str(), id.anonymous), ("bob", false));
-        let id = resolve(&h, &user_header(), None);
+        let id = resolve_with(&h, None, true);
         assert_eq!(
             (id.user_id.as_str(), id.anonymous, id.fresh),
-            ("anon-1", true, false)
+            ("anon:anon-1", true, None)
         );
     }
 
     #[test]
+    fn authenticated_ids_cannot_enter_the_anonymous_namespace() {
+        let anon = signer().sign("anon-1");
+        for claimed in ["anon:anon-1", "ANON:anon-1", "Anon:x"] {
+            let h = headers(&[
+                ("x-user-id", claimed),
+                ("cookie", &format!("sid={claimed}")),
+            ]);
+            let id = resolve_with(&h, Some("sid"), true);
+            assert!(id.fresh.is_some(), "{claimed} was accepted: {id:?}");
+            let h = headers(&[
+                ("x-user-id", claimed),
+                ("cookie", &format!("kvgate_uid={anon}")),
+            ]);
+            assert_eq!(resolve_with(&h, None, true).user_id, "anon:anon-1");
+        }
+    }
+
+    #[test]
+    fn unsigned_forged_and_tampered_cookies_get_a_fresh_id() {
+        let good = signer().sign("anon-1");
+        let other_secret = Signer::new(b"another secret, also 32 bytes ok").sign("anon-1");
+        let mut flipped = good.clone().into_bytes();
+        let last = flipped.len() - 1;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).unwrap();
+        let (_, tag) = good.rsplit_once('.').unwrap();
+        let moved = format!("anon-2.{tag}");
+        for forged in [
+            "alice",
+            "anon-1",
+            other_secret.as_str(),
+            flipped.as_str(),
+            moved.as_str(),
+            "",
+            ".",
+        ] {
+            let h = headers(&[("cookie", &format!("kvgate_uid={forged}"))]);
+            let id = resolve_with(&h, None, true);
+            assert!(id.fresh.is_some(), "{forged:?} was accepted as {id:?}");
+            assert_ne!(id.user_id, "alice");
+            assert_ne!(id.user_id, "anon:anon-1");
+        }
+        // A forged cookie next to a valid one does not hide the valid one.
+        let h = headers(&[("cookie", &format!("kvgate_uid=alice; kvgate_uid={good}"))]);
+        assert_eq!(resolve_with(&h, None, false).user_id, "anon:anon-1");
+    }
+
+    #[test]
     fn invalid_ids_are_treated_as_absent() {
+        let anon = signer().sign("anon-2");
         let long = "x".repeat(MAX_USER_ID_BYTES + 1);
         let bad_header_values: [&[u8]; 4] = [b"", b"has space", long.as_bytes(), b"caf\xc3\xa9"];
         for bad in bad_header_values {
             let mut h = HeaderMap::new();
             h.insert(user_header(), HeaderValue::from_bytes(bad).unwrap());
-            h.insert(COOKIE, HeaderValue::from_static("kvgate_uid=anon-2"));
-            let id = resolve(&h, &user_header(), None);
-            assert_eq!(id.user_id, "anon-2", "{bad:?} was accepted");
+            h.insert(
+                COOKIE,
+                HeaderValue::from_str(&format!("kvgate_uid={anon}")).unwrap(),
+            );
+            let id = resolve_with(&h, None, true);
+            assert_eq!(id.user_id, "anon:anon-2", "{bad:?} was accepted");
         }
-        let h = headers(&[("cookie", "kvgate_uid=; kvgate_uid=a b")]);
-        assert!(resolve(&h, &user_header(), None).fresh);
         assert!(is_valid_user_id(&"x".repeat(MAX_USER_ID_BYTES)));
     }
 
     #[test]
-    fn issues_a_uuid_and_a_cookie_when_nothing_identifies_the_user() {
-        let id = resolve(&HeaderMap::new(), &user_header(), Some("sid"));
-        assert!(id.anonymous && id.fresh);
-        assert!(uuid::Uuid::parse_str(&id.user_id).is_ok());
-        let other = resolve(&HeaderMap::new(), &user_header(), None);
+    fn issues_a_signed_uuid_and_a_cookie_when_nothing_identifies_the_user() {
+        let id = resolve_with(&HeaderMap::new(), Some("sid"), true);
+        let value = id.fresh.clone().unwrap();
+        let raw = signer().verify(&value).unwrap();
+        assert!(uuid::Uuid::parse_str(raw).is_ok());
+        assert_eq!(id.user_id, format!("anon:{raw}"));
+        let other = resolve_with(&HeaderMap::new(), None, true);
         assert_ne!(id.user_id, other.user_id);
 
-        let plain = anonymous_cookie(&id.user_id, false).unwrap();
+        let plain = anonymous_cookie(&value, false).unwrap();
         assert_eq!(
             plain.to_str().unwrap(),
-            format!(
-                "kvgate_uid={}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax",
-                id.user_id
-            )
+            format!("kvgate_uid={value}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax")
         );
-        let secure = anonymous_cookie(&id.user_id, true).unwrap();
+        let secure = anonymous_cookie(&value, true).unwrap();
         assert!(secure.to_str().unwrap().ends_with("; SameSite=Lax; Secure"));
+    }
+
+    #[test]
+    fn cidrs_parse_and_match() {
+        let lo = Cidr::parse("127.0.0.0/8").unwrap();
+        assert!(lo.contains("127.1.2.3".parse().unwrap()));
+        assert!(lo.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!lo.contains("128.0.0.1".parse().unwrap()));
+        assert!(!lo.contains("::1".parse().unwrap()));
+        let v6 = Cidr::parse("::1/128").unwrap();
+        assert!(v6.contains("::1".parse().unwrap()));
+        assert!(!v6.contains("::2".parse().unwrap()));
+        let net = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(net.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!net.contains("2001:db9::1".parse().unwrap()));
+        let all = Cidr::parse("0.0.0.0/0").unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.1")
+            .unwrap()
+            .contains("10.0.0.1".parse().unwrap()));
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "localhost",
+            "1.2.3.4/x",
+        ] {
+            assert!(Cidr::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    proptest! {
+        /// Whatever a client puts in Cookie headers, resolving never panics,
+        /// never yields an invalid id, and never reaches an authenticated id
+        /// from an untrusted peer.
+        #[test]
+        fn arbitrary_cookie_headers_never_panic(
+            lines in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 0..4),
+            trusted in any::<bool>(),
+        ) {
+            let mut h = HeaderMap::new();
+            for line in &lines {
+                if let Ok(v) = HeaderValue::from_bytes(line) {
+                    h.append(COOKIE, v);
+                }
+            }
+            let id = resolve_with(&h, Some("sid"), trusted);
+            prop_assert!(is_valid_user_id(&id.user_id));
+            if !trusted {
+                prop_assert!(id.anonymous);
+            }
+            prop_assert_eq!(id.anonymous, is_anonymous_id(&id.user_id));
+            let _ = cookie_values(&h, ANONYMOUS_COOKIE).count();
+        }
+
+        /// Cookie-ish strings built from the separators the parser splits on.
+        #[test]
+        fn structured_cookie_headers_never_panic(line in "[a-z_=; \"\\.A-Za-z0-9-]{0,120}") {
+            if let Ok(v) = HeaderValue::from_str(&line) {
+                let mut h = HeaderMap::new();
+                h.insert(COOKIE, v);
+                let id = resolve_with(&h, None, false);
+                prop_assert!(id.anonymous);
+            }
+        }
+
+        /// Changing, inserting or deleting any byte of a signed value makes
+        /// it fail verification.
+        #[test]
+        fn any_tamper_of_a_signed_value_is_rejected(
+            id in "[A-Za-z0-9_-]{1,64}",
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+            kind in 0u8..3,
+        ) {
+            let s = signer();
+            let signed = s.sign(&id);
+            prop_assert_eq!(s.verify(&signed), Some(id.as_str()));
+            let mut bytes = signed.clone().into_bytes();
+            let i = at.index(bytes.len());
+            match kind {
+                0 => bytes[i] = byte,
+                1 => bytes.insert(i, byte),
+                _ => { bytes.remove(i); }
+            }
+            if let Ok(tampered) = String::from_utf8(bytes) {
+                if tampered != signed {
+                    prop_assert_eq!(s.verify(&tampered), None, "{} accepted", tampered);
+                }
+            }
+        }
     }
 }

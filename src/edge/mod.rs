@@ -3,8 +3,10 @@
 //! the origin as request headers.
 //!
 //! Per request the proxy calls [`Edge::strip_injected`] on the client's
-//! headers, then [`Edge::decide`], then [`EdgeDecision::apply`]; a newly
-//! issued anonymous id comes back as `set_cookie` for the response.
+//! headers, then [`Edge::decide`] (with the peer's address: only peers in
+//! `identity.trusted_from` may name a user), then [`EdgeDecision::apply`]; a
+//! newly issued anonymous id comes back as `set_cookie` for the response.
+//! On shutdown the gateway calls [`Edge::settle`] so queued writes commit.
 //!
 //! Headers the origin receives:
 //! - `X-Feature-Flags`: an RFC 8941 dictionary of every configured flag, keys
@@ -15,7 +17,10 @@
 //!
 //! State lives in the KV under the environment's namespace:
 //! `flag:{flag}:user:{id}` (override, JSON value), `exp:{name}:user:{id}`
-//! (sticky variant, with a TTL) and `prefs:user:{id}` (the user's own keys).
+//! (sticky variant, `sticky_ttl_days`), `prefs:user:{id}` (the user's own
+//! keys, `preferences.ttl_days` after the last change or daily renewal) and
+//! `secret:anonymous-id` (the generated signing key, when none is configured).
+//! Anonymous users' ids are `anon:<id>` (see [`identity`]).
 
 mod admin;
 pub mod config;
@@ -23,16 +28,17 @@ mod counters;
 mod identity;
 pub mod prefs;
 pub mod sfv;
+mod writes;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
-use tokio::sync::Notify;
 
 use crate::kv::{Kv, KvEntry, KvError, KvFuture, Namespaced, PutOptions};
 
@@ -43,8 +49,20 @@ pub use config::{
 };
 pub use counters::{Counters, CountersSnapshot, StripedCounter};
 pub use identity::{
-    is_valid_user_id, ANONYMOUS_COOKIE, ANONYMOUS_COOKIE_MAX_AGE_SECS, MAX_USER_ID_BYTES,
+    is_anonymous_id, is_valid_user_id, Cidr, ANONYMOUS_COOKIE, ANONYMOUS_COOKIE_MAX_AGE_SECS,
+    ANONYMOUS_PREFIX, MAX_USER_ID_BYTES, MIN_SECRET_BYTES,
 };
+
+use identity::Signer;
+use writes::{Write, WriteQueue};
+
+/// Environment variable with the anonymous-id signing secret; wins over
+/// `edge.identity.secret`.
+pub const SECRET_ENV: &str = "KVGATE_EDGE_SECRET";
+/// KV key (in the environment's namespace) of the generated signing secret.
+const SECRET_KEY: &str = "secret:anonymous-id";
+/// Bytes of a generated signing secret.
+const GENERATED_SECRET_BYTES: usize = 32;
 
 use config::{EXPERIMENT_HEADER_PREFIX, FEATURE_FLAGS_HEADER};
 
@@ -54,6 +72,7 @@ pub const BUCKETS: u64 = 10_000;
 /// What the edge decided for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdgeDecision {
+    /// The user's id: `anon:<id>` for anonymous users.
     pub user_id: String,
     /// The id is kvgate's anonymous `kvgate_uid` id rather than a configured one.
     pub anonymous: bool,
@@ -156,22 +175,12 @@ struct PrefsRuntime {
     max_bytes: usize,
 }
 
-/// Sticky writes run after the response path moves on; this counts them so
-/// that shutdown (and tests) can wait for them with [`Edge::settle`].
-#[derive(Default)]
-struct Background {
-    pending: AtomicUsize,
-    idle: Notify,
-}
-
-struct PendingGuard(Arc<Background>);
-
-impl Drop for PendingGuard {
-    fn drop(&mut self) {
-        if self.0.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
+/// The key anonymous ids are signed with.
+struct Keys {
+    /// From `KVGATE_EDGE_SECRET` or the config.
+    configured: Option<Signer>,
+    /// Loaded from (or generated into) the KV on first use.
+    stored: tokio::sync::OnceCell<Signer>,
 }
 
 /// Logs a KV failure at most once a second, so an outage does not turn into
@@ -193,23 +202,25 @@ impl WarnThrottle {
     }
 }
 
-const PREFS_LOCK_STRIPES: usize = 16;
-
 /// The per-request decision maker, built once per config.
 pub struct Edge {
     kv: Arc<Namespaced>,
     identity_header: HeaderName,
     identity_cookie: Option<String>,
+    /// Peers whose identity header and cookie are believed.
+    trusted: Vec<Cidr>,
+    keys: Keys,
+    cookie_secure: bool,
     sticky_ttl: Duration,
+    prefs_ttl: Duration,
     flags: Vec<FlagRuntime>,
     /// `X-Feature-Flags` for a user without overrides; `None` without flags.
     default_flags_value: Option<HeaderValue>,
     experiments: Vec<ExperimentRuntime>,
     prefs: PrefsRuntime,
     counters: Arc<Counters>,
-    background: Arc<Background>,
-    /// Serializes read-modify-write of one user's preferences in this process.
-    prefs_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Sticky assignments and preference renewals on their way to the KV.
+    writes: Arc<WriteQueue>,
     warn: WarnThrottle,
 }
 
@@ -274,6 +285,43 @@ async fn join_all<'a, T>(futures: Vec<KvFuture<'a, T>>) -> Vec<Result<T, KvError
 
 fn unix_seconds() -> u64 {
     crate::kv::now_ms() / 1000
+}
+
+fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n) * 86_400)
+}
+
+/// A signing key from its stored text (hex), if well-formed.
+fn parse_stored_secret(raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() != GENERATED_SECRET_BYTES * 2 {
+        return None;
+    }
+    raw.chunks(2)
+        .map(|pair| {
+            let hex = std::str::from_utf8(pair).ok()?;
+            u8::from_str_radix(hex, 16).ok()
+        })
+        .collect()
+}
+
+/// The stored signing key, or a newly generated one stored for next time.
+async fn load_or_create_secret(kv: &Namespaced) -> Result<Signer, KvError> {
+    if let Some(entry) = kv.get(SECRET_KEY).await? {
+        match parse_stored_secret(&entry.value) {
+            Some(secret) => return Ok(Signer::new(&secret)),
+            // Overwriting loses nothing: no id signed with it can be checked.
+            None => {
+                tracing::warn!("the stored anonymous-id secret is malformed; generating a new one")
+            }
+        }
+    }
+    let mut secret = [0u8; GENERATED_SECRET_BYTES];
+    getrandom::getrandom(&mut secret)
+        .map_err(|e| KvError::Backend(format!("no randomness for a secret: {e}")))?;
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    kv.put(SECRET_KEY, Bytes::from(hex), PutOptions::default())
+        .await?;
+    Ok(Signer::new(&secret))
 }
 
 impl Edge {
@@ -360,22 +408,82 @@ impl Edge {
             max_bytes: prefs_cfg.max_bytes,
         };
 
+        // The environment wins over the file, so the file need not hold the
+        // secret. An empty variable counts as unset.
+        let secret = std::env::var(SECRET_ENV)
+            .ok()
+            .filter(|s| !s.is_empty())
+            .or_else(|| cfg.identity.secret.clone());
+        let configured = match secret {
+            Some(s) if s.len() < MIN_SECRET_BYTES => {
+                return Err(config_error(
+                    "identity.secret",
+                    format!("{SECRET_ENV} or edge.identity.secret must be at least {MIN_SECRET_BYTES} bytes"),
+                ))
+            }
+            Some(s) => Some(Signer::new(s.as_bytes())),
+            None => None,
+        };
+
+        let kv = Arc::new(kv);
+        let prefs_ttl = days(cfg.preferences.ttl_days);
+        let writes = Arc::new(WriteQueue::new(
+            Arc::clone(&kv),
+            cfg.write_queue_capacity,
+            Duration::from_millis(cfg.write_flush_ms),
+            counters.dropped_writes(),
+        ));
         Ok(Edge {
-            kv: Arc::new(kv),
+            kv,
             identity_header: header("identity.header", &cfg.identity.header)?,
             identity_cookie: cfg.identity.cookie.clone(),
-            sticky_ttl: Duration::from_secs(u64::from(cfg.sticky_ttl_days) * 86_400),
+            trusted: cfg.identity.trusted_networks()?,
+            keys: Keys {
+                configured,
+                stored: tokio::sync::OnceCell::new(),
+            },
+            cookie_secure: cfg.identity.cookie_secure,
+            sticky_ttl: days(cfg.sticky_ttl_days),
+            prefs_ttl,
             flags,
             default_flags_value,
             experiments,
             prefs,
             counters,
-            background: Arc::default(),
-            prefs_locks: (0..PREFS_LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            writes,
             warn: WarnThrottle::default(),
         })
+    }
+
+    /// Whether requests from `peer` may name their user (header or cookie).
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(peer))
+    }
+
+    /// State writes dropped because the write queue was full (also in the
+    /// counter snapshot as `dropped_writes`).
+    pub fn dropped_writes(&self) -> u64 {
+        self.writes.dropped()
+    }
+
+    /// State writes queued or being committed right now; 0 once
+    /// [`Edge::settle`] returns (until the next request queues one).
+    pub fn pending_writes(&self) -> usize {
+        self.writes.pending()
+    }
+
+    /// The key anonymous ids are signed with. Without a configured one it is
+    /// read from the KV (generated and stored the first time); while the KV
+    /// fails, the error: no id can be checked or issued with a lasting key,
+    /// and the next request tries again.
+    async fn signer(&self) -> Result<&Signer, KvError> {
+        if let Some(signer) = &self.keys.configured {
+            return Ok(signer);
+        }
+        self.keys
+            .stored
+            .get_or_try_init(|| load_or_create_secret(&self.kv))
+            .await
     }
 
     /// The counter registry; the proxy takes its per-route request counters
@@ -414,13 +522,40 @@ impl Edge {
     /// defaults, experiments to the pure hash assignment and preferences to
     /// the defaults, and a warning is logged (at most once a second).
     ///
-    /// `path` is the request path without the query.
-    pub async fn decide(&self, headers: &HeaderMap, path: &str, tls: bool) -> EdgeDecision {
-        let identity = identity::resolve(
-            headers,
-            &self.identity_header,
-            self.identity_cookie.as_deref(),
-        );
+    /// `path` is the request path without the query; `peer` the address
+    /// the connection comes from (the identity header and cookie count only
+    /// from `identity.trusted_from`); `tls` whether it came over TLS.
+    pub async fn decide(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        peer: IpAddr,
+        tls: bool,
+    ) -> EdgeDecision {
+        let sources = identity::Sources {
+            header: &self.identity_header,
+            cookie: self.identity_cookie.as_deref(),
+            trusted: self.trusts(peer),
+        };
+        // Authenticated users need no signing key: it is only looked up (and
+        // on first use generated) for anonymous ones.
+        let authenticated = identity::authenticated(headers, &sources);
+        let (identity, keep_cookie) = match authenticated {
+            Some(identity) => (identity, false),
+            None => match self.signer().await {
+                Ok(signer) => (identity::anonymous(headers, signer), false),
+                Err(err) => {
+                    // Without the key no cookie can be checked: every anonymous
+                    // visitor is treated as new for this request (nothing is
+                    // stored for a new id), and no cookie is sent, so the one
+                    // the browser holds still counts once the store is back.
+                    self.warn_kv("the anonymous-id secret", "-", &err);
+                    let throwaway = Signer::new(&fallback_secret());
+                    (identity::anonymous(headers, &throwaway), true)
+                }
+            },
+        };
+        let fresh = identity.fresh.is_some();
         let user = identity.user_id.as_str();
 
         let mut entered: Vec<(&ExperimentRuntime, u64)> =
@@ -436,7 +571,7 @@ impl Edge {
         }
 
         // A freshly issued id cannot have state yet: skip the reads.
-        let state = if identity.fresh {
+        let state = if fresh {
             None
         } else {
             Some(
@@ -460,23 +595,24 @@ impl Edge {
         let mut sticky_reads = sticky_reads.map(Vec::into_iter);
         for (exp, variant_bucket) in entered {
             let read = sticky_reads.as_mut().and_then(Iterator::next);
-            let variant = self
-                .assign(exp, variant_bucket, user, read, identity.fresh)
-                .await;
+            let variant = self.assign(exp, variant_bucket, user, read, fresh).await;
             variant.exposures.incr();
             inject.push((exp.header.clone(), variant.header_value.clone()));
         }
 
+        if let Some(Ok(Some(entry))) = &prefs_read {
+            self.renew_prefs_if_due(user, entry).await;
+        }
         inject.push((
             self.prefs.header.clone(),
             self.prefs_value(user, prefs_read),
         ));
 
-        let set_cookie = if identity.fresh {
-            identity::anonymous_cookie(user, tls)
-        } else {
-            None
-        };
+        let set_cookie = identity
+            .fresh
+            .as_deref()
+            .filter(|_| !keep_cookie)
+            .and_then(|value| identity::anonymous_cookie(value, tls || self.cookie_secure));
         EdgeDecision {
             set_cookie,
             anonymous: identity.anonymous,
@@ -485,17 +621,36 @@ impl Edge {
         }
     }
 
-    /// Waits until every sticky assignment write started so far has finished.
-    /// Call on shutdown; tests call it before inspecting the KV.
+    /// Waits until every state write queued so far (sticky assignments,
+    /// preference renewals) is committed. The gateway calls it on shutdown;
+    /// tests call it before inspecting the KV.
     pub async fn settle(&self) {
-        loop {
-            let idle = self.background.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.background.pending.load(Ordering::Acquire) == 0 {
-                return;
+        self.writes.settle().await;
+    }
+
+    /// Preferences expire `ttl_days` after their last write; a request from
+    /// the user renews them, at most once per `renew_after` (a day, or half
+    /// the TTL if shorter), so an active user's document never expires and
+    /// reads do not turn into a write each. Entries stored without a TTL
+    /// (before TTLs existed) get one.
+    async fn renew_prefs_if_due(&self, user: &str, entry: &KvEntry) {
+        let renew_after = (self.prefs_ttl / 2).min(Duration::from_secs(86_400));
+        let due = match entry.expires_at {
+            None => true,
+            Some(at) => {
+                let left = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                self.prefs_ttl.saturating_sub(left) >= renew_after
             }
-            idle.await;
+        };
+        if due {
+            self.writes
+                .push(Write::RenewPrefs {
+                    user: user.to_owned(),
+                    ttl: self.prefs_ttl,
+                })
+                .await;
         }
     }
 
@@ -639,25 +794,16 @@ impl Edge {
     }
 
     async fn store_assignment(&self, key: String, value: Bytes) {
-        let kv = Arc::clone(&self.kv);
         // No metadata: every request of the user reads this entry back, and
         // the assignment time is already implied by the expiry (expiry - TTL).
-        let opts = PutOptions::ttl(self.sticky_ttl);
-        self.background.pending.fetch_add(1, Ordering::AcqRel);
-        let guard = PendingGuard(Arc::clone(&self.background));
-        let write = async move {
-            let _guard = guard;
-            if let Err(err) = kv.put(&key, value, opts).await {
-                tracing::warn!(key, error = %err, "storing a sticky experiment assignment failed");
-            }
-        };
-        // Off the request path when a runtime is there to run it.
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(write);
-            }
-            Err(_) => write.await,
-        }
+        // A full queue drops it (counted); the next request stores it.
+        self.writes
+            .push(Write::Put {
+                key,
+                value,
+                ttl: self.sticky_ttl,
+            })
+            .await;
     }
 
     /// The user's stored preference keys (empty when none or unreadable).
@@ -696,6 +842,18 @@ impl Edge {
             Some(Ok(None)) | None => self.prefs.default_value.clone(),
         }
     }
+}
+
+/// A key no one knows, for the requests served while the stored secret
+/// cannot be read: whatever it signs is never accepted later.
+fn fallback_secret() -> [u8; GENERATED_SECRET_BYTES] {
+    let mut secret = [0u8; GENERATED_SECRET_BYTES];
+    if getrandom::getrandom(&mut secret).is_err() {
+        // No randomness at all: a per-process value is still unknown to clients.
+        let seed = uuid::Uuid::new_v4();
+        secret[..16].copy_from_slice(seed.as_bytes());
+    }
+    secret
 }
 
 #[cfg(test)]

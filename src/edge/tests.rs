@@ -16,6 +16,7 @@ const CONFIG: &str = r#"
 
     [identity]
     cookie = "session_user"
+    trusted_from = ["127.0.0.0/8", "::1"]
 
     [flags.newUI]
     default = false
@@ -43,6 +44,11 @@ const CONFIG: &str = r#"
     defaults = { theme = "light", language = "en", notifications = true }
 "#;
 
+/// A peer in `trusted_from`: its X-User-Id counts.
+const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+/// A peer outside `trusted_from` (a documentation address; nothing is sent).
+const STRANGER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 7));
+
 fn config() -> EdgeConfig {
     toml::from_str(CONFIG).unwrap()
 }
@@ -56,6 +62,20 @@ fn memory_edge() -> (Arc<MemoryKv>, Edge) {
 fn user(id: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert("x-user-id", HeaderValue::from_str(id).unwrap());
+    h
+}
+
+/// The `name=value` pair of the anonymous cookie a decision set, ready to
+/// send back in a `Cookie` header.
+fn cookie_pair(decision: &EdgeDecision) -> String {
+    let set = decision.set_cookie.as_ref().expect("a cookie was set");
+    let set = set.to_str().unwrap();
+    set.split(';').next().unwrap().to_owned()
+}
+
+fn with_cookie(pair: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(COOKIE, HeaderValue::from_str(pair).unwrap());
     h
 }
 
@@ -119,16 +139,25 @@ impl Kv for FlakyKv {
 #[tokio::test]
 async fn new_visitor_gets_an_anonymous_id_defaults_and_no_stored_state() {
     let (kv, edge) = memory_edge();
-    let d = edge.decide(&HeaderMap::new(), "/checkout", true).await;
+    let d = edge
+        .decide(&HeaderMap::new(), "/checkout", PEER, true)
+        .await;
     assert!(d.anonymous);
-    assert!(uuid::Uuid::parse_str(&d.user_id).is_ok());
+    let raw = d.user_id.strip_prefix("anon:").unwrap();
+    assert!(uuid::Uuid::parse_str(raw).is_ok());
     let cookie = d.set_cookie.as_ref().unwrap().to_str().unwrap();
+    // The cookie holds the bare id and its mac, never the namespaced id.
+    let pair = cookie_pair(&d);
+    let (id, mac) = pair
+        .strip_prefix("kvgate_uid=")
+        .unwrap()
+        .rsplit_once('.')
+        .unwrap();
+    assert_eq!(id, raw);
+    assert_eq!(mac.len(), 43);
     assert_eq!(
         cookie,
-        format!(
-            "kvgate_uid={}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax; Secure",
-            d.user_id
-        )
+        format!("{pair}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax; Secure")
     );
     assert_eq!(
         injected(&d, "x-feature-flags"),
@@ -141,17 +170,27 @@ async fn new_visitor_gets_an_anonymous_id_defaults_and_no_stored_state() {
         Some(r#"{"language":"en","notifications":true,"theme":"light"}"#)
     );
     edge.settle().await;
+    let stored: Vec<String> = kv
+        .list("", None, 10)
+        .await
+        .unwrap()
+        .keys
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
     assert_eq!(
-        kv.len_including_expired(),
-        0,
-        "a fresh id must not write state"
+        stored,
+        ["production:secret:anonymous-id"],
+        "a fresh id must not write state (only the generated signing key)"
     );
 }
 
 #[tokio::test]
 async fn returning_anonymous_visitor_keeps_the_id_and_gets_a_sticky_assignment() {
     let (kv, edge) = memory_edge();
-    let first = edge.decide(&HeaderMap::new(), "/checkout", false).await;
+    let first = edge
+        .decide(&HeaderMap::new(), "/checkout", PEER, false)
+        .await;
     assert!(!first
         .set_cookie
         .as_ref()
@@ -159,12 +198,9 @@ async fn returning_anonymous_visitor_keeps_the_id_and_gets_a_sticky_assignment()
         .to_str()
         .unwrap()
         .contains("Secure"));
-    let mut h = HeaderMap::new();
-    h.insert(
-        COOKIE,
-        HeaderValue::from_str(&format!("kvgate_uid={}", first.user_id)).unwrap(),
-    );
-    let again = edge.decide(&h, "/checkout/pay", false).await;
+    let h = with_cookie(&cookie_pair(&first));
+    // The signed cookie counts from any peer: it needs no trusted proxy.
+    let again = edge.decide(&h, "/checkout/pay", STRANGER, false).await;
     assert_eq!(again.user_id, first.user_id);
     assert!(again.anonymous);
     assert_eq!(again.set_cookie, None);
@@ -197,20 +233,18 @@ async fn returning_anonymous_visitor_keeps_the_id_and_gets_a_sticky_assignment()
 #[tokio::test]
 async fn identity_from_header_or_configured_cookie_is_not_anonymous() {
     let (_kv, edge) = memory_edge();
-    let d = edge.decide(&user("alice"), "/", false).await;
+    let d = edge.decide(&user("alice"), "/", PEER, false).await;
     assert_eq!(
         (d.user_id.as_str(), d.anonymous, d.set_cookie.is_none()),
         ("alice", false, true)
     );
-    let mut h = HeaderMap::new();
-    h.insert(
-        COOKIE,
-        HeaderValue::from_static("kvgate_uid=anon; session_user=bob"),
-    );
-    let d = edge.decide(&h, "/", false).await;
+    let h = with_cookie("kvgate_uid=anon; session_user=bob");
+    let d = edge.decide(&h, "/", PEER, false).await;
     assert_eq!((d.user_id.as_str(), d.anonymous), ("bob", false));
     // A malformed id is ignored, never an error.
-    let d = edge.decide(&user("bad id with spaces"), "/", false).await;
+    let d = edge
+        .decide(&user("bad id with spaces"), "/", PEER, false)
+        .await;
     assert!(d.anonymous && d.set_cookie.is_some());
 }
 
@@ -234,7 +268,7 @@ async fn strip_injected_removes_every_injected_header_and_nothing_else() {
     assert!(h.contains_key("x-user-id") && h.contains_key("x-experimental"));
 
     // apply() then writes the decision in, replacing, never appending.
-    let d = edge.decide(&user("alice"), "/checkout", false).await;
+    let d = edge.decide(&user("alice"), "/checkout", PEER, false).await;
     h.insert("x-feature-flags", HeaderValue::from_static("forged"));
     d.apply(&mut h);
     assert_eq!(h.get_all("x-feature-flags").iter().count(), 1);
@@ -257,13 +291,13 @@ async fn flag_overrides_win_over_defaults_and_can_be_removed() {
     edge.set_flag_override("ratio", "alice", json!(2))
         .await
         .unwrap();
-    let d = edge.decide(&user("alice"), "/", false).await;
+    let d = edge.decide(&user("alice"), "/", PEER, false).await;
     assert_eq!(
         injected(&d, "x-feature-flags"),
         Some(r#"betafeatures=?0, newui, ratio=2, theme="dark \"mode\"""#)
     );
     // Other users are untouched.
-    let bob = edge.decide(&user("bob"), "/", false).await;
+    let bob = edge.decide(&user("bob"), "/", PEER, false).await;
     assert_eq!(
         injected(&bob, "x-feature-flags"),
         Some("betafeatures=?0, newui=?0, ratio=0.25, theme=\"light\"")
@@ -275,7 +309,7 @@ async fn flag_overrides_win_over_defaults_and_can_be_removed() {
         edge.delete_flag_override("newUI", "alice").await.unwrap()["deleted"],
         false
     );
-    let d = edge.decide(&user("alice"), "/", false).await;
+    let d = edge.decide(&user("alice"), "/", PEER, false).await;
     assert!(injected(&d, "x-feature-flags")
         .unwrap()
         .contains("newui=?0"));
@@ -344,7 +378,7 @@ async fn stale_override_of_a_changed_flag_type_falls_back_to_the_default() {
     )
     .await
     .unwrap();
-    let d = edge.decide(&user("alice"), "/", false).await;
+    let d = edge.decide(&user("alice"), "/", PEER, false).await;
     assert_eq!(
         injected(&d, "x-feature-flags"),
         Some("betafeatures=?0, newui=?0, ratio=0.25, theme=\"light\"")
@@ -360,7 +394,7 @@ async fn experiments_apply_by_path_prefix_and_count_exposures() {
         ("/checkouts", false),
         ("/", false),
     ] {
-        let d = edge.decide(&user("alice"), path, false).await;
+        let d = edge.decide(&user("alice"), path, PEER, false).await;
         assert_eq!(
             injected(&d, "x-experiment-new-checkout").is_some(),
             expected,
@@ -424,7 +458,7 @@ async fn traffic_share_gates_entry_and_only_grows_with_it() {
 
     cfg.experiments.get_mut("search").unwrap().traffic = 0.0;
     let edge = Edge::new(&cfg, kv).unwrap();
-    let d = edge.decide(&user("u1"), "/", false).await;
+    let d = edge.decide(&user("u1"), "/", PEER, false).await;
     assert_eq!(injected(&d, "x-experiment-search"), None);
 }
 
@@ -443,7 +477,7 @@ fn variant_shares(decisions: &[EdgeDecision]) -> HashMap<String, f64> {
 async fn decide_all(edge: &Edge, ids: impl Iterator<Item = String>) -> Vec<EdgeDecision> {
     let mut out = Vec::new();
     for id in ids {
-        out.push(edge.decide(&user(&id), "/checkout", false).await);
+        out.push(edge.decide(&user(&id), "/checkout", PEER, false).await);
     }
     out
 }
@@ -460,7 +494,9 @@ async fn hundred_thousand_users_split_within_one_point_of_the_weights() {
     // The same id always lands in the same place, across Edge instances.
     let (_kv2, other) = memory_edge();
     for d in decisions.iter().step_by(997) {
-        let again = other.decide(&user(&d.user_id), "/checkout", false).await;
+        let again = other
+            .decide(&user(&d.user_id), "/checkout", PEER, false)
+            .await;
         assert_eq!(
             injected(&again, "x-experiment-new-checkout"),
             injected(d, "x-experiment-new-checkout")
@@ -472,12 +508,16 @@ async fn hundred_thousand_users_split_within_one_point_of_the_weights() {
 #[tokio::test]
 async fn assigned_users_keep_their_variant_when_weights_change() {
     let kv: Arc<dyn Kv> = Arc::new(MemoryKv::new());
-    let before = Edge::new(&config(), kv.clone()).unwrap();
+    // 20,000 decisions back to back on one thread never let the flusher
+    // run: the queue must hold them all, or the bound would drop some.
+    let mut cfg = config();
+    cfg.write_queue_capacity = 50_000;
+    let before = Edge::new(&cfg, kv.clone()).unwrap();
     let old_ids = || (0..20_000).map(|i| format!("old-{i}"));
     let first = decide_all(&before, old_ids()).await;
     before.settle().await;
+    assert_eq!(before.dropped_writes(), 0);
 
-    let mut cfg = config();
     let variants = &mut cfg.experiments.get_mut("new-checkout").unwrap().variants;
     variants.insert("control".into(), 10.0);
     variants.insert("variant_a".into(), 45.0);
@@ -526,7 +566,7 @@ async fn assignment_to_a_removed_variant_is_replaced() {
     )
     .await
     .unwrap();
-    let d = edge.decide(&user("alice"), "/checkout", false).await;
+    let d = edge.decide(&user("alice"), "/checkout", PEER, false).await;
     let variant = injected(&d, "x-experiment-new-checkout")
         .unwrap()
         .to_owned();
@@ -561,7 +601,7 @@ async fn reading_a_user_assigns_nothing_and_counts_nothing() {
         0
     );
 
-    let d = edge.decide(&user("carol"), "/checkout", false).await;
+    let d = edge.decide(&user("carol"), "/checkout", PEER, false).await;
     assert_eq!(
         injected(&d, "x-experiment-new-checkout"),
         Some(would_be.as_str())
@@ -594,7 +634,9 @@ async fn reset_assignment_lets_the_current_weights_decide_again() {
     cfg.experiments.get_mut("new-checkout").unwrap().variants =
         [("control".to_owned(), 1.0), ("variant_b".to_owned(), 0.0)].into();
     let edge_after = Edge::new(&cfg, kv.clone()).unwrap();
-    let d = edge_after.decide(&user("dave"), "/checkout", false).await;
+    let d = edge_after
+        .decide(&user("dave"), "/checkout", PEER, false)
+        .await;
     assert_eq!(injected(&d, "x-experiment-new-checkout"), Some("variant_b"));
 
     let reset = edge.reset_assignment("new-checkout", "dave").await.unwrap();
@@ -603,7 +645,9 @@ async fn reset_assignment_lets_the_current_weights_decide_again() {
         edge.reset_assignment("new-checkout", "dave").await.unwrap()["deleted"],
         false
     );
-    let d = edge_after.decide(&user("dave"), "/checkout", false).await;
+    let d = edge_after
+        .decide(&user("dave"), "/checkout", PEER, false)
+        .await;
     assert_eq!(injected(&d, "x-experiment-new-checkout"), Some("control"));
     edge_after.settle().await;
     assert_eq!(
@@ -632,14 +676,14 @@ async fn kv_outage_falls_back_to_defaults_and_the_hash() {
     edge.patch_preferences("erin", json!({"theme": "dark"}))
         .await
         .unwrap();
-    let healthy = edge.decide(&user("erin"), "/checkout", false).await;
+    let healthy = edge.decide(&user("erin"), "/checkout", PEER, false).await;
     assert!(injected(&healthy, "x-feature-flags")
         .unwrap()
         .contains("newui,"));
     edge.settle().await;
 
     flaky.down.store(true, Ordering::SeqCst);
-    let d = edge.decide(&user("erin"), "/checkout", false).await;
+    let d = edge.decide(&user("erin"), "/checkout", PEER, false).await;
     assert_eq!(
         injected(&d, "x-feature-flags"),
         Some("betafeatures=?0, newui=?0, ratio=0.25, theme=\"light\"")
@@ -689,7 +733,7 @@ async fn preferences_merge_over_defaults_and_reach_the_origin() {
         json!({"theme": "dark", "language": "fran\u{e7}ais", "notifications": true, "font": 14})
     );
     assert_eq!(edge.get_preferences("fay").await.unwrap(), after);
-    let d = edge.decide(&user("fay"), "/", false).await;
+    let d = edge.decide(&user("fay"), "/", PEER, false).await;
     let header = injected(&d, "x-user-preferences").unwrap();
     assert_eq!(
         header,
@@ -754,11 +798,11 @@ async fn environments_keep_separate_state_in_one_store() {
         .set_flag_override("newUI", "hal", json!(true))
         .await
         .unwrap();
-    let p = production.decide(&user("hal"), "/", false).await;
+    let p = production.decide(&user("hal"), "/", PEER, false).await;
     assert!(injected(&p, "x-feature-flags")
         .unwrap()
         .contains("newui=?0"));
-    let v = preview.decide(&user("hal"), "/", false).await;
+    let v = preview.decide(&user("hal"), "/", PEER, false).await;
     assert!(injected(&v, "x-feature-flags").unwrap().contains("newui,"));
     assert_eq!(
         preview.user_view("hal").await.unwrap()["environment"],
@@ -785,7 +829,7 @@ async fn state_survives_a_restart_on_the_durable_store() {
         edge.patch_preferences("ivy", json!({"theme": "dark"}))
             .await
             .unwrap();
-        let d = edge.decide(&user("ivy"), "/checkout", false).await;
+        let d = edge.decide(&user("ivy"), "/checkout", PEER, false).await;
         variant = injected(&d, "x-experiment-new-checkout")
             .unwrap()
             .to_owned();
@@ -806,7 +850,7 @@ async fn state_survives_a_restart_on_the_durable_store() {
 async fn edge_without_flags_injects_no_flags_header() {
     let cfg: EdgeConfig = toml::from_str("").unwrap();
     let edge = Edge::new(&cfg, Arc::new(MemoryKv::new())).unwrap();
-    let d = edge.decide(&user("jo"), "/", false).await;
+    let d = edge.decide(&user("jo"), "/", PEER, false).await;
     assert_eq!(d.inject.len(), 1);
     assert_eq!(injected(&d, "x-user-preferences"), Some("{}"));
     assert_eq!(edge.preferences_header().as_str(), "x-user-preferences");
@@ -842,7 +886,7 @@ fn decide_runs_without_a_tokio_runtime() {
     let waker = std::task::Waker::noop();
     let mut cx = std::task::Context::from_waker(waker);
     let headers = user("kim");
-    let mut fut = std::pin::pin!(edge.decide(&headers, "/checkout", false));
+    let mut fut = std::pin::pin!(edge.decide(&headers, "/checkout", PEER, false));
     let Poll::Ready(d) = fut.as_mut().poll(&mut cx) else {
         panic!("MemoryKv decisions complete in one poll");
     };
@@ -852,4 +896,457 @@ fn decide_runs_without_a_tokio_runtime() {
         2,
         "both experiments' assignments stored"
     );
+}
+
+// Identity hardening --------------------------------------------------------
+
+/// Alice, an authenticated user with a flag override and a preference.
+async fn with_alice(edge: &Edge) {
+    edge.set_flag_override("newUI", "alice", json!(true))
+        .await
+        .unwrap();
+    edge.patch_preferences("alice", json!({"theme": "dark"}))
+        .await
+        .unwrap();
+}
+
+const DEFAULT_FLAGS: &str = "betafeatures=?0, newui=?0, ratio=0.25, theme=\"light\"";
+const DEFAULT_PREFS: &str = r#"{"language":"en","notifications":true,"theme":"light"}"#;
+
+#[tokio::test]
+async fn a_cookie_naming_a_user_gets_none_of_their_state() {
+    let (_kv, edge) = memory_edge();
+    with_alice(&edge).await;
+    let honest = edge.decide(&user("alice"), "/", PEER, false).await;
+    assert_eq!(honest.user_id, "alice");
+    assert!(injected(&honest, "x-feature-flags")
+        .unwrap()
+        .contains("newui,"));
+
+    for peer in [PEER, STRANGER] {
+        let d = edge
+            .decide(&with_cookie("kvgate_uid=alice"), "/", peer, false)
+            .await;
+        assert_ne!(d.user_id, "alice");
+        assert!(d.anonymous && d.user_id.starts_with("anon:"));
+        assert_eq!(injected(&d, "x-feature-flags"), Some(DEFAULT_FLAGS));
+        assert_eq!(injected(&d, "x-user-preferences"), Some(DEFAULT_PREFS));
+        // The forged cookie is replaced by a fresh, signed one.
+        let pair = cookie_pair(&d);
+        assert_ne!(pair, "kvgate_uid=alice");
+        let again = edge.decide(&with_cookie(&pair), "/", peer, false).await;
+        assert_eq!(again.user_id, d.user_id);
+        assert_eq!(again.set_cookie, None);
+    }
+}
+
+#[tokio::test]
+async fn the_identity_header_and_cookie_count_only_from_trusted_peers() {
+    let (_kv, edge) = memory_edge();
+    with_alice(&edge).await;
+    let mut h = user("alice");
+    h.insert(COOKIE, HeaderValue::from_static("session_user=alice"));
+    let d = edge.decide(&h, "/", STRANGER, false).await;
+    assert!(d.anonymous && d.set_cookie.is_some(), "{}", d.user_id);
+    assert_eq!(injected(&d, "x-feature-flags"), Some(DEFAULT_FLAGS));
+    let d = edge
+        .decide(&with_cookie("session_user=alice"), "/", STRANGER, false)
+        .await;
+    assert!(d.anonymous);
+
+    // Trusted: loopback over IPv4, IPv6 and IPv4-mapped IPv6.
+    for peer in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1"] {
+        let d = edge.decide(&h, "/", peer.parse().unwrap(), false).await;
+        assert_eq!(d.user_id, "alice", "from {peer}");
+    }
+    assert!(!edge.trusts("::2".parse().unwrap()));
+
+    // Without trusted_from nobody is trusted.
+    let mut cfg = config();
+    cfg.identity.trusted_from.clear();
+    let untrusting = Edge::new(&cfg, Arc::new(MemoryKv::new())).unwrap();
+    let d = untrusting.decide(&user("alice"), "/", PEER, false).await;
+    assert!(d.anonymous);
+}
+
+#[tokio::test]
+async fn an_authenticated_id_cannot_claim_an_anonymous_users_state() {
+    let (_kv, edge) = memory_edge();
+    let first = edge.decide(&HeaderMap::new(), "/", PEER, false).await;
+    let pair = cookie_pair(&first);
+    edge.patch_preferences(&first.user_id, json!({"theme": "dark"}))
+        .await
+        .unwrap();
+    let owner = edge.decide(&with_cookie(&pair), "/", PEER, false).await;
+    assert!(injected(&owner, "x-user-preferences")
+        .unwrap()
+        .contains("dark"));
+
+    let raw = first.user_id.strip_prefix("anon:").unwrap();
+    for claimed in [first.user_id.clone(), format!("ANON:{raw}")] {
+        let d = edge.decide(&user(&claimed), "/", PEER, false).await;
+        assert_ne!(d.user_id, first.user_id);
+        assert!(d.set_cookie.is_some(), "{claimed} was believed");
+        assert_eq!(injected(&d, "x-user-preferences"), Some(DEFAULT_PREFS));
+    }
+    // The bare id in the cookie, unsigned, is no better.
+    let d = edge
+        .decide(&with_cookie(&format!("kvgate_uid={raw}")), "/", PEER, false)
+        .await;
+    assert_ne!(d.user_id, first.user_id);
+}
+
+#[tokio::test]
+async fn a_tampered_cookie_gets_a_fresh_id() {
+    let (_kv, edge) = memory_edge();
+    let first = edge.decide(&HeaderMap::new(), "/", PEER, false).await;
+    let pair = cookie_pair(&first);
+    let (id, mac) = pair.rsplit_once('.').unwrap();
+    let flipped_mac: String = mac
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 5 {
+                if c == 'x' {
+                    'y'
+                } else {
+                    'x'
+                }
+            } else {
+                c
+            }
+        })
+        .collect();
+    let last = if id.ends_with('0') { '1' } else { '0' };
+    let other_id = format!("{}{last}.", &id[..id.len() - 1]);
+    for tampered in [
+        format!("{id}.{flipped_mac}"),
+        format!("{other_id}{mac}"),
+        format!("{id}.{mac}x"),
+        id.to_owned(),
+    ] {
+        let d = edge.decide(&with_cookie(&tampered), "/", PEER, false).await;
+        assert_ne!(d.user_id, first.user_id, "{tampered} accepted");
+        assert!(d.set_cookie.is_some(), "{tampered}: no fresh cookie");
+    }
+}
+
+#[tokio::test]
+async fn signed_ids_survive_a_restart_with_the_generated_or_configured_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let (pair, user_id) = {
+        let kv: Arc<dyn Kv> = Arc::new(DurableKv::open(&path).unwrap());
+        let edge = Edge::new(&config(), kv).unwrap();
+        let d = edge.decide(&HeaderMap::new(), "/", PEER, false).await;
+        (cookie_pair(&d), d.user_id)
+    };
+    let kv: Arc<dyn Kv> = Arc::new(DurableKv::open(&path).unwrap());
+    let edge = Edge::new(&config(), kv).unwrap();
+    let d = edge.decide(&with_cookie(&pair), "/", PEER, false).await;
+    assert_eq!(d.user_id, user_id, "the generated secret was kept");
+    assert_eq!(d.set_cookie, None);
+
+    // A configured secret: any store, same ids; another secret, other ids.
+    let mut cfg = config();
+    cfg.identity.secret = Some("a-configured-secret-of-32-bytes-or-more".into());
+    let one = Edge::new(&cfg, Arc::new(MemoryKv::new())).unwrap();
+    let two = Edge::new(&cfg, Arc::new(MemoryKv::new())).unwrap();
+    let d = one.decide(&HeaderMap::new(), "/", PEER, false).await;
+    let back = two
+        .decide(&with_cookie(&cookie_pair(&d)), "/", PEER, false)
+        .await;
+    assert_eq!(back.user_id, d.user_id);
+    cfg.identity.secret = Some("another-configured-secret-32-bytes-long".into());
+    let three = Edge::new(&cfg, Arc::new(MemoryKv::new())).unwrap();
+    let other = three
+        .decide(&with_cookie(&cookie_pair(&d)), "/", PEER, false)
+        .await;
+    assert_ne!(other.user_id, d.user_id);
+    // The generated-secret edge does not accept the configured one's ids.
+    let theirs = edge
+        .decide(&with_cookie(&cookie_pair(&d)), "/", PEER, false)
+        .await;
+    assert_ne!(theirs.user_id, d.user_id);
+
+    cfg.identity.secret = Some("short".into());
+    assert_eq!(
+        Edge::new(&cfg, Arc::new(MemoryKv::new()))
+            .err()
+            .unwrap()
+            .field,
+        "identity.secret"
+    );
+}
+
+#[tokio::test]
+async fn cookie_secure_marks_the_cookie_secure_on_plain_http() {
+    let mut cfg = config();
+    cfg.identity.cookie_secure = true;
+    let edge = Edge::new(&cfg, Arc::new(MemoryKv::new())).unwrap();
+    let d = edge.decide(&HeaderMap::new(), "/", PEER, false).await;
+    let cookie = d.set_cookie.unwrap();
+    assert!(cookie.to_str().unwrap().ends_with("; Secure"), "{cookie:?}");
+}
+
+#[tokio::test]
+async fn an_unreadable_secret_keeps_the_visitors_cookie() {
+    let flaky = Arc::new(FlakyKv::default());
+    let edge = Edge::new(&config(), flaky.clone()).unwrap();
+    flaky.down.store(true, Ordering::SeqCst);
+    let d = edge
+        .decide(&HeaderMap::new(), "/checkout", PEER, false)
+        .await;
+    assert!(d.anonymous);
+    assert_eq!(d.set_cookie, None, "no cookie signed with a throwaway key");
+    flaky.down.store(false, Ordering::SeqCst);
+    let d = edge
+        .decide(&HeaderMap::new(), "/checkout", PEER, false)
+        .await;
+    let pair = cookie_pair(&d);
+    let again = edge.decide(&with_cookie(&pair), "/", PEER, false).await;
+    assert_eq!(again.user_id, d.user_id);
+}
+
+// Bounded, batched, expiring state -------------------------------------------
+
+/// A MemoryKv that counts how writes arrive.
+#[derive(Default)]
+struct CountingKv {
+    inner: MemoryKv,
+    puts: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Kv for CountingKv {
+    fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<KvEntry>> {
+        self.inner.get(key)
+    }
+    fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()> {
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        self.inner.put(key, value, opts)
+    }
+    fn put_batch<'a>(&'a self, items: Vec<crate::kv::PutItem>) -> KvFuture<'a, ()> {
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_batch(items)
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool> {
+        self.inner.delete(key)
+    }
+    fn list<'a>(
+        &'a self,
+        prefix: &'a str,
+        cursor: Option<&'a str>,
+        limit: usize,
+    ) -> KvFuture<'a, ListPage> {
+        self.inner.list(prefix, cursor, limit)
+    }
+}
+
+async fn sticky_keys(kv: &dyn Kv) -> usize {
+    kv.list("production:exp:", None, 1000)
+        .await
+        .unwrap()
+        .keys
+        .len()
+}
+
+#[tokio::test]
+async fn sticky_writes_are_committed_in_one_batch() {
+    let kv = Arc::new(CountingKv::default());
+    let edge = Edge::new(&config(), kv.clone()).unwrap();
+    let mut expected = 0;
+    // Back to back on this thread: the flusher runs only once they are queued.
+    for i in 0..100 {
+        let d = edge
+            .decide(&user(&format!("batch-{i}")), "/checkout", PEER, false)
+            .await;
+        expected += d
+            .inject
+            .iter()
+            .filter(|(n, _)| n.as_str().starts_with("x-experiment-"))
+            .count();
+    }
+    edge.settle().await;
+    assert_eq!(sticky_keys(kv.as_ref()).await, expected);
+    assert_eq!(kv.puts.load(Ordering::SeqCst), 0, "no write on its own");
+    assert_eq!(kv.batches.load(Ordering::SeqCst), 1, "one commit for all");
+}
+
+#[tokio::test]
+async fn a_full_write_queue_drops_and_counts_and_the_next_request_redoes() {
+    let kv = Arc::new(MemoryKv::new());
+    let mut cfg = config();
+    cfg.write_queue_capacity = 3;
+    let edge = Edge::new(&cfg, kv.clone()).unwrap();
+    let mut attempted = 0;
+    for i in 0..10 {
+        let d = edge
+            .decide(&user(&format!("q-{i}")), "/checkout", PEER, false)
+            .await;
+        attempted += d
+            .inject
+            .iter()
+            .filter(|(n, _)| n.as_str().starts_with("x-experiment-"))
+            .count() as u64;
+    }
+    edge.settle().await;
+    assert!(attempted > 3, "{attempted}");
+    assert_eq!(sticky_keys(kv.as_ref()).await, 3, "the queue held 3");
+    assert_eq!(edge.dropped_writes(), attempted - 3);
+    assert_eq!(
+        edge.counter_registry().snapshot().dropped_writes,
+        attempted - 3
+    );
+    let counters = edge.counters().await.unwrap();
+    assert_eq!(counters["dropped_writes"], attempted - 3);
+
+    // Dropped assignments are stored by the users' next requests.
+    for i in 0..10 {
+        edge.decide(&user(&format!("q-{i}")), "/checkout", PEER, false)
+            .await;
+        edge.settle().await;
+    }
+    assert_eq!(sticky_keys(kv.as_ref()).await as u64, attempted);
+}
+
+#[tokio::test]
+async fn sticky_assignments_expire_after_their_ttl() {
+    let (kv, mut edge) = memory_edge();
+    edge.sticky_ttl = Duration::from_millis(300);
+    edge.decide(&user("tess"), "/checkout", PEER, false).await;
+    edge.settle().await;
+    let view = edge.user_view("tess").await.unwrap();
+    assert!(view["experiments"]["new-checkout"]["assigned"].is_string());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let view = edge.user_view("tess").await.unwrap();
+    assert!(
+        view["experiments"]["new-checkout"]["assigned"].is_null(),
+        "{view}"
+    );
+    kv.sweep_expired();
+    assert_eq!(
+        kv.list("production:exp:", None, 10)
+            .await
+            .unwrap()
+            .keys
+            .len(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn idle_preferences_expire_and_requests_renew_them() {
+    let (kv, mut edge) = memory_edge();
+    edge.prefs_ttl = Duration::from_secs(2);
+    let key = "production:prefs:user:una";
+    let expiry = |kv: Arc<MemoryKv>| async move {
+        kv.get(key)
+            .await
+            .unwrap()
+            .map(|e| e.expires_at.expect("preferences carry a TTL"))
+    };
+    edge.patch_preferences("una", json!({"theme": "dark"}))
+        .await
+        .unwrap();
+    let set = expiry(kv.clone()).await.unwrap();
+    // Renewal waits until half the TTL (capped at a day) has passed.
+    edge.decide(&user("una"), "/", PEER, false).await;
+    edge.settle().await;
+    assert_eq!(expiry(kv.clone()).await, Some(set));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let d = edge.decide(&user("una"), "/", PEER, false).await;
+    assert!(injected(&d, "x-user-preferences").unwrap().contains("dark"));
+    edge.settle().await;
+    let renewed = expiry(kv.clone()).await.unwrap();
+    assert!(
+        renewed > set + Duration::from_millis(900),
+        "{renewed:?} vs {set:?}"
+    );
+    assert_eq!(edge.get_preferences("una").await.unwrap()["theme"], "dark");
+    // Idle past the TTL: gone, the defaults apply again.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let d = edge.decide(&user("una"), "/", PEER, false).await;
+    assert_eq!(injected(&d, "x-user-preferences"), Some(DEFAULT_PREFS));
+
+    // A document stored without a TTL (before TTLs) gets one on its next read.
+    kv.put(
+        "production:prefs:user:old",
+        Bytes::from_static(br#"{"theme":"dark"}"#),
+        PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    edge.decide(&user("old"), "/", PEER, false).await;
+    edge.settle().await;
+    let entry = kv.get("production:prefs:user:old").await.unwrap().unwrap();
+    assert!(entry.expires_at.is_some());
+    assert_eq!(entry.value, r#"{"theme":"dark"}"#);
+}
+
+#[tokio::test]
+async fn settle_commits_queued_writes_to_the_durable_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let mut assigned = Vec::new();
+    {
+        let kv: Arc<dyn Kv> = Arc::new(DurableKv::open(&path).unwrap());
+        let edge = Edge::new(&config(), kv).unwrap();
+        for i in 0..50 {
+            let id = format!("s-{i}");
+            let d = edge.decide(&user(&id), "/checkout", PEER, false).await;
+            assigned.push((
+                id,
+                injected(&d, "x-experiment-new-checkout")
+                    .unwrap()
+                    .to_owned(),
+            ));
+        }
+        edge.settle().await;
+    }
+    let kv = DurableKv::open(&path).unwrap();
+    for (id, variant) in assigned {
+        let entry = kv
+            .get(&format!("production:exp:new-checkout:user:{id}"))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id}'s assignment was not committed"));
+        assert_eq!(entry.value, variant);
+    }
+}
+
+#[tokio::test]
+async fn spaced_out_writes_within_the_window_share_one_commit() {
+    for (window_ms, commits) in [(0, 5), (2_000, 1)] {
+        let kv = Arc::new(CountingKv::default());
+        let mut cfg = config();
+        cfg.write_flush_ms = window_ms;
+        let edge = Edge::new(&cfg, kv.clone()).unwrap();
+        let mut writes = 0;
+        for i in 0..5 {
+            let d = edge
+                .decide(&user(&format!("w-{i}")), "/checkout", PEER, false)
+                .await;
+            writes += d
+                .inject
+                .iter()
+                .filter(|(n, _)| n.as_str().starts_with("x-experiment-"))
+                .count();
+            // Time for the flusher to run between requests.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            edge.pending_writes(),
+            if window_ms == 0 { 0 } else { writes },
+            "window {window_ms}"
+        );
+        // Nothing but the window's end commits them (no settle here).
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(edge.pending_writes(), 0);
+        assert_eq!(
+            kv.batches.load(Ordering::SeqCst),
+            commits,
+            "window {window_ms}"
+        );
+    }
 }

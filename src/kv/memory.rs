@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::{
     check_key, clamp_limit, is_expired, now_ms, prepare_put, time_from_ms, KeyInfo, Kv, KvEntry,
-    KvError, KvFuture, ListPage, PutOptions,
+    KvError, KvFuture, ListPage, PutItem, PutOptions,
 };
 
 /// Expired entries removed per put: bounded so no single write pays for a
@@ -103,21 +103,36 @@ impl MemoryKv {
     }
 
     fn put_now(&self, key: &str, value: Bytes, opts: PutOptions) -> Result<(), KvError> {
-        check_key(key)?;
-        let (expires_ms, _) = prepare_put(&opts)?;
-        let mut inner = self.lock();
-        inner.remove(key);
-        if expires_ms != 0 {
-            inner.expiry.insert((expires_ms, key.to_owned()));
+        self.put_batch_now(vec![PutItem {
+            key: key.to_owned(),
+            value,
+            opts,
+        }])
+    }
+
+    /// Checks every item first, then stores them all under one lock.
+    fn put_batch_now(&self, items: Vec<PutItem>) -> Result<(), KvError> {
+        let mut checked = Vec::with_capacity(items.len());
+        for item in items {
+            check_key(&item.key)?;
+            let (expires_ms, _) = prepare_put(&item.opts)?;
+            checked.push((item, expires_ms));
         }
-        inner.entries.insert(
-            key.to_owned(),
-            Stored {
-                value,
-                metadata: opts.metadata,
-                expires_ms,
-            },
-        );
+        let mut inner = self.lock();
+        for (item, expires_ms) in checked {
+            inner.remove(&item.key);
+            if expires_ms != 0 {
+                inner.expiry.insert((expires_ms, item.key.clone()));
+            }
+            inner.entries.insert(
+                item.key,
+                Stored {
+                    value: item.value,
+                    metadata: item.opts.metadata,
+                    expires_ms,
+                },
+            );
+        }
         inner.sweep(now_ms(), SWEEP_PER_PUT);
         Ok(())
     }
@@ -172,6 +187,10 @@ impl Kv for MemoryKv {
         Box::pin(async move { self.put_now(key, value, opts) })
     }
 
+    fn put_batch<'a>(&'a self, items: Vec<PutItem>) -> KvFuture<'a, ()> {
+        Box::pin(async move { self.put_batch_now(items) })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool> {
         Box::pin(async move { self.delete_now(key) })
     }
@@ -215,6 +234,11 @@ mod tests {
     #[tokio::test]
     async fn refusals() {
         conformance::refusals(&MemoryKv::new()).await;
+    }
+
+    #[tokio::test]
+    async fn put_batch() {
+        conformance::put_batch(&MemoryKv::new()).await;
     }
 
     #[tokio::test]

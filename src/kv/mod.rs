@@ -61,6 +61,14 @@ impl PutOptions {
     }
 }
 
+/// One write of a [`Kv::put_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PutItem {
+    pub key: String,
+    pub value: Bytes,
+    pub opts: PutOptions,
+}
+
 /// A listed key: name, metadata and expiry, never the value.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct KeyInfo {
@@ -107,6 +115,25 @@ pub enum KvError {
 pub trait Kv: Send + Sync + 'static {
     fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<KvEntry>>;
     fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()>;
+    /// Stores every item as one write (one commit for a durable backend):
+    /// when any item is refused (key or options), nothing is stored. A later
+    /// item wins over an earlier one with the same key.
+    ///
+    /// The default checks every item, then puts them one by one, so a
+    /// backend failure part-way can leave some stored; the bundled backends
+    /// override it with a single transaction.
+    fn put_batch<'a>(&'a self, items: Vec<PutItem>) -> KvFuture<'a, ()> {
+        Box::pin(async move {
+            for item in &items {
+                check_key(&item.key)?;
+                prepare_put(&item.opts)?;
+            }
+            for item in items {
+                self.put(&item.key, item.value, item.opts).await?;
+            }
+            Ok(())
+        })
+    }
     /// Returns whether a live entry was removed.
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool>;
     fn list<'a>(
@@ -346,6 +373,81 @@ pub(crate) mod conformance {
         let page = kv.list("x:", None, 1).await.unwrap();
         assert_eq!(page.keys.len(), 1);
         assert_eq!(page.cursor, None);
+    }
+
+    pub async fn put_batch(kv: &dyn Kv) {
+        kv.put_batch(Vec::new()).await.unwrap();
+        let item = |key: &str, value: &'static str, opts: PutOptions| PutItem {
+            key: key.to_owned(),
+            value: Bytes::from_static(value.as_bytes()),
+            opts,
+        };
+        kv.put(
+            "b:old",
+            Bytes::from_static(b"before"),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+        kv.put_batch(vec![
+            item("b:1", "one", PutOptions::default()),
+            item(
+                "b:2",
+                "two",
+                PutOptions {
+                    ttl: Some(Duration::from_secs(3600)),
+                    metadata: Some(json!({"n": 2})),
+                },
+            ),
+            item("b:old", "first", PutOptions::default()),
+            item("b:old", "last", PutOptions::ttl(Duration::from_secs(60))),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(kv.get("b:1").await.unwrap().unwrap().value, "one");
+        let two = kv.get("b:2").await.unwrap().unwrap();
+        assert_eq!(two.value, "two");
+        assert_eq!(two.metadata, Some(json!({"n": 2})));
+        assert!(two.expires_at.is_some());
+        let old = kv.get("b:old").await.unwrap().unwrap();
+        assert_eq!(old.value, "last", "the later item wins");
+        assert!(old.expires_at.is_some());
+        let names: Vec<String> = kv
+            .list("b:", None, 10)
+            .await
+            .unwrap()
+            .keys
+            .into_iter()
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(names, ["b:1", "b:2", "b:old"]);
+
+        // One refused item refuses the whole batch.
+        for bad in [
+            item("", "x", PutOptions::default()),
+            item("b:3", "x", PutOptions::ttl(Duration::ZERO)),
+        ] {
+            let err = kv
+                .put_batch(vec![item("b:3", "x", PutOptions::default()), bad])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, KvError::InvalidKey(_) | KvError::InvalidArgument(_)),
+                "{err}"
+            );
+            assert_eq!(kv.get("b:3").await.unwrap(), None, "nothing was stored");
+        }
+
+        // Items with a TTL expire like single puts.
+        kv.put_batch(vec![item(
+            "b:short",
+            "x",
+            PutOptions::ttl(Duration::from_millis(40)),
+        )])
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(kv.get("b:short").await.unwrap(), None);
     }
 
     pub async fn refusals(kv: &dyn Kv) {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{KeyInfo, Kv, KvEntry, KvError, KvFuture, ListPage, PutOptions};
+use super::{KeyInfo, Kv, KvEntry, KvError, KvFuture, ListPage, PutItem, PutOptions};
 
 /// Prefixes every key with `"{namespace}:"` on the way in and strips it from
 /// listed keys and cursors on the way out.
@@ -54,6 +54,20 @@ impl Kv for Namespaced {
         Box::pin(async move {
             super::check_key(key)?;
             self.inner.put(&self.full(key), value, opts).await
+        })
+    }
+
+    fn put_batch<'a>(&'a self, items: Vec<PutItem>) -> KvFuture<'a, ()> {
+        Box::pin(async move {
+            let mut full = Vec::with_capacity(items.len());
+            for item in items {
+                super::check_key(&item.key)?;
+                full.push(PutItem {
+                    key: self.full(&item.key),
+                    ..item
+                });
+            }
+            self.inner.put_batch(full).await
         })
     }
 
@@ -118,6 +132,7 @@ mod tests {
         conformance::ttl_expiry(&wrapped().1).await;
         conformance::list_prefix_and_cursor(&wrapped().1).await;
         conformance::refusals(&wrapped().1).await;
+        conformance::put_batch(&wrapped().1).await;
     }
 
     #[tokio::test]

@@ -309,7 +309,12 @@ impl Gateway {
         if let Some(edge) = &self.edge {
             edge.strip_injected(&mut parts.headers);
             let decision = edge
-                .decide(&parts.headers, parts.uri.path(), client.tls)
+                .decide(
+                    &parts.headers,
+                    parts.uri.path(),
+                    client.addr.ip(),
+                    client.tls,
+                )
                 .await;
             decision.apply(&mut parts.headers);
             set_cookie = decision.set_cookie;
