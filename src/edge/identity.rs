@@ -9,8 +9,6 @@
 //! user, and an authenticated id may not start with `anon:`, so nobody can
 //! claim an anonymous user's state either.
 
-use std::net::IpAddr;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
@@ -112,55 +110,7 @@ impl Signer {
     }
 }
 
-/// An IPv4 or IPv6 network in CIDR notation (a bare address is a /32 or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(text: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = match text.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (text, None),
-        };
-        let network: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IP address or CIDR network"))?;
-        let max = if network.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("{text:?}: the prefix length must be 0..={max}"))?,
-        };
-        Ok(Cidr { network, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d.
-        match (self.network, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
+pub use crate::protocol::cidr::Cidr;
 
 /// Every value of cookie `name` across every `Cookie` header (HTTP/2
 /// clients may split cookies over several), unquoted, in order.
@@ -421,36 +371,6 @@ mod tests {
         );
         let secure = anonymous_cookie(&value, true).unwrap();
         assert!(secure.to_str().unwrap().ends_with("; SameSite=Lax; Secure"));
-    }
-
-    #[test]
-    fn cidrs_parse_and_match() {
-        let lo = Cidr::parse("127.0.0.0/8").unwrap();
-        assert!(lo.contains("127.1.2.3".parse().unwrap()));
-        assert!(lo.contains("::ffff:127.0.0.1".parse().unwrap()));
-        assert!(!lo.contains("128.0.0.1".parse().unwrap()));
-        assert!(!lo.contains("::1".parse().unwrap()));
-        let v6 = Cidr::parse("::1/128").unwrap();
-        assert!(v6.contains("::1".parse().unwrap()));
-        assert!(!v6.contains("::2".parse().unwrap()));
-        let net = Cidr::parse("2001:db8::/32").unwrap();
-        assert!(net.contains("2001:db8:ffff::1".parse().unwrap()));
-        assert!(!net.contains("2001:db9::1".parse().unwrap()));
-        let all = Cidr::parse("0.0.0.0/0").unwrap();
-        assert!(all.contains("203.0.113.9".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.1")
-            .unwrap()
-            .contains("10.0.0.1".parse().unwrap()));
-        for bad in [
-            "",
-            "10.0.0.0/33",
-            "::/129",
-            "10.0.0/8",
-            "localhost",
-            "1.2.3.4/x",
-        ] {
-            assert!(Cidr::parse(bad).is_err(), "{bad:?} parsed");
-        }
     }
 
     proptest! {
