@@ -1,5 +1,6 @@
 //! Listener hardening over real sockets: silent and idle connections give
-//! their slot back in bounded time.
+//! their slot back in bounded time, and hostile Range values on a stored
+//! response never panic the connection.
 
 mod common;
 use bytes::Bytes;
@@ -179,6 +180,109 @@ async fn slow_response_is_not_cut_by_the_idle_timeout() {
     let got = try_get(&gw.url("/slow")).await.expect("slow response");
     assert_eq!(got.status, 200);
     assert_eq!(got.text(), "late");
+}
+
+/// A 100-byte cacheable body, stored by one MISS.
+async fn stored_hundred_bytes() -> (Origin, Gateway, Vec<u8>) {
+    let body: Vec<u8> = (0..100u8).map(|i| b'a' + i % 26).collect();
+    let text = String::from_utf8(body.clone()).expect("ascii");
+    let origin =
+        Origin::start(move |_, _| Reply::ok(&text).header("cache-control", "max-age=600")).await;
+    let gw = Gateway::start(&origin.url(), |_| {}).await;
+    let first = get(&gw.url("/r")).await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(first.body.len(), 100);
+    (origin, gw, body)
+}
+
+#[tokio::test]
+async fn huge_range_ends_are_clamped_to_the_stored_length() {
+    let (origin, gw, body) = stored_hundred_bytes().await;
+    // RFC 9110 14.1.2: a last-pos at or past the length means "to the end".
+    for (range, first) in [
+        ("bytes=5-18446744073709551615", 5usize),
+        ("bytes=0-18446744073709551615", 0),
+        ("bytes=99-18446744073709551615", 99),
+        ("bytes=7-99999999999999999999999", 7),
+    ] {
+        let got = try_get_with(&gw.url("/r"), &[("range", range)])
+            .await
+            .unwrap_or_else(|e| panic!("{range}: connection failed: {e}"));
+        assert_eq!(got.status, 206, "{range}");
+        assert_eq!(
+            got.header("content-range"),
+            format!("bytes {first}-99/100"),
+            "{range}"
+        );
+        assert_eq!(&got.body[..], &body[first..], "{range}");
+    }
+    // A suffix longer than the body is the whole body (14.1.2).
+    let got = get_with(&gw.url("/r"), &[("range", "bytes=-99999999999999999999")]).await;
+    assert_eq!(got.status, 206);
+    assert_eq!(got.header("content-range"), "bytes 0-99/100");
+    assert_eq!(&got.body[..], &body[..]);
+    assert_eq!(origin.count("/r"), 1, "all answered from the stored entry");
+}
+
+#[tokio::test]
+async fn junk_ranges_get_the_whole_body_or_416_never_a_broken_connection() {
+    let (origin, gw, body) = stored_hundred_bytes().await;
+    for range in [
+        "bytes=99999999999999999999-",
+        "bytes=18446744073709551615-18446744073709551615",
+        "bytes=100-",
+        "bytes=-0",
+        "bytes=-",
+        "bytes=--1",
+        "bytes=+1-2",
+        "bytes=5-4",
+        "bytes=0-1,2-3",
+        "bytes=1-2-3",
+        "bytes=0-1\t",
+        "bytes=0-0x10",
+        "bytes= 1 - 2 ",
+        "items=0-1",
+        "bytes=18446744073709551616-1",
+        "bytes=-18446744073709551616",
+    ] {
+        let got = try_get_with(&gw.url("/r"), &[("range", range)])
+            .await
+            .unwrap_or_else(|e| panic!("{range:?}: connection failed: {e}"));
+        match got.status.as_u16() {
+            200 => assert_eq!(&got.body[..], &body[..], "{range:?}"),
+            416 => assert_eq!(got.header("content-range"), "bytes */100", "{range:?}"),
+            // A suffix past u64 is still "all of it" (RFC 9110 14.1.2), and
+            // whitespace around the one range is OWS.
+            206 if range == "bytes=-18446744073709551616" => {
+                assert_eq!(got.header("content-range"), "bytes 0-99/100")
+            }
+            206 if range == "bytes=0-1\t" => {
+                assert_eq!(got.header("content-range"), "bytes 0-1/100");
+                assert_eq!(&got.body[..], &body[..2]);
+            }
+            s => panic!("{range:?}: unexpected {s}"),
+        }
+    }
+    assert_eq!(origin.count("/r"), 1);
+}
+
+/// Like `try_get`, with request headers.
+async fn try_get_with(url: &str, headers: &[(&str, &str)]) -> Result<Got, String> {
+    let mut req = http::Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = client().request(req).await.map_err(|e| e.to_string())?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 #[tokio::test]

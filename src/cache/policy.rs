@@ -474,7 +474,7 @@ pub enum RangeAnswer {
 }
 
 /// A single byte range a stored body of `len` bytes can satisfy (RFC 9110
-/// 14.1.2, 14.2).
+/// 14.1.2, 14.2). A `Part` is never empty and always within `0..len`.
 pub fn byte_range(req: &HeaderMap, len: u64) -> RangeAnswer {
     match byte_range_inner(req, len) {
         Ok(Some(r)) => RangeAnswer::Part(r),
@@ -483,28 +483,69 @@ pub fn byte_range(req: &HeaderMap, len: u64) -> RangeAnswer {
     }
 }
 
+/// A 1*DIGIT position (RFC 9110 14.1.1): digits only, no sign or spaces
+/// inside. 14.1.2 asks recipients to expect numerals past any integer
+/// type, so overflow saturates: such a position is beyond every length.
+fn range_pos(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.bytes().fold(0u64, |n, b| {
+        n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+    }))
+}
+
 #[allow(clippy::result_unit_err)]
 fn byte_range_inner(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
     let Some(spec) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
-    let Some(set) = spec.trim().strip_prefix("bytes=") else {
+    // The range unit is case-insensitive (RFC 9110 14.1).
+    let spec = spec.trim();
+    let Some(set) = spec
+        .get(..6)
+        .filter(|u| u.eq_ignore_ascii_case("bytes="))
+        .and_then(|_| spec.get(6..))
+    else {
         return Ok(None);
     };
-    if set.contains(',') {
-        return Ok(None); // multipart ranges: send the whole representation
-    }
-    let Some((first, last)) = set.trim().split_once('-') else {
+    // Empty list elements are ignored (RFC 9110 5.6.1); several ranges are
+    // answered with the whole representation (14.2 lets a server ignore).
+    let mut specs = set.split(',').map(str::trim).filter(|s| !s.is_empty());
+    let (Some(one), None) = (specs.next(), specs.next()) else {
         return Ok(None);
     };
-    let parse = |s: &str| s.trim().parse::<u64>().ok();
-    let range = match (first.trim().is_empty(), parse(first), parse(last)) {
-        (true, _, Some(suffix)) if suffix > 0 => len.saturating_sub(suffix)..len,
-        (true, _, _) => return Err(()),
-        (false, Some(a), None) if last.trim().is_empty() => a..len,
-        (false, Some(a), Some(b)) if b >= a => a..(b + 1).min(len),
-        _ => return Ok(None),
+    let Some((first, last)) = one.split_once('-') else {
+        return Ok(None);
     };
+    let range = if first.is_empty() {
+        // suffix-range (14.1.2): the last N bytes, the whole representation
+        // when it is shorter than N; a zero suffix is unsatisfiable.
+        match range_pos(last) {
+            Some(0) => return Err(()),
+            // Content-Range cannot express an empty range: send it all.
+            Some(_) if len == 0 => return Ok(None),
+            Some(n) => len.saturating_sub(n)..len,
+            None => return Ok(None),
+        }
+    } else {
+        let Some(a) = range_pos(first) else {
+            return Ok(None);
+        };
+        let end = if last.is_empty() {
+            len
+        } else {
+            match range_pos(last) {
+                Some(b) if b >= a => b.min(len.saturating_sub(1)).saturating_add(1),
+                // last-pos < first-pos: invalid, so the field is ignored (14.1.1).
+                _ => return Ok(None),
+            }
+        };
+        // 14.1.2: a last-pos at or beyond the length means "to the end";
+        // clamped above before adding one, so u64::MAX cannot overflow.
+        a..end
+    };
+    // 14.1.1: an int-range is satisfiable only if first-pos < length.
     if range.start >= len {
         return Err(());
     }
@@ -514,8 +555,13 @@ fn byte_range_inner(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<
 /// Whether `If-Range` lets a range request be answered partially (RFC 9110
 /// 13.1.5): only a strong ETag match or an exact date match.
 pub fn if_range_allows(req: &HeaderMap, stored: &HeaderMap) -> bool {
-    let Some(v) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else {
+    let Some(v) = req.get(header::IF_RANGE) else {
         return true;
+    };
+    // A validator we cannot read cannot match: the Range is ignored then
+    // (13.1.5), never honoured as if If-Range were absent.
+    let Ok(v) = v.to_str() else {
+        return false;
     };
     let v = v.trim();
     if v.starts_with('"') {
@@ -1004,6 +1050,108 @@ mod tests {
         assert_eq!(r("bytes=0-1,3-4"), RangeAnswer::Whole);
         assert_eq!(r("items=0-1"), RangeAnswer::Whole);
         assert_eq!(byte_range(&headers(&[]), 10), RangeAnswer::Whole);
+    }
+
+    #[test]
+    fn rfc9110_14_1_2_last_pos_at_or_past_length_means_the_rest() {
+        // 14.1.2: a last-pos at or beyond the length is replaced by len - 1;
+        // u64::MAX once overflowed `last + 1` (panic in debug, and in
+        // release an empty 206 claiming bytes 0-18446744073709551615/100).
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 100);
+        assert_eq!(r("bytes=5-18446744073709551615"), RangeAnswer::Part(5..100));
+        assert_eq!(r("bytes=0-18446744073709551615"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=0-18446744073709551614"), RangeAnswer::Part(0..100));
+        assert_eq!(
+            r("bytes=99-18446744073709551615"),
+            RangeAnswer::Part(99..100)
+        );
+        assert_eq!(r("bytes=0-99"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=0-100"), RangeAnswer::Part(0..100));
+        // Past u64 altogether: still "to the end" (14.1.2 asks recipients to
+        // expect numerals larger than their integers).
+        assert_eq!(
+            r("bytes=3-99999999999999999999999"),
+            RangeAnswer::Part(3..100)
+        );
+    }
+
+    #[test]
+    fn rfc9110_14_1_2_huge_first_pos_and_suffix() {
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 100);
+        // A first-pos past u64 is past the length: unsatisfiable (14.1.1).
+        assert_eq!(r("bytes=99999999999999999999-"), RangeAnswer::Unsatisfiable);
+        assert_eq!(r("bytes=18446744073709551615-"), RangeAnswer::Unsatisfiable);
+        // A suffix longer than the representation selects all of it
+        // (14.1.2); it used to be refused with 416 once past u64.
+        assert_eq!(r("bytes=-99999999999999999999"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=-18446744073709551615"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=-100"), RangeAnswer::Part(0..100));
+        // A zero suffix is the unsatisfiable suffix-range (14.1.1).
+        assert_eq!(r("bytes=-0"), RangeAnswer::Unsatisfiable);
+    }
+
+    #[test]
+    fn rfc9110_14_1_1_syntax_errors_are_ignored_not_refused() {
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 100);
+        // Not 1*DIGIT: the field is invalid and ignored (14.2), where `-`,
+        // `-x` and `-+3` used to get 416 and `+5-` a 206.
+        for junk in [
+            "bytes=-",
+            "bytes=-x",
+            "bytes=-+3",
+            "bytes=+5-",
+            "bytes=5",
+            "bytes=a-b",
+            "bytes=5-4",
+            "bytes=1-2-3",
+            "bytes=",
+            "bytes=--",
+            "bytes=0x10-",
+        ] {
+            assert_eq!(r(junk), RangeAnswer::Whole, "{junk}");
+        }
+        // The unit is case-insensitive (14.1); empty list elements are
+        // skipped (5.6.1).
+        assert_eq!(r("Bytes=0-4"), RangeAnswer::Part(0..5));
+        assert_eq!(r("bytes=0-4,"), RangeAnswer::Part(0..5));
+        assert_eq!(r("bytes=, 0-4"), RangeAnswer::Part(0..5));
+    }
+
+    #[test]
+    fn rfc9110_14_1_1_zero_length_representation() {
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 0);
+        // No int-range fits an empty body (14.1.1) ...
+        assert_eq!(r("bytes=0-"), RangeAnswer::Unsatisfiable);
+        assert_eq!(
+            r("bytes=0-18446744073709551615"),
+            RangeAnswer::Unsatisfiable
+        );
+        // ... a non-zero suffix does, but no Content-Range can name an empty
+        // part, so the (empty) whole is sent.
+        assert_eq!(r("bytes=-5"), RangeAnswer::Whole);
+    }
+
+    #[test]
+    fn rfc9110_13_1_5_if_range() {
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ]);
+        let allows = |v: &str| if_range_allows(&headers(&[("if-range", v)]), &stored);
+        assert!(if_range_allows(&headers(&[]), &stored));
+        assert!(allows("\"v1\""));
+        assert!(!allows("\"v2\""));
+        // A weak tag never matches (strong comparison).
+        assert!(!allows("W/\"v1\""));
+        assert!(allows("Mon, 01 Jan 2024 00:00:00 GMT"));
+        assert!(!allows("Tue, 02 Jan 2024 00:00:00 GMT"));
+        // An unreadable validator cannot match: ignore the Range.
+        let mut req = HeaderMap::new();
+        req.insert(
+            header::IF_RANGE,
+            HeaderValue::from_bytes(b"\"v1\"\xff").unwrap(),
+        );
+        assert!(!if_range_allows(&req, &stored));
     }
 
     #[test]
