@@ -21,11 +21,11 @@ pub struct Directive {
 /// Splits Cache-Control field lines into directives, honouring quoted strings.
 pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Directive> {
     let mut out = Vec::new();
-    for line in lines {
-        let Ok(line) = std::str::from_utf8(line) else {
-            continue;
-        };
-        let bytes = line.as_bytes();
+    for bytes in lines {
+        // Bytes, not &str: a field value may carry obs-text (RFC 9110 5.5)
+        // in a quoted-string. Skipping a non-UTF-8 line would drop its
+        // `no-store` or `private` along with it.
+        let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&bytes[r]).into_owned();
         let mut i = 0;
         while i < bytes.len() {
             // skip separators and whitespace
@@ -43,19 +43,22 @@ pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Direct
                 }
                 continue;
             }
-            let name = line[start..i].to_ascii_lowercase();
+            let name = text(start..i).to_ascii_lowercase();
             let mut value = None;
             let mut valid = true;
             if i < bytes.len() && bytes[i] == b'=' {
                 i += 1;
                 if i < bytes.len() && bytes[i] == b'"' {
                     i += 1;
-                    let mut v = String::new();
+                    // Bytes, not chars: a quoted-string may carry UTF-8
+                    // (obs-text, RFC 9110 5.6.4), which `byte as char` would
+                    // turn into Latin-1 mojibake.
+                    let mut v = Vec::new();
                     let mut closed = false;
                     while i < bytes.len() {
                         match bytes[i] {
                             b'\\' if i + 1 < bytes.len() => {
-                                v.push(bytes[i + 1] as char);
+                                v.push(bytes[i + 1]);
                                 i += 2;
                             }
                             b'"' => {
@@ -64,20 +67,20 @@ pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Direct
                                 break;
                             }
                             c => {
-                                v.push(c as char);
+                                v.push(c);
                                 i += 1;
                             }
                         }
                     }
                     valid = closed;
-                    value = Some(v);
+                    value = Some(String::from_utf8_lossy(&v).into_owned());
                 } else {
                     let vstart = i;
                     while i < bytes.len() && !matches!(bytes[i], b',' | b' ' | b'\t') {
                         i += 1;
                     }
                     // `max-age= 3600`: whitespace after '=' leaves an empty value
-                    value = Some(line[vstart..i].to_string());
+                    value = Some(text(vstart..i));
                 }
             } else {
                 // `max-age =3600`: whitespace before '='. Skip any trailing junk
@@ -490,5 +493,22 @@ mod tests {
         assert_eq!(r.min_fresh, Some(10));
         assert_eq!(r.max_age, Some(5));
         assert!(r.only_if_cached);
+    }
+
+    #[test]
+    fn rfc9110_5_6_4_obs_text_in_quoted_string_keeps_the_line() {
+        // A Latin-1 byte in a quoted-string is obs-text, legal in a field
+        // value; the whole line (and its no-store) used to be skipped.
+        let mut h = HeaderMap::new();
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_bytes(b"no-store, x=\"caf\xe9\", max-age=5").unwrap(),
+        );
+        let d = ResponseDirectives::from_headers(&h);
+        assert!(d.no_store);
+        assert_eq!(d.max_age, Delta::Valid(5));
+        // UTF-8 in a quoted value survives whole, not as Latin-1 mojibake.
+        let dirs = parse_directives(std::iter::once("x=\"é\\é\"".as_bytes()));
+        assert_eq!(dirs[0].value.as_deref(), Some("éé"));
     }
 }
