@@ -511,4 +511,123 @@ mod tests {
         let dirs = parse_directives(std::iter::once("x=\"é\\é\"".as_bytes()));
         assert_eq!(dirs[0].value.as_deref(), Some("éé"));
     }
+
+    // Property tests: Cache-Control comes from clients and origins alike.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// tchar (RFC 9110 5.6.2).
+        const TOKEN: &str = "[!#$%&'*+.^_`|~0-9A-Za-z-]{1,12}";
+
+        /// A directive value: token or quoted-string (any printable ASCII,
+        /// space, tab, or UTF-8 text).
+        #[derive(Debug, Clone)]
+        enum Value {
+            Token(String),
+            Quoted(String),
+        }
+
+        fn directives() -> impl Strategy<Value = Vec<(String, Option<Value>)>> {
+            let value = prop_oneof![
+                TOKEN.prop_map(Value::Token),
+                "[ \t\\x21-\\x7e]{0,16}".prop_map(Value::Quoted),
+                "\\PC{0,8}".prop_map(Value::Quoted),
+            ];
+            prop::collection::vec((TOKEN, prop::option::of(value)), 0..6)
+        }
+
+        fn render(dirs: &[(String, Option<Value>)], sep: &str) -> String {
+            dirs.iter()
+                .map(|(n, v)| match v {
+                    None => n.clone(),
+                    Some(Value::Token(t)) => format!("{n}={t}"),
+                    Some(Value::Quoted(q)) => {
+                        let escaped = q.replace('\\', "\\\\").replace('"', "\\\"");
+                        format!("{n}=\"{escaped}\"")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(sep)
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                lines in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4),
+            ) {
+                let _ = parse_directives(lines.iter().map(Vec::as_slice));
+                let mut h = HeaderMap::new();
+                for l in &lines {
+                    if let Ok(v) = HeaderValue::from_bytes(l) {
+                        h.append(CACHE_CONTROL, v.clone());
+                        h.append(CDN_CACHE_CONTROL, v.clone());
+                        h.append(PRAGMA, v);
+                    }
+                }
+                let _ = ResponseDirectives::from_headers(&h);
+                let _ = RequestDirectives::from_headers(&h);
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(s in "\\PC{0,64}", d in "\\PC{0,24}") {
+                let _ = parse_directives(std::iter::once(s.as_bytes()));
+                let _ = parse_delta_seconds(&d);
+            }
+
+            /// Well-formed directives parse back to themselves, names
+            /// lowercased and quoted-pairs unescaped (RFC 9110 5.6.4).
+            #[test]
+            fn well_formed_round_trip(dirs in directives(), sep in "(, |,|,\t| ,  )") {
+                let line = render(&dirs, &sep);
+                let parsed = parse_directives(std::iter::once(line.as_bytes()));
+                let expected: Vec<Directive> = dirs
+                    .iter()
+                    .map(|(n, v)| Directive {
+                        name: n.to_ascii_lowercase(),
+                        value: v.as_ref().map(|v| match v {
+                            Value::Token(t) => t.clone(),
+                            Value::Quoted(q) => q.clone(),
+                        }),
+                    })
+                    .collect();
+                prop_assert_eq!(parsed, expected, "{}", line);
+            }
+
+            /// Delta-seconds survive a render and parse, saturating at 2^31
+            /// (RFC 9111 1.2.2), in both token and quoted form.
+            #[test]
+            fn freshness_round_trip(
+                max_age in prop::option::of(any::<u64>()),
+                s_maxage in prop::option::of(0u64..100_000),
+                no_store in any::<bool>(),
+                private in any::<bool>(),
+                quoted in any::<bool>(),
+            ) {
+                let mut parts = Vec::new();
+                if let Some(m) = max_age {
+                    parts.push(if quoted { format!("max-age=\"{m}\"") } else { format!("Max-Age={m}") });
+                }
+                if let Some(s) = s_maxage {
+                    parts.push(format!("s-maxage={s}"));
+                }
+                if no_store {
+                    parts.push("no-store".into());
+                }
+                if private {
+                    parts.push("PRIVATE".into());
+                }
+                let mut h = HeaderMap::new();
+                h.insert(CACHE_CONTROL, HeaderValue::from_str(&parts.join(", ")).unwrap());
+                let d = ResponseDirectives::from_headers(&h);
+                let delta = |v: Option<u64>| v.map_or(Delta::Absent, |n| Delta::Valid(n.min(DELTA_SECONDS_MAX)));
+                prop_assert_eq!(d.max_age, delta(max_age));
+                prop_assert_eq!(d.s_maxage, delta(s_maxage));
+                prop_assert_eq!((d.no_store, d.private), (no_store, private));
+                let r = RequestDirectives::from_headers(&h);
+                prop_assert_eq!(r.max_age, max_age.map(|n| n.min(DELTA_SECONDS_MAX)));
+                prop_assert_eq!(r.no_store, no_store);
+            }
+        }
+    }
 }

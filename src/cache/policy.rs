@@ -1191,4 +1191,132 @@ mod tests {
         let t = invalidation_targets(&Method::DELETE, StatusCode::OK, &resp, "a.example", "/p");
         assert_eq!(t, vec!["/p".to_string(), "/abs".to_string()]);
     }
+
+    // Property tests: the Range, If-Range and Vary parsers read untrusted
+    // request and response fields, so arbitrary input must never panic and
+    // every answer must be usable as is.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A header map with one field, when the bytes make a valid value.
+        fn one(name: &str, value: &[u8]) -> HeaderMap {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), v);
+            }
+            h
+        }
+
+        /// Lengths that matter: tiny, around u64's end, and anything.
+        fn lengths() -> impl Strategy<Value = u64> {
+            prop_oneof![0u64..300, (u64::MAX - 3)..=u64::MAX, any::<u64>()]
+        }
+
+        /// Range values shaped like the grammar, with junk mixed in.
+        fn range_values() -> impl Strategy<Value = String> {
+            let pos = prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                (0u64..300).prop_map(|n| n.to_string()),
+                "[0-9]{15,30}",
+                Just(String::new()),
+                "[ +x-]{0,2}[0-9]{0,3}",
+            ];
+            let spec = (pos.clone(), pos).prop_map(|(a, b)| format!("{a}-{b}"));
+            prop_oneof![
+                (
+                    prop::collection::vec(spec, 1..3),
+                    "(bytes|Bytes|BYTES|items)="
+                )
+                    .prop_map(|(specs, unit)| format!("{unit}{}", specs.join(","))),
+                "\\PC{0,40}",
+            ]
+        }
+
+        fn check_answer(answer: &RangeAnswer, len: u64) -> Result<(), TestCaseError> {
+            if let RangeAnswer::Part(r) = answer {
+                prop_assert!(r.start < r.end, "empty part {r:?} of {len}");
+                prop_assert!(r.end <= len, "part {r:?} past {len}");
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn byte_range_never_panics_and_parts_fit(
+                v in prop::collection::vec(any::<u8>(), 0..64),
+                len in lengths(),
+            ) {
+                let answer = byte_range(&one("range", &v), len);
+                check_answer(&answer, len)?;
+            }
+
+            #[test]
+            fn byte_range_grammar_shaped(v in range_values(), len in lengths()) {
+                let answer = byte_range(&one("range", v.as_bytes()), len);
+                check_answer(&answer, len)?;
+            }
+
+            /// RFC 9110 14.1.2 as a model: first-pos..=min(last-pos, len - 1).
+            #[test]
+            fn byte_range_int_range_model(a in any::<u64>(), b in any::<u64>(), len in lengths()) {
+                let answer = byte_range(&one("range", format!("bytes={a}-{b}").as_bytes()), len);
+                let expected = if b < a {
+                    RangeAnswer::Whole
+                } else if a >= len {
+                    RangeAnswer::Unsatisfiable
+                } else {
+                    RangeAnswer::Part(a..b.min(len - 1) + 1)
+                };
+                prop_assert_eq!(answer, expected);
+            }
+
+            /// RFC 9110 14.1.2: the last n bytes, or all of them.
+            #[test]
+            fn byte_range_suffix_model(n in any::<u64>(), len in lengths()) {
+                let answer = byte_range(&one("range", format!("bytes=-{n}").as_bytes()), len);
+                let expected = if n == 0 {
+                    RangeAnswer::Unsatisfiable
+                } else if len == 0 {
+                    RangeAnswer::Whole
+                } else {
+                    RangeAnswer::Part(len.saturating_sub(n)..len)
+                };
+                prop_assert_eq!(answer, expected);
+            }
+
+            #[test]
+            fn if_range_never_panics(
+                v in prop::collection::vec(any::<u8>(), 0..64),
+                etag in "\\PC{0,12}",
+            ) {
+                let stored = one("etag", etag.as_bytes());
+                let _ = if_range_allows(&one("if-range", &v), &stored);
+            }
+
+            #[test]
+            fn vary_parsing_never_panics(
+                lines in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 0..4),
+                req in prop::collection::vec(any::<u8>(), 0..48),
+            ) {
+                let mut resp = HeaderMap::new();
+                for l in &lines {
+                    if let Ok(v) = HeaderValue::from_bytes(l) {
+                        resp.append(header::VARY, v);
+                    }
+                }
+                if let Some(fields) = vary_fields(&resp) {
+                    // Every field is a usable, lowercased header name.
+                    for f in &fields {
+                        prop_assert_eq!(f.as_str(), f.as_str().to_ascii_lowercase());
+                    }
+                    let req = one("accept-language", &req);
+                    let stored: Vec<_> =
+                        fields.iter().map(|f| (f.clone(), vary_value(&req, f))).collect();
+                    // A request always matches the variant recorded from it.
+                    prop_assert!(vary_matches(&stored, &req));
+                }
+            }
+        }
+    }
 }
