@@ -248,16 +248,19 @@ fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
     let mut out = Vec::new();
     for line in lines {
         let s = line.to_str().ok()?;
-        for member in s.split(',') {
+        for member in split_unquoted(s, b',') {
             let member = member.trim_matches([' ', '\t']);
             if member.is_empty() {
                 return None; // empty list member: invalid dictionary
             }
-            let (key, value) = match member.split_once('=') {
-                Some((k, v)) => (k, Some(v)),
-                None => (member, None),
-            };
-            let key = key.split(';').next().unwrap_or("");
+            // key [ "=" value ] *( ";" parameter ): the key ends at the
+            // first '=' or ';', and parameters (ignored) may hold strings
+            // with '=' in them.
+            let key_end = member.find(['=', ';']).unwrap_or(member.len());
+            let key = &member[..key_end];
+            let value = member[key_end..]
+                .strip_prefix('=')
+                .map(|v| split_unquoted(v, b';').into_iter().next().unwrap_or(""));
             let valid_key = key
                 .bytes()
                 .next()
@@ -268,19 +271,23 @@ fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
             if !valid_key {
                 return None;
             }
-            let value = match value.map(|v| v.split(';').next().unwrap_or("")) {
+            let value = match value {
                 None => None,
+                // sf-integer: at most 15 digits (RFC 8941 3.3.1, 4.2.4).
                 Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() => {
+                    if v.len() > 15 {
+                        return None;
+                    }
                     Some(v.to_string())
                 }
-                Some(v) if v.starts_with('"') && v.ends_with('"') && v.len() >= 2 => {
+                Some(v) if v.starts_with('"') => {
                     if matches!(
                         key,
                         "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
                     ) {
                         return None; // wrong type for a delta directive
                     }
-                    Some(v[1..v.len() - 1].to_string())
+                    Some(sf_string(v)?)
                 }
                 Some(v)
                     if v.starts_with('-')
@@ -298,6 +305,50 @@ fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
         }
     }
     Some(out)
+}
+
+/// Splits at `sep` outside sf-strings: a string may hold commas and
+/// semicolons (RFC 8941 3.3.3). `s` is ASCII, so every cut is a boundary.
+fn split_unquoted(s: &str, sep: u8) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut in_string, mut escaped) = (0, false, false);
+    for (i, &c) in s.as_bytes().iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+        } else if c == b'"' {
+            in_string = true;
+        } else if c == sep {
+            out.push(&s[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// An sf-string (RFC 8941 4.2.5): printable ASCII between quotes, only
+/// `\"` and `\\` escaped, nothing after the closing quote.
+fn sf_string(v: &str) -> Option<String> {
+    let mut chars = v.strip_prefix('"')?.chars();
+    let mut out = String::new();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next()? {
+                e @ ('"' | '\\') => out.push(e),
+                _ => return None,
+            },
+            '"' => return chars.next().is_none().then_some(out),
+            ' '..='~' => out.push(c),
+            _ => return None,
+        }
+    }
+    None // no closing quote
 }
 
 /// Request Cache-Control directives (9111 5.2.1).
@@ -470,6 +521,36 @@ mod tests {
     }
 
     #[test]
+    fn rfc8941_cdn_cache_control_strings_may_hold_commas() {
+        // RFC 8941 3.3.3: an sf-string may contain ',' and ';'. Splitting on
+        // every comma made this valid field invalid, so it was ignored and
+        // Cache-Control's no-store applied instead (RFC 9213 2.1).
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            CDN_CACHE_CONTROL,
+            HeaderValue::from_static(r#"no-cache="set-cookie, x-a", max-age=60;n="a,b=c""#),
+        );
+        let d = ResponseDirectives::from_headers(&h);
+        assert!(d.targeted && !d.no_store);
+        assert_eq!(d.max_age, Delta::Valid(60));
+        assert_eq!(d.no_cache_fields, vec!["set-cookie", "x-a"]);
+        // Still invalid as a whole: a bad escape, an unclosed string, text
+        // after the string, an sf-integer past 15 digits (8941 3.3.1).
+        for bad in [
+            r#"no-cache="a\b""#,
+            r#"no-cache="abc"#,
+            r#"no-cache="a"b"#,
+            r#"no-cache="a\""#,
+            "max-age=1234567890123456",
+        ] {
+            h.insert(CDN_CACHE_CONTROL, HeaderValue::from_static(bad));
+            let d = ResponseDirectives::from_headers(&h);
+            assert!(!d.targeted && d.no_store, "{bad}");
+        }
+    }
+
+    #[test]
     fn rfc9111_5_4_pragma_only_without_cache_control() {
         let mut h = HeaderMap::new();
         h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
@@ -592,6 +673,20 @@ mod tests {
                     })
                     .collect();
                 prop_assert_eq!(parsed, expected, "{}", line);
+            }
+
+            /// CDN-Cache-Control sf-strings round-trip whatever printable
+            /// ASCII they hold, commas and semicolons included (RFC 8941
+            /// 3.3.3), alongside an sf-integer.
+            #[test]
+            fn targeted_strings_round_trip(text in "[ -~]{0,24}", n in 0u64..=999_999_999_999_999) {
+                let escaped = text.replace('\\', "\\\\").replace('"', "\\\"");
+                let field = format!("x-ext=\"{escaped}\";p=\"a,b\", max-age={n}");
+                let mut h = HeaderMap::new();
+                h.insert(CDN_CACHE_CONTROL, HeaderValue::from_str(&field).unwrap());
+                let dirs = targeted_directives(&h).expect("a valid dictionary");
+                prop_assert_eq!(dirs[0].value.as_deref(), Some(text.as_str()));
+                prop_assert_eq!(dirs[1].value.clone(), Some(n.to_string()));
             }
 
             /// Delta-seconds survive a render and parse, saturating at 2^31
