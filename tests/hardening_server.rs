@@ -182,6 +182,41 @@ async fn slow_response_is_not_cut_by_the_idle_timeout() {
     assert_eq!(got.text(), "late");
 }
 
+#[tokio::test]
+async fn shutdown_closes_idle_and_silent_connections_without_waiting_the_grace() {
+    let origin = Origin::start(|_, _| Reply::ok("hello")).await;
+    let gw = Gateway::start(&origin.url(), |c| {
+        c.server.header_read_timeout_ms = LONG_MS;
+        c.server.idle_timeout_ms = LONG_MS;
+        c.server.shutdown_grace_ms = LONG_MS;
+    })
+    .await;
+    // One kept-alive connection after a request, one that never spoke.
+    let mut idle = TcpStream::connect(gw.running.addr).await.expect("connect");
+    idle.write_all(b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("request");
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).await.expect("response");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let mut silent = TcpStream::connect(gw.running.addr).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let start = Instant::now();
+    let _ = gw.running.stop.send(true);
+    // Neither has anything in flight, so the drain ends at once instead of
+    // after shutdown_grace_ms (or header_read_timeout_ms for the silent one).
+    tokio::time::timeout(Duration::from_secs(3), gw.running.task)
+        .await
+        .expect("the gateway stops well inside the grace period")
+        .expect("serve task");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    for s in [&mut idle, &mut silent] {
+        closed_within(s, Duration::from_secs(1))
+            .await
+            .expect("connection closed by shutdown");
+    }
+}
+
 /// A 100-byte cacheable body, stored by one MISS.
 async fn stored_hundred_bytes() -> (Origin, Gateway, Vec<u8>) {
     let body: Vec<u8> = (0..100u8).map(|i| b'a' + i % 26).collect();

@@ -328,6 +328,8 @@ async fn serve_connection<I>(
                 let p = *phase.borrow_and_update();
                 match p {
                     Phase::Serving => {}
+                    // Nothing started on it: nothing to drain.
+                    Phase::Draining if !activity.started.load(Ordering::SeqCst) => return,
                     Phase::Draining => {
                         if closing_since.is_none() {
                             conn.as_mut().graceful_shutdown();
