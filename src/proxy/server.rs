@@ -342,3 +342,56 @@ async fn serve_connection<I>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        first_request: Duration::from_millis(100),
+        idle: Duration::from_millis(500),
+    };
+
+    #[test]
+    fn watchdog_deadlines() {
+        let a = Activity::new();
+        let t0 = a.opened;
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Before any request: the first-request limit, then expiry.
+        assert_eq!(a.deadline(LIMITS, ms(10)), Some(ms(100)));
+        assert_eq!(a.deadline(LIMITS, ms(100)), None);
+        // A request in flight is never idle, however long it takes.
+        let guard = a.begin();
+        assert_eq!(a.deadline(LIMITS, ms(10_000)), Some(ms(10_500)));
+        // Once it ends, the idle limit counts from its end.
+        drop(guard);
+        let ended = Duration::from_millis(a.idle_since_ms.load(Ordering::SeqCst));
+        let at = t0 + ended + LIMITS.idle;
+        assert_eq!(a.deadline(LIMITS, t0 + ended), Some(at));
+        assert_eq!(a.deadline(LIMITS, at), None);
+    }
+
+    #[test]
+    fn first_request_and_last_end_wake_the_watchdog() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let a = Activity::new();
+            let first = a.begin();
+            // A stored permit: the wake-up is not lost though nobody waited.
+            tokio::time::timeout(Duration::from_secs(1), a.changed.notified())
+                .await
+                .expect("first request wakes");
+            let second = a.begin();
+            drop(first);
+            let quiet = tokio::time::timeout(Duration::from_millis(50), a.changed.notified());
+            assert!(quiet.await.is_err(), "one request still in flight");
+            drop(second);
+            tokio::time::timeout(Duration::from_secs(1), a.changed.notified())
+                .await
+                .expect("last request's end wakes");
+        });
+    }
+}
