@@ -1233,6 +1233,47 @@ mod tests {
             ]
         }
 
+        const RESPONSE_FIELDS: [HeaderName; 12] = [
+            header::CACHE_CONTROL,
+            header::EXPIRES,
+            header::DATE,
+            header::DATE,
+            header::LAST_MODIFIED,
+            header::AGE,
+            header::ETAG,
+            header::VARY,
+            header::SET_COOKIE,
+            header::LOCATION,
+            header::CONTENT_LOCATION,
+            header::CONNECTION,
+        ];
+        const REQUEST_FIELDS: [HeaderName; 7] = [
+            header::CACHE_CONTROL,
+            header::PRAGMA,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::AUTHORIZATION,
+            header::RANGE,
+            header::IF_RANGE,
+        ];
+
+        /// Header values: HTTP-dates far and near, numerals of any size,
+        /// directive-like text, and plain junk.
+        fn field_value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                (0u64..253_402_300_799).prop_map(|s| httpdate::fmt_http_date(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+                )
+                .into_bytes()),
+                "[0-9]{1,30}".prop_map(String::into_bytes),
+                "[a-z-]{1,16}(=[0-9\"a-z, ]{0,20})?(, [a-z-]{1,16}(=[0-9]{1,25})?){0,3}"
+                    .prop_map(String::into_bytes),
+                "(W/)?\"[!#-~]{0,10}\"(, (W/)?\"[a-z]{0,4}\")?".prop_map(String::into_bytes),
+                "(https?://[a-z.]{1,10}(:[0-9]{1,6})?)?/[!-~]{0,20}".prop_map(String::into_bytes),
+                prop::collection::vec(any::<u8>(), 0..40),
+            ]
+        }
+
         fn check_answer(answer: &RangeAnswer, len: u64) -> Result<(), TestCaseError> {
             if let RangeAnswer::Part(r) = answer {
                 prop_assert!(r.start < r.end, "empty part {r:?} of {len}");
@@ -1283,6 +1324,56 @@ mod tests {
                     RangeAnswer::Part(len.saturating_sub(n)..len)
                 };
                 prop_assert_eq!(answer, expected);
+            }
+
+            /// Everything the store path reads from an origin's response and
+            /// a client's request, fed arbitrary values: no panic anywhere.
+            #[test]
+            fn response_policy_never_panics(
+                resp_values in prop::collection::vec(field_value(), RESPONSE_FIELDS.len()),
+                req_values in prop::collection::vec(field_value(), REQUEST_FIELDS.len()),
+                status in 100u16..600,
+                now_secs in 0u64..(1 << 40),
+                delay in 0u64..(1 << 32),
+            ) {
+                let mut resp = HeaderMap::new();
+                for (name, v) in RESPONSE_FIELDS.iter().zip(&resp_values) {
+                    if let Ok(v) = HeaderValue::from_bytes(v) {
+                        resp.append(name, v);
+                    }
+                }
+                let mut req = HeaderMap::new();
+                for (name, v) in REQUEST_FIELDS.iter().zip(&req_values) {
+                    if let Ok(v) = HeaderValue::from_bytes(v) {
+                        req.append(name, v);
+                    }
+                }
+                let status = StatusCode::from_u16(status).unwrap();
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now_secs);
+                let later = now + Duration::from_secs(delay);
+                let cc = ResponseDirectives::from_headers(&resp);
+                let _ = storable(&Method::GET, &req, status, &resp, &cc, POLICY);
+                let lifetime = freshness_lifetime(status, &resp, &cc, now, HEUR);
+                let age = corrected_initial_age(&resp, now, later);
+                let f = Freshness {
+                    lifetime,
+                    corrected_initial_age: age,
+                    response_time: later,
+                    no_cache: cc.no_cache,
+                    forbids_stale: cc.forbids_stale(),
+                    stale_while_revalidate: Duration::from_secs(cc.stale_while_revalidate.unwrap_or(0)),
+                    stale_if_error: Duration::from_secs(cc.stale_if_error.unwrap_or(0)),
+                };
+                let rd = RequestDirectives::from_headers(&req);
+                let _ = usability(&f, &rd, later + Duration::from_secs(delay));
+                let _ = f.can_serve_on_error(later, Some(Duration::from_secs(delay)));
+                let _ = conditional_matches(&req, &resp);
+                let _ = if_range_allows(&req, &resp);
+                let _ = is_heuristic(&resp, &cc);
+                let mut stored = resp.clone();
+                update_from_304(&mut stored, &resp);
+                let _ = not_modified_headers(&stored);
+                let _ = invalidation_targets(&Method::POST, StatusCode::CREATED, &resp, "a.example", "/p");
             }
 
             #[test]
