@@ -135,6 +135,9 @@ impl Default for StateConfig {
     }
 }
 
+/// Upper bound for the per-connection timeouts in `[server]` (one day).
+pub const MAX_CONNECTION_TIMEOUT_MS: u64 = 86_400_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -144,8 +147,13 @@ pub struct ServerConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub max_connections: usize,
-    /// A client must send its whole request head within this time.
+    /// A client must send its whole request head within this time; it also
+    /// bounds the TLS handshake and a new connection's wait for its first
+    /// request (protocol detection, the h2 preface and SETTINGS exchange).
     pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight (h1 keep-alive, h2 without open
+    /// streams) is closed after this long; also the h2 PING interval.
+    pub idle_timeout_ms: u64,
     pub max_header_bytes: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: u64,
@@ -166,6 +174,7 @@ impl Default for ServerConfig {
             tls_key: None,
             max_connections: 10_000,
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
             max_header_bytes: 64 * 1024,
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 16 * 1024 * 1024,
@@ -425,6 +434,24 @@ impl Config {
                 "give the certificate chain and the private key as PEM files",
             ));
         }
+        // Zero would close every connection at once; past a day, deadline
+        // arithmetic (Instant + Duration, in hyper too) can overflow.
+        for (key, v) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            ("server.idle_timeout_ms", self.server.idle_timeout_ms),
+        ] {
+            if !(1..=MAX_CONNECTION_TIMEOUT_MS).contains(&v) {
+                return Err(err(
+                    0..0,
+                    key,
+                    format!("must be between 1 and {MAX_CONNECTION_TIMEOUT_MS}"),
+                    "milliseconds, e.g. 10000",
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.cache.heuristic_fraction) {
             return Err(err(
                 0..0,
@@ -639,6 +666,23 @@ mod tests {
         assert_eq!(e.line, 2);
         let e = Config::parse("[[route]]\nname = \"a\"\nprefix = \"api\"\n", "k.toml").unwrap_err();
         assert_eq!(e.line, 3);
+    }
+
+    #[test]
+    fn server_timeouts_are_bounded() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.server.idle_timeout_ms, 60_000);
+        for src in [
+            "[server]\nidle_timeout_ms = 0\n",
+            "[server]\nheader_read_timeout_ms = 0\n",
+            "[server]\nidle_timeout_ms = 9223372036854775807\n",
+            "[server]\nheader_read_timeout_ms = 86400001\n",
+        ] {
+            let e = Config::parse(src, "k.toml").unwrap_err();
+            assert!(e.message.starts_with("server."), "{src}: {e}");
+        }
+        let c = Config::parse("[server]\nidle_timeout_ms = 300\n", "t.toml").unwrap();
+        assert_eq!(c.server.idle_timeout_ms, 300);
     }
 
     #[test]

@@ -156,4 +156,70 @@ mod tests {
         assert!(e.message.starts_with("malformed JSON"), "{}", e.message);
         assert_eq!(parse_optional_json::<serde_json::Value>(b"").unwrap(), None);
     }
+
+    // Property tests: query strings and path segments come from the network.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Percent-encodes everything but unreserved characters (RFC 3986
+        /// 2.3); in a query component a space may also be `+`.
+        fn encode(s: &str, space_as_plus: bool) -> String {
+            let mut out = String::new();
+            for b in s.bytes() {
+                match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        out.push(b as char)
+                    }
+                    b' ' if space_as_plus => out.push('+'),
+                    _ => out.push_str(&format!("%{b:02X}")),
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_input_never_panics(s in "\\PC{0,64}", raw in "[%+&=/a-fA-F0-9\u{e9}\u{1F600}]{0,32}") {
+                for input in [&s, &raw] {
+                    let _ = percent_decode(input, true);
+                    let _ = percent_decode(input, false);
+                    let _ = query_pairs(Some(input));
+                    let _ = path_segments(input);
+                }
+            }
+
+            #[test]
+            fn percent_decoding_round_trips(s in "\\PC{0,32}", plus in any::<bool>()) {
+                prop_assert_eq!(percent_decode(&encode(&s, plus), plus).unwrap(), s.clone());
+                // Lowercase hex digits decode the same (RFC 3986 2.1).
+                let lower = encode(&s, plus).to_ascii_lowercase();
+                let no_letters = s.bytes().all(|b| !b.is_ascii_alphabetic());
+                if no_letters {
+                    prop_assert_eq!(percent_decode(&lower, plus).unwrap(), s);
+                }
+            }
+
+            #[test]
+            fn query_pairs_round_trip(
+                pairs in prop::collection::vec(("\\PC{0,12}", "\\PC{0,12}"), 0..5),
+            ) {
+                let q = pairs
+                    .iter()
+                    .map(|(k, v)| format!("{}={}", encode(k, true), encode(v, true)))
+                    .collect::<Vec<_>>()
+                    .join("&");
+                prop_assert_eq!(query_pairs(Some(&q)).unwrap(), pairs);
+            }
+
+            #[test]
+            fn path_segments_round_trip(segs in prop::collection::vec("\\PC{0,12}", 1..5)) {
+                let path = format!(
+                    "/{}",
+                    segs.iter().map(|s| encode(s, false)).collect::<Vec<_>>().join("/")
+                );
+                prop_assert_eq!(path_segments(&path).unwrap(), segs);
+            }
+        }
+    }
 }

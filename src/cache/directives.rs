@@ -21,11 +21,11 @@ pub struct Directive {
 /// Splits Cache-Control field lines into directives, honouring quoted strings.
 pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Directive> {
     let mut out = Vec::new();
-    for line in lines {
-        let Ok(line) = std::str::from_utf8(line) else {
-            continue;
-        };
-        let bytes = line.as_bytes();
+    for bytes in lines {
+        // Bytes, not &str: a field value may carry obs-text (RFC 9110 5.5)
+        // in a quoted-string. Skipping a non-UTF-8 line would drop its
+        // `no-store` or `private` along with it.
+        let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&bytes[r]).into_owned();
         let mut i = 0;
         while i < bytes.len() {
             // skip separators and whitespace
@@ -43,19 +43,22 @@ pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Direct
                 }
                 continue;
             }
-            let name = line[start..i].to_ascii_lowercase();
+            let name = text(start..i).to_ascii_lowercase();
             let mut value = None;
             let mut valid = true;
             if i < bytes.len() && bytes[i] == b'=' {
                 i += 1;
                 if i < bytes.len() && bytes[i] == b'"' {
                     i += 1;
-                    let mut v = String::new();
+                    // Bytes, not chars: a quoted-string may carry UTF-8
+                    // (obs-text, RFC 9110 5.6.4), which `byte as char` would
+                    // turn into Latin-1 mojibake.
+                    let mut v = Vec::new();
                     let mut closed = false;
                     while i < bytes.len() {
                         match bytes[i] {
                             b'\\' if i + 1 < bytes.len() => {
-                                v.push(bytes[i + 1] as char);
+                                v.push(bytes[i + 1]);
                                 i += 2;
                             }
                             b'"' => {
@@ -64,20 +67,20 @@ pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Direct
                                 break;
                             }
                             c => {
-                                v.push(c as char);
+                                v.push(c);
                                 i += 1;
                             }
                         }
                     }
                     valid = closed;
-                    value = Some(v);
+                    value = Some(String::from_utf8_lossy(&v).into_owned());
                 } else {
                     let vstart = i;
                     while i < bytes.len() && !matches!(bytes[i], b',' | b' ' | b'\t') {
                         i += 1;
                     }
                     // `max-age= 3600`: whitespace after '=' leaves an empty value
-                    value = Some(line[vstart..i].to_string());
+                    value = Some(text(vstart..i));
                 }
             } else {
                 // `max-age =3600`: whitespace before '='. Skip any trailing junk
@@ -245,16 +248,19 @@ fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
     let mut out = Vec::new();
     for line in lines {
         let s = line.to_str().ok()?;
-        for member in s.split(',') {
+        for member in split_unquoted(s, b',') {
             let member = member.trim_matches([' ', '\t']);
             if member.is_empty() {
                 return None; // empty list member: invalid dictionary
             }
-            let (key, value) = match member.split_once('=') {
-                Some((k, v)) => (k, Some(v)),
-                None => (member, None),
-            };
-            let key = key.split(';').next().unwrap_or("");
+            // key [ "=" value ] *( ";" parameter ): the key ends at the
+            // first '=' or ';', and parameters (ignored) may hold strings
+            // with '=' in them.
+            let key_end = member.find(['=', ';']).unwrap_or(member.len());
+            let key = &member[..key_end];
+            let value = member[key_end..]
+                .strip_prefix('=')
+                .map(|v| split_unquoted(v, b';').into_iter().next().unwrap_or(""));
             let valid_key = key
                 .bytes()
                 .next()
@@ -265,19 +271,23 @@ fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
             if !valid_key {
                 return None;
             }
-            let value = match value.map(|v| v.split(';').next().unwrap_or("")) {
+            let value = match value {
                 None => None,
+                // sf-integer: at most 15 digits (RFC 8941 3.3.1, 4.2.4).
                 Some(v) if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() => {
+                    if v.len() > 15 {
+                        return None;
+                    }
                     Some(v.to_string())
                 }
-                Some(v) if v.starts_with('"') && v.ends_with('"') && v.len() >= 2 => {
+                Some(v) if v.starts_with('"') => {
                     if matches!(
                         key,
                         "max-age" | "s-maxage" | "stale-while-revalidate" | "stale-if-error"
                     ) {
                         return None; // wrong type for a delta directive
                     }
-                    Some(v[1..v.len() - 1].to_string())
+                    Some(sf_string(v)?)
                 }
                 Some(v)
                     if v.starts_with('-')
@@ -295,6 +305,50 @@ fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
         }
     }
     Some(out)
+}
+
+/// Splits at `sep` outside sf-strings: a string may hold commas and
+/// semicolons (RFC 8941 3.3.3). `s` is ASCII, so every cut is a boundary.
+fn split_unquoted(s: &str, sep: u8) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut in_string, mut escaped) = (0, false, false);
+    for (i, &c) in s.as_bytes().iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+        } else if c == b'"' {
+            in_string = true;
+        } else if c == sep {
+            out.push(&s[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// An sf-string (RFC 8941 4.2.5): printable ASCII between quotes, only
+/// `\"` and `\\` escaped, nothing after the closing quote.
+fn sf_string(v: &str) -> Option<String> {
+    let mut chars = v.strip_prefix('"')?.chars();
+    let mut out = String::new();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next()? {
+                e @ ('"' | '\\') => out.push(e),
+                _ => return None,
+            },
+            '"' => return chars.next().is_none().then_some(out),
+            ' '..='~' => out.push(c),
+            _ => return None,
+        }
+    }
+    None // no closing quote
 }
 
 /// Request Cache-Control directives (9111 5.2.1).
@@ -467,6 +521,36 @@ mod tests {
     }
 
     #[test]
+    fn rfc8941_cdn_cache_control_strings_may_hold_commas() {
+        // RFC 8941 3.3.3: an sf-string may contain ',' and ';'. Splitting on
+        // every comma made this valid field invalid, so it was ignored and
+        // Cache-Control's no-store applied instead (RFC 9213 2.1).
+        let mut h = HeaderMap::new();
+        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            CDN_CACHE_CONTROL,
+            HeaderValue::from_static(r#"no-cache="set-cookie, x-a", max-age=60;n="a,b=c""#),
+        );
+        let d = ResponseDirectives::from_headers(&h);
+        assert!(d.targeted && !d.no_store);
+        assert_eq!(d.max_age, Delta::Valid(60));
+        assert_eq!(d.no_cache_fields, vec!["set-cookie", "x-a"]);
+        // Still invalid as a whole: a bad escape, an unclosed string, text
+        // after the string, an sf-integer past 15 digits (8941 3.3.1).
+        for bad in [
+            r#"no-cache="a\b""#,
+            r#"no-cache="abc"#,
+            r#"no-cache="a"b"#,
+            r#"no-cache="a\""#,
+            "max-age=1234567890123456",
+        ] {
+            h.insert(CDN_CACHE_CONTROL, HeaderValue::from_static(bad));
+            let d = ResponseDirectives::from_headers(&h);
+            assert!(!d.targeted && d.no_store, "{bad}");
+        }
+    }
+
+    #[test]
     fn rfc9111_5_4_pragma_only_without_cache_control() {
         let mut h = HeaderMap::new();
         h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
@@ -490,5 +574,155 @@ mod tests {
         assert_eq!(r.min_fresh, Some(10));
         assert_eq!(r.max_age, Some(5));
         assert!(r.only_if_cached);
+    }
+
+    #[test]
+    fn rfc9110_5_6_4_obs_text_in_quoted_string_keeps_the_line() {
+        // A Latin-1 byte in a quoted-string is obs-text, legal in a field
+        // value; the whole line (and its no-store) used to be skipped.
+        let mut h = HeaderMap::new();
+        h.insert(
+            CACHE_CONTROL,
+            HeaderValue::from_bytes(b"no-store, x=\"caf\xe9\", max-age=5").unwrap(),
+        );
+        let d = ResponseDirectives::from_headers(&h);
+        assert!(d.no_store);
+        assert_eq!(d.max_age, Delta::Valid(5));
+        // UTF-8 in a quoted value survives whole, not as Latin-1 mojibake.
+        let dirs = parse_directives(std::iter::once("x=\"é\\é\"".as_bytes()));
+        assert_eq!(dirs[0].value.as_deref(), Some("éé"));
+    }
+
+    // Property tests: Cache-Control comes from clients and origins alike.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// tchar (RFC 9110 5.6.2).
+        const TOKEN: &str = "[!#$%&'*+.^_`|~0-9A-Za-z-]{1,12}";
+
+        /// A directive value: token or quoted-string (any printable ASCII,
+        /// space, tab, or UTF-8 text).
+        #[derive(Debug, Clone)]
+        enum Value {
+            Token(String),
+            Quoted(String),
+        }
+
+        fn directives() -> impl Strategy<Value = Vec<(String, Option<Value>)>> {
+            let value = prop_oneof![
+                TOKEN.prop_map(Value::Token),
+                "[ \t\\x21-\\x7e]{0,16}".prop_map(Value::Quoted),
+                "\\PC{0,8}".prop_map(Value::Quoted),
+            ];
+            prop::collection::vec((TOKEN, prop::option::of(value)), 0..6)
+        }
+
+        fn render(dirs: &[(String, Option<Value>)], sep: &str) -> String {
+            dirs.iter()
+                .map(|(n, v)| match v {
+                    None => n.clone(),
+                    Some(Value::Token(t)) => format!("{n}={t}"),
+                    Some(Value::Quoted(q)) => {
+                        let escaped = q.replace('\\', "\\\\").replace('"', "\\\"");
+                        format!("{n}=\"{escaped}\"")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(sep)
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_never_panic(
+                lines in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..4),
+            ) {
+                let _ = parse_directives(lines.iter().map(Vec::as_slice));
+                let mut h = HeaderMap::new();
+                for l in &lines {
+                    if let Ok(v) = HeaderValue::from_bytes(l) {
+                        h.append(CACHE_CONTROL, v.clone());
+                        h.append(CDN_CACHE_CONTROL, v.clone());
+                        h.append(PRAGMA, v);
+                    }
+                }
+                let _ = ResponseDirectives::from_headers(&h);
+                let _ = RequestDirectives::from_headers(&h);
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(s in "\\PC{0,64}", d in "\\PC{0,24}") {
+                let _ = parse_directives(std::iter::once(s.as_bytes()));
+                let _ = parse_delta_seconds(&d);
+            }
+
+            /// Well-formed directives parse back to themselves, names
+            /// lowercased and quoted-pairs unescaped (RFC 9110 5.6.4).
+            #[test]
+            fn well_formed_round_trip(dirs in directives(), sep in "(, |,|,\t| ,  )") {
+                let line = render(&dirs, &sep);
+                let parsed = parse_directives(std::iter::once(line.as_bytes()));
+                let expected: Vec<Directive> = dirs
+                    .iter()
+                    .map(|(n, v)| Directive {
+                        name: n.to_ascii_lowercase(),
+                        value: v.as_ref().map(|v| match v {
+                            Value::Token(t) => t.clone(),
+                            Value::Quoted(q) => q.clone(),
+                        }),
+                    })
+                    .collect();
+                prop_assert_eq!(parsed, expected, "{}", line);
+            }
+
+            /// CDN-Cache-Control sf-strings round-trip whatever printable
+            /// ASCII they hold, commas and semicolons included (RFC 8941
+            /// 3.3.3), alongside an sf-integer.
+            #[test]
+            fn targeted_strings_round_trip(text in "[ -~]{0,24}", n in 0u64..=999_999_999_999_999) {
+                let escaped = text.replace('\\', "\\\\").replace('"', "\\\"");
+                let field = format!("x-ext=\"{escaped}\";p=\"a,b\", max-age={n}");
+                let mut h = HeaderMap::new();
+                h.insert(CDN_CACHE_CONTROL, HeaderValue::from_str(&field).unwrap());
+                let dirs = targeted_directives(&h).expect("a valid dictionary");
+                prop_assert_eq!(dirs[0].value.as_deref(), Some(text.as_str()));
+                prop_assert_eq!(dirs[1].value.clone(), Some(n.to_string()));
+            }
+
+            /// Delta-seconds survive a render and parse, saturating at 2^31
+            /// (RFC 9111 1.2.2), in both token and quoted form.
+            #[test]
+            fn freshness_round_trip(
+                max_age in prop::option::of(any::<u64>()),
+                s_maxage in prop::option::of(0u64..100_000),
+                no_store in any::<bool>(),
+                private in any::<bool>(),
+                quoted in any::<bool>(),
+            ) {
+                let mut parts = Vec::new();
+                if let Some(m) = max_age {
+                    parts.push(if quoted { format!("max-age=\"{m}\"") } else { format!("Max-Age={m}") });
+                }
+                if let Some(s) = s_maxage {
+                    parts.push(format!("s-maxage={s}"));
+                }
+                if no_store {
+                    parts.push("no-store".into());
+                }
+                if private {
+                    parts.push("PRIVATE".into());
+                }
+                let mut h = HeaderMap::new();
+                h.insert(CACHE_CONTROL, HeaderValue::from_str(&parts.join(", ")).unwrap());
+                let d = ResponseDirectives::from_headers(&h);
+                let delta = |v: Option<u64>| v.map_or(Delta::Absent, |n| Delta::Valid(n.min(DELTA_SECONDS_MAX)));
+                prop_assert_eq!(d.max_age, delta(max_age));
+                prop_assert_eq!(d.s_maxage, delta(s_maxage));
+                prop_assert_eq!((d.no_store, d.private), (no_store, private));
+                let r = RequestDirectives::from_headers(&h);
+                prop_assert_eq!(r.max_age, max_age.map(|n| n.min(DELTA_SECONDS_MAX)));
+                prop_assert_eq!(r.no_store, no_store);
+            }
+        }
     }
 }

@@ -477,7 +477,7 @@ pub enum RangeAnswer {
 }
 
 /// A single byte range a stored body of `len` bytes can satisfy (RFC 9110
-/// 14.1.2, 14.2).
+/// 14.1.2, 14.2). A `Part` is never empty and always within `0..len`.
 pub fn byte_range(req: &HeaderMap, len: u64) -> RangeAnswer {
     match byte_range_inner(req, len) {
         Ok(Some(r)) => RangeAnswer::Part(r),
@@ -486,28 +486,69 @@ pub fn byte_range(req: &HeaderMap, len: u64) -> RangeAnswer {
     }
 }
 
+/// A 1*DIGIT position (RFC 9110 14.1.1): digits only, no sign or spaces
+/// inside. 14.1.2 asks recipients to expect numerals past any integer
+/// type, so overflow saturates: such a position is beyond every length.
+fn range_pos(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.bytes().fold(0u64, |n, b| {
+        n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+    }))
+}
+
 #[allow(clippy::result_unit_err)]
 fn byte_range_inner(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
     let Some(spec) = req.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return Ok(None);
     };
-    let Some(set) = spec.trim().strip_prefix("bytes=") else {
+    // The range unit is case-insensitive (RFC 9110 14.1).
+    let spec = spec.trim();
+    let Some(set) = spec
+        .get(..6)
+        .filter(|u| u.eq_ignore_ascii_case("bytes="))
+        .and_then(|_| spec.get(6..))
+    else {
         return Ok(None);
     };
-    if set.contains(',') {
-        return Ok(None); // multipart ranges: send the whole representation
-    }
-    let Some((first, last)) = set.trim().split_once('-') else {
+    // Empty list elements are ignored (RFC 9110 5.6.1); several ranges are
+    // answered with the whole representation (14.2 lets a server ignore).
+    let mut specs = set.split(',').map(str::trim).filter(|s| !s.is_empty());
+    let (Some(one), None) = (specs.next(), specs.next()) else {
         return Ok(None);
     };
-    let parse = |s: &str| s.trim().parse::<u64>().ok();
-    let range = match (first.trim().is_empty(), parse(first), parse(last)) {
-        (true, _, Some(suffix)) if suffix > 0 => len.saturating_sub(suffix)..len,
-        (true, _, _) => return Err(()),
-        (false, Some(a), None) if last.trim().is_empty() => a..len,
-        (false, Some(a), Some(b)) if b >= a => a..(b + 1).min(len),
-        _ => return Ok(None),
+    let Some((first, last)) = one.split_once('-') else {
+        return Ok(None);
     };
+    let range = if first.is_empty() {
+        // suffix-range (14.1.2): the last N bytes, the whole representation
+        // when it is shorter than N; a zero suffix is unsatisfiable.
+        match range_pos(last) {
+            Some(0) => return Err(()),
+            // Content-Range cannot express an empty range: send it all.
+            Some(_) if len == 0 => return Ok(None),
+            Some(n) => len.saturating_sub(n)..len,
+            None => return Ok(None),
+        }
+    } else {
+        let Some(a) = range_pos(first) else {
+            return Ok(None);
+        };
+        let end = if last.is_empty() {
+            len
+        } else {
+            match range_pos(last) {
+                Some(b) if b >= a => b.min(len.saturating_sub(1)).saturating_add(1),
+                // last-pos < first-pos: invalid, so the field is ignored (14.1.1).
+                _ => return Ok(None),
+            }
+        };
+        // 14.1.2: a last-pos at or beyond the length means "to the end";
+        // clamped above before adding one, so u64::MAX cannot overflow.
+        a..end
+    };
+    // 14.1.1: an int-range is satisfiable only if first-pos < length.
     if range.start >= len {
         return Err(());
     }
@@ -517,8 +558,13 @@ fn byte_range_inner(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<
 /// Whether `If-Range` lets a range request be answered partially (RFC 9110
 /// 13.1.5): only a strong ETag match or an exact date match.
 pub fn if_range_allows(req: &HeaderMap, stored: &HeaderMap) -> bool {
-    let Some(v) = req.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else {
+    let Some(v) = req.get(header::IF_RANGE) else {
         return true;
+    };
+    // A validator we cannot read cannot match: the Range is ignored then
+    // (13.1.5), never honoured as if If-Range were absent.
+    let Ok(v) = v.to_str() else {
+        return false;
     };
     let v = v.trim();
     if v.starts_with('"') {
@@ -1010,6 +1056,108 @@ mod tests {
     }
 
     #[test]
+    fn rfc9110_14_1_2_last_pos_at_or_past_length_means_the_rest() {
+        // 14.1.2: a last-pos at or beyond the length is replaced by len - 1;
+        // u64::MAX once overflowed `last + 1` (panic in debug, and in
+        // release an empty 206 claiming bytes 0-18446744073709551615/100).
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 100);
+        assert_eq!(r("bytes=5-18446744073709551615"), RangeAnswer::Part(5..100));
+        assert_eq!(r("bytes=0-18446744073709551615"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=0-18446744073709551614"), RangeAnswer::Part(0..100));
+        assert_eq!(
+            r("bytes=99-18446744073709551615"),
+            RangeAnswer::Part(99..100)
+        );
+        assert_eq!(r("bytes=0-99"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=0-100"), RangeAnswer::Part(0..100));
+        // Past u64 altogether: still "to the end" (14.1.2 asks recipients to
+        // expect numerals larger than their integers).
+        assert_eq!(
+            r("bytes=3-99999999999999999999999"),
+            RangeAnswer::Part(3..100)
+        );
+    }
+
+    #[test]
+    fn rfc9110_14_1_2_huge_first_pos_and_suffix() {
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 100);
+        // A first-pos past u64 is past the length: unsatisfiable (14.1.1).
+        assert_eq!(r("bytes=99999999999999999999-"), RangeAnswer::Unsatisfiable);
+        assert_eq!(r("bytes=18446744073709551615-"), RangeAnswer::Unsatisfiable);
+        // A suffix longer than the representation selects all of it
+        // (14.1.2); it used to be refused with 416 once past u64.
+        assert_eq!(r("bytes=-99999999999999999999"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=-18446744073709551615"), RangeAnswer::Part(0..100));
+        assert_eq!(r("bytes=-100"), RangeAnswer::Part(0..100));
+        // A zero suffix is the unsatisfiable suffix-range (14.1.1).
+        assert_eq!(r("bytes=-0"), RangeAnswer::Unsatisfiable);
+    }
+
+    #[test]
+    fn rfc9110_14_1_1_syntax_errors_are_ignored_not_refused() {
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 100);
+        // Not 1*DIGIT: the field is invalid and ignored (14.2), where `-`,
+        // `-x` and `-+3` used to get 416 and `+5-` a 206.
+        for junk in [
+            "bytes=-",
+            "bytes=-x",
+            "bytes=-+3",
+            "bytes=+5-",
+            "bytes=5",
+            "bytes=a-b",
+            "bytes=5-4",
+            "bytes=1-2-3",
+            "bytes=",
+            "bytes=--",
+            "bytes=0x10-",
+        ] {
+            assert_eq!(r(junk), RangeAnswer::Whole, "{junk}");
+        }
+        // The unit is case-insensitive (14.1); empty list elements are
+        // skipped (5.6.1).
+        assert_eq!(r("Bytes=0-4"), RangeAnswer::Part(0..5));
+        assert_eq!(r("bytes=0-4,"), RangeAnswer::Part(0..5));
+        assert_eq!(r("bytes=, 0-4"), RangeAnswer::Part(0..5));
+    }
+
+    #[test]
+    fn rfc9110_14_1_1_zero_length_representation() {
+        let r = |v: &str| byte_range(&headers(&[("range", v)]), 0);
+        // No int-range fits an empty body (14.1.1) ...
+        assert_eq!(r("bytes=0-"), RangeAnswer::Unsatisfiable);
+        assert_eq!(
+            r("bytes=0-18446744073709551615"),
+            RangeAnswer::Unsatisfiable
+        );
+        // ... a non-zero suffix does, but no Content-Range can name an empty
+        // part, so the (empty) whole is sent.
+        assert_eq!(r("bytes=-5"), RangeAnswer::Whole);
+    }
+
+    #[test]
+    fn rfc9110_13_1_5_if_range() {
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        ]);
+        let allows = |v: &str| if_range_allows(&headers(&[("if-range", v)]), &stored);
+        assert!(if_range_allows(&headers(&[]), &stored));
+        assert!(allows("\"v1\""));
+        assert!(!allows("\"v2\""));
+        // A weak tag never matches (strong comparison).
+        assert!(!allows("W/\"v1\""));
+        assert!(allows("Mon, 01 Jan 2024 00:00:00 GMT"));
+        assert!(!allows("Tue, 02 Jan 2024 00:00:00 GMT"));
+        // An unreadable validator cannot match: ignore the Range.
+        let mut req = HeaderMap::new();
+        req.insert(
+            header::IF_RANGE,
+            HeaderValue::from_bytes(b"\"v1\"\xff").unwrap(),
+        );
+        assert!(!if_range_allows(&req, &stored));
+    }
+
+    #[test]
     fn rfc9111_3_2_304_updates_headers_but_not_content_length() {
         let mut stored = headers(&[("content-length", "10"), ("x-a", "1"), ("etag", "\"1\"")]);
         let nm = headers(&[
@@ -1045,5 +1193,224 @@ mod tests {
         let resp = headers(&[("location", "http://a.example/abs")]);
         let t = invalidation_targets(&Method::DELETE, StatusCode::OK, &resp, "a.example", "/p");
         assert_eq!(t, vec!["/p".to_string(), "/abs".to_string()]);
+    }
+
+    // Property tests: the Range, If-Range and Vary parsers read untrusted
+    // request and response fields, so arbitrary input must never panic and
+    // every answer must be usable as is.
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A header map with one field, when the bytes make a valid value.
+        fn one(name: &str, value: &[u8]) -> HeaderMap {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                h.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), v);
+            }
+            h
+        }
+
+        /// Lengths that matter: tiny, around u64's end, and anything.
+        fn lengths() -> impl Strategy<Value = u64> {
+            prop_oneof![0u64..300, (u64::MAX - 3)..=u64::MAX, any::<u64>()]
+        }
+
+        /// Range values shaped like the grammar, with junk mixed in.
+        fn range_values() -> impl Strategy<Value = String> {
+            let pos = prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                (0u64..300).prop_map(|n| n.to_string()),
+                "[0-9]{15,30}",
+                Just(String::new()),
+                "[ +x-]{0,2}[0-9]{0,3}",
+            ];
+            let spec = (pos.clone(), pos).prop_map(|(a, b)| format!("{a}-{b}"));
+            prop_oneof![
+                (
+                    prop::collection::vec(spec, 1..3),
+                    "(bytes|Bytes|BYTES|items)="
+                )
+                    .prop_map(|(specs, unit)| format!("{unit}{}", specs.join(","))),
+                "\\PC{0,40}",
+            ]
+        }
+
+        const RESPONSE_FIELDS: [HeaderName; 12] = [
+            header::CACHE_CONTROL,
+            header::EXPIRES,
+            header::DATE,
+            header::DATE,
+            header::LAST_MODIFIED,
+            header::AGE,
+            header::ETAG,
+            header::VARY,
+            header::SET_COOKIE,
+            header::LOCATION,
+            header::CONTENT_LOCATION,
+            header::CONNECTION,
+        ];
+        const REQUEST_FIELDS: [HeaderName; 7] = [
+            header::CACHE_CONTROL,
+            header::PRAGMA,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            header::AUTHORIZATION,
+            header::RANGE,
+            header::IF_RANGE,
+        ];
+
+        /// Header values: HTTP-dates far and near, numerals of any size,
+        /// directive-like text, and plain junk.
+        fn field_value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                (0u64..253_402_300_799).prop_map(|s| httpdate::fmt_http_date(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(s)
+                )
+                .into_bytes()),
+                "[0-9]{1,30}".prop_map(String::into_bytes),
+                "[a-z-]{1,16}(=[0-9\"a-z, ]{0,20})?(, [a-z-]{1,16}(=[0-9]{1,25})?){0,3}"
+                    .prop_map(String::into_bytes),
+                "(W/)?\"[!#-~]{0,10}\"(, (W/)?\"[a-z]{0,4}\")?".prop_map(String::into_bytes),
+                "(https?://[a-z.]{1,10}(:[0-9]{1,6})?)?/[!-~]{0,20}".prop_map(String::into_bytes),
+                prop::collection::vec(any::<u8>(), 0..40),
+            ]
+        }
+
+        fn check_answer(answer: &RangeAnswer, len: u64) -> Result<(), TestCaseError> {
+            if let RangeAnswer::Part(r) = answer {
+                prop_assert!(r.start < r.end, "empty part {r:?} of {len}");
+                prop_assert!(r.end <= len, "part {r:?} past {len}");
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn byte_range_never_panics_and_parts_fit(
+                v in prop::collection::vec(any::<u8>(), 0..64),
+                len in lengths(),
+            ) {
+                let answer = byte_range(&one("range", &v), len);
+                check_answer(&answer, len)?;
+            }
+
+            #[test]
+            fn byte_range_grammar_shaped(v in range_values(), len in lengths()) {
+                let answer = byte_range(&one("range", v.as_bytes()), len);
+                check_answer(&answer, len)?;
+            }
+
+            /// RFC 9110 14.1.2 as a model: first-pos..=min(last-pos, len - 1).
+            #[test]
+            fn byte_range_int_range_model(a in any::<u64>(), b in any::<u64>(), len in lengths()) {
+                let answer = byte_range(&one("range", format!("bytes={a}-{b}").as_bytes()), len);
+                let expected = if b < a {
+                    RangeAnswer::Whole
+                } else if a >= len {
+                    RangeAnswer::Unsatisfiable
+                } else {
+                    RangeAnswer::Part(a..b.min(len - 1) + 1)
+                };
+                prop_assert_eq!(answer, expected);
+            }
+
+            /// RFC 9110 14.1.2: the last n bytes, or all of them.
+            #[test]
+            fn byte_range_suffix_model(n in any::<u64>(), len in lengths()) {
+                let answer = byte_range(&one("range", format!("bytes=-{n}").as_bytes()), len);
+                let expected = if n == 0 {
+                    RangeAnswer::Unsatisfiable
+                } else if len == 0 {
+                    RangeAnswer::Whole
+                } else {
+                    RangeAnswer::Part(len.saturating_sub(n)..len)
+                };
+                prop_assert_eq!(answer, expected);
+            }
+
+            /// Everything the store path reads from an origin's response and
+            /// a client's request, fed arbitrary values: no panic anywhere.
+            #[test]
+            fn response_policy_never_panics(
+                resp_values in prop::collection::vec(field_value(), RESPONSE_FIELDS.len()),
+                req_values in prop::collection::vec(field_value(), REQUEST_FIELDS.len()),
+                status in 100u16..600,
+                now_secs in 0u64..(1 << 40),
+                delay in 0u64..(1 << 32),
+            ) {
+                let mut resp = HeaderMap::new();
+                for (name, v) in RESPONSE_FIELDS.iter().zip(&resp_values) {
+                    if let Ok(v) = HeaderValue::from_bytes(v) {
+                        resp.append(name, v);
+                    }
+                }
+                let mut req = HeaderMap::new();
+                for (name, v) in REQUEST_FIELDS.iter().zip(&req_values) {
+                    if let Ok(v) = HeaderValue::from_bytes(v) {
+                        req.append(name, v);
+                    }
+                }
+                let status = StatusCode::from_u16(status).unwrap();
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now_secs);
+                let later = now + Duration::from_secs(delay);
+                let cc = ResponseDirectives::from_headers(&resp);
+                let _ = storable(&Method::GET, &req, status, &resp, &cc, POLICY);
+                let lifetime = freshness_lifetime(status, &resp, &cc, now, HEUR);
+                let age = corrected_initial_age(&resp, now, later);
+                let f = Freshness {
+                    lifetime,
+                    corrected_initial_age: age,
+                    response_time: later,
+                    no_cache: cc.no_cache,
+                    forbids_stale: cc.forbids_stale(),
+                    stale_while_revalidate: Duration::from_secs(cc.stale_while_revalidate.unwrap_or(0)),
+                    stale_if_error: Duration::from_secs(cc.stale_if_error.unwrap_or(0)),
+                };
+                let rd = RequestDirectives::from_headers(&req);
+                let _ = usability(&f, &rd, later + Duration::from_secs(delay));
+                let _ = f.can_serve_on_error(later, Some(Duration::from_secs(delay)));
+                let _ = conditional_matches(&req, &resp);
+                let _ = if_range_allows(&req, &resp);
+                let _ = is_heuristic(&resp, &cc);
+                let mut stored = resp.clone();
+                update_from_304(&mut stored, &resp);
+                let _ = not_modified_headers(&stored);
+                let _ = invalidation_targets(&Method::POST, StatusCode::CREATED, &resp, "a.example", "/p");
+            }
+
+            #[test]
+            fn if_range_never_panics(
+                v in prop::collection::vec(any::<u8>(), 0..64),
+                etag in "\\PC{0,12}",
+            ) {
+                let stored = one("etag", etag.as_bytes());
+                let _ = if_range_allows(&one("if-range", &v), &stored);
+            }
+
+            #[test]
+            fn vary_parsing_never_panics(
+                lines in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 0..4),
+                req in prop::collection::vec(any::<u8>(), 0..48),
+            ) {
+                let mut resp = HeaderMap::new();
+                for l in &lines {
+                    if let Ok(v) = HeaderValue::from_bytes(l) {
+                        resp.append(header::VARY, v);
+                    }
+                }
+                if let Some(fields) = vary_fields(&resp) {
+                    // Every field is a usable, lowercased header name.
+                    for f in &fields {
+                        prop_assert_eq!(f.as_str(), f.as_str().to_ascii_lowercase());
+                    }
+                    let req = one("accept-language", &req);
+                    let stored: Vec<_> =
+                        fields.iter().map(|f| (f.clone(), vary_value(&req, f))).collect();
+                    // A request always matches the variant recorded from it.
+                    prop_assert!(vary_matches(&stored, &req));
+                }
+            }
+        }
     }
 }

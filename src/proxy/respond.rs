@@ -109,6 +109,15 @@ fn partial(e: &Entry, stored: HeaderMap, req: &HeaderMap, head: bool) -> Respons
     } else {
         policy::RangeAnswer::Whole
     };
+    // byte_range promises a non-empty part within the body; should that ever
+    // break, send the whole body rather than panic in `slice` or underflow
+    // `end - 1` below.
+    let answer = match answer {
+        policy::RangeAnswer::Part(r) if r.start >= r.end || r.end > len => {
+            policy::RangeAnswer::Whole
+        }
+        a => a,
+    };
     let mut r = match answer {
         policy::RangeAnswer::Whole => {
             let mut r = Response::new(if head {

@@ -1,7 +1,11 @@
 //! The listener: HTTP/1.1 and HTTP/2 (hyper-util's auto builder), optional
-//! TLS (rustls), a connection cap, a header-read timeout against slow
-//! clients, and graceful shutdown that drains in-flight requests.
+//! TLS (rustls), a connection cap, and graceful shutdown that drains
+//! in-flight requests. Every connection slot is bounded in time: the TLS
+//! handshake and the first request head (which covers protocol detection and
+//! the h2 preface / SETTINGS exchange) within `header_read_timeout_ms`, and
+//! no request in flight for `idle_timeout_ms` closes the connection.
 
+use super::body::Body;
 use super::headers::ClientInfo;
 use super::pipeline::Gateway;
 use hyper::service::service_fn;
@@ -10,10 +14,14 @@ use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 /// Builds a TLS acceptor from PEM files (certificate chain, private key).
@@ -59,6 +67,115 @@ pub async fn accept(
     }
 }
 
+/// Per-connection limits, from `[server]`.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// TLS handshake, and accept -> first request head.
+    first_request: Duration,
+    /// No request in flight for this long: close.
+    idle: Duration,
+}
+
+/// What the accept loop tells its connections.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Serving,
+    /// Finish in-flight requests, take no new ones.
+    Draining,
+    /// The shutdown grace is over: close now.
+    Closing,
+}
+
+/// Request bookkeeping for one connection, for the idle watchdog.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    started: AtomicBool,
+    /// When `in_flight` last fell to zero, in ms since `opened`.
+    idle_since_ms: AtomicU64,
+    /// Wakes the watchdog when the first request starts or the last one
+    /// ends, so it re-arms with the right limit (a stored permit covers a
+    /// change that lands while it is not waiting).
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            started: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if !self.started.swap(true, Ordering::SeqCst) {
+            self.changed.notify_one();
+        }
+        InFlight(self.clone())
+    }
+
+    /// When the watchdog should look again; `None`: the connection has been
+    /// idle (or silent, before its first request) for too long.
+    fn deadline(&self, limits: Limits, now: Instant) -> Option<Instant> {
+        let at = if self.in_flight.load(Ordering::SeqCst) > 0 {
+            now.checked_add(limits.idle)?
+        } else if !self.started.load(Ordering::SeqCst) {
+            self.opened.checked_add(limits.first_request)?
+        } else {
+            let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
+            self.opened.checked_add(since)?.checked_add(limits.idle)?
+        };
+        (at > now).then_some(at)
+    }
+}
+
+/// Held from the start of a request until its response body is dropped
+/// (sent or abandoned), so a long download never counts as idle.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = u64::try_from(a.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // Store before the decrement: a watchdog that sees zero requests
+        // must also see the time they ended.
+        a.idle_since_ms.store(ms, Ordering::SeqCst);
+        if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            a.changed.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight.
+struct Tracked {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = <Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Accepts connections until `shutdown` resolves, then lets in-flight
 /// requests finish for up to the configured grace period.
 pub async fn serve(
@@ -68,20 +185,33 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let cfg = gw.config.server.clone();
-    let permits = Arc::new(Semaphore::new(cfg.max_connections.max(1)));
+    // Semaphore::new panics past MAX_PERMITS, and draining waits for all
+    // permits with a u32 count: keep the cap within both.
+    let cap = cfg
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let permits = Arc::new(Semaphore::new(cap));
+    let limits = Limits {
+        first_request: Duration::from_millis(cfg.header_read_timeout_ms),
+        idle: Duration::from_millis(cfg.idle_timeout_ms),
+    };
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(cfg.header_read_timeout_ms))
+        .header_read_timeout(limits.first_request)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(cfg.max_header_bytes as u32);
+        // PINGs find peers that vanished mid-stream; the idle watchdog
+        // below closes live but unused connections.
+        .keep_alive_interval(limits.idle)
+        .keep_alive_timeout(limits.first_request)
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (phase, _) = watch::channel(Phase::Serving);
     tokio::pin!(shutdown);
     loop {
         let (stream, addr) = tokio::select! {
@@ -99,45 +229,169 @@ pub async fn serve(
             tls: tls.is_some(),
         };
         let gw = gw.clone();
-        let service = service_fn(move |req| {
-            let gw = gw.clone();
-            async move { Ok::<_, Infallible>(gw.handle(req, client).await) }
-        });
         let builder = builder.clone();
-        match &tls {
-            None => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(permit);
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
+        let phase = phase.subscribe();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => serve_connection(&builder, stream, gw, client, limits, phase).await,
+                Some(acceptor) => {
+                    // A client that never finishes the handshake must not
+                    // hold its slot longer than one that never sends a head.
                     let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-                            .await;
-                    let Ok(Ok(tls_stream)) = handshake else {
-                        return;
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(tls_stream), service)
-                        .into_owned();
-                    let _ = watcher.watch(conn).await;
-                    drop(permit);
-                });
+                        tokio::time::timeout(limits.first_request, acceptor.accept(stream)).await;
+                    if let Ok(Ok(tls_stream)) = handshake {
+                        serve_connection(&builder, tls_stream, gw, client, limits, phase).await;
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = phase.send(Phase::Draining);
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    // Every connection holds a permit until it is gone.
+    let drained = permits.acquire_many(cap as u32);
+    tokio::select! {
+        _ = drained => tracing::info!("all connections drained"),
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace elapsed; closing remaining connections");
+            let _ = phase.send(Phase::Closing);
+        }
+    }
+}
+
+/// Serves one connection (h1 or h2, after TLS if any) under the idle
+/// watchdog and the shutdown phases.
+async fn serve_connection<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    gw: Arc<Gateway>,
+    client: ClientInfo,
+    limits: Limits,
+    mut phase: watch::Receiver<Phase>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Activity::new();
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let guard = activity.begin();
+            let gw = gw.clone();
+            async move {
+                let resp = gw.handle(req, client).await;
+                Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                    inner,
+                    _guard: guard,
+                }))
+            }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    // Set once the connection was asked to finish: from then on, with no
+    // request left, it gets `first_request` more to close by itself.
+    let mut closing_since: Option<Instant> = None;
+    let mut phase_open = true;
+    loop {
+        let now = Instant::now();
+        let wake = match (activity.deadline(limits, now), closing_since) {
+            (_, Some(since)) if activity.in_flight.load(Ordering::SeqCst) == 0 => {
+                match since.checked_add(limits.first_request) {
+                    Some(at) if at > now => at,
+                    _ => return, // dropping the connection closes the socket
+                }
+            }
+            (Some(at), _) => at,
+            (None, _) if !activity.started.load(Ordering::SeqCst) => {
+                // Nothing to drain: no request ever started.
+                tracing::debug!(addr = %client.addr, "no request head in time; closing");
+                return;
+            }
+            (None, _) => {
+                conn.as_mut().graceful_shutdown();
+                closing_since = Some(now);
+                continue;
+            }
+        };
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = activity.changed.notified() => {}
+            changed = phase.changed(), if phase_open => {
+                if changed.is_err() {
+                    phase_open = false;
+                    continue;
+                }
+                let p = *phase.borrow_and_update();
+                match p {
+                    Phase::Serving => {}
+                    // Nothing started on it: nothing to drain.
+                    Phase::Draining if !activity.started.load(Ordering::SeqCst) => return,
+                    Phase::Draining => {
+                        if closing_since.is_none() {
+                            conn.as_mut().graceful_shutdown();
+                            closing_since = Some(Instant::now());
+                        }
+                    }
+                    Phase::Closing => return,
+                }
             }
         }
     }
-    drop(listener);
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(?grace, "shutdown grace elapsed; closing remaining connections"),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        first_request: Duration::from_millis(100),
+        idle: Duration::from_millis(500),
+    };
+
+    #[test]
+    fn watchdog_deadlines() {
+        let a = Activity::new();
+        let t0 = a.opened;
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Before any request: the first-request limit, then expiry.
+        assert_eq!(a.deadline(LIMITS, ms(10)), Some(ms(100)));
+        assert_eq!(a.deadline(LIMITS, ms(100)), None);
+        // A request in flight is never idle, however long it takes.
+        let guard = a.begin();
+        assert_eq!(a.deadline(LIMITS, ms(10_000)), Some(ms(10_500)));
+        // Once it ends, the idle limit counts from its end.
+        drop(guard);
+        let ended = Duration::from_millis(a.idle_since_ms.load(Ordering::SeqCst));
+        let at = t0 + ended + LIMITS.idle;
+        assert_eq!(a.deadline(LIMITS, t0 + ended), Some(at));
+        assert_eq!(a.deadline(LIMITS, at), None);
+    }
+
+    #[test]
+    fn first_request_and_last_end_wake_the_watchdog() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let a = Activity::new();
+            let first = a.begin();
+            // A stored permit: the wake-up is not lost though nobody waited.
+            tokio::time::timeout(Duration::from_secs(1), a.changed.notified())
+                .await
+                .expect("first request wakes");
+            let second = a.begin();
+            drop(first);
+            let quiet = tokio::time::timeout(Duration::from_millis(50), a.changed.notified());
+            assert!(quiet.await.is_err(), "one request still in flight");
+            drop(second);
+            tokio::time::timeout(Duration::from_secs(1), a.changed.notified())
+                .await
+                .expect("last request's end wakes");
+        });
     }
 }
