@@ -45,6 +45,16 @@ const CLIENT_FORWARDING: [&str; 19] = [
 /// `server.trusted_proxies`) keeps its `X-Forwarded-For` and
 /// `X-Forwarded-Proto`; anyone else's are removed too.
 pub fn strip_client_forwarding(h: &mut HeaderMap, trusted_peer: bool) {
+    // One pass over the names present (most requests carry none of these)
+    // instead of a hash lookup per name on every request.
+    let untrusted_only =
+        |n: &str| !trusted_peer && (n == "x-forwarded-for" || n == "x-forwarded-proto");
+    let present = h
+        .keys()
+        .any(|n| CLIENT_FORWARDING.contains(&n.as_str()) || untrusted_only(n.as_str()));
+    if !present {
+        return;
+    }
     for n in CLIENT_FORWARDING {
         h.remove(n);
     }
