@@ -1,7 +1,7 @@
 //! Command line: run the gateway, check a config, or run the demo.
 
 use crate::config::Config;
-use crate::proxy::pipeline::Gateway;
+use crate::proxy::gateway::Gateway;
 use crate::proxy::server;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

@@ -19,7 +19,7 @@ mod request;
 pub mod routes;
 
 use crate::config::AdminConfig;
-use crate::proxy::pipeline::Gateway;
+use crate::proxy::gateway::Gateway;
 use auth::Token;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;

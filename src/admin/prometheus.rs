@@ -3,7 +3,7 @@
 use crate::cache::result::CacheResult;
 use crate::edge::CountersSnapshot;
 use crate::metrics::ORIGIN_BUCKETS;
-use crate::proxy::pipeline::Gateway;
+use crate::proxy::gateway::Gateway;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 

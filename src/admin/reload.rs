@@ -6,7 +6,7 @@
 //! higher: going back would make old entries reachable again.
 
 use crate::config::Config;
-use crate::proxy::pipeline::Gateway;
+use crate::proxy::gateway::Gateway;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -361,6 +361,9 @@ pub struct RequestDirectives {
     pub no_cache: bool,
     pub no_store: bool,
     pub only_if_cached: bool,
+    /// RFC 5861 4: how stale a response the client accepts when the origin
+    /// fails.
+    pub stale_if_error: Option<u64>,
 }
 
 impl RequestDirectives {
@@ -400,6 +403,9 @@ impl RequestDirectives {
                 "no-cache" => r.no_cache = true,
                 "no-store" => r.no_store = true,
                 "only-if-cached" => r.only_if_cached = true,
+                "stale-if-error" if r.stale_if_error.is_none() => {
+                    r.stale_if_error = delta_of(d).seconds()
+                }
                 _ => {}
             }
         }

@@ -1,8 +1,9 @@
 //! The HTTP cache: keys, RFC 9111 policy (pure), the store, the
 //! single-flight table for fetches and background refreshes, and the body
-//! its waiters share. Imports `protocol` and nothing above it.
+//! its waiters share. Imports `protocol` and `config`, nothing above.
 
 pub mod directives;
+pub mod filters;
 pub mod key;
 pub mod policy;
 pub mod result;

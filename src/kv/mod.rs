@@ -20,6 +20,19 @@ pub use durable::DurableKv;
 pub use memory::MemoryKv;
 pub use namespaced::Namespaced;
 
+/// Opens the store `[state]` names: the backend is chosen here, not by
+/// its callers.
+pub fn open(cfg: &crate::config::StateConfig) -> Result<std::sync::Arc<dyn Kv>, String> {
+    use crate::config::StateBackend;
+    Ok(match cfg.backend {
+        StateBackend::Memory => std::sync::Arc::new(MemoryKv::new()),
+        StateBackend::Durable => std::sync::Arc::new(
+            DurableKv::open(&cfg.path)
+                .map_err(|e| format!("state file {}: {e}", cfg.path.display()))?,
+        ),
+    })
+}
+
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -6,8 +6,8 @@
 //! no request in flight for `idle_timeout_ms` closes the connection.
 
 use super::body::Body;
+use super::gateway::Gateway;
 use super::headers::ClientInfo;
-use super::pipeline::Gateway;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;

@@ -1,0 +1,303 @@
+//! The gateway: everything the request path shares, and the request path
+//! itself as a sequence of phases. Each phase lives in its own file:
+//!
+//! 1. `request`: the request checked (guard: limits, Host, method) and put
+//!    in normal form (hop-by-hop and client forwarding headers removed, the
+//!    path normalised);
+//! 2. the edge decided (flags, variants, preferences injected; `edge`);
+//! 3. the key built (namespace version, scheme, authority, path);
+//! 4. `lookup`: looked up, and served when usable (hit, stale, coalesced);
+//! 5. `fetch`: fetched from the origin (conditional, stale-if-error, the
+//!    304 merge), stored as it streams (`cache::filters` decides what and
+//!    for how long);
+//! 6. `pass`: or passed through uncached (bypass routes, unsafe methods);
+//! 7. answered (`respond`: Age, X-Cache, Cache-Status).
+//!
+//! Data flows one way; every branch ends in one response and at most one
+//! origin request per key at a time.
+
+use super::body::Body;
+use super::headers::{remove_hop_by_hop, strip_client_forwarding, ClientInfo};
+use super::origin::OriginClient;
+use super::request::{authority, normalize_request_target, Ctx};
+use super::respond::{self, CacheResult, Labels};
+use super::self_service;
+use crate::cache::directives::RequestDirectives;
+use crate::cache::key::CacheKey;
+use crate::cache::single_flight::SingleFlight;
+use crate::cache::store::{Entry, Store};
+use crate::cache::tags::Tagger;
+use crate::config::{Config, RouteConfig};
+use crate::edge::Edge;
+use crate::metrics::Metrics;
+use crate::protocol::cidr;
+use crate::protocol::path;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Everything the request path needs, shared by all connections.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub flights: Arc<SingleFlight>,
+    pub origin: OriginClient,
+    pub metrics: Metrics,
+    pub labels: Labels,
+    /// Route rules, shared with every request that matches them.
+    pub(super) routes: Vec<Arc<RouteConfig>>,
+    /// Edge decisions, when `[edge]` is configured.
+    pub edge: Option<Edge>,
+    /// Where users manage their own preferences, when configured.
+    pub(super) self_service_path: Option<String>,
+    /// Where stored responses get their tags (origin headers, config rules).
+    pub tags: Tagger,
+    /// The global cache namespace version (bumped by the admin API).
+    pub(super) version: AtomicU64,
+    /// Bumps per route name: a key's version is the global version plus its
+    /// route's bumps, so either bump moves every key of the route to a
+    /// version it has never had.
+    pub(super) route_versions: HashMap<String, AtomicU64>,
+}
+impl Gateway {
+    pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
+        let origin = OriginClient::new(&config.origin)?;
+        let edge = match &config.edge {
+            Some(e) => {
+                Some(Edge::new(e, crate::kv::open(&config.state)?).map_err(|e| e.to_string())?)
+            }
+            None => None,
+        };
+        let c = &config.cache;
+        let tags = Tagger::new(c)?;
+        let route_versions = config
+            .routes
+            .iter()
+            .map(|r| (r.name.clone(), AtomicU64::new(0)))
+            .collect();
+        Ok(Arc::new(Gateway {
+            store: Store::new(c.max_bytes, c.max_object_bytes, c.shards),
+            flights: SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs)),
+            origin,
+            metrics: Metrics::default(),
+            labels: Labels::new(&config.server.name),
+            edge,
+            routes: config.routes.iter().cloned().map(Arc::new).collect(),
+            self_service_path: config
+                .edge
+                .as_ref()
+                .and_then(|e| e.preferences.self_service_path.clone()),
+            tags,
+            version: AtomicU64::new(c.version),
+            route_versions,
+            config: Arc::new(config),
+        }))
+    }
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+    /// The route for a path in normal form: the longest matching prefix.
+    /// An origin may route an encoded `/` as a separator, so when the path
+    /// has one and that reading falls under a bypass route, bypass wins.
+    pub(super) fn route_for(&self, path: &str) -> Option<Arc<RouteConfig>> {
+        let longest = |p: &str| {
+            self.routes
+                .iter()
+                .filter(|r| p.starts_with(r.prefix.get_ref().as_str()))
+                .max_by_key(|r| r.prefix.get_ref().len())
+                .cloned()
+        };
+        let route = longest(path);
+        if let Some(opened) = path::separator_decoded(path) {
+            if let Some(bypass) = longest(&opened).filter(|r| r.bypass) {
+                return Some(bypass);
+            }
+        }
+        route
+    }
+    /// Bumps the namespace version: every older entry becomes unreachable.
+    pub fn bump_version(&self) -> u64 {
+        self.version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    /// Raises the global version to at least `to` (a reloaded config's
+    /// `cache.version`); never lowers it, which would resurrect old entries.
+    pub fn raise_version_to(&self, to: u64) -> u64 {
+        self.version.fetch_max(to, Ordering::Relaxed).max(to)
+    }
+    /// The version in the keys of requests on `route`.
+    pub fn key_version(&self, route: Option<&RouteConfig>) -> u64 {
+        let bumps = route
+            .and_then(|r| self.route_versions.get(&r.name))
+            .map_or(0, |v| v.load(Ordering::Relaxed));
+        self.version().wrapping_add(bumps)
+    }
+    /// Bumps one route's version; `None` for an unknown route. Returns the
+    /// version that route's keys now carry.
+    pub fn bump_route_version(&self, name: &str) -> Option<u64> {
+        let bumps = self.route_versions.get(name)?;
+        let after = bumps.fetch_add(1, Ordering::Relaxed) + 1;
+        Some(self.version().wrapping_add(after))
+    }
+    /// Serves one client request.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        // Only the access log needs these; the hit path should not pay for them.
+        let logged = (self.config.log.access
+            && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO))
+        .then(|| {
+            (
+                req.method().clone(),
+                req.uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string(),
+            )
+        });
+        let resp = self.route(req, client).await;
+        let result = resp
+            .headers()
+            .get(respond::X_CACHE)
+            .and_then(|v| CacheResult::from_bytes(v.as_bytes()));
+        self.metrics.record(result, resp.status());
+        if let Some((method, path)) = logged {
+            tracing::info!(
+                target: "kvgate::access",
+                method = %method,
+                path = %path,
+                status = resp.status().as_u16(),
+                cache = result.map_or("-", CacheResult::as_str),
+                micros = started.elapsed().as_micros() as u64,
+            );
+        }
+        resp
+    }
+    async fn route(self: &Arc<Self>, req: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+        let cfg = &self.config;
+        if let Some(refusal) = self.guard(&req) {
+            return refusal;
+        }
+        let (mut parts, body) = req.into_parts();
+        // Hop-by-hop fields go first: a client must not be able to name an
+        // injected header in `Connection` and have it removed after the
+        // edge decided (the cache would file the origin's answer under the
+        // wrong variant).
+        remove_hop_by_hop(&mut parts.headers);
+        let trusted_peer = cidr::any_contains(&cfg.server.trusted_proxies, client.addr.ip());
+        strip_client_forwarding(&mut parts.headers, trusted_peer);
+        // One normal form of the path for everything that follows: routes,
+        // bypass, the edge, tags, the key and the origin request.
+        if let Err(e) = normalize_request_target(&mut parts) {
+            return self.own(StatusCode::BAD_REQUEST, &e.to_string(), CacheResult::Bypass);
+        }
+        // The authority the request names: the URI's (HTTP/2 `:authority`,
+        // absolute-form) wins over `Host` (RFC 9112 3.2.2); the origin sees
+        // the same one in `Host` when `preserve_host` is on.
+        let authority = authority(&parts).to_owned();
+        if parts.uri.authority().is_some() {
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        // Edge: decide flags / variants / preferences and inject them before
+        // the cache key and Vary see the request, so that variants the origin
+        // varies on are cached apart.
+        let mut set_cookie = None;
+        if let Some(edge) = &self.edge {
+            edge.strip_injected(&mut parts.headers);
+            let decision = edge
+                .decide(
+                    &parts.headers,
+                    parts.uri.path(),
+                    client.addr.ip(),
+                    client.tls,
+                )
+                .await;
+            decision.apply(&mut parts.headers);
+            set_cookie = decision.set_cookie;
+            if let Some(prefs) = self.self_service_path.as_deref() {
+                if parts.uri.path() == prefs {
+                    let max = cfg.edge.as_ref().map_or(4096, |e| e.preferences.max_bytes);
+                    let mut r = self_service::preferences(
+                        edge,
+                        &parts.method,
+                        body,
+                        &decision.user_id,
+                        max,
+                        &self.labels,
+                    )
+                    .await;
+                    if let Some(cookie) = set_cookie {
+                        r.headers_mut().append(header::SET_COOKIE, cookie);
+                    }
+                    return r;
+                }
+            }
+        }
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let route = self.route_for(path);
+        if let Some(edge) = &self.edge {
+            edge.counter_registry()
+                .route(route.as_ref().map_or("default", |r| r.name.as_str()))
+                .incr();
+        }
+        let key = CacheKey::new(
+            self.key_version(route.as_deref()),
+            client.tls,
+            &authority,
+            path,
+        );
+        let ctx = Ctx {
+            req_cc: RequestDirectives::from_headers(&parts.headers),
+            key,
+            method: parts.method,
+            headers: parts.headers,
+            route,
+            client,
+        };
+        let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
+        let mut resp = if !cfg.cache.enabled
+            || ctx.route.as_ref().is_some_and(|r| r.bypass)
+            || !cacheable_method
+        {
+            self.pass(ctx, body).await
+        } else {
+            self.lookup(ctx).await
+        };
+        if let Some(cookie) = set_cookie {
+            // Per response, never stored: the cookie is this client's alone.
+            resp.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+        resp
+    }
+    /// A response from a stored entry for this request (HEAD: no body).
+    pub(super) fn serve_stored(
+        &self,
+        e: &Entry,
+        ctx: &Ctx,
+        now: SystemTime,
+        result: CacheResult,
+        status_params: &str,
+    ) -> Response<Body> {
+        let head = ctx.method == Method::HEAD;
+        respond::from_entry(
+            e,
+            &ctx.headers,
+            head,
+            now,
+            &self.labels,
+            result,
+            status_params,
+        )
+    }
+    pub(super) fn own(&self, status: StatusCode, msg: &str, result: CacheResult) -> Response<Body> {
+        respond::own(status, msg, &self.labels, result, "fwd=bypass")
+    }
+}

@@ -1,0 +1,156 @@
+//! Phase 4, looked up: a usable stored response is served (fresh, stale
+//! the client accepts, stale while one background refresh runs); otherwise
+//! the request joins the key's single flight, as its leader (it fetches) or
+//! a waiter (it reads the leader's response as it streams).
+
+use super::body::Body;
+use super::gateway::Gateway;
+use super::request::Ctx;
+use super::respond::{self, CacheResult};
+use crate::cache::directives::RequestDirectives;
+use crate::cache::policy::{self, Usability};
+use crate::cache::single_flight::{self, Join, Outcome, SharedResponse};
+use crate::cache::store::Entry;
+use http::header::{self, HeaderValue};
+use http::{Method, Response, StatusCode};
+use http_body::Body as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+impl Gateway {
+    /// Cache lookup and the decision it leads to (9111 4).
+    pub(super) async fn lookup(self: &Arc<Self>, ctx: Ctx) -> Response<Body> {
+        let now = SystemTime::now();
+        let head = ctx.method == Method::HEAD;
+        let stored = self.store.lookup(&ctx.key, &ctx.headers);
+        if let Some(e) = &stored {
+            match policy::usability(&e.freshness, &ctx.req_cc, now) {
+                Usability::Fresh => {
+                    return self.serve_stored(e, &ctx, now, CacheResult::Hit, "hit");
+                }
+                Usability::StaleAllowed => {
+                    return self.serve_stored(
+                        e,
+                        &ctx,
+                        now,
+                        CacheResult::Stale,
+                        "hit; detail=max-stale",
+                    );
+                }
+                Usability::StaleWhileRevalidate => {
+                    self.refresh_in_background(&ctx, e.clone());
+                    return self.serve_stored(
+                        e,
+                        &ctx,
+                        now,
+                        CacheResult::Stale,
+                        "hit; detail=stale-while-revalidate",
+                    );
+                }
+                Usability::MustValidate => {}
+            }
+        }
+        if ctx.req_cc.only_if_cached {
+            // 9111 5.2.1.7: nothing usable stored.
+            return self.own(
+                StatusCode::GATEWAY_TIMEOUT,
+                "only-if-cached and nothing usable is stored",
+                CacheResult::Miss,
+            );
+        }
+        if head {
+            // A HEAD is answered from a stored GET; without one it passes.
+            return self.fetch(&ctx, None, false, None).await;
+        }
+        if ctx.limits_storage_itself() {
+            // Its answer may not be shareable for reasons of its own; others
+            // must neither wait on it nor be marked hit-for-miss by it.
+            return self.fetch(&ctx, stored, true, None).await;
+        }
+        match self.flights.join(&ctx.key) {
+            Join::Leader(guard) => self.fetch(&ctx, stored, true, Some(guard)).await,
+            Join::Bypass => self.fetch(&ctx, stored, true, None).await,
+            Join::Waiter(rx) => {
+                let lock_timeout = Duration::from_millis(self.config.cache.lock_timeout_ms);
+                match single_flight::wait(rx, lock_timeout).await {
+                    Outcome::Shared(r)
+                        if r.vary.is_empty() || policy::vary_matches(&r.vary, &ctx.headers) =>
+                    {
+                        self.serve_shared(&ctx, &r)
+                    }
+                    _ => {
+                        // Not shareable: fetch alone (and store, if we can).
+                        let stored = self.store.lookup(&ctx.key, &ctx.headers).or(stored);
+                        self.fetch(&ctx, stored, true, None).await
+                    }
+                }
+            }
+        }
+    }
+    /// A coalesced waiter's answer: the leader's head, its body as it streams.
+    pub(super) fn serve_shared(&self, ctx: &Ctx, r: &SharedResponse) -> Response<Body> {
+        let now = SystemTime::now();
+        if r.status == StatusCode::OK && policy::conditional_matches(&ctx.headers, &r.headers) {
+            let mut resp = Response::new(Body::Empty);
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            *resp.headers_mut() = policy::not_modified_headers(&r.headers);
+            respond::mark(
+                resp.headers_mut(),
+                &self.labels,
+                CacheResult::Hit,
+                "hit; detail=coalesced",
+            );
+            return resp;
+        }
+        let hint = r.content_length.map_or_else(
+            http_body::SizeHint::default,
+            http_body::SizeHint::with_exact,
+        );
+        let mut resp = Response::new(Body::Shared(r.body.reader(hint)));
+        *resp.status_mut() = r.status;
+        *resp.headers_mut() = r.headers.clone();
+        resp.headers_mut().insert(
+            header::AGE,
+            HeaderValue::from(r.freshness.current_age(now).as_secs()),
+        );
+        respond::mark(
+            resp.headers_mut(),
+            &self.labels,
+            CacheResult::Hit,
+            "hit; detail=coalesced",
+        );
+        resp
+    }
+    /// Stale-while-revalidate: one background refresh per key, not tied to
+    /// the client connection (RFC 5861 3).
+    pub(super) fn refresh_in_background(self: &Arc<Self>, ctx: &Ctx, stored: Arc<Entry>) {
+        let Some(guard) = self.flights.try_lead(&ctx.key) else {
+            return; // already being fetched or refreshed
+        };
+        self.metrics
+            .background_refreshes
+            .fetch_add(1, Ordering::Relaxed);
+        let gw = self.clone();
+        let ctx = Ctx {
+            key: ctx.key.clone(),
+            method: Method::GET,
+            headers: ctx.headers.clone(),
+            req_cc: RequestDirectives::default(),
+            route: ctx.route.clone(),
+            client: ctx.client,
+        };
+        tokio::spawn(async move {
+            let resp = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
+            // Drain the body so the capture completes and the store updates.
+            let mut body = resp.into_body();
+            while let Some(frame) =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+            {
+                if frame.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
