@@ -2,10 +2,10 @@
 //! from the origin (optionally captured for the store and for coalesced
 //! waiters), or read from another request's capture (a coalesced waiter).
 
+use super::origin::{BoxError, DownstreamBody};
 pub use crate::cache::shared_body::{SharedBody, SharedReader};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,15 +13,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Why a streamed origin body ended early. The client's connection is
 /// aborted (hyper does that on a body error), so a truncated body can never
 /// pass for a whole one.
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
     #[error("origin body failed: {0}")]
-    Origin(#[source] hyper::Error),
+    Origin(#[source] BoxError),
     #[error("origin body idle for more than {0:?}")]
     Idle(Duration),
     #[error("the response this request waited on failed mid-body")]
@@ -127,7 +125,7 @@ pub struct Capture {
 /// optionally teed into a [`Capture`].
 pub struct OriginBody {
     /// `None` once moved to a background task (see `Drop`).
-    inner: Option<Incoming>,
+    inner: Option<DownstreamBody>,
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
     capture: Option<Capture>,
@@ -137,7 +135,7 @@ pub struct OriginBody {
 }
 
 impl OriginBody {
-    pub fn new(inner: Incoming, idle: Duration, capture: Option<Capture>) -> OriginBody {
+    pub fn new(inner: DownstreamBody, idle: Duration, capture: Option<Capture>) -> OriginBody {
         OriginBody {
             inner: Some(inner),
             idle,

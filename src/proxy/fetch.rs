@@ -6,6 +6,7 @@
 use super::body::{Body, Capture, CaptureEnd, OriginBody, SharedBody};
 use super::gateway::Gateway;
 use super::headers::remove_hop_by_hop;
+use super::origin::DownstreamBody;
 use super::request::Ctx;
 use super::respond::{self, CacheResult};
 use crate::cache::directives::ResponseDirectives;
@@ -17,7 +18,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -127,7 +127,7 @@ impl Gateway {
         } else {
             "fwd=uri-miss"
         };
-        let idle = self.origin.idle_timeout;
+        let idle = self.origin.idle_timeout();
         match (verdict, too_big) {
             (Ok(()), false) => {
                 let vary: Vec<_> = policy::vary_fields(&parts.headers)
@@ -232,7 +232,7 @@ impl Gateway {
         &self,
         ctx: &Ctx,
         parts: http::response::Parts,
-        incoming: Incoming,
+        incoming: DownstreamBody,
         idle: Duration,
         capture: Option<Capture>,
     ) -> Response<Body> {

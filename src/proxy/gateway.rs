@@ -18,7 +18,7 @@
 
 use super::body::Body;
 use super::headers::{remove_hop_by_hop, strip_client_forwarding, ClientInfo};
-use super::origin::OriginClient;
+use super::origin::{BoxError, OriginClient, Upstream};
 use super::request::{authority, normalize_request_target, Ctx};
 use super::respond::{self, CacheResult, Labels};
 use super::self_service;
@@ -32,9 +32,9 @@ use crate::edge::Edge;
 use crate::metrics::Metrics;
 use crate::protocol::cidr;
 use crate::protocol::path;
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,7 +45,8 @@ pub struct Gateway {
     pub config: Arc<Config>,
     pub store: Store,
     pub flights: Arc<SingleFlight>,
-    pub origin: OriginClient,
+    /// Where misses and passes go (the origin over HTTP, or a test's).
+    pub origin: Box<dyn Upstream>,
     pub metrics: Metrics,
     pub labels: Labels,
     /// Route rules, shared with every request that matches them.
@@ -66,6 +67,15 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
         let origin = OriginClient::new(&config.origin)?;
+        Gateway::with_upstream(config, Box::new(origin))
+    }
+
+    /// A gateway whose misses and passes go to `origin` (the in-process
+    /// tests give it a scripted one; `new` the real origin client).
+    pub fn with_upstream(
+        config: Config,
+        origin: Box<dyn Upstream>,
+    ) -> Result<Arc<Gateway>, String> {
         let edge = match &config.edge {
             Some(e) => {
                 Some(Edge::new(e, crate::kv::open(&config.state)?).map_err(|e| e.to_string())?)
@@ -143,11 +153,11 @@ impl Gateway {
         Some(self.version().wrapping_add(after))
     }
     /// Serves one client request.
-    pub async fn handle(
-        self: &Arc<Self>,
-        req: Request<Incoming>,
-        client: ClientInfo,
-    ) -> Response<Body> {
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
         // Only the access log needs these; the hit path should not pay for them.
         let logged = (self.config.log.access
@@ -179,7 +189,11 @@ impl Gateway {
         }
         resp
     }
-    async fn route(self: &Arc<Self>, req: Request<Incoming>, client: ClientInfo) -> Response<Body> {
+    async fn route<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let cfg = &self.config;
         if let Some(refusal) = self.guard(&req) {
             return refusal;

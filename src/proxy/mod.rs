@@ -11,3 +11,5 @@ mod request;
 pub mod respond;
 pub mod self_service;
 pub mod server;
+#[cfg(test)]
+mod tests;

@@ -36,8 +36,38 @@ impl OriginError {
     }
 }
 
-/// Request bodies sent upstream: the client's, streamed, or nothing.
-pub type UpstreamBody = http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>;
+/// Errors a body may fail with, whichever side it comes from.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Request bodies sent upstream: the client's, streamed (boxed, so that the
+/// request path is generic over where requests come from), or nothing.
+pub type UpstreamBody = http_body_util::Either<
+    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// A response body from the origin, boxed for the same reason.
+pub type DownstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+
+/// Where cache misses and passes go: the real origin over HTTP
+/// (`OriginClient`), or, in the in-process tests, a scripted one. The
+/// request path depends on this, not on sockets.
+pub trait Upstream: Send + Sync + 'static {
+    /// Sends a request whose URI holds only the path and query.
+    fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Response<DownstreamBody>, OriginError>>
+                + Send
+                + '_,
+        >,
+    >;
+
+    /// Longest pause allowed between two body chunks.
+    fn idle_timeout(&self) -> Duration;
+}
 
 pub struct OriginClient {
     client: Client<HttpConnector, UpstreamBody>,
@@ -77,7 +107,7 @@ impl OriginClient {
     }
 
     /// Sends a request (its URI holds only the path and query) to the origin.
-    pub async fn send(
+    pub async fn send_http(
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, OriginError> {
@@ -103,6 +133,29 @@ impl OriginClient {
             }
             Ok(Ok(resp)) => Ok(resp),
         }
+    }
+}
+
+impl Upstream for OriginClient {
+    fn send(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<Response<DownstreamBody>, OriginError>>
+                + Send
+                + '_,
+        >,
+    > {
+        use http_body_util::BodyExt;
+        Box::pin(async move {
+            let resp = self.send_http(req).await?;
+            Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+        })
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 }
 

@@ -5,15 +5,16 @@
 use super::body::{Body, OriginBody};
 use super::gateway::Gateway;
 use super::headers::remove_hop_by_hop;
-use super::origin::UpstreamBody;
+use super::origin::{BoxError, UpstreamBody};
 use super::request::Ctx;
 use super::respond::{self, CacheResult};
 use crate::cache::policy;
 use crate::protocol::path;
+use bytes::Bytes;
 use http::Request;
 use http::Response;
+use http_body_util::BodyExt;
 use http_body_util::Either;
-use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +23,12 @@ impl Gateway {
     /// Forwards a request the cache does not handle (unsafe methods,
     /// bypass routes), streaming the body both ways, then invalidates what
     /// an unsafe method changed (9111 4.4).
-    pub(super) async fn pass(self: &Arc<Self>, ctx: Ctx, body: Incoming) -> Response<Body> {
+    pub(super) async fn pass<B>(self: &Arc<Self>, ctx: Ctx, body: B) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let body = body.map_err(Into::into).boxed_unsync();
         let mut req = Request::new(Either::Left(body) as UpstreamBody);
         *req.method_mut() = ctx.method.clone();
         *req.uri_mut() = ctx
@@ -72,7 +78,7 @@ impl Gateway {
             parts,
             Body::Origin(Box::new(OriginBody::new(
                 incoming,
-                self.origin.idle_timeout,
+                self.origin.idle_timeout(),
                 None,
             ))),
         );

@@ -12,8 +12,6 @@ use crate::config::RouteConfig;
 use crate::protocol::path::{self, PathError};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body::Body as _;
-use hyper::body::Incoming;
 use std::sync::Arc;
 
 /// The per-request facts every branch needs.
@@ -112,7 +110,7 @@ impl Gateway {
     /// Guard: limits a client cannot exceed (414, 413) and a request head
     /// that names no valid authority (400). Header size (431) and the
     /// header-read timeout are enforced by the listener.
-    pub(super) fn guard(&self, req: &Request<Incoming>) -> Option<Response<Body>> {
+    pub(super) fn guard<B: http_body::Body>(&self, req: &Request<B>) -> Option<Response<Body>> {
         let limits = &self.config.server;
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         if path.len() > limits.max_uri_bytes {

@@ -10,7 +10,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 fn json(status: StatusCode, v: &serde_json::Value, labels: &Labels) -> Response<Body> {
     let mut r = Response::new(Body::full(Bytes::from(v.to_string())));
@@ -39,14 +38,18 @@ fn error(status: StatusCode, msg: &str, labels: &Labels) -> Response<Body> {
 }
 
 /// Answers GET / PATCH on the self-service path for `user`.
-pub async fn preferences(
+pub async fn preferences<B>(
     edge: &Edge,
     method: &Method,
-    body: Incoming,
+    body: B,
     user: &str,
     max_bytes: usize,
     labels: &Labels,
-) -> Response<Body> {
+) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<super::origin::BoxError>,
+{
     let result = match *method {
         Method::GET => edge.get_preferences(user).await,
         Method::PATCH => {
