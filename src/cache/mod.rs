@@ -1,6 +1,7 @@
-//! The HTTP cache: keys, RFC 9111 policy (pure), the store, the
-//! single-flight table for fetches and background refreshes, and the body
-//! its waiters share. Imports `protocol` and nothing above it.
+//! The HTTP cache: keys, RFC 9111 policy (pure), the storage seam and its
+//! memory implementation, the single-flight table for fetches and
+//! background refreshes, and the body its waiters share. Imports
+//! `protocol` and nothing above it.
 
 pub mod directives;
 pub mod key;
@@ -8,5 +9,5 @@ pub mod policy;
 pub mod result;
 pub mod shared_body;
 pub mod single_flight;
-pub mod store;
+pub mod storage;
 pub mod tags;

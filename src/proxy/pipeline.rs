@@ -13,7 +13,7 @@ use crate::cache::directives::{RequestDirectives, ResponseDirectives};
 use crate::cache::key::CacheKey;
 use crate::cache::policy::{self, Freshness, Heuristic, StoragePolicy, Usability};
 use crate::cache::single_flight::{self, Join, Outcome, SharedResponse, SingleFlight};
-use crate::cache::store::{Entry, Store, StoredHeaders};
+use crate::cache::storage::{Entry, Storage, Store, StoredHeaders};
 use crate::cache::tags::Tagger;
 use crate::config::{Config, RouteConfig, StateBackend, StateConfig};
 use crate::edge::Edge;
