@@ -609,6 +609,29 @@ mod tests {
     }
 
     #[test]
+    fn replace_keeps_the_variant_in_place() {
+        // Both variants match a request with `accept-language: en`; the newest
+        // wins. Refreshing the older one must not make it the newest.
+        let s = MemoryStorage::new(1 << 20, 1 << 20, 1);
+        let lang = HeaderName::from_static("accept-language");
+        s.insert(key("/a"), entry("any", vec![], &[]));
+        s.insert(
+            key("/a"),
+            entry("en", vec![(lang.clone(), Some("en".into()))], &[]),
+        );
+        let mut req = HeaderMap::new();
+        req.insert(lang, http::HeaderValue::from_static("en"));
+        let any = s.lookup(&key("/a"), &HeaderMap::new()).unwrap();
+        s.replace(&key("/a"), &any, entry("any2", vec![], &[]));
+        assert_eq!(s.lookup(&key("/a"), &req).unwrap().body, "en");
+        assert_eq!(
+            s.lookup(&key("/a"), &HeaderMap::new()).unwrap().body,
+            "any2"
+        );
+        assert_eq!(s.usage().1, 2);
+    }
+
+    #[test]
     fn clones_share_the_shards() {
         let s = MemoryStorage::new(1 << 20, 1 << 20, 4);
         let c = s.clone();
