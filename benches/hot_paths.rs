@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use kvgate::cache::directives::{RequestDirectives, ResponseDirectives};
 use kvgate::cache::key::CacheKey;
 use kvgate::cache::policy::{self, Freshness};
-use kvgate::cache::store::{Entry, Store};
+use kvgate::cache::storage::{Entry, Storage, Store};
 use kvgate::proxy::respond::{self, CacheResult, Labels};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

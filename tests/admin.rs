@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use http::Method;
+use kvgate::cache::storage::Storage;
 use kvgate::config::{AdminConfig, Config, TagRuleConfig};
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime};
@@ -525,7 +526,7 @@ async fn tag_index_stays_bounded_as_entries_are_evicted_and_expire() {
         gw.running
             .gateway
             .store
-            .stats
+            .stats()
             .evictions
             .load(std::sync::atomic::Ordering::Relaxed)
             > 1000

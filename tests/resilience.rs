@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use kvgate::cache::storage::Storage;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -1,6 +1,7 @@
 //! `/metrics`: the gateway's counters in the Prometheus text format (0.0.4).
 
 use crate::cache::result::CacheResult;
+use crate::cache::storage::Storage;
 use crate::edge::CountersSnapshot;
 use crate::metrics::ORIGIN_BUCKETS;
 use crate::proxy::gateway::Gateway;
@@ -136,13 +137,13 @@ pub fn render(gw: &Gateway) -> String {
         "kvgate_cache_evictions_total",
         "counter",
         "Entries evicted to stay within the byte budget.",
-        load(&gw.store.stats.evictions),
+        load(&gw.store.stats().evictions),
     );
     t.single(
         "kvgate_cache_expired_total",
         "counter",
         "Expired entries swept because they could no longer be used.",
-        load(&gw.store.stats.expired),
+        load(&gw.store.stats().expired),
     );
     t.single(
         "kvgate_purges_total",

@@ -6,7 +6,7 @@
 //! and tag purges: entries of older versions are unreachable already, and
 //! purging them too frees their memory at once.
 
-use crate::cache::store::Store;
+use crate::cache::storage::Storage;
 use crate::protocol::path::normalize_target;
 
 /// What one `POST /purge` asks for.
@@ -60,7 +60,7 @@ impl PurgeRequest {
     /// matched by several targets of a soft purge counts once per target).
     /// URLs and prefixes are matched in the normal form keys are in, so
     /// `/a/../b` purges what requests for `/b` stored (see `validate`).
-    pub fn apply(&self, store: &Store) -> usize {
+    pub fn apply(&self, store: &dyn Storage) -> usize {
         let mut purged = 0;
         for url in &self.urls {
             if let Ok(url) = normalize_target(url) {
@@ -82,12 +82,12 @@ impl PurgeRequest {
 
 /// Every stored key of exactly this path and query, on any scheme, host
 /// and version, purged; returns the variants touched.
-pub fn purge_url(store: &Store, path_and_query: &str, soft: bool) -> usize {
+pub fn purge_url(store: &dyn Storage, path_and_query: &str, soft: bool) -> usize {
     store.purge_path(path_and_query, soft)
 }
 
-/// Listing cursors are `Store::list`'s sort keys, hex-encoded so that they
-/// travel in a query string untouched.
+/// Listing cursors are `MemoryStorage::list`'s sort keys, hex-encoded so
+/// that they travel in a query string untouched.
 pub fn encode_cursor(raw: &str) -> String {
     raw.bytes().map(|b| format!("{b:02x}")).collect()
 }
@@ -108,7 +108,7 @@ mod tests {
     use super::*;
     use crate::cache::key::CacheKey;
     use crate::cache::policy::Freshness;
-    use crate::cache::store::Entry;
+    use crate::cache::storage::{Entry, Store};
     use bytes::Bytes;
     use http::{HeaderMap, StatusCode};
     use std::sync::Arc;

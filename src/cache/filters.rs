@@ -5,7 +5,7 @@
 
 use super::directives::{RequestDirectives, ResponseDirectives};
 use super::policy::{self, Freshness, Heuristic, NotStorable, StoragePolicy};
-use super::store::StoredHeaders;
+use super::storage::StoredHeaders;
 use crate::config::{CacheConfig, RouteConfig};
 use http::{HeaderMap, Method, StatusCode};
 use std::time::{Duration, SystemTime};

@@ -1,4 +1,5 @@
-//! The HTTP cache: keys, RFC 9111 policy (pure), the store, the
+//! The HTTP cache: keys, RFC 9111 policy (pure), the route rules over it
+//! (`filters`), the storage seam and its memory implementation, the
 //! single-flight table for fetches and background refreshes, and the body
 //! its waiters share. Imports `protocol` and `config`, nothing above.
 
@@ -9,5 +10,5 @@ pub mod policy;
 pub mod result;
 pub mod shared_body;
 pub mod single_flight;
-pub mod store;
+pub mod storage;
 pub mod tags;

@@ -13,7 +13,7 @@ use crate::cache::directives::ResponseDirectives;
 use crate::cache::filters;
 use crate::cache::policy::{self, Freshness};
 use crate::cache::single_flight::{self, SharedResponse};
-use crate::cache::store::Entry;
+use crate::cache::storage::{Entry, Storage};
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};

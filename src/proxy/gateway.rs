@@ -25,7 +25,7 @@ use super::self_service;
 use crate::cache::directives::RequestDirectives;
 use crate::cache::key::CacheKey;
 use crate::cache::single_flight::SingleFlight;
-use crate::cache::store::{Entry, Store};
+use crate::cache::storage::{Entry, Store};
 use crate::cache::tags::Tagger;
 use crate::config::{Config, RouteConfig};
 use crate::edge::Edge;

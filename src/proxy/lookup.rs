@@ -10,7 +10,7 @@ use super::respond::{self, CacheResult};
 use crate::cache::directives::RequestDirectives;
 use crate::cache::policy::{self, Usability};
 use crate::cache::single_flight::{self, Join, Outcome, SharedResponse};
-use crate::cache::store::Entry;
+use crate::cache::storage::{Entry, Storage};
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body::Body as _;

@@ -9,6 +9,7 @@ use super::origin::{BoxError, UpstreamBody};
 use super::request::Ctx;
 use super::respond::{self, CacheResult};
 use crate::cache::policy;
+use crate::cache::storage::Storage;
 use crate::protocol::path;
 use bytes::Bytes;
 use http::Request;

@@ -4,7 +4,7 @@
 use super::body::Body;
 use crate::cache::policy;
 pub use crate::cache::result::CacheResult;
-use crate::cache::store::Entry;
+use crate::cache::storage::Entry;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::time::SystemTime;

@@ -1,0 +1,246 @@
+//! What a storage keeps per response: the entry (status, compact headers,
+//! body, secondary key, freshness, tags) and what it is charged.
+
+use super::tag_index::TAG_SLOT_CHARGE;
+use crate::cache::policy::Freshness;
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName};
+use http::StatusCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Fixed bookkeeping cost charged per entry besides its headers and body:
+/// the `Arc<Entry>` allocation and its slot in the key's variant list.
+const ENTRY_OVERHEAD: usize = 320;
+/// Cost of one Vary field in an entry's secondary key, besides its bytes.
+const VARY_FIELD_OVERHEAD: usize = 64;
+
+/// A stored response.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub status: StatusCode,
+    /// Response headers as stored: unstorable fields and `Age` removed.
+    pub headers: StoredHeaders,
+    pub body: Bytes,
+    /// The secondary key: Vary field names and the request's values.
+    pub vary: Box<[(HeaderName, Option<String>)]>,
+    pub freshness: Freshness,
+    pub tags: Box<[Arc<str>]>,
+    /// Bytes charged against the store's budget for the entry itself (its
+    /// key is charged once per key, see `key_charge`).
+    pub charge: usize,
+}
+
+/// Everything about a response but its body: what a miss handler is given
+/// before the body streams in. Headers are as they will be stored
+/// (unstorable fields and `Age` already removed).
+#[derive(Debug, Clone)]
+pub struct EntryMeta {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The secondary key: Vary field names and the request's values.
+    pub vary: Vec<(HeaderName, Option<String>)>,
+    pub freshness: Freshness,
+    pub tags: Vec<Arc<str>>,
+}
+
+impl Entry {
+    pub fn new(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        vary: Vec<(HeaderName, Option<String>)>,
+        freshness: Freshness,
+        tags: Vec<Arc<str>>,
+    ) -> Entry {
+        let headers = StoredHeaders::from_map(&headers);
+        let header_bytes = headers.charge();
+        // A tag's text (shared with the index), its slot in the entry, and
+        // the entry's share of the index: one hash-set slot per tag.
+        let tag_bytes: usize = tags.iter().map(|t| t.len() + 32 + TAG_SLOT_CHARGE).sum();
+        let vary_bytes: usize = vary
+            .iter()
+            .map(|(n, v)| {
+                n.as_str().len() + v.as_ref().map_or(0, String::len) + VARY_FIELD_OVERHEAD
+            })
+            .sum();
+        let charge = ENTRY_OVERHEAD + header_bytes + body.len() + tag_bytes + vary_bytes;
+        Entry {
+            status,
+            headers,
+            body,
+            vary: vary.into_boxed_slice(),
+            freshness,
+            tags: tags.into_boxed_slice(),
+            charge,
+        }
+    }
+
+    /// The entry for a response whose metadata was known before its body.
+    pub fn from_meta(meta: EntryMeta, body: Bytes) -> Entry {
+        Entry::new(
+            meta.status,
+            meta.headers,
+            body,
+            meta.vary,
+            meta.freshness,
+            meta.tags,
+        )
+    }
+
+    /// Whether the entry can still be of any use at `now`: served stale under
+    /// SWR / stale-if-error, or revalidated (when it has a validator) within
+    /// `keep` past its lifetime.
+    pub fn is_useful(&self, now: SystemTime, keep: Duration, grace: Duration) -> bool {
+        let f = &self.freshness;
+        let mut window = f.stale_while_revalidate.max(f.stale_if_error).max(grace);
+        if self.headers.contains(&http::header::ETAG)
+            || self.headers.contains(&http::header::LAST_MODIFIED)
+        {
+            window = window.max(keep);
+        }
+        f.staleness(now) <= window
+    }
+
+    /// A copy that is already stale (soft purge): still usable under
+    /// stale-while-revalidate / stale-if-error, revalidated before a plain hit.
+    pub fn marked_stale(&self) -> Entry {
+        let mut e = self.clone();
+        e.freshness.lifetime = Duration::ZERO;
+        e.freshness.corrected_initial_age = e
+            .freshness
+            .corrected_initial_age
+            .max(Duration::from_secs(1));
+        e
+    }
+}
+
+/// Response headers in the compact form an entry keeps: one buffer (a
+/// single allocation, shared by every response built from it) holding a
+/// little index of name and value lengths, then each field's name and value.
+/// A `HeaderMap` costs several times as much per entry, and values parsed by
+/// hyper would pin the connection's read buffer besides.
+///
+/// Layout: `count: u16`, then `count` x (`name_len: u16`, `value_len: u16`),
+/// then the names and values, field after field. Names are stored in
+/// `HeaderName`'s lowercase form.
+#[derive(Debug, Clone)]
+pub struct StoredHeaders {
+    block: Bytes,
+}
+
+/// What an entry may cost beyond its body: headers, key, tags, Vary.
+pub(super) const MAX_ENTRY_EXTRA: usize = 512 * 1024;
+
+/// Fields a stored response keeps at most.
+const MAX_STORED_FIELDS: usize = 256;
+
+impl StoredHeaders {
+    /// Whether every field of `h` fits the compact form (at most 256
+    /// fields, names and values under 64 KiB). A response that does not is
+    /// not stored: a HIT must not lose headers the MISS had.
+    pub fn fits(h: &HeaderMap) -> bool {
+        h.len() <= MAX_STORED_FIELDS
+            && h.iter()
+                .all(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
+    }
+
+    /// The compact form; fields beyond what [`StoredHeaders::fits`] allows
+    /// are dropped (callers check first).
+    pub fn from_map(h: &HeaderMap) -> StoredHeaders {
+        let fields: Vec<(&HeaderName, &http::HeaderValue)> = h
+            .iter()
+            .filter(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
+            .take(MAX_STORED_FIELDS)
+            .collect();
+        let data: usize = fields.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+        let mut block = Vec::with_capacity(2 + 4 * fields.len() + data);
+        block.extend_from_slice(&(fields.len() as u16).to_le_bytes());
+        for (n, v) in &fields {
+            block.extend_from_slice(&(n.as_str().len() as u16).to_le_bytes());
+            block.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        }
+        for (n, v) in &fields {
+            block.extend_from_slice(n.as_str().as_bytes());
+            block.extend_from_slice(v.as_bytes());
+        }
+        StoredHeaders {
+            block: Bytes::from(block),
+        }
+    }
+
+    /// Each field as (name bytes, value range in the block).
+    fn fields(&self) -> impl Iterator<Item = (&[u8], std::ops::Range<usize>)> + '_ {
+        let b = &self.block[..];
+        let count = b
+            .get(..2)
+            .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize);
+        let mut at = 2 + 4 * count;
+        (0..count).map_while(move |i| {
+            let lens = b.get(2 + 4 * i..2 + 4 * i + 4)?;
+            let name_len = u16::from_le_bytes([lens[0], lens[1]]) as usize;
+            let value_len = u16::from_le_bytes([lens[2], lens[3]]) as usize;
+            let name = b.get(at..at + name_len)?;
+            let value = at + name_len..at + name_len + value_len;
+            at = value.end;
+            Some((name, value))
+        })
+    }
+
+    fn value(&self, range: std::ops::Range<usize>) -> Option<http::HeaderValue> {
+        http::HeaderValue::from_maybe_shared(self.block.slice(range)).ok()
+    }
+
+    /// A `HeaderMap` for a response; values share the stored buffer.
+    pub fn to_map(&self) -> HeaderMap {
+        let count = self
+            .block
+            .get(..2)
+            .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize);
+        let mut h = HeaderMap::with_capacity(count + 4);
+        for (name, range) in self.fields() {
+            if let (Ok(name), Some(v)) = (HeaderName::from_bytes(name), self.value(range)) {
+                h.append(name, v);
+            }
+        }
+        h
+    }
+
+    /// The first value of a field.
+    pub fn get(&self, name: &HeaderName) -> Option<http::HeaderValue> {
+        let wanted = name.as_str().as_bytes();
+        let (_, range) = self.fields().find(|(n, _)| *n == wanted)?;
+        self.value(range)
+    }
+
+    pub fn contains(&self, name: &HeaderName) -> bool {
+        let wanted = name.as_str().as_bytes();
+        self.fields().any(|(n, _)| n == wanted)
+    }
+
+    /// Bytes charged against the store's budget for these headers.
+    fn charge(&self) -> usize {
+        self.block.len() + 32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn stored_headers_round_trip() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.append("x-multi", HeaderValue::from_static("a"));
+        h.append("x-multi", HeaderValue::from_static("b"));
+        h.insert("etag", HeaderValue::from_static("\"e\""));
+        let s = StoredHeaders::from_map(&h);
+        assert_eq!(s.to_map(), h);
+        assert_eq!(s.get(&http::header::ETAG).unwrap(), "\"e\"");
+        assert!(s.contains(&HeaderName::from_static("x-multi")));
+        assert!(!s.contains(&http::header::LAST_MODIFIED));
+        assert_eq!(StoredHeaders::from_map(&HeaderMap::new()).to_map().len(), 0);
+    }
+}
