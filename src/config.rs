@@ -331,6 +331,29 @@ fn check_normal_prefix(
     }
 }
 
+/// The one route matcher: the route whose prefix is the longest that the
+/// path (in normal form) starts with. An origin may route an encoded `/` as
+/// a separator, so when the path has one and that reading falls under a
+/// bypass route, bypass wins: no spelling dodges a bypass.
+pub fn match_route<'r, R: std::borrow::Borrow<RouteConfig>>(
+    routes: &'r [R],
+    path: &str,
+) -> Option<&'r R> {
+    let longest = |p: &str| {
+        routes
+            .iter()
+            .filter(|r| p.starts_with(r.borrow().prefix.get_ref().as_str()))
+            .max_by_key(|r| r.borrow().prefix.get_ref().len())
+    };
+    let route = longest(path);
+    if let Some(opened) = crate::protocol::path::separator_decoded(path) {
+        if let Some(bypass) = longest(&opened).filter(|r| r.borrow().bypass) {
+            return Some(bypass);
+        }
+    }
+    route
+}
+
 /// A configuration error, located in its file.
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}:{column}: {message}{}", hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
@@ -539,12 +562,9 @@ impl Config {
         Ok(())
     }
 
-    /// The route for a path: the longest matching prefix.
+    /// The route for a path in normal form (see [`match_route`]).
     pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
-        self.routes
-            .iter()
-            .filter(|r| path.starts_with(r.prefix.get_ref().as_str()))
-            .max_by_key(|r| r.prefix.get_ref().len())
+        match_route(&self.routes, path)
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
@@ -766,5 +786,8 @@ mod tests {
         assert_eq!(c.route_for("/api/v2/x").unwrap().name, "b");
         assert_eq!(c.route_for("/api/v1").unwrap().name, "a");
         assert!(c.route_for("/other").is_none());
+        // An encoded separator cannot dodge the bypass route for /api/v2/.
+        assert_eq!(c.route_for("/api/v2%2Fx").unwrap().name, "b");
+        assert_eq!(c.route_for("/api/v1%2Fx").unwrap().name, "a");
     }
 }

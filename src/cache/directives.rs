@@ -15,7 +15,11 @@ pub const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Directive {
     pub name: String,
+    /// `None` without a value, and when the directive is malformed.
     pub value: Option<String>,
+    /// Malformed (`max-age =1`, an unclosed quote, junk before the next
+    /// comma): its name counts, its value never does.
+    pub malformed: bool,
 }
 
 /// Splits Cache-Control field lines into directives, honouring quoted strings.
@@ -100,14 +104,11 @@ pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Direct
                 }
                 i += 1;
             }
-            if valid {
-                out.push(Directive { name, value });
-            } else {
-                out.push(Directive {
-                    name,
-                    value: Some(String::from("\u{0}invalid")),
-                });
-            }
+            out.push(Directive {
+                name,
+                value: if valid { value } else { None },
+                malformed: !valid,
+            });
         }
     }
     out
@@ -208,7 +209,7 @@ impl ResponseDirectives {
                 "s-maxage" if !r.s_maxage.is_present() => r.s_maxage = delta_of(d),
                 "no-store" => r.no_store = true,
                 "no-cache" => match d.value.as_deref() {
-                    Some(fields) if !fields.starts_with('\u{0}') && !fields.is_empty() => r
+                    Some(fields) if !d.malformed && !fields.is_empty() => r
                         .no_cache_fields
                         .extend(fields.split(',').map(|f| f.trim().to_ascii_lowercase())),
                     _ => r.no_cache = true,
@@ -301,6 +302,7 @@ fn targeted_directives(headers: &HeaderMap) -> Option<Vec<Directive>> {
             out.push(Directive {
                 name: key.to_string(),
                 value,
+                malformed: false,
             });
         }
     }
@@ -676,6 +678,7 @@ mod tests {
                             Value::Token(t) => t.clone(),
                             Value::Quoted(q) => q.clone(),
                         }),
+                        malformed: false,
                     })
                     .collect();
                 prop_assert_eq!(parsed, expected, "{}", line);

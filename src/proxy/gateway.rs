@@ -31,7 +31,6 @@ use crate::config::{Config, RouteConfig};
 use crate::edge::Edge;
 use crate::metrics::Metrics;
 use crate::protocol::cidr;
-use crate::protocol::path;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -110,25 +109,11 @@ impl Gateway {
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Relaxed)
     }
-    /// The route for a path in normal form: the longest matching prefix.
-    /// An origin may route an encoded `/` as a separator, so when the path
-    /// has one and that reading falls under a bypass route, bypass wins.
+    /// The route for a path in normal form (`config::match_route`).
     pub(super) fn route_for(&self, path: &str) -> Option<Arc<RouteConfig>> {
-        let longest = |p: &str| {
-            self.routes
-                .iter()
-                .filter(|r| p.starts_with(r.prefix.get_ref().as_str()))
-                .max_by_key(|r| r.prefix.get_ref().len())
-                .cloned()
-        };
-        let route = longest(path);
-        if let Some(opened) = path::separator_decoded(path) {
-            if let Some(bypass) = longest(&opened).filter(|r| r.bypass) {
-                return Some(bypass);
-            }
-        }
-        route
+        crate::config::match_route(&self.routes, path).cloned()
     }
+
     /// Bumps the namespace version: every older entry becomes unreachable.
     pub fn bump_version(&self) -> u64 {
         self.version.fetch_add(1, Ordering::Relaxed) + 1
