@@ -3,6 +3,8 @@
 //! Unknown keys are errors. Every error names the file, line, column and key,
 //! with a hint, so a typo never silently turns a feature off.
 
+pub mod tag_template;
+
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -539,7 +541,7 @@ impl Config {
                 ));
             }
             check_normal_prefix(&rule.prefix, "cache.tag_rule.prefix", &err)?;
-            if let Err(m) = crate::cache::tags::Template::parse(rule.tag.get_ref()) {
+            if let Err(m) = tag_template::Template::parse(rule.tag.get_ref()) {
                 return Err(err(
                     rule.tag.span(),
                     "cache.tag_rule.tag",
