@@ -4,7 +4,8 @@
 
 use super::origin::{BoxError, DownstreamBody};
 pub use crate::cache::shared_body::{SharedBody, SharedReader};
-use bytes::{Bytes, BytesMut};
+use crate::cache::storage::MissHandler;
+use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
@@ -99,25 +100,26 @@ impl HttpBody for Body {
 }
 
 /// How a captured body ended.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CaptureEnd {
-    /// Whole and within the limit: store it.
-    Complete(Bytes),
+    /// Whole, within the limits, and handed to the storage.
+    Stored,
     /// Cut short (origin error, idle, or no reader left to finish it).
     Failed,
-    /// Larger than the limit: streamed through, nothing kept.
+    /// Larger than the storage takes: streamed through, nothing kept.
     TooLarge,
 }
 
 /// Receives the outcome of a capture, exactly once.
 pub type OnComplete = Box<dyn FnOnce(CaptureEnd) + Send>;
 
-/// Captures a streamed body for the store and for coalesced readers.
+/// Captures a streamed body into the storage (its miss handler, which
+/// bounds it by `max_object_bytes`) and for coalesced readers.
 pub struct Capture {
     pub shared: Option<Arc<SharedBody>>,
-    /// Largest body to collect for the store or hold for readers; beyond
-    /// it, nothing is kept and the rest only streams to the client.
-    pub limit: usize,
+    /// Where the body goes as it streams; past the storage's limit it
+    /// refuses, nothing is kept, and the rest only streams to the client.
+    pub miss: Box<dyn MissHandler>,
     pub on_complete: OnComplete,
 }
 
@@ -129,8 +131,6 @@ pub struct OriginBody {
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
     capture: Option<Capture>,
-    collected: Vec<Bytes>,
-    collected_len: usize,
     finished: bool,
 }
 
@@ -141,19 +141,15 @@ impl OriginBody {
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             capture,
-            collected: Vec::new(),
-            collected_len: 0,
             finished: false,
         }
     }
 
     fn on_chunk(&mut self, chunk: &Bytes) {
-        let Some(cap) = &self.capture else { return };
-        self.collected_len = self.collected_len.saturating_add(chunk.len());
-        if self.collected_len > cap.limit {
-            // Past the limit the capture ends at once: what was collected is
-            // freed, readers fail, and the rest streams to the client only.
-            self.collected = Vec::new();
+        let Some(cap) = &mut self.capture else { return };
+        if cap.miss.write(chunk.clone()).is_err() {
+            // Past the limit the capture ends at once: the handler has freed
+            // what it held, readers fail, and the rest streams to the client.
             if let Some(cap) = self.capture.take() {
                 if let Some(s) = &cap.shared {
                     s.overflow();
@@ -165,7 +161,6 @@ impl OriginBody {
         if let Some(s) = &cap.shared {
             s.push(chunk.clone());
         }
-        self.collected.push(chunk.clone());
     }
 
     fn on_end(&mut self, ok: bool) {
@@ -176,16 +171,14 @@ impl OriginBody {
         if let Some(s) = &cap.shared {
             s.finish(!ok);
         }
-        let end = if ok {
-            // One exact-size copy: hyper's chunks may point into larger read
-            // buffers, which a long-lived cache entry must not pin.
-            let mut buf = BytesMut::with_capacity(self.collected_len);
-            for c in self.collected.drain(..) {
-                buf.extend_from_slice(&c);
-            }
-            CaptureEnd::Complete(buf.freeze())
-        } else {
+        let end = if !ok {
+            // Dropping the handler unfinished stores nothing.
+            drop(cap.miss);
             CaptureEnd::Failed
+        } else if cap.miss.finish().is_ok() {
+            CaptureEnd::Stored
+        } else {
+            CaptureEnd::TooLarge
         };
         (cap.on_complete)(end);
     }
@@ -247,8 +240,6 @@ impl Drop for OriginBody {
             idle: self.idle,
             idle_timer: Box::pin(tokio::time::sleep(self.idle)),
             capture: self.capture.take(),
-            collected: std::mem::take(&mut self.collected),
-            collected_len: self.collected_len,
             finished: false,
         };
         self.finished = true;

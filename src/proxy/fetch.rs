@@ -13,7 +13,7 @@ use crate::cache::directives::ResponseDirectives;
 use crate::cache::filters;
 use crate::cache::policy::{self, Freshness};
 use crate::cache::single_flight::{self, SharedResponse};
-use crate::cache::storage::{Entry, Storage};
+use crate::cache::storage::{Entry, EntryMeta, Storage};
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
@@ -154,26 +154,24 @@ impl Gateway {
                         content_length: content_length(&parts.headers),
                     }));
                 }
-                let gw = self.clone();
-                let key = ctx.key.clone();
+                let miss = self.store.miss_handler(
+                    ctx.key.clone(),
+                    EntryMeta {
+                        status,
+                        headers: stored_headers,
+                        vary,
+                        freshness,
+                        tags,
+                    },
+                );
                 let old = stored.clone();
                 let mut guard = guard;
                 let capture = Capture {
                     shared: Some(shared),
-                    limit: self.store.max_object_bytes(),
+                    miss,
                     on_complete: Box::new(move |end| {
                         match end {
-                            CaptureEnd::Complete(body) => {
-                                let entry = Arc::new(Entry::new(
-                                    status,
-                                    stored_headers,
-                                    body,
-                                    vary,
-                                    freshness,
-                                    tags,
-                                ));
-                                gw.store.insert(key, entry);
-                            }
+                            CaptureEnd::Stored => {}
                             CaptureEnd::TooLarge => {
                                 // Nobody could share it: later requests go
                                 // straight to the origin for a while.

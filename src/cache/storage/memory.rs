@@ -477,16 +477,15 @@ impl MissHandler for MemoryMiss {
             body,
             len,
         } = *self;
-        let mut chunks = body.ok_or(TooLarge)?;
-        let body = if chunks.len() == 1 {
-            chunks.pop().unwrap_or_default()
-        } else {
-            let mut joined = BytesMut::with_capacity(len);
-            for c in &chunks {
-                joined.extend_from_slice(c);
-            }
-            joined.freeze()
-        };
+        let chunks = body.ok_or(TooLarge)?;
+        // Always one exact-size copy, even of a single chunk: chunks read
+        // from a connection may be slices of a larger read buffer, which a
+        // long-lived entry must not pin (its charge counts only its length).
+        let mut joined = BytesMut::with_capacity(len);
+        for c in &chunks {
+            joined.extend_from_slice(c);
+        }
+        let body = joined.freeze();
         let entry = Entry::from_meta(meta, body);
         if !storage.admits(&key, &entry) {
             return Err(TooLarge);
