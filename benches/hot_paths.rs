@@ -8,7 +8,7 @@ use kvgate::cache::directives::{RequestDirectives, ResponseDirectives};
 use kvgate::cache::key::CacheKey;
 use kvgate::cache::policy::{self, Freshness};
 use kvgate::cache::storage::{Entry, Storage, Store};
-use kvgate::proxy::respond::{self, CacheResult, Labels};
+use kvgate::proxy::respond::{self, CacheResult, CacheStatus, Labels};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -84,7 +84,14 @@ fn benches(c: &mut Criterion) {
             let now = SystemTime::now();
             let f = policy::usability(&e.freshness, &RequestDirectives::default(), now);
             black_box(f);
-            respond::from_entry(&e, &req, false, now, &labels, CacheResult::Hit, "hit")
+            respond::from_entry(
+                &e,
+                &req,
+                false,
+                now,
+                &labels,
+                CacheStatus::hit(CacheResult::Hit),
+            )
         })
     });
 }

@@ -8,7 +8,7 @@ use super::gateway::Gateway;
 use super::headers::remove_hop_by_hop;
 use super::origin::DownstreamBody;
 use super::request::Ctx;
-use super::respond::{self, CacheResult};
+use super::respond::{self, Answer, CacheResult, CacheStatus, Detail, Forward};
 use crate::cache::directives::ResponseDirectives;
 use crate::cache::filters;
 use crate::cache::policy::{self, Freshness};
@@ -32,7 +32,7 @@ impl Gateway {
         stored: Option<Arc<Entry>>,
         may_store: bool,
         guard: Option<single_flight::FlightGuard>,
-    ) -> Response<Body> {
+    ) -> Answer {
         let may_store = may_store && !ctx.req_cc.no_store && ctx.method == Method::GET;
         let mut headers = ctx.origin_headers(&self.labels.via);
         // The cache path never forwards a request body (GET / HEAD): a
@@ -75,21 +75,15 @@ impl Gateway {
                 self.metrics.origin_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(path = %ctx.path(), error = %e, "origin failed");
                 if let Some(s) = stored.filter(|s| self.can_serve_on_error(ctx, s, now, true)) {
-                    return self.serve_stored(
-                        &s,
-                        ctx,
-                        now,
-                        CacheResult::Stale,
-                        "hit; detail=stale-if-error",
-                    );
+                    return self.serve_stored(&s, ctx, now, stale_if_error());
                 }
                 let msg = e.to_string();
                 return respond::own(
                     e.status(),
                     &msg,
                     &self.labels,
-                    CacheResult::Miss,
-                    "fwd=miss; detail=origin-error",
+                    CacheStatus::forward(CacheResult::Miss, Forward::Miss)
+                        .detail(Detail::OriginError),
                 );
             }
         };
@@ -103,13 +97,7 @@ impl Gateway {
                 .as_ref()
                 .filter(|s| self.can_serve_on_error(ctx, s, now, false))
             {
-                return self.serve_stored(
-                    s,
-                    ctx,
-                    now,
-                    CacheResult::Stale,
-                    "hit; detail=stale-if-error",
-                );
+                return self.serve_stored(s, ctx, now, stale_if_error());
             }
         }
         let (mut parts, incoming) = resp.into_parts();
@@ -122,11 +110,15 @@ impl Gateway {
         };
         let too_big = content_length(&parts.headers)
             .is_some_and(|n| n > self.store.max_object_bytes() as u64);
-        let result = if stored.is_some() {
-            "fwd=stale"
-        } else {
-            "fwd=uri-miss"
-        };
+        let forwarded = CacheStatus::forward(
+            CacheResult::Miss,
+            if stored.is_some() {
+                Forward::Stale
+            } else {
+                Forward::UriMiss
+            },
+        )
+        .status(status.as_u16());
         let idle = self.origin.idle_timeout();
         match (verdict, too_big) {
             (Ok(()), false) => {
@@ -187,16 +179,8 @@ impl Gateway {
                     }),
                 };
                 remove_hop_by_hop(&mut parts.headers);
-                let detail = format!("{result}; fwd-status={}; stored", status.as_u16());
-                let mut client_resp =
-                    self.client_response(ctx, parts, incoming, idle, Some(capture));
-                respond::mark(
-                    client_resp.headers_mut(),
-                    &self.labels,
-                    CacheResult::Miss,
-                    &detail,
-                );
-                client_resp
+                let client_resp = self.client_response(ctx, parts, incoming, idle, Some(capture));
+                Answer::marked(client_resp, &self.labels, forwarded.stored())
             }
             (verdict, _) => {
                 if let Some(g) = guard {
@@ -209,18 +193,11 @@ impl Gateway {
                 }
                 remove_hop_by_hop(&mut parts.headers);
                 let why = match verdict {
-                    Err(e) => e.as_str(),
-                    Ok(()) => "too-large",
+                    Err(e) => Detail::NotStored(e),
+                    Ok(()) => Detail::TooLarge,
                 };
-                let detail = format!("{result}; fwd-status={}; detail={why}", status.as_u16());
-                let mut client_resp = self.client_response(ctx, parts, incoming, idle, None);
-                respond::mark(
-                    client_resp.headers_mut(),
-                    &self.labels,
-                    CacheResult::Miss,
-                    &detail,
-                );
-                client_resp
+                let client_resp = self.client_response(ctx, parts, incoming, idle, None);
+                Answer::marked(client_resp, &self.labels, forwarded.detail(why))
             }
         }
     }
@@ -316,13 +293,15 @@ impl Gateway {
         request_time: SystemTime,
         now: SystemTime,
         guard: Option<single_flight::FlightGuard>,
-    ) -> Response<Body> {
+    ) -> Answer {
         let merged = merged_304_headers(s, not_modified);
         let cc = ResponseDirectives::from_headers(&merged);
         let verdict = self.storable(ctx, s.status, &merged, &cc);
         let refreshed = Arc::new(self.refreshed(ctx, s, merged, not_modified, request_time, now));
         let merged = refreshed.headers.to_map();
-        let detail = match verdict {
+        let revalidated =
+            CacheStatus::forward(CacheResult::Revalidated, Forward::Stale).status(304);
+        let cache_status = match verdict {
             Ok(()) => {
                 self.store.replace(&ctx.key, s, refreshed.clone());
                 if let Some(g) = guard {
@@ -335,7 +314,7 @@ impl Gateway {
                         content_length: Some(refreshed.body.len() as u64),
                     }));
                 }
-                "fwd=stale; fwd-status=304".to_owned()
+                revalidated
             }
             Err(why) => {
                 if let Some(g) = guard {
@@ -344,15 +323,17 @@ impl Gateway {
                 if why != policy::NotStorable::Authorization {
                     self.store.purge_key(&ctx.key, false);
                 }
-                format!("fwd=stale; fwd-status=304; detail={}", why.as_str())
+                revalidated.detail(Detail::NotStored(why))
             }
         };
-        let mut resp = self.serve_stored(&refreshed, ctx, now, CacheResult::Revalidated, &detail);
+        let mut answer = self.serve_stored(&refreshed, ctx, now, cache_status);
         for cookie in not_modified.get_all(header::SET_COOKIE) {
-            resp.headers_mut()
+            answer
+                .response
+                .headers_mut()
                 .append(header::SET_COOKIE, cookie.clone());
         }
-        resp
+        answer
     }
     /// The stored entry with `headers` merged from a 304 (9111 4.3.4) and
     /// freshness measured from this exchange.
@@ -382,6 +363,11 @@ impl Gateway {
             s.tags.to_vec(),
         )
     }
+}
+
+/// Served stale because the origin failed (RFC 5861 4, 9111 4.2.4).
+fn stale_if_error() -> CacheStatus {
+    CacheStatus::hit(CacheResult::Stale).detail(Detail::StaleIfError)
 }
 
 /// A stored entry's headers updated from a 304 (9111 3.2), except for the

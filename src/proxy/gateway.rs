@@ -20,7 +20,7 @@ use super::body::Body;
 use super::headers::{remove_hop_by_hop, strip_client_forwarding, ClientInfo};
 use super::origin::{BoxError, OriginClient, Upstream};
 use super::request::{authority, normalize_request_target, Ctx};
-use super::respond::{self, CacheResult, Labels};
+use super::respond::{self, Answer, CacheResult, CacheStatus, Forward, Labels};
 use super::self_service;
 use crate::cache::directives::RequestDirectives;
 use crate::cache::key::CacheKey;
@@ -156,25 +156,24 @@ impl Gateway {
                     .to_string(),
             )
         });
-        let resp = self.route(req, client).await;
-        let result = resp
-            .headers()
-            .get(respond::X_CACHE)
-            .and_then(|v| CacheResult::from_bytes(v.as_bytes()));
-        self.metrics.record(result, resp.status());
+        let Answer {
+            response: resp,
+            result,
+        } = self.route(req, client).await;
+        self.metrics.record(Some(result), resp.status());
         if let Some((method, path)) = logged {
             tracing::info!(
                 target: "kvgate::access",
                 method = %method,
                 path = %path,
                 status = resp.status().as_u16(),
-                cache = result.map_or("-", CacheResult::as_str),
+                cache = result.as_str(),
                 micros = started.elapsed().as_micros() as u64,
             );
         }
         resp
     }
-    async fn route<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Response<Body>
+    async fn route<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Answer
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -236,7 +235,10 @@ impl Gateway {
                     if let Some(cookie) = set_cookie {
                         r.headers_mut().append(header::SET_COOKIE, cookie);
                     }
-                    return r;
+                    return Answer {
+                        response: r,
+                        result: CacheResult::Bypass,
+                    };
                 }
             }
         }
@@ -262,7 +264,7 @@ impl Gateway {
             client,
         };
         let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
-        let mut resp = if !cfg.cache.enabled
+        let mut answer = if !cfg.cache.enabled
             || ctx.route.as_ref().is_some_and(|r| r.bypass)
             || !cacheable_method
         {
@@ -272,9 +274,12 @@ impl Gateway {
         };
         if let Some(cookie) = set_cookie {
             // Per response, never stored: the cookie is this client's alone.
-            resp.headers_mut().append(header::SET_COOKIE, cookie);
+            answer
+                .response
+                .headers_mut()
+                .append(header::SET_COOKIE, cookie);
         }
-        resp
+        answer
     }
     /// A response from a stored entry for this request (HEAD: no body).
     pub(super) fn serve_stored(
@@ -282,21 +287,15 @@ impl Gateway {
         e: &Entry,
         ctx: &Ctx,
         now: SystemTime,
-        result: CacheResult,
-        status_params: &str,
-    ) -> Response<Body> {
+        status: CacheStatus,
+    ) -> Answer {
         let head = ctx.method == Method::HEAD;
-        respond::from_entry(
-            e,
-            &ctx.headers,
-            head,
-            now,
-            &self.labels,
-            result,
-            status_params,
-        )
+        respond::from_entry(e, &ctx.headers, head, now, &self.labels, status)
     }
-    pub(super) fn own(&self, status: StatusCode, msg: &str, result: CacheResult) -> Response<Body> {
-        respond::own(status, msg, &self.labels, result, "fwd=bypass")
+
+    /// The gateway's own answer (refusals, only-if-cached misses).
+    pub(super) fn own(&self, status: StatusCode, msg: &str, result: CacheResult) -> Answer {
+        let cache_status = CacheStatus::forward(result, Forward::Bypass);
+        respond::own(status, msg, &self.labels, cache_status)
     }
 }

@@ -6,7 +6,7 @@
 use super::body::Body;
 use super::gateway::Gateway;
 use super::request::Ctx;
-use super::respond::{self, CacheResult};
+use super::respond::{Answer, CacheResult, CacheStatus, Detail};
 use crate::cache::directives::RequestDirectives;
 use crate::cache::policy::{self, Usability};
 use crate::cache::single_flight::{self, Join, Outcome, SharedResponse};
@@ -20,22 +20,21 @@ use std::time::{Duration, SystemTime};
 
 impl Gateway {
     /// Cache lookup and the decision it leads to (9111 4).
-    pub(super) async fn lookup(self: &Arc<Self>, ctx: Ctx) -> Response<Body> {
+    pub(super) async fn lookup(self: &Arc<Self>, ctx: Ctx) -> Answer {
         let now = SystemTime::now();
         let head = ctx.method == Method::HEAD;
         let stored = self.store.lookup(&ctx.key, &ctx.headers);
         if let Some(e) = &stored {
             match policy::usability(&e.freshness, &ctx.req_cc, now) {
                 Usability::Fresh => {
-                    return self.serve_stored(e, &ctx, now, CacheResult::Hit, "hit");
+                    return self.serve_stored(e, &ctx, now, CacheStatus::hit(CacheResult::Hit));
                 }
                 Usability::StaleAllowed => {
                     return self.serve_stored(
                         e,
                         &ctx,
                         now,
-                        CacheResult::Stale,
-                        "hit; detail=max-stale",
+                        CacheStatus::hit(CacheResult::Stale).detail(Detail::MaxStale),
                     );
                 }
                 Usability::StaleWhileRevalidate => {
@@ -44,8 +43,7 @@ impl Gateway {
                         e,
                         &ctx,
                         now,
-                        CacheResult::Stale,
-                        "hit; detail=stale-while-revalidate",
+                        CacheStatus::hit(CacheResult::Stale).detail(Detail::StaleWhileRevalidate),
                     );
                 }
                 Usability::MustValidate => {}
@@ -89,19 +87,14 @@ impl Gateway {
         }
     }
     /// A coalesced waiter's answer: the leader's head, its body as it streams.
-    pub(super) fn serve_shared(&self, ctx: &Ctx, r: &SharedResponse) -> Response<Body> {
+    pub(super) fn serve_shared(&self, ctx: &Ctx, r: &SharedResponse) -> Answer {
+        let coalesced = CacheStatus::hit(CacheResult::Hit).detail(Detail::Coalesced);
         let now = SystemTime::now();
         if r.status == StatusCode::OK && policy::conditional_matches(&ctx.headers, &r.headers) {
             let mut resp = Response::new(Body::Empty);
             *resp.status_mut() = StatusCode::NOT_MODIFIED;
             *resp.headers_mut() = policy::not_modified_headers(&r.headers);
-            respond::mark(
-                resp.headers_mut(),
-                &self.labels,
-                CacheResult::Hit,
-                "hit; detail=coalesced",
-            );
-            return resp;
+            return Answer::marked(resp, &self.labels, coalesced);
         }
         let hint = r.content_length.map_or_else(
             http_body::SizeHint::default,
@@ -114,13 +107,7 @@ impl Gateway {
             header::AGE,
             HeaderValue::from(r.freshness.current_age(now).as_secs()),
         );
-        respond::mark(
-            resp.headers_mut(),
-            &self.labels,
-            CacheResult::Hit,
-            "hit; detail=coalesced",
-        );
-        resp
+        Answer::marked(resp, &self.labels, coalesced)
     }
     /// Stale-while-revalidate: one background refresh per key, not tied to
     /// the client connection (RFC 5861 3).
@@ -141,9 +128,9 @@ impl Gateway {
             client: ctx.client,
         };
         tokio::spawn(async move {
-            let resp = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
+            let answer = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
             // Drain the body so the capture completes and the store updates.
-            let mut body = resp.into_body();
+            let mut body = answer.response.into_body();
             while let Some(frame) =
                 std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
             {

@@ -7,7 +7,7 @@ use super::gateway::Gateway;
 use super::headers::remove_hop_by_hop;
 use super::origin::{BoxError, UpstreamBody};
 use super::request::Ctx;
-use super::respond::{self, CacheResult};
+use super::respond::{self, Answer, CacheResult, CacheStatus, Detail, Forward};
 use crate::cache::policy;
 use crate::cache::storage::Storage;
 use crate::protocol::path;
@@ -24,7 +24,7 @@ impl Gateway {
     /// Forwards a request the cache does not handle (unsafe methods,
     /// bypass routes), streaming the body both ways, then invalidates what
     /// an unsafe method changed (9111 4.4).
-    pub(super) async fn pass<B>(self: &Arc<Self>, ctx: Ctx, body: B) -> Response<Body>
+    pub(super) async fn pass<B>(self: &Arc<Self>, ctx: Ctx, body: B) -> Answer
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -50,8 +50,8 @@ impl Gateway {
                     e.status(),
                     &e.to_string(),
                     &self.labels,
-                    CacheResult::Bypass,
-                    "fwd=bypass; detail=origin-error",
+                    CacheStatus::forward(CacheResult::Bypass, Forward::Bypass)
+                        .detail(Detail::OriginError),
                 );
             }
         };
@@ -74,8 +74,9 @@ impl Gateway {
             self.store.purge_key(&key, false);
         }
         remove_hop_by_hop(&mut parts.headers);
-        let detail = format!("fwd=bypass; fwd-status={}", parts.status.as_u16());
-        let mut r = Response::from_parts(
+        let status = CacheStatus::forward(CacheResult::Bypass, Forward::Bypass)
+            .status(parts.status.as_u16());
+        let r = Response::from_parts(
             parts,
             Body::Origin(Box::new(OriginBody::new(
                 incoming,
@@ -83,7 +84,6 @@ impl Gateway {
                 None,
             ))),
         );
-        respond::mark(r.headers_mut(), &self.labels, CacheResult::Bypass, &detail);
-        r
+        Answer::marked(r, &self.labels, status)
     }
 }

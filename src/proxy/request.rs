@@ -2,16 +2,15 @@
 //! authority, no tunnels; the request target in normal form; and the
 //! per-request facts every later phase reads (`Ctx`).
 
-use super::body::Body;
 use super::gateway::Gateway;
 use super::headers::{forward_request_headers, ClientInfo};
-use super::respond::CacheResult;
+use super::respond::{Answer, CacheResult};
 use crate::cache::directives::RequestDirectives;
 use crate::cache::key::CacheKey;
 use crate::config::RouteConfig;
 use crate::protocol::path::{self, PathError};
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, StatusCode};
 use std::sync::Arc;
 
 /// The per-request facts every branch needs.
@@ -110,7 +109,7 @@ impl Gateway {
     /// Guard: limits a client cannot exceed (414, 413) and a request head
     /// that names no valid authority (400). Header size (431) and the
     /// header-read timeout are enforced by the listener.
-    pub(super) fn guard<B: http_body::Body>(&self, req: &Request<B>) -> Option<Response<Body>> {
+    pub(super) fn guard<B: http_body::Body>(&self, req: &Request<B>) -> Option<Answer> {
         let limits = &self.config.server;
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         if path.len() > limits.max_uri_bytes {

@@ -3,7 +3,7 @@
 
 use super::body::Body;
 use crate::cache::policy;
-pub use crate::cache::result::CacheResult;
+pub use crate::cache::result::{CacheResult, CacheStatus, Detail, Forward};
 use crate::cache::storage::Entry;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -40,19 +40,38 @@ impl Labels {
     }
 
     /// A Cache-Status member (RFC 9211 2): `name; params`.
-    pub fn cache_status(&self, params: &str) -> HeaderValue {
-        if params == "hit" {
+    pub fn cache_status(&self, status: &CacheStatus) -> HeaderValue {
+        if status.is_plain_hit() {
             return self.hit.clone();
         }
-        HeaderValue::from_str(&format!("{}; {}", self.name, params))
+        HeaderValue::from_str(&format!("{}; {}", self.name, status.params()))
             .unwrap_or_else(|_| self.hit.clone())
     }
 }
 
+/// A response and the cache's verdict on it, carried together from where
+/// it is decided to the metrics and the access log (never re-parsed from
+/// the headers).
+pub struct Answer {
+    pub response: Response<Body>,
+    pub result: CacheResult,
+}
+
+impl Answer {
+    /// Marks `response` with the gateway's fields for `status`.
+    pub fn marked(mut response: Response<Body>, labels: &Labels, status: CacheStatus) -> Answer {
+        mark(response.headers_mut(), labels, &status);
+        Answer {
+            response,
+            result: status.result,
+        }
+    }
+}
+
 /// Adds the gateway's own fields to a response.
-pub fn mark(h: &mut HeaderMap, labels: &Labels, result: CacheResult, status_params: &str) {
-    h.insert(X_CACHE, result.header());
-    h.append(CACHE_STATUS, labels.cache_status(status_params));
+pub fn mark(h: &mut HeaderMap, labels: &Labels, status: &CacheStatus) {
+    h.insert(X_CACHE, status.result.header());
+    h.append(CACHE_STATUS, labels.cache_status(status));
     h.append(header::VIA, labels.via.clone());
 }
 
@@ -65,9 +84,8 @@ pub fn from_entry(
     head: bool,
     now: SystemTime,
     labels: &Labels,
-    result: CacheResult,
-    status_params: &str,
-) -> Response<Body> {
+    status: CacheStatus,
+) -> Answer {
     let age = e.freshness.current_age(now).as_secs();
     let stored = e.headers.to_map();
     let conditional = e.status == StatusCode::OK && policy::conditional_matches(req, &stored);
@@ -95,8 +113,7 @@ pub fn from_entry(
     };
     resp.headers_mut()
         .insert(header::AGE, HeaderValue::from(age));
-    mark(resp.headers_mut(), labels, result, status_params);
-    resp
+    Answer::marked(resp, labels, status)
 }
 
 /// For a Range request: a 206 (or 416) from a stored 200 for a single byte
@@ -164,9 +181,8 @@ pub fn own(
     status: StatusCode,
     message: &str,
     labels: &Labels,
-    result: CacheResult,
-    params: &str,
-) -> Response<Body> {
+    cache_status: CacheStatus,
+) -> Answer {
     let mut r = Response::new(Body::from(format!("kvgate: {message}\n")));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -175,6 +191,5 @@ pub fn own(
     );
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    mark(r.headers_mut(), labels, result, params);
-    r
+    Answer::marked(r, labels, cache_status)
 }

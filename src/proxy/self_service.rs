@@ -4,7 +4,7 @@
 //! `updateUserPreferences`). Answered by the gateway itself, never cached.
 
 use super::body::Body;
-use super::respond::{self, CacheResult, Labels};
+use super::respond::{self, CacheResult, CacheStatus, Detail, Forward, Labels};
 use crate::edge::Edge;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -27,8 +27,7 @@ fn json(status: StatusCode, v: &serde_json::Value, labels: &Labels) -> Response<
     respond::mark(
         h,
         labels,
-        CacheResult::Bypass,
-        "fwd=bypass; detail=self-service",
+        &CacheStatus::forward(CacheResult::Bypass, Forward::Bypass).detail(Detail::SelfService),
     );
     r
 }
