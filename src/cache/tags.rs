@@ -7,7 +7,7 @@
 //! Never from who asked: a shared entry is filled by whichever client came
 //! first, so a tag naming the requester would name the wrong user for
 //! everyone else, and a purge by that user's tag would miss the page.
-//! Pure: no I/O, no clock; the pipeline calls [`Tagger::take_from_response`]
+//! Pure: no I/O, no clock; the fetch phase calls [`Tagger::take_from_response`]
 //! on every origin response and [`Tagger::entry_tags`] where it builds an entry.
 
 use crate::config::tag_template::Template;

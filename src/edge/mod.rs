@@ -22,10 +22,10 @@
 //! `secret:anonymous-id` (the generated signing key, when none is configured).
 //! Anonymous users' ids are `anon:<id>` (see [`identity`]).
 
-mod admin;
 pub mod config;
 mod counters;
 mod identity;
+mod operations;
 pub mod prefs;
 pub mod sfv;
 mod writes;
@@ -42,7 +42,6 @@ use sha2::{Digest, Sha256};
 
 use crate::kv::{Kv, KvEntry, KvError, KvFuture, Namespaced, PutOptions};
 
-pub use admin::EdgeAdminError;
 pub use config::{
     EdgeConfig, EdgeConfigError, ExperimentConfig, FlagConfig, FlagValue, IdentityConfig,
     PreferencesConfig,
@@ -52,6 +51,7 @@ pub use identity::{
     is_anonymous_id, is_valid_user_id, Cidr, ANONYMOUS_COOKIE, ANONYMOUS_COOKIE_MAX_AGE_SECS,
     ANONYMOUS_PREFIX, MAX_USER_ID_BYTES, MIN_SECRET_BYTES,
 };
+pub use operations::EdgeAdminError;
 
 use identity::Signer;
 use writes::{Write, WriteQueue};

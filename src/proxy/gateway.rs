@@ -159,7 +159,7 @@ impl Gateway {
         let Answer {
             response: resp,
             result,
-        } = self.route(req, client).await;
+        } = self.answer(req, client).await;
         self.metrics.record(Some(result), resp.status());
         if let Some((method, path)) = logged {
             tracing::info!(
@@ -173,7 +173,8 @@ impl Gateway {
         }
         resp
     }
-    async fn route<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Answer
+    /// Phases 1 to 7 for one request (see the module docs).
+    async fn answer<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Answer
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,

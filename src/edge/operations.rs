@@ -1,5 +1,6 @@
-//! Admin operations, as plain async methods returning JSON, for the admin
-//! listener to route: `GET /users/{id}`, `PUT`/`DELETE /flags/{flag}/users/{id}`,
+//! Operations on edge state (users, overrides, experiments, counters), as
+//! plain async methods returning JSON; the admin listener (`src/admin`)
+//! routes to them: `GET /users/{id}`, `PUT`/`DELETE /flags/{flag}/users/{id}`,
 //! `GET`/`PATCH /users/{id}/preferences`, `GET /experiments/{name}`,
 //! `DELETE /experiments/{name}/users/{id}`, `GET /counters`.
 
