@@ -242,3 +242,37 @@ async fn hit_for_miss_after_an_unshareable_answer() {
         "nobody queued"
     );
 }
+
+#[tokio::test]
+async fn an_authorized_request_does_not_turn_off_coalescing_for_others() {
+    let h = harness(Duration::from_millis(50), |_, _| {
+        Ok((200, vec![("cache-control", "max-age=60")], "page"))
+    });
+    // Without `public`, an authorized request's answer is not stored
+    // (9111 3.5): a verdict about that request alone.
+    let req = Request::builder()
+        .uri("/doc")
+        .header("host", "api.example")
+        .header("authorization", "Bearer x")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let client = ClientInfo {
+        addr: "127.0.0.1:40000".parse().expect("addr"),
+        tls: false,
+    };
+    let _ = h.gw.handle(req, client).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let gw = h.gw.clone();
+            tokio::spawn(async move { get(&gw, "/doc").await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task").body, "page");
+    }
+    assert_eq!(
+        h.calls.load(Ordering::SeqCst),
+        2,
+        "anonymous requests were not coalesced after an authorized one"
+    );
+}
