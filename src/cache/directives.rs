@@ -9,7 +9,7 @@ use http::header::{HeaderMap, CACHE_CONTROL, PRAGMA};
 use std::time::Duration;
 
 /// Largest delta-seconds we represent (9111 1.2.2: at least 2^31).
-pub const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
+pub(crate) const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
 
 /// One `name[=value]` directive from a Cache-Control field, name lowercased.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct Directive {
 }
 
 /// Splits Cache-Control field lines into directives, honouring quoted strings.
-pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Directive> {
+pub(crate) fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Directive> {
     let mut out = Vec::new();
     for bytes in lines {
         // Bytes, not &str: a field value may carry obs-text (RFC 9110 5.5)
@@ -115,7 +115,7 @@ pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Direct
 
 /// Parses delta-seconds (9111 1.2.2): digits only; overflow saturates at 2^31.
 /// Leading zeros are fine ("003600" is 3600).
-pub fn parse_delta_seconds(v: &str) -> Option<u64> {
+pub(crate) fn parse_delta_seconds(v: &str) -> Option<u64> {
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -183,7 +183,7 @@ pub struct ResponseDirectives {
     pub targeted: bool,
 }
 
-pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
+pub(crate) const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
 
 impl ResponseDirectives {
     /// The directives a gateway obeys: `CDN-Cache-Control` when present and
@@ -411,11 +411,6 @@ impl RequestDirectives {
         }
         r
     }
-}
-
-/// Seconds as a Duration, for the delta values above.
-pub fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
 }
 
 #[cfg(test)]

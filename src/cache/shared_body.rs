@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker};
 /// what may be held); the reader's connection is aborted like a truncated one.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the response this request waited on failed mid-body")]
-pub struct SharedBodyFailed;
+pub(crate) struct SharedBodyFailed;
 
 /// A body being received once and read by several responses (the leader of
 /// a coalesced fetch and its waiters). Chunks are kept until the last reader

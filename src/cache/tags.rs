@@ -25,14 +25,14 @@ enum Piece {
 
 /// A parsed tag template such as `user:{segment2}` or `section:{segment1}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
+pub(crate) struct Template {
     pieces: Vec<Piece>,
 }
 
 impl Template {
     /// Parses a template; unknown placeholders and stray braces are errors,
     /// so a typo is caught when the config loads, not as a silently missing tag.
-    pub fn parse(src: &str) -> Result<Template, String> {
+    pub(crate) fn parse(src: &str) -> Result<Template, String> {
         if src.is_empty() {
             return Err("the tag template is empty".into());
         }
@@ -75,7 +75,7 @@ impl Template {
 
     /// The tag for one URL, or `None` when a placeholder has no value
     /// (fewer path segments): no tag beats a wrong one.
-    pub fn render(&self, path: &str) -> Option<String> {
+    pub(crate) fn render(&self, path: &str) -> Option<String> {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
@@ -101,12 +101,12 @@ fn segment(path_and_query: &str, n: usize) -> Option<&str> {
 }
 
 /// Tags from a space-separated (`Surrogate-Key`) value.
-pub fn parse_surrogate_key(value: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn parse_surrogate_key(value: &str) -> impl Iterator<Item = &str> {
     value.split_ascii_whitespace()
 }
 
 /// Tags from a comma-separated (`Cache-Tag`) value.
-pub fn parse_cache_tag(value: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn parse_cache_tag(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
@@ -116,7 +116,7 @@ struct Rule {
 }
 
 /// The configured tag sources and limits.
-pub struct Tagger {
+pub(crate) struct Tagger {
     surrogate_key: Option<HeaderName>,
     cache_tag: Option<HeaderName>,
     strip: bool,
@@ -137,7 +137,7 @@ fn header_name(name: &str) -> Result<Option<HeaderName>, String> {
 impl Tagger {
     /// From `[cache.tags]` and `[[cache.tag_rule]]` (already validated by
     /// the config; the errors here only guard configs built in code).
-    pub fn new(cfg: &CacheConfig) -> Result<Tagger, String> {
+    pub(crate) fn new(cfg: &CacheConfig) -> Result<Tagger, String> {
         let t = &cfg.tags;
         let rules = cfg
             .tag_rules
@@ -162,7 +162,7 @@ impl Tagger {
     /// Reads the origin's tags from a response head and, unless configured
     /// otherwise, removes the tag headers so neither the client nor later
     /// hits see them (they are the origin's internal vocabulary).
-    pub fn take_from_response(&self, headers: &mut HeaderMap) -> Vec<String> {
+    pub(crate) fn take_from_response(&self, headers: &mut HeaderMap) -> Vec<String> {
         let mut tags = Vec::new();
         if let Some(name) = &self.surrogate_key {
             for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
@@ -185,7 +185,7 @@ impl Tagger {
     /// The tags of an entry: rule tags first (the operator's, so an origin
     /// sending many tags cannot crowd them out), then the origin's;
     /// deduplicated, overlong ones dropped, at most `max_per_entry`.
-    pub fn entry_tags(&self, from_origin: Vec<String>, path: &str) -> Vec<Arc<str>> {
+    pub(crate) fn entry_tags(&self, from_origin: Vec<String>, path: &str) -> Vec<Arc<str>> {
         if from_origin.is_empty() && self.rules.is_empty() {
             return Vec::new();
         }

@@ -10,16 +10,16 @@ use super::identity::{Cidr, MIN_SECRET_BYTES};
 use super::sfv;
 
 /// Longest flag, experiment or variant name.
-pub const MAX_NAME_LEN: usize = 64;
+pub(crate) const MAX_NAME_LEN: usize = 64;
 /// Longest environment name.
-pub const MAX_ENVIRONMENT_LEN: usize = 64;
+pub(crate) const MAX_ENVIRONMENT_LEN: usize = 64;
 /// Upper bound for `preferences.max_bytes`: the document travels in a request
 /// header, and origins commonly cap a header line at 8 to 16 KiB.
-pub const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
 /// Default for `write_queue_capacity`.
-pub const DEFAULT_WRITE_QUEUE_CAPACITY: usize = 10_000;
+pub(crate) const DEFAULT_WRITE_QUEUE_CAPACITY: usize = 10_000;
 /// Upper bound for `write_queue_capacity`.
-pub const MAX_WRITE_QUEUE_CAPACITY: usize = 1_000_000;
+pub(crate) const MAX_WRITE_QUEUE_CAPACITY: usize = 1_000_000;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -23,11 +23,11 @@
 //! Anonymous users' ids are `anon:<id>` (see [`identity`]).
 
 mod admin;
-pub mod config;
+pub(crate) mod config;
 mod counters;
 mod identity;
-pub mod prefs;
-pub mod sfv;
+pub(crate) mod prefs;
+pub(crate) mod sfv;
 mod writes;
 
 use std::net::IpAddr;

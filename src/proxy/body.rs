@@ -3,7 +3,7 @@
 //! waiters), or read from another request's capture (a coalesced waiter).
 
 use super::origin::{BoxError, DownstreamBody};
-pub use crate::cache::shared_body::{SharedBody, SharedReader};
+pub(crate) use crate::cache::shared_body::{SharedBody, SharedReader};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use std::future::Future;
@@ -110,7 +110,7 @@ pub enum CaptureEnd {
 }
 
 /// Receives the outcome of a capture, exactly once.
-pub type OnComplete = Box<dyn FnOnce(CaptureEnd) + Send>;
+pub(crate) type OnComplete = Box<dyn FnOnce(CaptureEnd) + Send>;
 
 /// Captures a streamed body for the store and for coalesced readers.
 pub struct Capture {

@@ -9,8 +9,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::time::SystemTime;
 
-pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub(crate) const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// Prebuilt header values for the hot path.
 pub struct Labels {
@@ -50,7 +50,7 @@ impl Labels {
 }
 
 /// Adds the gateway's own fields to a response.
-pub fn mark(h: &mut HeaderMap, labels: &Labels, result: CacheResult, status_params: &str) {
+pub(crate) fn mark(h: &mut HeaderMap, labels: &Labels, result: CacheResult, status_params: &str) {
     h.insert(X_CACHE, result.header());
     h.append(CACHE_STATUS, labels.cache_status(status_params));
     h.append(header::VIA, labels.via.clone());
@@ -160,7 +160,7 @@ fn partial(e: &Entry, stored: HeaderMap, req: &HeaderMap, head: bool) -> Respons
 }
 
 /// The gateway's own answer (errors, refusals): short plain text.
-pub fn own(
+pub(crate) fn own(
     status: StatusCode,
     message: &str,
     labels: &Labels,

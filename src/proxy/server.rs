@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 /// Builds a TLS acceptor from PEM files (certificate chain, private key).
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
     ))
@@ -52,7 +52,7 @@ pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
 
 /// The next connection; accept errors (EMFILE and friends) are logged and
 /// retried after a short pause instead of spinning.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     what: &str,
 ) -> (tokio::net::TcpStream, std::net::SocketAddr) {
@@ -178,7 +178,7 @@ impl http_body::Body for Tracked {
 
 /// Accepts connections until `shutdown` resolves, then lets in-flight
 /// requests finish for up to the configured grace period.
-pub async fn serve(
+pub(crate) async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,

@@ -30,8 +30,9 @@ mod tag_index;
 #[cfg(test)]
 pub(crate) mod conformance;
 
-pub use entry::{Entry, EntryMeta, StoredHeaders};
-pub use memory::{EntryInfo, MemoryStorage, StoreStats};
+pub use entry::Entry;
+pub(crate) use entry::{EntryMeta, StoredHeaders};
+pub(crate) use memory::MemoryStorage;
 
 use crate::cache::key::CacheKey;
 use bytes::Bytes;
