@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use http::Method;
-use kvgate::cache::storage::Storage;
+use kvgate::cache::Storage;
 use kvgate::config::{AdminConfig, Config, TagRuleConfig};
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime};

@@ -18,4 +18,4 @@ pub(crate) mod tags;
 pub use directives::{RequestDirectives, ResponseDirectives};
 pub use key::CacheKey;
 pub use policy::{usability, Freshness};
-pub use storage::{Entry, Storage, Store};
+pub use storage::{Entry, Storage, Store, StoreStats};

@@ -13,14 +13,14 @@ use std::time::{Duration, SystemTime};
 pub(crate) struct StoragePolicy {
     /// Store responses that carry `Set-Cookie` (off by default: a shared
     /// cache handing one user's cookie to another is the classic leak).
-    pub allow_set_cookie: bool,
+    pub(crate) allow_set_cookie: bool,
 }
 
 /// Heuristic freshness settings (9111 4.2.2).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Heuristic {
-    pub fraction: f64,
-    pub max: Duration,
+    pub(crate) fraction: f64,
+    pub(crate) max: Duration,
 }
 
 /// Why a response is not stored; shown in Cache-Status `detail`.
@@ -306,13 +306,13 @@ pub(crate) fn corrected_initial_age(
 /// The facts about a stored response that decide how it may be used.
 #[derive(Debug, Clone)]
 pub struct Freshness {
-    pub lifetime: Duration,
-    pub corrected_initial_age: Duration,
-    pub response_time: SystemTime,
-    pub no_cache: bool,
-    pub forbids_stale: bool,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
+    pub(crate) lifetime: Duration,
+    pub(crate) corrected_initial_age: Duration,
+    pub(crate) response_time: SystemTime,
+    pub(crate) no_cache: bool,
+    pub(crate) forbids_stale: bool,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
 }
 
 impl Freshness {
@@ -331,23 +331,26 @@ impl Freshness {
     }
 
     /// current_age (9111 4.2.3).
-    pub fn current_age(&self, now: SystemTime) -> Duration {
+    pub(crate) fn current_age(&self, now: SystemTime) -> Duration {
         self.corrected_initial_age + now.duration_since(self.response_time).unwrap_or_default()
     }
 
     /// How long past its lifetime the response is at `now`; zero when fresh.
-    pub fn staleness(&self, now: SystemTime) -> Duration {
+    pub(crate) fn staleness(&self, now: SystemTime) -> Duration {
         self.current_age(now).saturating_sub(self.lifetime)
     }
 
-    pub fn is_fresh(&self, now: SystemTime) -> bool {
+    /// Whether the response is fresh at `now` (the tests' shorthand; the
+    /// request path asks `usability`).
+    #[cfg(test)]
+    pub(crate) fn is_fresh(&self, now: SystemTime) -> bool {
         self.current_age(now) < self.lifetime
     }
 
     /// Whether stale-if-error (RFC 5861, or configured grace) still covers it.
     /// `extra` is what the client (request stale-if-error) or the gateway's
     /// grace allows beyond the origin's own stale-if-error.
-    pub fn can_serve_on_error(&self, now: SystemTime, request_allows: Option<Duration>) -> bool {
+    pub(crate) fn can_serve_on_error(&self, now: SystemTime, request_allows: Option<Duration>) -> bool {
         // 9111 5.2.2.4: no-cache means never without successful validation.
         if self.forbids_stale || self.no_cache {
             return false;

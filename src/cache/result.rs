@@ -21,7 +21,7 @@ impl CacheResult {
         CacheResult::Bypass,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CacheResult::Hit => "HIT",
             CacheResult::Miss => "MISS",
@@ -31,17 +31,17 @@ impl CacheResult {
         }
     }
 
-    pub fn from_bytes(b: &[u8]) -> Option<CacheResult> {
+    pub(crate) fn from_bytes(b: &[u8]) -> Option<CacheResult> {
         CacheResult::ALL
             .into_iter()
             .find(|r| r.as_str().as_bytes() == b)
     }
 
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
-    pub fn header(self) -> HeaderValue {
+    pub(crate) fn header(self) -> HeaderValue {
         HeaderValue::from_static(self.as_str())
     }
 }

@@ -106,7 +106,8 @@ impl DurableKv {
     }
 
     /// Removes every expired entry now; returns how many were removed.
-    pub async fn sweep_expired(&self) -> Result<usize, KvError> {
+    #[cfg(test)]
+    pub(crate) async fn sweep_expired(&self) -> Result<usize, KvError> {
         self.blocking(|db| {
             let txn = db.begin_write().map_err(backend)?;
             let removed = {

@@ -18,11 +18,11 @@ mod namespaced;
 
 pub use durable::DurableKv;
 pub use memory::MemoryKv;
-pub use namespaced::Namespaced;
+pub(crate) use namespaced::Namespaced;
 
 /// Opens the store `[state]` names: the backend is chosen here, not by
 /// its callers.
-pub fn open(cfg: &crate::config::StateConfig) -> Result<std::sync::Arc<dyn Kv>, String> {
+pub(crate) fn open(cfg: &crate::config::StateConfig) -> Result<std::sync::Arc<dyn Kv>, String> {
     use crate::config::StateBackend;
     Ok(match cfg.backend {
         StateBackend::Memory => std::sync::Arc::new(MemoryKv::new()),
@@ -43,11 +43,11 @@ use bytes::Bytes;
 pub type KvFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KvError>> + Send + 'a>>;
 
 /// Longest key accepted, namespace included.
-pub const MAX_KEY_BYTES: usize = 1024;
+pub(crate) const MAX_KEY_BYTES: usize = 1024;
 /// Largest metadata document accepted, as compact JSON.
-pub const MAX_METADATA_BYTES: usize = 1024;
+pub(crate) const MAX_METADATA_BYTES: usize = 1024;
 /// Most keys one `list` call returns; larger limits are clamped.
-pub const MAX_LIST_LIMIT: usize = 1000;
+pub(crate) const MAX_LIST_LIMIT: usize = 1000;
 
 /// One stored value with its metadata and expiry.
 #[derive(Debug, Clone, PartialEq)]
@@ -254,7 +254,7 @@ pub(crate) mod conformance {
     use super::*;
     use serde_json::json;
 
-    pub async fn put_get_delete(kv: &dyn Kv) {
+    pub(crate) async fn put_get_delete(kv: &dyn Kv) {
         assert_eq!(kv.get("a").await.unwrap(), None);
         kv.put("a", Bytes::from_static(b"one"), PutOptions::default())
             .await
@@ -274,7 +274,7 @@ pub(crate) mod conformance {
         assert_eq!(kv.get("a").await.unwrap(), None);
     }
 
-    pub async fn metadata_round_trips(kv: &dyn Kv) {
+    pub(crate) async fn metadata_round_trips(kv: &dyn Kv) {
         let meta = json!({"version": "v2", "updated": 1700000000});
         kv.put(
             "m",
@@ -299,7 +299,7 @@ pub(crate) mod conformance {
         assert_eq!(page.keys[0].expires_at, Some(expires));
     }
 
-    pub async fn ttl_expiry(kv: &dyn Kv) {
+    pub(crate) async fn ttl_expiry(kv: &dyn Kv) {
         kv.put(
             "t:short",
             Bytes::from_static(b"x"),
@@ -329,7 +329,7 @@ pub(crate) mod conformance {
         assert_eq!(kv.get("t:long").await.unwrap().unwrap().expires_at, None);
     }
 
-    pub async fn list_prefix_and_cursor(kv: &dyn Kv) {
+    pub(crate) async fn list_prefix_and_cursor(kv: &dyn Kv) {
         for i in 0..25 {
             let key = format!("user:{i:02}");
             kv.put(&key, Bytes::from(key.clone()), PutOptions::default())
@@ -388,7 +388,7 @@ pub(crate) mod conformance {
         assert_eq!(page.cursor, None);
     }
 
-    pub async fn put_batch(kv: &dyn Kv) {
+    pub(crate) async fn put_batch(kv: &dyn Kv) {
         kv.put_batch(Vec::new()).await.unwrap();
         let item = |key: &str, value: &'static str, opts: PutOptions| PutItem {
             key: key.to_owned(),
@@ -463,7 +463,7 @@ pub(crate) mod conformance {
         assert_eq!(kv.get("b:short").await.unwrap(), None);
     }
 
-    pub async fn refusals(kv: &dyn Kv) {
+    pub(crate) async fn refusals(kv: &dyn Kv) {
         assert!(matches!(kv.get("").await, Err(KvError::InvalidKey(_))));
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         assert!(matches!(

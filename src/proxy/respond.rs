@@ -14,8 +14,8 @@ pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-statu
 
 /// Prebuilt header values for the hot path.
 pub struct Labels {
-    pub name: String,
-    pub via: HeaderValue,
+    pub(crate) name: String,
+    pub(crate) via: HeaderValue,
     hit: HeaderValue,
 }
 
@@ -40,7 +40,7 @@ impl Labels {
     }
 
     /// A Cache-Status member (RFC 9211 2): `name; params`.
-    pub fn cache_status(&self, params: &str) -> HeaderValue {
+    pub(crate) fn cache_status(&self, params: &str) -> HeaderValue {
         if params == "hit" {
             return self.hit.clone();
         }

@@ -33,6 +33,7 @@ pub(crate) mod conformance;
 pub use entry::Entry;
 pub(crate) use entry::{EntryMeta, StoredHeaders};
 pub(crate) use memory::MemoryStorage;
+pub use memory::StoreStats;
 
 use crate::cache::key::CacheKey;
 use bytes::Bytes;
