@@ -14,22 +14,28 @@ use std::time::Duration;
     version,
     about = "A caching reverse-proxy gateway (RFC 9111 shared cache)"
 )]
+/// The `kvgate` command line.
 pub struct Cli {
+    /// A subcommand; without one the gateway runs.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Flags for running the gateway.
     #[command(flatten)]
     pub run: RunArgs,
 }
 
+/// What to do instead of running the gateway.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate a config file and exit (status 0 when valid).
     CheckConfig {
+        /// The TOML file to check.
         #[arg(long)]
         config: PathBuf,
     },
     /// Start a small demo origin and the gateway in front of it.
     Demo {
+        /// Where the demo gateway listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },
@@ -119,11 +125,15 @@ pub fn init_logging(level: &str) {
 
 /// A running gateway: its bound address and a handle to stop it.
 pub struct Running {
+    /// The main listener's bound address (the real port when 0 was asked).
     pub addr: std::net::SocketAddr,
     /// The admin listener's bound address, when it runs.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// The state the request path shares (store, edge, versions).
     pub gateway: Arc<Gateway>,
+    /// Send `true` to stop accepting and drain in-flight requests.
     pub stop: tokio::sync::watch::Sender<bool>,
+    /// Ends once the listeners have drained and edge writes settled.
     pub task: tokio::task::JoinHandle<()>,
 }
 

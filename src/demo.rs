@@ -100,6 +100,8 @@ pub async fn start_origin() -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// Starts a demo origin on an ephemeral port and the gateway in front of it
+/// on `listen`, until a shutdown signal.
 pub async fn run(listen: &str) -> Result<(), String> {
     cli::init_logging("info");
     let origin = start_origin().await?;

@@ -5,15 +5,20 @@ use http::HeaderValue;
 /// How a response was produced, as `X-Cache` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheResult {
+    /// Served from the store, fresh (or stale within what the request allows).
     Hit,
+    /// Fetched from the origin (stored or not).
     Miss,
+    /// A stale entry served: while revalidating, or because the origin failed.
     Stale,
+    /// A stored entry confirmed by the origin's 304.
     Revalidated,
+    /// Passed to the origin without consulting the store (route rule or method).
     Bypass,
 }
 
 impl CacheResult {
-    pub const ALL: [CacheResult; 5] = [
+    pub(crate) const ALL: [CacheResult; 5] = [
         CacheResult::Hit,
         CacheResult::Miss,
         CacheResult::Stale,

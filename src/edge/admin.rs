@@ -16,10 +16,13 @@ use crate::kv::{Kv, KvError, PutOptions};
 /// A refused admin operation; [`EdgeAdminError::status`] is the HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EdgeAdminError {
+    /// The user, flag or experiment named does not exist (404).
     #[error("{0}")]
     NotFound(String),
+    /// The request's value or document is invalid (400).
     #[error("{0}")]
     BadRequest(String),
+    /// The state store failed (503).
     #[error("state store unavailable: {0}")]
     Unavailable(String),
 }

@@ -21,6 +21,7 @@ pub(crate) const DEFAULT_WRITE_QUEUE_CAPACITY: usize = 10_000;
 /// Upper bound for `write_queue_capacity`.
 pub(crate) const MAX_WRITE_QUEUE_CAPACITY: usize = 1_000_000;
 
+/// The `[edge]` section: identity, flags, experiments and preferences.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeConfig {
@@ -62,7 +63,7 @@ impl Default for EdgeConfig {
 
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     /// Request header carrying an authenticated user id (set by an upstream
     /// auth layer; kvgate does not authenticate it). Believed only from
     /// peers in `trusted_from`.
@@ -124,7 +125,7 @@ impl IdentityConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct FlagConfig {
+pub(crate) struct FlagConfig {
     pub(crate) default: FlagValue,
     #[serde(default)]
     pub(crate) description: String,
@@ -132,7 +133,7 @@ pub struct FlagConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct ExperimentConfig {
+pub(crate) struct ExperimentConfig {
     /// Variant name -> weight. Any non-negative numbers; shares are weight / sum.
     /// Variants are laid out on the buckets in name order (a `BTreeMap`), so
     /// the order they are written in the TOML does not matter.
@@ -156,7 +157,7 @@ fn full_traffic() -> f64 {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct PreferencesConfig {
+pub(crate) struct PreferencesConfig {
     /// Preferences every user starts from; a user's document is merged over it.
     pub(crate) defaults: serde_json::Map<String, serde_json::Value>,
     /// Request header the effective document reaches the origin in.
@@ -188,7 +189,7 @@ impl Default for PreferencesConfig {
 
 /// A flag's value: the TOML (and JSON) boolean, string or number.
 #[derive(Debug, Clone, PartialEq)]
-pub enum FlagValue {
+pub(crate) enum FlagValue {
     Bool(bool),
     Str(String),
     Int(i64),

@@ -38,6 +38,8 @@ const HEADER_LEN: usize = 1 + 8 + 4;
 /// write never pays for a large backlog.
 const SWEEP_PER_WRITE: usize = 64;
 
+/// A [`Kv`] in a single redb file: survives restarts; writes are
+/// transactions run on blocking threads.
 pub struct DurableKv {
     db: Arc<Database>,
 }

@@ -56,12 +56,14 @@ impl Inner {
     }
 }
 
+/// A [`Kv`] in process memory: state is lost on restart.
 #[derive(Default)]
 pub struct MemoryKv {
     inner: Mutex<Inner>,
 }
 
 impl MemoryKv {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

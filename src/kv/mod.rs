@@ -52,8 +52,11 @@ pub(crate) const MAX_LIST_LIMIT: usize = 1000;
 /// One stored value with its metadata and expiry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvEntry {
+    /// The stored bytes.
     pub value: Bytes,
+    /// The JSON metadata stored with the value, if any.
     pub metadata: Option<serde_json::Value>,
+    /// When the entry expires; `None` when it never does.
     pub expires_at: Option<SystemTime>,
 }
 
@@ -62,10 +65,12 @@ pub struct KvEntry {
 pub struct PutOptions {
     /// The entry disappears this long after the put. `None` keeps it forever.
     pub ttl: Option<Duration>,
+    /// JSON metadata kept with the value (and shown by `list`).
     pub metadata: Option<serde_json::Value>,
 }
 
 impl PutOptions {
+    /// Options with only a TTL.
     pub fn ttl(ttl: Duration) -> Self {
         PutOptions {
             ttl: Some(ttl),
@@ -77,16 +82,22 @@ impl PutOptions {
 /// One write of a [`Kv::put_batch`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct PutItem {
+    /// The key to write.
     pub key: String,
+    /// The value to store.
     pub value: Bytes,
+    /// TTL and metadata, as for [`Kv::put`].
     pub opts: PutOptions,
 }
 
 /// A listed key: name, metadata and expiry, never the value.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct KeyInfo {
+    /// The key.
     pub name: String,
+    /// The entry's metadata, if any.
     pub metadata: Option<serde_json::Value>,
+    /// When the entry expires; `None` when it never does.
     #[serde(serialize_with = "serialize_opt_time")]
     pub expires_at: Option<SystemTime>,
 }
@@ -94,6 +105,7 @@ pub struct KeyInfo {
 /// One page of a prefix listing.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ListPage {
+    /// Matching live keys, in byte order.
     pub keys: Vec<KeyInfo>,
     /// Pass back to `list` for the next page; `None` when this page is the last.
     pub cursor: Option<String>,
@@ -112,21 +124,28 @@ impl ListPage {
     }
 }
 
+/// Why a [`Kv`] operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
+    /// The key is empty or too long.
     #[error("invalid key: {0}")]
     InvalidKey(String),
+    /// An option is refused (zero TTL, metadata too large).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A stored entry could not be decoded.
     #[error("stored entry is corrupt: {0}")]
     Corrupt(String),
+    /// The backend failed (I/O, transaction, task).
     #[error("storage backend failed: {0}")]
     Backend(String),
 }
 
 /// The state store. Implementations must be cheap to share (`Arc<dyn Kv>`).
 pub trait Kv: Send + Sync + 'static {
+    /// The live entry at `key`, if any.
     fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<KvEntry>>;
+    /// Stores `value` at `key`, replacing what was there.
     fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()>;
     /// Stores every item as one write (one commit for a durable backend):
     /// when any item is refused (key or options), nothing is stored. A later
@@ -149,6 +168,8 @@ pub trait Kv: Send + Sync + 'static {
     }
     /// Returns whether a live entry was removed.
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool>;
+    /// Live keys starting with `prefix`, after `cursor`, at most `limit`
+    /// (clamped to `MAX_LIST_LIMIT`) per page.
     fn list<'a>(
         &'a self,
         prefix: &'a str,

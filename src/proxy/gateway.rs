@@ -43,6 +43,7 @@ use std::time::{Duration, Instant, SystemTime};
 /// Everything the request path needs, shared by all connections.
 pub struct Gateway {
     pub(crate) config: Arc<Config>,
+    /// The response store.
     pub store: Store,
     pub(crate) flights: Arc<SingleFlight>,
     /// Where misses and passes go (the origin over HTTP, or a test's).
@@ -107,6 +108,7 @@ impl Gateway {
             config: Arc::new(config),
         }))
     }
+    /// The global cache namespace version (bumped by the admin API).
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Relaxed)
     }

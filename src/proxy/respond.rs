@@ -20,6 +20,7 @@ pub struct Labels {
 }
 
 impl Labels {
+    /// Labels for a gateway named `name` (in `Via` and `Cache-Status`).
     pub fn new(name: &str) -> Labels {
         let name = if name.is_empty()
             || !name

@@ -24,6 +24,7 @@ pub struct Entry {
     pub(crate) body: Bytes,
     /// The secondary key: Vary field names and the request's values.
     pub(crate) vary: Box<[(HeaderName, Option<String>)]>,
+    /// How long the entry is fresh and how far past that it may be served.
     pub freshness: Freshness,
     pub(crate) tags: Box<[Arc<str>]>,
     /// Bytes charged against the store's budget for the entry itself (its
@@ -45,6 +46,8 @@ pub struct EntryMeta {
 }
 
 impl Entry {
+    /// An entry from a response's parts: `vary` is the secondary key (the
+    /// Vary field names with the request's values), `tags` the purge tags.
     pub fn new(
         status: StatusCode,
         headers: HeaderMap,

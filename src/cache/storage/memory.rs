@@ -105,6 +105,7 @@ enum Rewrite {
 /// Counters the store keeps for metrics.
 #[derive(Debug, Default)]
 pub struct StoreStats {
+    /// Entries dropped to stay within the byte budget.
     pub evictions: AtomicU64,
     pub(crate) expired: AtomicU64,
 }
