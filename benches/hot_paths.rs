@@ -4,10 +4,10 @@
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use kvgate::cache::{RequestDirectives, ResponseDirectives};
 use kvgate::cache::CacheKey;
 use kvgate::cache::{usability, Freshness};
 use kvgate::cache::{Entry, Storage, Store};
+use kvgate::cache::{RequestDirectives, ResponseDirectives};
 use kvgate::{hit_response, CacheResult, Labels};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -1,6 +1,7 @@
 //! Command line: run the gateway, check a config, or run the demo.
 
 use crate::config::Config;
+pub use crate::error::{ArgsError, StartError};
 use crate::proxy::gateway::Gateway;
 use crate::proxy::server;
 use clap::{Args, Parser, Subcommand};
@@ -71,16 +72,19 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The config: file (if any), then flags on top.
-    pub fn resolve(&self) -> Result<Config, String> {
+    pub fn resolve(&self) -> Result<Config, ArgsError> {
         let mut cfg = match &self.config {
-            Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+            Some(p) => Config::load(p)?,
             None => Config::default(),
         };
         if let Some(l) = &self.listen {
             cfg.server.listen = toml::Spanned::new(0..0, l.clone());
         }
         if let Some(o) = &self.origin {
-            crate::config::validate_origin_url(o).map_err(|e| format!("--origin: {e}"))?;
+            crate::config::validate_origin_url(o).map_err(|reason| ArgsError::Origin {
+                url: o.clone(),
+                reason,
+            })?;
             cfg.origin.url = toml::Spanned::new(0..0, o.clone());
         }
         if self.tls_cert.is_some() {
@@ -93,9 +97,10 @@ impl RunArgs {
         if let Some(l) = &self.admin_listen {
             let admin = cfg.admin.get_or_insert_with(Default::default);
             admin.listen = toml::Spanned::new(0..0, l.clone());
-            admin
-                .listen_addr()
-                .map_err(|e| format!("--admin-listen: {e}"))?;
+            admin.listen_addr().map_err(|source| ArgsError::Listen {
+                flag: "--admin-listen",
+                source,
+            })?;
         }
         if let Some(admin) = &mut cfg.admin {
             // The environment wins over the file, so the file need not hold
@@ -107,7 +112,10 @@ impl RunArgs {
                 admin.token = Some(token);
             }
         }
-        cfg.listen_addr().map_err(|e| format!("--listen: {e}"))?;
+        cfg.listen_addr().map_err(|source| ArgsError::Listen {
+            flag: "--listen",
+            source,
+        })?;
         Ok(cfg)
     }
 }
@@ -138,7 +146,7 @@ pub struct Running {
 }
 
 /// Binds and starts the gateway on the current runtime.
-pub async fn start(cfg: Config) -> Result<Running, String> {
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let addr = cfg.listen_addr()?;
     // Checked before anything binds: a refused admin config stops the start.
     let admin_settings = cfg
@@ -153,8 +161,8 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     let gw = Gateway::new(cfg)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(StartError::LocalAddr)?;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let admin = match admin_settings {
         Some(s) => Some(crate::admin::start(s, gw.clone(), addr, stopped.clone()).await?),
@@ -162,11 +170,10 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     };
     let admin_addr = admin.as_ref().map(|a| a.addr);
     let reload = match &gw.config.source {
-        Some(path) => Some(crate::admin::reload::spawn_on_sighup(
-            gw.clone(),
-            path,
-            stopped.clone(),
-        )?),
+        Some(path) => Some(
+            crate::admin::reload::spawn_on_sighup(gw.clone(), path, stopped.clone())
+                .map_err(StartError::Signal)?,
+        ),
         None => None,
     };
     // Expired entries must not pin memory until the LRU reaches them.
@@ -255,7 +262,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs the gateway until a shutdown signal, then drains.
-pub async fn run(cfg: Config) -> Result<(), String> {
+pub async fn run(cfg: Config) -> Result<(), StartError> {
     let origin = cfg.origin.url.get_ref().clone();
     let running = start(cfg).await?;
     tracing::info!(listen = %running.addr, %origin, "kvgate listening");

@@ -71,11 +71,15 @@ impl Default for AdminConfig {
 }
 
 impl AdminConfig {
-    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, String> {
+    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, crate::error::ListenAddrError> {
         self.listen
             .get_ref()
             .parse()
-            .map_err(|e| format!("admin listen address: {e}"))
+            .map_err(|source| crate::error::ListenAddrError {
+                what: "admin listen address",
+                addr: self.listen.get_ref().clone(),
+                source,
+            })
     }
 }
 
@@ -590,12 +594,16 @@ impl Config {
             .max_by_key(|r| r.prefix.get_ref().len())
     }
 
-    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, String> {
+    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, crate::error::ListenAddrError> {
         self.server
             .listen
             .get_ref()
             .parse()
-            .map_err(|e| format!("listen address: {e}"))
+            .map_err(|source| crate::error::ListenAddrError {
+                what: "listen address",
+                addr: self.server.listen.get_ref().clone(),
+                source,
+            })
     }
 }
 

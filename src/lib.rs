@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod edge;
+pub mod error;
 pub mod kv;
 mod metrics;
 mod protocol;

@@ -4,6 +4,7 @@
 //! hashed and compared to it in constant time: comparing digests of fixed
 //! length leaks neither the matching prefix nor the token's length.
 
+use crate::error::InvalidToken;
 use http::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
@@ -58,11 +59,9 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Token {
-    pub(crate) fn new(token: &str) -> Result<Token, String> {
+    pub(crate) fn new(token: &str) -> Result<Token, InvalidToken> {
         if !is_valid_token(token) {
-            return Err(format!(
-                "the admin token must be 1 to {MAX_TOKEN_BYTES} visible ASCII characters"
-            ));
+            return Err(InvalidToken);
         }
         Ok(Token {
             digest: digest(token.as_bytes()),

@@ -19,6 +19,7 @@ mod request;
 pub(crate) mod routes;
 
 use crate::config::AdminConfig;
+use crate::error::AdminError;
 use crate::proxy::gateway::Gateway;
 use auth::Token;
 use http::{Method, Request, StatusCode};
@@ -50,19 +51,11 @@ pub(crate) struct AdminSettings {
 }
 
 impl AdminSettings {
-    pub(crate) fn from_config(cfg: &AdminConfig) -> Result<AdminSettings, String> {
+    pub(crate) fn from_config(cfg: &AdminConfig) -> Result<AdminSettings, AdminError> {
         let addr = cfg.listen_addr()?;
-        let token = cfg
-            .token
-            .as_deref()
-            .map(Token::new)
-            .transpose()
-            .map_err(|e| format!("admin: {e}"))?;
+        let token = cfg.token.as_deref().map(Token::new).transpose()?;
         if token.is_none() && !addr.ip().is_loopback() {
-            return Err(format!(
-                "refusing to start the admin API on {addr} without a token: set {TOKEN_ENV} \
-                 or [admin] token, or listen on a loopback address such as 127.0.0.1:9090"
-            ));
+            return Err(AdminError::NoToken(addr));
         }
         if token.is_none() {
             tracing::warn!(
@@ -101,11 +94,14 @@ pub(crate) async fn start(
     gateway: Arc<Gateway>,
     gateway_addr: SocketAddr,
     stopping: watch::Receiver<bool>,
-) -> Result<AdminListener, String> {
+) -> Result<AdminListener, AdminError> {
     let listener = TcpListener::bind(settings.addr)
         .await
-        .map_err(|e| format!("cannot listen on {} for the admin API: {e}", settings.addr))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| AdminError::Bind {
+            addr: settings.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(AdminError::LocalAddr)?;
     let state = Arc::new(AdminState {
         gateway,
         gateway_addr,

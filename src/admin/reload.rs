@@ -31,9 +31,9 @@ pub(crate) fn spawn_on_sighup(
     gw: Arc<Gateway>,
     path: &Path,
     mut stopping: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+    let mut hup = signal(SignalKind::hangup())?;
     let path = path.to_path_buf();
     let mut last = gw.config.cache.version;
     Ok(tokio::spawn(async move {
@@ -68,6 +68,6 @@ pub fn spawn_on_sighup(
     _gw: Arc<Gateway>,
     _path: &Path,
     _stopping: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
     Ok(tokio::spawn(async {}))
 }

@@ -350,7 +350,11 @@ impl Freshness {
     /// Whether stale-if-error (RFC 5861, or configured grace) still covers it.
     /// `extra` is what the client (request stale-if-error) or the gateway's
     /// grace allows beyond the origin's own stale-if-error.
-    pub(crate) fn can_serve_on_error(&self, now: SystemTime, request_allows: Option<Duration>) -> bool {
+    pub(crate) fn can_serve_on_error(
+        &self,
+        now: SystemTime,
+        request_allows: Option<Duration>,
+    ) -> bool {
         // 9111 5.2.2.4: no-cache means never without successful validation.
         if self.forbids_stale || self.no_cache {
             return false;

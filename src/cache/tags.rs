@@ -11,6 +11,7 @@
 //! on every origin response and [`Tagger::entry_tags`] where it builds an entry.
 
 use crate::config::CacheConfig;
+use crate::error::TagConfigError;
 use http::header::{HeaderMap, HeaderName};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -125,19 +126,19 @@ pub(crate) struct Tagger {
     max_len: usize,
 }
 
-fn header_name(name: &str) -> Result<Option<HeaderName>, String> {
+fn header_name(name: &str) -> Result<Option<HeaderName>, TagConfigError> {
     if name.is_empty() {
         return Ok(None);
     }
     HeaderName::from_bytes(name.as_bytes())
         .map(Some)
-        .map_err(|_| format!("{name:?} is not a header name"))
+        .map_err(|e| TagConfigError::HeaderName(name.to_owned(), e))
 }
 
 impl Tagger {
     /// From `[cache.tags]` and `[[cache.tag_rule]]` (already validated by
     /// the config; the errors here only guard configs built in code).
-    pub(crate) fn new(cfg: &CacheConfig) -> Result<Tagger, String> {
+    pub(crate) fn new(cfg: &CacheConfig) -> Result<Tagger, TagConfigError> {
         let t = &cfg.tags;
         let rules = cfg
             .tag_rules
@@ -145,10 +146,10 @@ impl Tagger {
             .map(|r| {
                 Ok(Rule {
                     prefix: r.prefix.get_ref().clone(),
-                    template: Template::parse(r.tag.get_ref())?,
+                    template: Template::parse(r.tag.get_ref()).map_err(TagConfigError::Template)?,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, TagConfigError>>()?;
         Ok(Tagger {
             surrogate_key: header_name(&t.surrogate_key_header)?,
             cache_tag: header_name(&t.cache_tag_header)?,

@@ -43,12 +43,10 @@ use sha2::{Digest, Sha256};
 use crate::kv::{Kv, KvEntry, KvError, KvFuture, Namespaced, PutOptions};
 
 pub use admin::EdgeAdminError;
-pub use config::{EdgeConfig, EdgeConfigError};
 pub(crate) use config::FlagValue;
+pub use config::{EdgeConfig, EdgeConfigError};
 pub(crate) use counters::{Counters, CountersSnapshot, StripedCounter};
-pub(crate) use identity::{
-    is_valid_user_id, Cidr, MAX_USER_ID_BYTES, MIN_SECRET_BYTES,
-};
+pub(crate) use identity::{is_valid_user_id, Cidr, MAX_USER_ID_BYTES, MIN_SECRET_BYTES};
 
 use identity::Signer;
 use writes::{Write, WriteQueue};

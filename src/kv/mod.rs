@@ -22,14 +22,20 @@ pub(crate) use namespaced::Namespaced;
 
 /// Opens the store `[state]` names: the backend is chosen here, not by
 /// its callers.
-pub(crate) fn open(cfg: &crate::config::StateConfig) -> Result<std::sync::Arc<dyn Kv>, String> {
+pub(crate) fn open(
+    cfg: &crate::config::StateConfig,
+) -> Result<std::sync::Arc<dyn Kv>, crate::error::GatewayError> {
     use crate::config::StateBackend;
     Ok(match cfg.backend {
         StateBackend::Memory => std::sync::Arc::new(MemoryKv::new()),
-        StateBackend::Durable => std::sync::Arc::new(
-            DurableKv::open(&cfg.path)
-                .map_err(|e| format!("state file {}: {e}", cfg.path.display()))?,
-        ),
+        StateBackend::Durable => {
+            std::sync::Arc::new(DurableKv::open(&cfg.path).map_err(|source| {
+                crate::error::GatewayError::State {
+                    path: cfg.path.clone(),
+                    source,
+                }
+            })?)
+        }
     })
 }
 

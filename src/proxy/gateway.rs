@@ -29,6 +29,7 @@ use crate::cache::storage::{Entry, Store};
 use crate::cache::tags::Tagger;
 use crate::config::{Config, RouteConfig};
 use crate::edge::Edge;
+use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::protocol::cidr;
 use crate::protocol::path;
@@ -66,7 +67,7 @@ pub struct Gateway {
     pub(super) route_versions: HashMap<String, AtomicU64>,
 }
 impl Gateway {
-    pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, String> {
+    pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
         let origin = OriginClient::new(&config.origin)?;
         Gateway::with_upstream(config, Box::new(origin))
     }
@@ -76,11 +77,9 @@ impl Gateway {
     pub(crate) fn with_upstream(
         config: Config,
         origin: Box<dyn Upstream>,
-    ) -> Result<Arc<Gateway>, String> {
+    ) -> Result<Arc<Gateway>, GatewayError> {
         let edge = match &config.edge {
-            Some(e) => {
-                Some(Edge::new(e, crate::kv::open(&config.state)?).map_err(|e| e.to_string())?)
-            }
+            Some(e) => Some(Edge::new(e, crate::kv::open(&config.state)?)?),
             None => None,
         };
         let c = &config.cache;
@@ -155,7 +154,11 @@ impl Gateway {
         Some(self.version().wrapping_add(after))
     }
     /// Serves one client request.
-    pub(crate) async fn handle<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Response<Body>
+    pub(crate) async fn handle<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        client: ClientInfo,
+    ) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,

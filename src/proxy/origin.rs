@@ -2,6 +2,7 @@
 //! time-to-first-byte timeouts, errors mapped to 502 / 504.
 
 use crate::config::OriginConfig;
+use crate::error::OriginSetupError;
 use http::header::{HeaderValue, HOST};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -80,9 +81,17 @@ pub(crate) struct OriginClient {
 }
 
 impl OriginClient {
-    pub(crate) fn new(cfg: &OriginConfig) -> Result<OriginClient, String> {
-        let uri = crate::config::validate_origin_url(cfg.url.get_ref())?;
-        let authority = uri.authority().cloned().ok_or("origin URL has no host")?;
+    pub(crate) fn new(cfg: &OriginConfig) -> Result<OriginClient, OriginSetupError> {
+        let url = cfg.url.get_ref();
+        let bad_url = |reason: &str| OriginSetupError::Url {
+            url: url.clone(),
+            reason: reason.to_owned(),
+        };
+        let uri = crate::config::validate_origin_url(url).map_err(|r| bad_url(&r))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad_url("the URL has no host"))?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
         connector.set_nodelay(true);
@@ -94,7 +103,11 @@ impl OriginClient {
             // reuse it; retrying that is safe (the request never reached it).
             .retry_canceled_requests(true)
             .build(connector);
-        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|source| OriginSetupError::Host {
+                url: url.clone(),
+                source,
+            })?;
         Ok(OriginClient {
             client,
             authority,

@@ -216,7 +216,13 @@ impl MemoryStorage {
 
     /// Sweeps one shard. The sweeper walks the shards one at a time, so a
     /// large store never holds a lock, or the runtime, for a whole pass.
-    pub(crate) fn sweep_shard(&self, i: usize, now: SystemTime, keep: Duration, grace: Duration) -> usize {
+    pub(crate) fn sweep_shard(
+        &self,
+        i: usize,
+        now: SystemTime,
+        keep: Duration,
+        grace: Duration,
+    ) -> usize {
         let Some(s) = self.inner.shards.get(i) else {
             return 0;
         };
