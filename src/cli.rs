@@ -275,3 +275,66 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let _ = running.task.await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::TlsError;
+    use std::error::Error;
+
+    fn config(listen: &str) -> Config {
+        let mut cfg = Config::default();
+        cfg.server.listen = toml::Spanned::new(0..0, listen.into());
+        cfg
+    }
+
+    #[tokio::test]
+    async fn a_missing_tls_file_is_named_and_its_io_error_kept() {
+        let mut cfg = config("127.0.0.1:0");
+        cfg.server.tls_cert = Some(PathBuf::from("/nonexistent/cert.pem"));
+        cfg.server.tls_key = Some(PathBuf::from("/nonexistent/key.pem"));
+        let Err(err) = start(cfg).await else {
+            panic!("started without its certificate");
+        };
+        match &err {
+            StartError::Tls(TlsError::Read { path, source }) => {
+                assert_eq!(path, &PathBuf::from("/nonexistent/cert.pem"));
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("unexpected error: {other:?}"),
+        }
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+        assert!(err.source().is_some(), "the io error is kept");
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_names_the_address() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let Err(err) = start(config(&addr.to_string())).await else {
+            panic!("bound a port already in use");
+        };
+        match &err {
+            StartError::Bind { addr: a, source } => {
+                assert_eq!(*a, addr);
+                assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+            }
+            other => panic!("unexpected error: {other:?}"),
+        }
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_bad_listen_flag_keeps_the_parse_error() {
+        let args = RunArgs {
+            listen: Some("nope".into()),
+            ..Default::default()
+        };
+        let err = args.resolve().expect_err("refused");
+        assert_eq!(err.to_string(), "--listen");
+        let cause = err.source().expect("the parse error is kept");
+        assert!(cause.to_string().contains("\"nope\""), "{cause}");
+    }
+}
