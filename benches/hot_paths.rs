@@ -4,11 +4,11 @@
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use kvgate::cache::directives::{RequestDirectives, ResponseDirectives};
-use kvgate::cache::key::CacheKey;
-use kvgate::cache::policy::{self, Freshness};
-use kvgate::cache::storage::{Entry, Storage, Store};
-use kvgate::proxy::respond::{self, CacheResult, CacheStatus, Labels};
+use kvgate::cache::CacheKey;
+use kvgate::cache::{usability, Freshness};
+use kvgate::cache::{Entry, Storage, Store};
+use kvgate::cache::{RequestDirectives, ResponseDirectives};
+use kvgate::{hit_response, Labels};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -82,16 +82,9 @@ fn benches(c: &mut Criterion) {
     c.bench_function("hit_response_build", |b| {
         b.iter(|| {
             let now = SystemTime::now();
-            let f = policy::usability(&e.freshness, &RequestDirectives::default(), now);
+            let f = usability(&e.freshness, &RequestDirectives::default(), now);
             black_box(f);
-            respond::from_entry(
-                &e,
-                &req,
-                false,
-                now,
-                &labels,
-                CacheStatus::hit(CacheResult::Hit),
-            )
+            hit_response(&e, &req, false, now, &labels)
         })
     });
 }

@@ -7,9 +7,9 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, StatusCode};
-use kvgate::cache::key::CacheKey;
-use kvgate::cache::policy::Freshness;
-use kvgate::cache::storage::{Entry, Storage, Store};
+use kvgate::cache::CacheKey;
+use kvgate::cache::Freshness;
+use kvgate::cache::{Entry, Storage, Store};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

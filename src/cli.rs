@@ -1,6 +1,7 @@
 //! Command line: run the gateway, check a config, or run the demo.
 
 use crate::config::Config;
+pub use crate::error::{ArgsError, StartError};
 use crate::proxy::gateway::Gateway;
 use crate::proxy::server;
 use clap::{Args, Parser, Subcommand};
@@ -14,22 +15,28 @@ use std::time::Duration;
     version,
     about = "A caching reverse-proxy gateway (RFC 9111 shared cache)"
 )]
+/// The `kvgate` command line.
 pub struct Cli {
+    /// A subcommand; without one the gateway runs.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Flags for running the gateway.
     #[command(flatten)]
     pub run: RunArgs,
 }
 
+/// What to do instead of running the gateway.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Validate a config file and exit (status 0 when valid).
     CheckConfig {
+        /// The TOML file to check.
         #[arg(long)]
         config: PathBuf,
     },
     /// Start a small demo origin and the gateway in front of it.
     Demo {
+        /// Where the demo gateway listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
     },
@@ -65,16 +72,19 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The config: file (if any), then flags on top.
-    pub fn resolve(&self) -> Result<Config, String> {
+    pub fn resolve(&self) -> Result<Config, ArgsError> {
         let mut cfg = match &self.config {
-            Some(p) => Config::load(p).map_err(|e| e.to_string())?,
+            Some(p) => Config::load(p)?,
             None => Config::default(),
         };
         if let Some(l) = &self.listen {
             cfg.server.listen = toml::Spanned::new(0..0, l.clone());
         }
         if let Some(o) = &self.origin {
-            crate::config::validate_origin_url(o).map_err(|e| format!("--origin: {e}"))?;
+            crate::config::validate_origin_url(o).map_err(|reason| ArgsError::Origin {
+                url: o.clone(),
+                reason,
+            })?;
             cfg.origin.url = toml::Spanned::new(0..0, o.clone());
         }
         if self.tls_cert.is_some() {
@@ -87,9 +97,10 @@ impl RunArgs {
         if let Some(l) = &self.admin_listen {
             let admin = cfg.admin.get_or_insert_with(Default::default);
             admin.listen = toml::Spanned::new(0..0, l.clone());
-            admin
-                .listen_addr()
-                .map_err(|e| format!("--admin-listen: {e}"))?;
+            admin.listen_addr().map_err(|source| ArgsError::Listen {
+                flag: "--admin-listen",
+                source,
+            })?;
         }
         if let Some(admin) = &mut cfg.admin {
             // The environment wins over the file, so the file need not hold
@@ -101,7 +112,10 @@ impl RunArgs {
                 admin.token = Some(token);
             }
         }
-        cfg.listen_addr().map_err(|e| format!("--listen: {e}"))?;
+        cfg.listen_addr().map_err(|source| ArgsError::Listen {
+            flag: "--listen",
+            source,
+        })?;
         Ok(cfg)
     }
 }
@@ -119,16 +133,20 @@ pub fn init_logging(level: &str) {
 
 /// A running gateway: its bound address and a handle to stop it.
 pub struct Running {
+    /// The main listener's bound address (the real port when 0 was asked).
     pub addr: std::net::SocketAddr,
     /// The admin listener's bound address, when it runs.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// The state the request path shares (store, edge, versions).
     pub gateway: Arc<Gateway>,
+    /// Send `true` to stop accepting and drain in-flight requests.
     pub stop: tokio::sync::watch::Sender<bool>,
+    /// Ends once the listeners have drained and edge writes settled.
     pub task: tokio::task::JoinHandle<()>,
 }
 
 /// Binds and starts the gateway on the current runtime.
-pub async fn start(cfg: Config) -> Result<Running, String> {
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let addr = cfg.listen_addr()?;
     // Checked before anything binds: a refused admin config stops the start.
     let admin_settings = cfg
@@ -143,8 +161,8 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     let gw = Gateway::new(cfg)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener.local_addr().map_err(StartError::LocalAddr)?;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let admin = match admin_settings {
         Some(s) => Some(crate::admin::start(s, gw.clone(), addr, stopped.clone()).await?),
@@ -152,11 +170,10 @@ pub async fn start(cfg: Config) -> Result<Running, String> {
     };
     let admin_addr = admin.as_ref().map(|a| a.addr);
     let reload = match &gw.config.source {
-        Some(path) => Some(crate::admin::reload::spawn_on_sighup(
-            gw.clone(),
-            path,
-            stopped.clone(),
-        )?),
+        Some(path) => Some(
+            crate::admin::reload::spawn_on_sighup(gw.clone(), path, stopped.clone())
+                .map_err(StartError::Signal)?,
+        ),
         None => None,
     };
     // Expired entries must not pin memory until the LRU reaches them.
@@ -245,7 +262,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs the gateway until a shutdown signal, then drains.
-pub async fn run(cfg: Config) -> Result<(), String> {
+pub async fn run(cfg: Config) -> Result<(), StartError> {
     let origin = cfg.origin.url.get_ref().clone();
     let running = start(cfg).await?;
     tracing::info!(listen = %running.addr, %origin, "kvgate listening");
@@ -257,4 +274,67 @@ pub async fn run(cfg: Config) -> Result<(), String> {
     let _ = running.stop.send(true);
     let _ = running.task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::TlsError;
+    use std::error::Error;
+
+    fn config(listen: &str) -> Config {
+        let mut cfg = Config::default();
+        cfg.server.listen = toml::Spanned::new(0..0, listen.into());
+        cfg
+    }
+
+    #[tokio::test]
+    async fn a_missing_tls_file_is_named_and_its_io_error_kept() {
+        let mut cfg = config("127.0.0.1:0");
+        cfg.server.tls_cert = Some(PathBuf::from("/nonexistent/cert.pem"));
+        cfg.server.tls_key = Some(PathBuf::from("/nonexistent/key.pem"));
+        let Err(err) = start(cfg).await else {
+            panic!("started without its certificate");
+        };
+        match &err {
+            StartError::Tls(TlsError::Read { path, source }) => {
+                assert_eq!(path, &PathBuf::from("/nonexistent/cert.pem"));
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("unexpected error: {other:?}"),
+        }
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+        assert!(err.source().is_some(), "the io error is kept");
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_names_the_address() {
+        let taken = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let Err(err) = start(config(&addr.to_string())).await else {
+            panic!("bound a port already in use");
+        };
+        match &err {
+            StartError::Bind { addr: a, source } => {
+                assert_eq!(*a, addr);
+                assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+            }
+            other => panic!("unexpected error: {other:?}"),
+        }
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_bad_listen_flag_keeps_the_parse_error() {
+        let args = RunArgs {
+            listen: Some("nope".into()),
+            ..Default::default()
+        };
+        let err = args.resolve().expect_err("refused");
+        assert_eq!(err.to_string(), "--listen");
+        let cause = err.source().expect("the parse error is kept");
+        assert!(cause.to_string().contains("\"nope\""), "{cause}");
+    }
 }

@@ -8,21 +8,27 @@ pub mod tag_template;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use toml::Spanned;
 
+/// The whole configuration file; every section has defaults.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[server]`: the main listener and its limits.
     pub server: ServerConfig,
+    /// `[origin]`: where misses and passes go.
     pub origin: OriginConfig,
+    /// `[cache]`: the store and freshness defaults.
     pub cache: CacheConfig,
+    /// `[log]`: log level and access lines.
     pub log: LogConfig,
+    /// `[[route]]`: per-prefix cache rules.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
     /// Edge decisions (identity, flags, experiments, preferences). Off
     /// unless the section is present.
     pub edge: Option<crate::edge::EdgeConfig>,
+    /// `[state]`: where edge state lives.
     pub state: StateConfig,
     /// The admin listener. Off unless the section (or `--admin-listen`) is
     /// present, so a second port is never opened by surprise.
@@ -34,10 +40,10 @@ pub struct Config {
 
 /// Longest admin token accepted (and longest `Authorization` value the
 /// admin API looks at).
-pub const MAX_TOKEN_BYTES: usize = 4096;
+pub(crate) const MAX_TOKEN_BYTES: usize = 4096;
 
 /// Admin tokens are visible ASCII so that they fit in a header unchanged.
-pub fn is_valid_token(token: &str) -> bool {
+pub(crate) fn is_valid_token(token: &str) -> bool {
     !token.is_empty()
         && token.len() <= MAX_TOKEN_BYTES
         && token.bytes().all(|b| b.is_ascii_graphic())
@@ -47,6 +53,7 @@ pub fn is_valid_token(token: &str) -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
+    /// Address of the admin listener.
     pub listen: Spanned<String>,
     /// Bearer token; `KVGATE_ADMIN_TOKEN` wins when set. Without one the
     /// listener only starts on loopback, and then only `/healthz` answers.
@@ -66,11 +73,15 @@ impl Default for AdminConfig {
 }
 
 impl AdminConfig {
-    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, crate::error::ListenAddrError> {
         self.listen
             .get_ref()
             .parse()
-            .map_err(|e| format!("admin listen address: {e}"))
+            .map_err(|source| crate::error::ListenAddrError {
+                what: "admin listen address",
+                addr: self.listen.get_ref().clone(),
+                source,
+            })
     }
 }
 
@@ -106,6 +117,7 @@ impl Default for TagsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TagRuleConfig {
+    /// Path prefix (in normal form) whose responses get the tag.
     pub prefix: Spanned<String>,
     /// A template: `{segmentN}` (N from 1) is replaced by that path segment.
     pub tag: Spanned<String>,
@@ -121,10 +133,13 @@ pub struct StateConfig {
     pub path: PathBuf,
 }
 
+/// The KV backend behind edge state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StateBackend {
+    /// A redb file at `path`.
     Durable,
+    /// Process memory: lost on restart.
     Memory,
 }
 
@@ -138,8 +153,9 @@ impl Default for StateConfig {
 }
 
 /// Upper bound for the per-connection timeouts in `[server]` (one day).
-pub const MAX_CONNECTION_TIMEOUT_MS: u64 = 86_400_000;
+pub(crate) const MAX_CONNECTION_TIMEOUT_MS: u64 = 86_400_000;
 
+/// The main listener (`[server]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -147,7 +163,9 @@ pub struct ServerConfig {
     pub listen: Spanned<String>,
     /// PEM files for TLS on the main listener (both or neither).
     pub tls_cert: Option<PathBuf>,
+    /// The private key for `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Open connections at most; a connection past the limit is closed at once.
     pub max_connections: usize,
     /// A client must send its whole request head within this time; it also
     /// bounds the TLS handshake and a new connection's wait for its first
@@ -156,8 +174,11 @@ pub struct ServerConfig {
     /// A connection with no request in flight (h1 keep-alive, h2 without open
     /// streams) is closed after this long; also the h2 PING interval.
     pub idle_timeout_ms: u64,
+    /// Larger request heads are refused (431).
     pub max_header_bytes: usize,
+    /// Longer request targets are refused (414).
     pub max_uri_bytes: usize,
+    /// Larger request bodies are refused (413).
     pub max_body_bytes: u64,
     /// How long in-flight requests may take to finish on SIGTERM / Ctrl-C.
     pub shutdown_grace_ms: u64,
@@ -187,10 +208,13 @@ impl Default for ServerConfig {
     }
 }
 
+/// The origin server (`[origin]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OriginConfig {
+    /// Base URL: `http://` or `https://`, host and port, no path.
     pub url: Spanned<String>,
+    /// Time allowed to open a connection.
     pub connect_timeout_ms: u64,
     /// Time from sending the request to the response head.
     pub first_byte_timeout_ms: u64,
@@ -198,6 +222,7 @@ pub struct OriginConfig {
     pub idle_timeout_ms: u64,
     /// Forward the client's Host (true) or send the origin's own (false).
     pub preserve_host: bool,
+    /// Idle origin connections kept for reuse.
     pub max_idle_per_host: usize,
 }
 
@@ -214,18 +239,24 @@ impl Default for OriginConfig {
     }
 }
 
+/// The response cache (`[cache]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
+    /// Off: every request passes to the origin uncached.
     pub enabled: bool,
+    /// Memory budget for stored responses; least recently used go first.
     pub max_bytes: usize,
+    /// Larger responses stream through uncached.
     pub max_object_bytes: usize,
+    /// Lock shards of the store.
     pub shards: usize,
     /// Namespace version: part of every key; bump it to drop everything.
     pub version: u64,
     /// Heuristic freshness (RFC 9111 4.2.2): this fraction of the time since
     /// Last-Modified, capped.
     pub heuristic_fraction: f64,
+    /// Cap on a heuristic freshness lifetime.
     pub heuristic_max_secs: u64,
     /// When the origin cannot be reached at all (refused, reset, timed out),
     /// serve a stale entry up to this long past its lifetime (RFC 9111 4.2.4
@@ -237,8 +268,12 @@ pub struct CacheConfig {
     pub lock_timeout_ms: u64,
     /// How long a key stays "do not coalesce" after an uncacheable answer.
     pub hit_for_miss_secs: u64,
+    /// Store responses that carry `Set-Cookie` (off by default: one user's
+    /// cookie must not reach another).
     pub allow_set_cookie: bool,
+    /// `[cache.tags]`: where purge tags come from.
     pub tags: TagsConfig,
+    /// `[[cache.tag_rule]]`: tags given by path prefix.
     #[serde(rename = "tag_rule")]
     pub tag_rules: Vec<TagRuleConfig>,
 }
@@ -264,6 +299,7 @@ impl Default for CacheConfig {
     }
 }
 
+/// Logging (`[log]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -286,7 +322,10 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// Route name: labels the edge counters and names the route for the
+    /// admin API's per-route version bump.
     pub name: String,
+    /// Path prefix (in normal form) the rules apply to.
     pub prefix: Spanned<String>,
     /// Never cache: every request goes to the origin.
     #[serde(default)]
@@ -297,10 +336,13 @@ pub struct RouteConfig {
     /// Freshness lifetime for storable responses without explicit freshness.
     #[serde(default)]
     pub default_ttl_secs: Option<u64>,
+    /// Serve stale this long while refreshing in the background (overrides the origin's).
     #[serde(default)]
     pub stale_while_revalidate_secs: Option<u64>,
+    /// Serve stale this long when the origin fails (overrides the origin's).
     #[serde(default)]
     pub stale_if_error_secs: Option<u64>,
+    /// Overrides `cache.allow_set_cookie` for the route.
     #[serde(default)]
     pub allow_set_cookie: Option<bool>,
 }
@@ -360,10 +402,15 @@ pub fn match_route<'r, R: std::borrow::Borrow<RouteConfig>>(
 #[derive(Debug, thiserror::Error)]
 #[error("{file}:{line}:{column}: {message}{}", hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
 pub struct ConfigError {
+    /// The file (or the name given to `parse`).
     pub file: String,
+    /// 1-based line of the offending key.
     pub line: usize,
+    /// 1-based column.
     pub column: usize,
+    /// What is wrong.
     pub message: String,
+    /// How to fix it, when there is an obvious way.
     pub hint: Option<String>,
 }
 
@@ -565,20 +612,20 @@ impl Config {
     }
 
     /// The route for a path in normal form (see [`match_route`]).
-    pub fn route_for(&self, path: &str) -> Option<&RouteConfig> {
+    pub(crate) fn route_for(&self, path: &str) -> Option<&RouteConfig> {
         match_route(&self.routes, path)
     }
 
-    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+    pub(crate) fn listen_addr(&self) -> Result<SocketAddr, crate::error::ListenAddrError> {
         self.server
             .listen
             .get_ref()
             .parse()
-            .map_err(|e| format!("listen address: {e}"))
-    }
-
-    pub fn ms(v: u64) -> Duration {
-        Duration::from_millis(v)
+            .map_err(|source| crate::error::ListenAddrError {
+                what: "listen address",
+                addr: self.server.listen.get_ref().clone(),
+                source,
+            })
     }
 }
 
@@ -637,7 +684,7 @@ fn locate_plain_key(src: &str, table: &str, key: &str) -> (usize, usize) {
 }
 
 /// Only plain-HTTP origins are supported for now: say so clearly.
-pub fn validate_origin_url(url: &str) -> Result<http::Uri, String> {
+pub(crate) fn validate_origin_url(url: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
     match uri.scheme_str() {
         Some("http") => {}

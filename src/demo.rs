@@ -3,6 +3,7 @@
 
 use crate::cli;
 use crate::config::Config;
+use crate::error::StartError;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -77,11 +78,12 @@ async fn origin(req: Request<Incoming>, hits: Arc<AtomicU64>) -> Response<Full<B
 }
 
 /// Starts the demo origin on an ephemeral loopback port.
-pub async fn start_origin() -> Result<SocketAddr, String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+pub(crate) async fn start_origin() -> Result<SocketAddr, StartError> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener = tokio::net::TcpListener::bind(any)
         .await
-        .map_err(|e| format!("demo origin: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| StartError::Bind { addr: any, source })?;
+    let addr = listener.local_addr().map_err(StartError::LocalAddr)?;
     let hits = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -100,7 +102,9 @@ pub async fn start_origin() -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
-pub async fn run(listen: &str) -> Result<(), String> {
+/// Starts a demo origin on an ephemeral port and the gateway in front of it
+/// on `listen`, until a shutdown signal.
+pub async fn run(listen: &str) -> Result<(), StartError> {
     cli::init_logging("info");
     let origin = start_origin().await?;
     let mut cfg = Config::default();

@@ -1,7 +1,21 @@
 use clap::Parser;
 use kvgate::cli::{self, Cli, Command};
 use kvgate::config::Config;
+use std::error::Error;
 use std::process::ExitCode;
+
+/// The error and its causes on one line, `outer: inner: ...`: each layer
+/// names what failed (file, address, flag), the innermost says why.
+fn chain(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 
 fn main() -> ExitCode {
     let args = Cli::parse();
@@ -15,24 +29,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match args.command {
+    let result: Result<(), Box<dyn Error>> = match args.command {
         Some(Command::CheckConfig { config }) => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 Ok(())
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         },
-        Some(Command::Demo { listen }) => runtime.block_on(kvgate::demo::run(&listen)),
-        None => args.run.resolve().and_then(|cfg| {
-            cli::init_logging(&cfg.log.level);
-            runtime.block_on(cli::run(cfg))
-        }),
+        Some(Command::Demo { listen }) => runtime
+            .block_on(kvgate::demo::run(&listen))
+            .map_err(Into::into),
+        None => match args.run.resolve() {
+            Ok(cfg) => {
+                cli::init_logging(&cfg.log.level);
+                runtime.block_on(cli::run(cfg)).map_err(Into::into)
+            }
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kvgate: {e}");
+            eprintln!("kvgate: {}", chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the origin latency histogram buckets.
-pub const ORIGIN_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+pub(crate) const ORIGIN_BUCKETS: [f64; 10] =
+    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// Requests by `X-Cache` result, in `CacheResult::ALL` order.
     pub requests: [AtomicU64; 5],
     pub responses_5xx: AtomicU64,
@@ -26,7 +27,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn record(&self, result: Option<CacheResult>, status: StatusCode) {
+    pub(crate) fn record(&self, result: Option<CacheResult>, status: StatusCode) {
         if let Some(r) = result {
             self.requests[r.index()].fetch_add(1, Ordering::Relaxed);
         }
@@ -35,7 +36,7 @@ impl Metrics {
         }
     }
 
-    pub fn observe_origin(&self, d: Duration) {
+    pub(crate) fn observe_origin(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = ORIGIN_BUCKETS
             .iter()
@@ -46,12 +47,12 @@ impl Metrics {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn requests_for(&self, r: CacheResult) -> u64 {
+    pub(crate) fn requests_for(&self, r: CacheResult) -> u64 {
         self.requests[r.index()].load(Ordering::Relaxed)
     }
 
     /// Origin latency histogram: per-bucket counts (not cumulative), sum in µs.
-    pub fn origin_latency(&self) -> ([u64; 11], u64) {
+    pub(crate) fn origin_latency(&self) -> ([u64; 11], u64) {
         let mut out = [0; 11];
         for (o, a) in out.iter_mut().zip(self.origin_latency.iter()) {
             *o = a.load(Ordering::Relaxed);

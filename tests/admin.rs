@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use http::Method;
-use kvgate::cache::storage::Storage;
+use kvgate::cache::Storage;
 use kvgate::config::{AdminConfig, Config, TagRuleConfig};
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime};
@@ -182,6 +182,7 @@ async fn non_loopback_without_a_token_refuses_to_start() {
         .await
         .err()
         .expect("refused");
+    let err = err.to_string();
     assert!(err.contains("without a token"), "{err}");
     // with a token it starts
     if let Some(a) = cfg.admin.as_mut() {
@@ -203,7 +204,10 @@ async fn admin_listen_flag_enables_the_listener() {
         admin_listen: Some("nope".into()),
         ..Default::default()
     };
-    assert!(bad.resolve().unwrap_err().contains("--admin-listen"));
+    let err = bad.resolve().unwrap_err();
+    assert!(err.to_string().contains("--admin-listen"), "{err}");
+    // the parse failure stays reachable as the source
+    assert!(std::error::Error::source(&err).is_some());
     assert!(kvgate::cli::RunArgs::default()
         .resolve()
         .expect("resolves")

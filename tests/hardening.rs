@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use kvgate::cache::storage::Storage;
+use kvgate::cache::Storage;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,7 +6,7 @@
 
 mod common;
 use common::*;
-use kvgate::cache::storage::Storage;
+use kvgate::cache::Storage;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use kvgate::cache::storage::Storage;
+use kvgate::cache::Storage;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -30,21 +30,35 @@ async fn concurrent_misses_make_one_origin_request() {
             .delay(Duration::from_millis(300))
     })
     .await;
-    let gw = Gateway::start(&origin.url(), |_| {}).await;
+    // The admin listener, to read the coalescing counter from /metrics.
+    let token = "test-admin-token-0123456789";
+    let gw = Gateway::start(&origin.url(), |c| {
+        c.admin = Some(kvgate::config::AdminConfig {
+            listen: toml::Spanned::new(0..0, "127.0.0.1:0".into()),
+            token: Some(token.into()),
+            max_body_bytes: 4096,
+        });
+    })
+    .await;
     let got = concurrent(gw.url("/cold"), 100).await;
     assert_eq!(origin.count("/cold"), 1, "exactly one origin request");
     assert!(got.iter().all(|g| g.status == 200 && g.text() == "body-1"));
     let t = tally(&got);
     assert_eq!(t.get("MISS"), Some(&1), "{t:?}");
     assert_eq!(t.get("HIT"), Some(&99), "{t:?}");
-    assert!(
-        gw.running
-            .gateway
-            .flights
-            .coalesced
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 99
-    );
+    let admin = gw.running.admin_addr.expect("admin listener runs");
+    let metrics = get_with(
+        &format!("http://{admin}/metrics"),
+        &[("authorization", &format!("Bearer {token}"))],
+    )
+    .await
+    .text();
+    let coalesced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvgate_coalesced_waiters_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the coalescing counter is exported");
+    assert!(coalesced >= 99, "{coalesced} coalesced waiters");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,15 +4,16 @@
 //! hashed and compared to it in constant time: comparing digests of fixed
 //! length leaks neither the matching prefix nor the token's length.
 
+use crate::error::InvalidToken;
 use http::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
 /// The rule for tokens is the config's (it validates `admin.token`).
-pub use crate::config::{is_valid_token, MAX_TOKEN_BYTES};
+pub(crate) use crate::config::{is_valid_token, MAX_TOKEN_BYTES};
 
 /// The configured token, as its digest.
 #[derive(Clone)]
-pub struct Token {
+pub(crate) struct Token {
     digest: [u8; 32],
 }
 
@@ -24,7 +25,7 @@ impl std::fmt::Debug for Token {
 
 /// Why a request was not let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The gateway has no token, so nothing but `/healthz` can be allowed.
     NoTokenConfigured,
     Missing,
@@ -32,7 +33,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             Refusal::NoTokenConfigured => {
                 "no admin token is configured: set KVGATE_ADMIN_TOKEN or [admin] token and restart"
@@ -58,24 +59,22 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Token {
-    pub fn new(token: &str) -> Result<Token, String> {
+    pub(crate) fn new(token: &str) -> Result<Token, InvalidToken> {
         if !is_valid_token(token) {
-            return Err(format!(
-                "the admin token must be 1 to {MAX_TOKEN_BYTES} visible ASCII characters"
-            ));
+            return Err(InvalidToken);
         }
         Ok(Token {
             digest: digest(token.as_bytes()),
         })
     }
 
-    pub fn matches(&self, presented: &str) -> bool {
+    pub(crate) fn matches(&self, presented: &str) -> bool {
         constant_time_eq(&self.digest, &digest(presented.as_bytes()))
     }
 }
 
 /// Checks a request's `Authorization: Bearer <token>` against `token`.
-pub fn check(token: Option<&Token>, headers: &HeaderMap) -> Result<(), Refusal> {
+pub(crate) fn check(token: Option<&Token>, headers: &HeaderMap) -> Result<(), Refusal> {
     let Some(token) = token else {
         return Err(Refusal::NoTokenConfigured);
     };

@@ -10,15 +10,16 @@
 //! Routes and handlers are in [`routes`]; `/metrics` rendering in
 //! [`prometheus`]; purge semantics in [`purge`].
 
-pub mod auth;
-pub mod prometheus;
-pub mod purge;
-pub mod reload;
+pub(crate) mod auth;
+pub(crate) mod prometheus;
+pub(crate) mod purge;
+pub(crate) mod reload;
 mod reply;
 mod request;
-pub mod routes;
+pub(crate) mod routes;
 
 use crate::config::AdminConfig;
+use crate::error::AdminError;
 use crate::proxy::gateway::Gateway;
 use auth::Token;
 use http::{Method, Request, StatusCode};
@@ -36,33 +37,25 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 /// The environment variable that holds the admin token (wins over the config).
-pub const TOKEN_ENV: &str = "KVGATE_ADMIN_TOKEN";
+pub(crate) const TOKEN_ENV: &str = "KVGATE_ADMIN_TOKEN";
 
 /// Admin connections at once; operators and scrapers need few.
 const MAX_CONNECTIONS: usize = 256;
 
 /// The admin listener's settings, checked before anything binds so that a
 /// refused configuration stops the gateway at start.
-pub struct AdminSettings {
+pub(crate) struct AdminSettings {
     pub addr: SocketAddr,
     token: Option<Token>,
     max_body_bytes: usize,
 }
 
 impl AdminSettings {
-    pub fn from_config(cfg: &AdminConfig) -> Result<AdminSettings, String> {
+    pub(crate) fn from_config(cfg: &AdminConfig) -> Result<AdminSettings, AdminError> {
         let addr = cfg.listen_addr()?;
-        let token = cfg
-            .token
-            .as_deref()
-            .map(Token::new)
-            .transpose()
-            .map_err(|e| format!("admin: {e}"))?;
+        let token = cfg.token.as_deref().map(Token::new).transpose()?;
         if token.is_none() && !addr.ip().is_loopback() {
-            return Err(format!(
-                "refusing to start the admin API on {addr} without a token: set {TOKEN_ENV} \
-                 or [admin] token, or listen on a loopback address such as 127.0.0.1:9090"
-            ));
+            return Err(AdminError::NoToken(addr));
         }
         if token.is_none() {
             tracing::warn!(
@@ -79,7 +72,7 @@ impl AdminSettings {
 }
 
 /// What every admin request can see.
-pub struct AdminState {
+pub(crate) struct AdminState {
     pub gateway: Arc<Gateway>,
     /// The gateway's own (main) listener address, for `/readyz`.
     pub gateway_addr: SocketAddr,
@@ -90,22 +83,25 @@ pub struct AdminState {
 }
 
 /// A bound, running admin listener.
-pub struct AdminListener {
+pub(crate) struct AdminListener {
     pub addr: SocketAddr,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 /// Binds the admin listener and serves it until `stopping` turns true.
-pub async fn start(
+pub(crate) async fn start(
     settings: AdminSettings,
     gateway: Arc<Gateway>,
     gateway_addr: SocketAddr,
     stopping: watch::Receiver<bool>,
-) -> Result<AdminListener, String> {
+) -> Result<AdminListener, AdminError> {
     let listener = TcpListener::bind(settings.addr)
         .await
-        .map_err(|e| format!("cannot listen on {} for the admin API: {e}", settings.addr))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(|source| AdminError::Bind {
+            addr: settings.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(AdminError::LocalAddr)?;
     let state = Arc::new(AdminState {
         gateway,
         gateway_addr,

@@ -8,7 +8,7 @@ use crate::proxy::gateway::Gateway;
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A label value with `\`, `"` and newlines escaped.
 fn escape(v: &str) -> String {
@@ -41,7 +41,7 @@ impl Text {
 }
 
 /// Renders every series.
-pub fn render(gw: &Gateway) -> String {
+pub(crate) fn render(gw: &Gateway) -> String {
     let m = &gw.metrics;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut t = Text(String::with_capacity(4096));

@@ -12,7 +12,7 @@ use crate::protocol::path::normalize_target;
 /// What one `POST /purge` asks for.
 #[derive(Debug, Default, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PurgeRequest {
+pub(crate) struct PurgeRequest {
     #[serde(default)]
     pub urls: Vec<String>,
     #[serde(default)]
@@ -24,10 +24,10 @@ pub struct PurgeRequest {
 }
 
 /// Most targets one purge request may name.
-pub const MAX_TARGETS: usize = 10_000;
+pub(crate) const MAX_TARGETS: usize = 10_000;
 
 impl PurgeRequest {
-    pub fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let total = self.urls.len() + self.prefixes.len() + self.tags.len();
         if total == 0 {
             return Err("nothing to purge: give \"urls\", \"prefixes\" or \"tags\"".into());
@@ -60,7 +60,7 @@ impl PurgeRequest {
     /// matched by several targets of a soft purge counts once per target).
     /// URLs and prefixes are matched in the normal form keys are in, so
     /// `/a/../b` purges what requests for `/b` stored (see `validate`).
-    pub fn apply(&self, store: &dyn Storage) -> usize {
+    pub(crate) fn apply(&self, store: &dyn Storage) -> usize {
         let mut purged = 0;
         for url in &self.urls {
             if let Ok(url) = normalize_target(url) {
@@ -82,17 +82,17 @@ impl PurgeRequest {
 
 /// Every stored key of exactly this path and query, on any scheme, host
 /// and version, purged; returns the variants touched.
-pub fn purge_url(store: &dyn Storage, path_and_query: &str, soft: bool) -> usize {
+pub(crate) fn purge_url(store: &dyn Storage, path_and_query: &str, soft: bool) -> usize {
     store.purge_path(path_and_query, soft)
 }
 
 /// Listing cursors are `MemoryStorage::list`'s sort keys, hex-encoded so
 /// that they travel in a query string untouched.
-pub fn encode_cursor(raw: &str) -> String {
+pub(crate) fn encode_cursor(raw: &str) -> String {
     raw.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn decode_cursor(hex: &str) -> Option<String> {
+pub(crate) fn decode_cursor(hex: &str) -> Option<String> {
     if !hex.len().is_multiple_of(2) {
         return None;
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 /// Applies a reloaded config's cache version; returns the version now in
 /// effect when it changed. `last` is the version the previous config file said.
-pub fn apply(gw: &Gateway, last: u64, next: &Config) -> Option<u64> {
+pub(crate) fn apply(gw: &Gateway, last: u64, next: &Config) -> Option<u64> {
     let wanted = next.cache.version;
     if wanted == last {
         return None;
@@ -27,13 +27,13 @@ pub fn apply(gw: &Gateway, last: u64, next: &Config) -> Option<u64> {
 
 /// Re-reads `path` on every SIGHUP until `stopping` turns true.
 #[cfg(unix)]
-pub fn spawn_on_sighup(
+pub(crate) fn spawn_on_sighup(
     gw: Arc<Gateway>,
     path: &Path,
     mut stopping: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP handler: {e}"))?;
+    let mut hup = signal(SignalKind::hangup())?;
     let path = path.to_path_buf();
     let mut last = gw.config.cache.version;
     Ok(tokio::spawn(async move {
@@ -68,6 +68,6 @@ pub fn spawn_on_sighup(
     _gw: Arc<Gateway>,
     _path: &Path,
     _stopping: tokio::sync::watch::Receiver<bool>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<tokio::task::JoinHandle<()>, std::io::Error> {
     Ok(tokio::spawn(async {}))
 }

@@ -6,10 +6,10 @@ use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
 
-pub type AdminResponse = Response<Full<Bytes>>;
+pub(super) type AdminResponse = Response<Full<Bytes>>;
 
 /// A JSON response. Admin answers are never cached by anyone.
-pub fn json(status: StatusCode, body: &Value) -> AdminResponse {
+pub(super) fn json(status: StatusCode, body: &Value) -> AdminResponse {
     let mut text = body.to_string();
     text.push('\n');
     let mut r = Response::new(Full::new(Bytes::from(text)));
@@ -21,12 +21,12 @@ pub fn json(status: StatusCode, body: &Value) -> AdminResponse {
     r
 }
 
-pub fn ok(body: &Value) -> AdminResponse {
+pub(super) fn ok(body: &Value) -> AdminResponse {
     json(StatusCode::OK, body)
 }
 
 /// A plain-text response (`/metrics`).
-pub fn text(content_type: &'static str, body: String) -> AdminResponse {
+pub(super) fn text(content_type: &'static str, body: String) -> AdminResponse {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -37,7 +37,7 @@ pub fn text(content_type: &'static str, body: String) -> AdminResponse {
 
 /// A refused request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub message: String,
     /// For 405: the methods the route takes.
@@ -45,7 +45,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -53,22 +53,22 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
-    pub fn not_found(message: impl Into<String>) -> ApiError {
+    pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, message)
     }
 
-    pub fn method_not_allowed(allow: &'static [Method]) -> ApiError {
+    pub(crate) fn method_not_allowed(allow: &'static [Method]) -> ApiError {
         ApiError {
             allow: Some(allow),
             ..ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
         }
     }
 
-    pub fn into_response(self) -> AdminResponse {
+    pub(crate) fn into_response(self) -> AdminResponse {
         let mut r = json(self.status, &json!({ "error": self.message }));
         if let Some(methods) = self.allow {
             let list: Vec<&str> = methods.iter().map(Method::as_str).collect();

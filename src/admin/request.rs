@@ -9,7 +9,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::de::DeserializeOwned;
 
 /// The whole body, refused with 413 past `limit` bytes (declared or sent).
-pub async fn read_body<B>(headers: &HeaderMap, body: B, limit: usize) -> Result<Bytes, ApiError>
+pub(super) async fn read_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    limit: usize,
+) -> Result<Bytes, ApiError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
@@ -35,7 +39,7 @@ where
 }
 
 /// A JSON body into `T`; serde's message (with line and column) on failure.
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("a JSON body is required"));
     }
@@ -43,7 +47,7 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Like [`parse_json`], but an empty body is `None`.
-pub fn parse_optional_json<T: DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
+pub(super) fn parse_optional_json<T: DeserializeOwned>(body: &[u8]) -> Result<Option<T>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         Ok(None)
     } else {
@@ -62,7 +66,7 @@ fn hex_value(b: u8) -> Option<u8> {
 
 /// Percent-decodes one path segment or query component; `+` is a space in
 /// query components only (form encoding), a literal `+` in paths.
-pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, ApiError> {
+pub(super) fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, ApiError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -94,7 +98,7 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Result<String, ApiError> 
 }
 
 /// The decoded segments of a path: `/users/a%2Fb` -> `["users", "a/b"]`.
-pub fn path_segments(path: &str) -> Result<Vec<String>, ApiError> {
+pub(super) fn path_segments(path: &str) -> Result<Vec<String>, ApiError> {
     path.strip_prefix('/')
         .unwrap_or(path)
         .split('/')
@@ -103,7 +107,7 @@ pub fn path_segments(path: &str) -> Result<Vec<String>, ApiError> {
 }
 
 /// The decoded `name=value` pairs of a query string.
-pub fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+pub(super) fn query_pairs(query: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     let Some(q) = query else {
         return Ok(Vec::new());
     };

@@ -20,7 +20,7 @@ const MAX_LIMIT: usize = 1000;
 
 /// A matched admin route, path parameters decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     Healthz,
     Readyz,
     Metrics,
@@ -43,7 +43,7 @@ const DELETE: &[Method] = &[Method::DELETE];
 
 impl Route {
     /// The route for decoded path segments; `None` is a 404.
-    pub fn parse(segments: &[String]) -> Option<Route> {
+    pub(crate) fn parse(segments: &[String]) -> Option<Route> {
         let s: Vec<&str> = segments.iter().map(String::as_str).collect();
         let id = |x: &str| (!x.is_empty()).then(|| x.to_string());
         Some(match s.as_slice() {
@@ -70,7 +70,7 @@ impl Route {
     }
 
     /// The methods the route takes (anything else is a 405).
-    pub fn methods(&self) -> &'static [Method] {
+    pub(crate) fn methods(&self) -> &'static [Method] {
         match self {
             Route::Purge | Route::Version => POST,
             Route::UserPreferences(_) => GET_PATCH,
@@ -81,13 +81,13 @@ impl Route {
     }
 
     /// Whether the handler reads a request body.
-    pub fn takes_body(&self, method: &Method) -> bool {
+    pub(crate) fn takes_body(&self, method: &Method) -> bool {
         matches!(*method, Method::POST | Method::PUT | Method::PATCH)
     }
 }
 
 /// Runs an authenticated, routed request.
-pub async fn handle(
+pub(crate) async fn handle(
     state: &AdminState,
     route: Route,
     method: &Method,

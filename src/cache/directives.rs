@@ -6,24 +6,23 @@
 //! freshness directives that means "stale" (9111 4.2.1), never "fresh forever".
 
 use http::header::{HeaderMap, CACHE_CONTROL, PRAGMA};
-use std::time::Duration;
 
 /// Largest delta-seconds we represent (9111 1.2.2: at least 2^31).
-pub const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
+pub(crate) const DELTA_SECONDS_MAX: u64 = 2_147_483_648;
 
 /// One `name[=value]` directive from a Cache-Control field, name lowercased.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Directive {
-    pub name: String,
+pub(crate) struct Directive {
+    pub(crate) name: String,
     /// `None` without a value, and when the directive is malformed.
-    pub value: Option<String>,
+    pub(crate) value: Option<String>,
     /// Malformed (`max-age =1`, an unclosed quote, junk before the next
     /// comma): its name counts, its value never does.
-    pub malformed: bool,
+    pub(crate) malformed: bool,
 }
 
 /// Splits Cache-Control field lines into directives, honouring quoted strings.
-pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Directive> {
+pub(crate) fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Directive> {
     let mut out = Vec::new();
     for bytes in lines {
         // Bytes, not &str: a field value may carry obs-text (RFC 9110 5.5)
@@ -116,7 +115,7 @@ pub fn parse_directives<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Vec<Direct
 
 /// Parses delta-seconds (9111 1.2.2): digits only; overflow saturates at 2^31.
 /// Leading zeros are fine ("003600" is 3600).
-pub fn parse_delta_seconds(v: &str) -> Option<u64> {
+pub(crate) fn parse_delta_seconds(v: &str) -> Option<u64> {
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -133,7 +132,7 @@ pub fn parse_delta_seconds(v: &str) -> Option<u64> {
 /// A freshness-relevant delta directive: absent, present with a valid value,
 /// or present but malformed (which 9111 4.2.1 says to treat as stale).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Delta {
+pub(crate) enum Delta {
     #[default]
     Absent,
     Valid(u64),
@@ -141,13 +140,13 @@ pub enum Delta {
 }
 
 impl Delta {
-    pub fn seconds(self) -> Option<u64> {
+    pub(crate) fn seconds(self) -> Option<u64> {
         match self {
             Delta::Valid(s) => Some(s),
             _ => None,
         }
     }
-    pub fn is_present(self) -> bool {
+    pub(crate) fn is_present(self) -> bool {
         !matches!(self, Delta::Absent)
     }
 }
@@ -162,29 +161,29 @@ fn delta_of(d: &Directive) -> Delta {
 /// Response Cache-Control directives that a shared cache acts on (9111 5.2.2).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResponseDirectives {
-    pub max_age: Delta,
-    pub s_maxage: Delta,
-    pub no_store: bool,
+    pub(crate) max_age: Delta,
+    pub(crate) s_maxage: Delta,
+    pub(crate) no_store: bool,
     /// `no-cache` without field names: store, but always revalidate.
-    pub no_cache: bool,
+    pub(crate) no_cache: bool,
     /// `no-cache="a, b"`: the named fields must not be sent without revalidation.
-    pub no_cache_fields: Vec<String>,
-    pub private: bool,
-    pub public: bool,
-    pub must_revalidate: bool,
-    pub proxy_revalidate: bool,
-    pub must_understand: bool,
-    pub immutable: bool,
+    pub(crate) no_cache_fields: Vec<String>,
+    pub(crate) private: bool,
+    pub(crate) public: bool,
+    pub(crate) must_revalidate: bool,
+    pub(crate) proxy_revalidate: bool,
+    pub(crate) must_understand: bool,
+    pub(crate) immutable: bool,
     /// RFC 5861.
-    pub stale_while_revalidate: Option<u64>,
+    pub(crate) stale_while_revalidate: Option<u64>,
     /// RFC 5861.
-    pub stale_if_error: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
     /// Read from a targeted field (`CDN-Cache-Control`, RFC 9213) instead of
     /// Cache-Control; Expires is then ignored.
-    pub targeted: bool,
+    pub(crate) targeted: bool,
 }
 
-pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
+pub(crate) const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
 
 impl ResponseDirectives {
     /// The directives a gateway obeys: `CDN-Cache-Control` when present and
@@ -200,7 +199,7 @@ impl ResponseDirectives {
         Self::from_directives(&parse_directives(lines))
     }
 
-    pub fn from_directives(dirs: &[Directive]) -> Self {
+    pub(crate) fn from_directives(dirs: &[Directive]) -> Self {
         let mut r = ResponseDirectives::default();
         for d in dirs {
             match d.name.as_str() {
@@ -236,7 +235,7 @@ impl ResponseDirectives {
 
     /// 9111 3.2 / 5.2.2.2 / 5.2.2.8 / 5.2.2.10: a shared cache must not serve
     /// this response stale without successful validation.
-    pub fn forbids_stale(&self) -> bool {
+    pub(crate) fn forbids_stale(&self) -> bool {
         self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_present()
     }
 }
@@ -356,16 +355,16 @@ fn sf_string(v: &str) -> Option<String> {
 /// Request Cache-Control directives (9111 5.2.1).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestDirectives {
-    pub max_age: Option<u64>,
+    pub(crate) max_age: Option<u64>,
     /// `Some(None)`: max-stale without a value (any staleness is acceptable).
-    pub max_stale: Option<Option<u64>>,
-    pub min_fresh: Option<u64>,
-    pub no_cache: bool,
-    pub no_store: bool,
-    pub only_if_cached: bool,
+    pub(crate) max_stale: Option<Option<u64>>,
+    pub(crate) min_fresh: Option<u64>,
+    pub(crate) no_cache: bool,
+    pub(crate) no_store: bool,
+    pub(crate) only_if_cached: bool,
     /// RFC 5861 4: how stale a response the client accepts when the origin
     /// fails.
-    pub stale_if_error: Option<u64>,
+    pub(crate) stale_if_error: Option<u64>,
 }
 
 impl RequestDirectives {
@@ -413,11 +412,6 @@ impl RequestDirectives {
         }
         r
     }
-}
-
-/// Seconds as a Duration, for the delta values above.
-pub fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 /// TTL makes heuristically cacheable responses storable without explicit
 /// freshness; a response whose headers an entry cannot keep whole is not
 /// stored (a HIT must carry every header the MISS had).
-pub fn storable(
+pub(crate) fn storable(
     cache: &CacheConfig,
     route: Option<&RouteConfig>,
     method: &Method,
@@ -53,7 +53,7 @@ pub fn storable(
 /// The stored response's freshness (9111 4.2): the origin's lifetime, or
 /// the route's `ttl_secs` (forced) / `default_ttl_secs` (when the origin
 /// says nothing); stale windows from the origin, else the route.
-pub fn freshness(
+pub(crate) fn freshness(
     cache: &CacheConfig,
     route: Option<&RouteConfig>,
     status: StatusCode,
@@ -97,7 +97,7 @@ pub fn freshness(
 /// Stale-if-error (RFC 5861 4): the stored response's own window, the
 /// request's `stale-if-error`, and, when the origin could not be reached at
 /// all ("disconnected", 9111 4.2.4), the configured `grace_secs`.
-pub fn can_serve_on_error(
+pub(crate) fn can_serve_on_error(
     cache: &CacheConfig,
     req_cc: &RequestDirectives,
     stored: &Freshness,

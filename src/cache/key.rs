@@ -40,23 +40,23 @@ impl CacheKey {
         }
     }
 
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         self.version
     }
 
     /// The path and query part.
-    pub fn path_and_query(&self) -> &str {
+    pub(crate) fn path_and_query(&self) -> &str {
         self.text.get(self.path_at as usize..).unwrap_or("")
     }
 
     /// The host part (lowercased), without the scheme.
-    pub fn authority(&self) -> &str {
+    pub(crate) fn authority(&self) -> &str {
         let head = self.text.get(..self.path_at as usize).unwrap_or("");
         head.split_once("://").map_or(head, |(_, h)| h)
     }
 
     /// Another target on the same scheme, host and version.
-    pub fn with_path(&self, path_and_query: &str) -> CacheKey {
+    pub(crate) fn with_path(&self, path_and_query: &str) -> CacheKey {
         let mut text = String::with_capacity(self.path_at as usize + path_and_query.len());
         text.push_str(self.text.get(..self.path_at as usize).unwrap_or(""));
         text.push_str(path_and_query);
@@ -68,19 +68,19 @@ impl CacheKey {
     }
 
     /// The same target under another namespace version.
-    pub fn with_version(&self, version: u64) -> CacheKey {
+    pub(crate) fn with_version(&self, version: u64) -> CacheKey {
         CacheKey {
             version,
             ..self.clone()
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.text
     }
 
     /// Bytes this key holds on the heap, once however often it is cloned.
-    pub fn heap_bytes(&self) -> usize {
+    pub(crate) fn heap_bytes(&self) -> usize {
         // Arc's two counters precede the text.
         self.text.len() + 16
     }

@@ -10,22 +10,22 @@ use std::time::{Duration, SystemTime};
 
 /// Knobs a route or the cache config can turn on the storage decision.
 #[derive(Debug, Clone, Copy)]
-pub struct StoragePolicy {
+pub(crate) struct StoragePolicy {
     /// Store responses that carry `Set-Cookie` (off by default: a shared
     /// cache handing one user's cookie to another is the classic leak).
-    pub allow_set_cookie: bool,
+    pub(crate) allow_set_cookie: bool,
 }
 
 /// Heuristic freshness settings (9111 4.2.2).
 #[derive(Debug, Clone, Copy)]
-pub struct Heuristic {
-    pub fraction: f64,
-    pub max: Duration,
+pub(crate) struct Heuristic {
+    pub(crate) fraction: f64,
+    pub(crate) max: Duration,
 }
 
 /// Why a response is not stored; shown in Cache-Status `detail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotStorable {
+pub(crate) enum NotStorable {
     Method,
     Status,
     NoStore,
@@ -40,7 +40,7 @@ pub enum NotStorable {
 }
 
 impl NotStorable {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             NotStorable::Method => "method",
             NotStorable::Status => "status",
@@ -57,7 +57,7 @@ impl NotStorable {
 }
 
 /// Status codes whose semantics we understand (9111 3, `must-understand`).
-pub fn status_understood(status: StatusCode) -> bool {
+pub(crate) fn status_understood(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
         200 | 203
@@ -85,7 +85,7 @@ pub fn status_understood(status: StatusCode) -> bool {
 }
 
 /// Heuristically cacheable status codes (RFC 9110 15.1).
-pub fn heuristically_cacheable(status: StatusCode) -> bool {
+pub(crate) fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
         status.as_u16(),
         200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
@@ -97,14 +97,14 @@ fn has_validator(resp: &HeaderMap) -> bool {
 }
 
 /// Whether the response carries explicit freshness (9111 4.2.1), valid or not.
-pub fn has_explicit_freshness(resp: &HeaderMap, cc: &ResponseDirectives) -> bool {
+pub(crate) fn has_explicit_freshness(resp: &HeaderMap, cc: &ResponseDirectives) -> bool {
     cc.s_maxage.is_present()
         || cc.max_age.is_present()
         || (!cc.targeted && resp.contains_key(header::EXPIRES))
 }
 
 /// Vary field names, lowercased; `None` when Vary contains `*` (9111 4.1).
-pub fn vary_fields(resp: &HeaderMap) -> Option<Vec<HeaderName>> {
+pub(crate) fn vary_fields(resp: &HeaderMap) -> Option<Vec<HeaderName>> {
     let mut fields = Vec::new();
     for line in resp.get_all(header::VARY) {
         let Ok(s) = line.to_str() else { continue };
@@ -123,7 +123,7 @@ pub fn vary_fields(resp: &HeaderMap) -> Option<Vec<HeaderName>> {
 }
 
 /// May a shared cache store this response? (9111 3, 3.5, 5.2.2)
-pub fn storable(
+pub(crate) fn storable(
     method: &Method,
     req: &HeaderMap,
     status: StatusCode,
@@ -185,7 +185,7 @@ pub fn storable(
 }
 
 /// Parses an HTTP-date (RFC 9110 5.6.7): IMF-fixdate, RFC 850 or asctime.
-pub fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
+pub(crate) fn parse_http_date(v: &HeaderValue) -> Option<SystemTime> {
     let s = v.to_str().ok()?;
     httpdate::parse_http_date(s.trim()).ok()
 }
@@ -203,7 +203,7 @@ fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<Result<&'a HeaderVa
 
 /// Freshness lifetime (9111 4.2.1, shared cache): s-maxage, max-age, Expires
 /// minus Date, else heuristic (4.2.2). An invalid value yields zero (stale).
-pub fn freshness_lifetime(
+pub(crate) fn freshness_lifetime(
     status: StatusCode,
     resp: &HeaderMap,
     cc: &ResponseDirectives,
@@ -241,14 +241,8 @@ pub fn freshness_lifetime(
     Duration::ZERO
 }
 
-/// Whether the lifetime comes from the heuristic (9111 4.2.2 asks for a
-/// Warning-like note; we surface it in Cache-Status detail instead).
-pub fn is_heuristic(resp: &HeaderMap, cc: &ResponseDirectives) -> bool {
-    !has_explicit_freshness(resp, cc)
-}
-
 /// The Date header as a time, if valid and single.
-pub fn date_value(resp: &HeaderMap) -> Option<SystemTime> {
+pub(crate) fn date_value(resp: &HeaderMap) -> Option<SystemTime> {
     match single(resp, &header::DATE)? {
         Ok(v) => parse_http_date(v),
         Err(()) => None,
@@ -257,7 +251,7 @@ pub fn date_value(resp: &HeaderMap) -> Option<SystemTime> {
 
 /// The origin's Age (9111 5.1): the first line's leading delta-seconds.
 /// Non-numeric or negative values are ignored; huge values saturate at 2^31.
-pub fn age_value(resp: &HeaderMap) -> Option<u64> {
+pub(crate) fn age_value(resp: &HeaderMap) -> Option<u64> {
     let first = resp.get(header::AGE)?.to_str().ok()?;
     let digits: &str = {
         let t = first.trim_start();
@@ -286,7 +280,7 @@ pub fn age_value(resp: &HeaderMap) -> Option<u64> {
 }
 
 /// corrected_initial_age (9111 4.2.3).
-pub fn corrected_initial_age(
+pub(crate) fn corrected_initial_age(
     resp: &HeaderMap,
     request_time: SystemTime,
     response_time: SystemTime,
@@ -312,13 +306,13 @@ pub fn corrected_initial_age(
 /// The facts about a stored response that decide how it may be used.
 #[derive(Debug, Clone)]
 pub struct Freshness {
-    pub lifetime: Duration,
-    pub corrected_initial_age: Duration,
-    pub response_time: SystemTime,
-    pub no_cache: bool,
-    pub forbids_stale: bool,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
+    pub(crate) lifetime: Duration,
+    pub(crate) corrected_initial_age: Duration,
+    pub(crate) response_time: SystemTime,
+    pub(crate) no_cache: bool,
+    pub(crate) forbids_stale: bool,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
 }
 
 impl Freshness {
@@ -337,23 +331,30 @@ impl Freshness {
     }
 
     /// current_age (9111 4.2.3).
-    pub fn current_age(&self, now: SystemTime) -> Duration {
+    pub(crate) fn current_age(&self, now: SystemTime) -> Duration {
         self.corrected_initial_age + now.duration_since(self.response_time).unwrap_or_default()
     }
 
     /// How long past its lifetime the response is at `now`; zero when fresh.
-    pub fn staleness(&self, now: SystemTime) -> Duration {
+    pub(crate) fn staleness(&self, now: SystemTime) -> Duration {
         self.current_age(now).saturating_sub(self.lifetime)
     }
 
-    pub fn is_fresh(&self, now: SystemTime) -> bool {
+    /// Whether the response is fresh at `now` (the tests' shorthand; the
+    /// request path asks `usability`).
+    #[cfg(test)]
+    pub(crate) fn is_fresh(&self, now: SystemTime) -> bool {
         self.current_age(now) < self.lifetime
     }
 
     /// Whether stale-if-error (RFC 5861, or configured grace) still covers it.
     /// `extra` is what the client (request stale-if-error) or the gateway's
     /// grace allows beyond the origin's own stale-if-error.
-    pub fn can_serve_on_error(&self, now: SystemTime, request_allows: Option<Duration>) -> bool {
+    pub(crate) fn can_serve_on_error(
+        &self,
+        now: SystemTime,
+        request_allows: Option<Duration>,
+    ) -> bool {
         // 9111 5.2.2.4: no-cache means never without successful validation.
         if self.forbids_stale || self.no_cache {
             return false;
@@ -414,7 +415,7 @@ pub fn usability(f: &Freshness, req: &RequestDirectives, now: SystemTime) -> Usa
 
 /// Normalizes a request's value for one Vary field (9111 4.1): lines joined
 /// with commas, whitespace around list separators removed. `None` if absent.
-pub fn vary_value(req: &HeaderMap, name: &HeaderName) -> Option<String> {
+pub(crate) fn vary_value(req: &HeaderMap, name: &HeaderName) -> Option<String> {
     let mut it = req.get_all(name).iter().peekable();
     it.peek()?;
     let mut out = String::new();
@@ -430,7 +431,7 @@ pub fn vary_value(req: &HeaderMap, name: &HeaderName) -> Option<String> {
 }
 
 /// Whether a stored variant's secondary key matches a request (9111 4.1).
-pub fn vary_matches(stored: &[(HeaderName, Option<String>)], req: &HeaderMap) -> bool {
+pub(crate) fn vary_matches(stored: &[(HeaderName, Option<String>)], req: &HeaderMap) -> bool {
     stored
         .iter()
         .all(|(name, value)| vary_value(req, name).as_deref() == value.as_deref())
@@ -443,7 +444,7 @@ fn etag_weak_eq(a: &str, b: &str) -> bool {
 
 /// Does a client's conditional GET/HEAD match the stored response, so that
 /// the cache answers 304? (9111 4.3.2, RFC 9110 13.1.2 / 13.1.3)
-pub fn conditional_matches(req: &HeaderMap, stored: &HeaderMap) -> bool {
+pub(crate) fn conditional_matches(req: &HeaderMap, stored: &HeaderMap) -> bool {
     let inm: Vec<&HeaderValue> = req.get_all(header::IF_NONE_MATCH).iter().collect();
     if !inm.is_empty() {
         let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
@@ -469,7 +470,7 @@ pub fn conditional_matches(req: &HeaderMap, stored: &HeaderMap) -> bool {
 
 /// How a Range request can be answered from a stored body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RangeAnswer {
+pub(crate) enum RangeAnswer {
     /// Ignore the header (absent, several ranges, not bytes): send it all.
     Whole,
     Part(std::ops::Range<u64>),
@@ -478,7 +479,7 @@ pub enum RangeAnswer {
 
 /// A single byte range a stored body of `len` bytes can satisfy (RFC 9110
 /// 14.1.2, 14.2). A `Part` is never empty and always within `0..len`.
-pub fn byte_range(req: &HeaderMap, len: u64) -> RangeAnswer {
+pub(crate) fn byte_range(req: &HeaderMap, len: u64) -> RangeAnswer {
     match byte_range_inner(req, len) {
         Ok(Some(r)) => RangeAnswer::Part(r),
         Ok(None) => RangeAnswer::Whole,
@@ -557,7 +558,7 @@ fn byte_range_inner(req: &HeaderMap, len: u64) -> Result<Option<std::ops::Range<
 
 /// Whether `If-Range` lets a range request be answered partially (RFC 9110
 /// 13.1.5): only a strong ETag match or an exact date match.
-pub fn if_range_allows(req: &HeaderMap, stored: &HeaderMap) -> bool {
+pub(crate) fn if_range_allows(req: &HeaderMap, stored: &HeaderMap) -> bool {
     let Some(v) = req.get(header::IF_RANGE) else {
         return true;
     };
@@ -578,7 +579,7 @@ pub fn if_range_allows(req: &HeaderMap, stored: &HeaderMap) -> bool {
 
 /// Headers a stored response's 304 keeps from the stored 200 (RFC 9110
 /// 15.4.5): everything but the content framing.
-pub fn not_modified_headers(stored: &HeaderMap) -> HeaderMap {
+pub(crate) fn not_modified_headers(stored: &HeaderMap) -> HeaderMap {
     let mut h = stored.clone();
     h.remove(header::CONTENT_LENGTH);
     h.remove(header::TRANSFER_ENCODING);
@@ -595,7 +596,7 @@ const NOT_STORED: [&str; 4] = [
 
 /// Removes from a response what a cache must not store (9111 3.1): the
 /// hop-by-hop fields, fields named by `Connection`, and the proxy-auth ones.
-pub fn strip_unstorable(h: &mut HeaderMap) {
+pub(crate) fn strip_unstorable(h: &mut HeaderMap) {
     crate::protocol::headers::remove_hop_by_hop(h);
     for n in NOT_STORED {
         h.remove(n);
@@ -604,7 +605,7 @@ pub fn strip_unstorable(h: &mut HeaderMap) {
 
 /// Updates stored headers from a 304 (9111 3.2, 4.3.4): every field in the
 /// 304 replaces the stored one, except content framing.
-pub fn update_from_304(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+pub(crate) fn update_from_304(stored: &mut HeaderMap, not_modified: &HeaderMap) {
     let mut fresh = not_modified.clone();
     strip_unstorable(&mut fresh);
     fresh.remove(header::CONTENT_LENGTH);
@@ -618,7 +619,7 @@ pub fn update_from_304(stored: &mut HeaderMap, not_modified: &HeaderMap) {
 }
 
 /// Whether a request method is safe (RFC 9110 9.2.1).
-pub fn is_safe_method(m: &Method) -> bool {
+pub(crate) fn is_safe_method(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
@@ -628,7 +629,7 @@ pub fn is_safe_method(m: &Method) -> bool {
 /// Paths an unsafe request invalidates (9111 4.4): its own target, and the
 /// `Location` / `Content-Location` targets on the same origin, when the
 /// response is a non-error (2xx or 3xx).
-pub fn invalidation_targets(
+pub(crate) fn invalidation_targets(
     method: &Method,
     status: StatusCode,
     resp: &HeaderMap,
@@ -1372,7 +1373,6 @@ mod tests {
                 let _ = f.can_serve_on_error(later, Some(Duration::from_secs(delay)));
                 let _ = conditional_matches(&req, &resp);
                 let _ = if_range_allows(&req, &resp);
-                let _ = is_heuristic(&resp, &cc);
                 let mut stored = resp.clone();
                 update_from_304(&mut stored, &resp);
                 let _ = not_modified_headers(&stored);

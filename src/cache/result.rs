@@ -7,15 +7,20 @@ use http::HeaderValue;
 /// How a response was produced, as `X-Cache` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheResult {
+    /// Served from the store, fresh (or stale within what the request allows).
     Hit,
+    /// Fetched from the origin (stored or not).
     Miss,
+    /// A stale entry served: while revalidating, or because the origin failed.
     Stale,
+    /// A stored entry confirmed by the origin's 304.
     Revalidated,
+    /// Passed to the origin without consulting the store (route rule or method).
     Bypass,
 }
 
 impl CacheResult {
-    pub const ALL: [CacheResult; 5] = [
+    pub(crate) const ALL: [CacheResult; 5] = [
         CacheResult::Hit,
         CacheResult::Miss,
         CacheResult::Stale,
@@ -23,7 +28,7 @@ impl CacheResult {
         CacheResult::Bypass,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CacheResult::Hit => "HIT",
             CacheResult::Miss => "MISS",
@@ -33,24 +38,18 @@ impl CacheResult {
         }
     }
 
-    pub fn from_bytes(b: &[u8]) -> Option<CacheResult> {
-        CacheResult::ALL
-            .into_iter()
-            .find(|r| r.as_str().as_bytes() == b)
-    }
-
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
-    pub fn header(self) -> HeaderValue {
+    pub(crate) fn header(self) -> HeaderValue {
         HeaderValue::from_static(self.as_str())
     }
 }
 
 /// How the origin was involved (RFC 9211 2.2, `fwd`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forward {
+pub(crate) enum Forward {
     /// Not a cache request at all (bypass route, unsafe method).
     Bypass,
     /// Nothing usable was stored.
@@ -74,7 +73,7 @@ impl Forward {
 
 /// Why, in kvgate's words (RFC 9211 2.8, `detail`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detail {
+pub(crate) enum Detail {
     /// Answered from another request's fetch (single flight).
     Coalesced,
     /// Stale, and the client's `max-stale` accepts it.
@@ -112,18 +111,18 @@ impl Detail {
 /// `X-Cache` verdict and the RFC 9211 `Cache-Status` parameters, built as
 /// values where the decision is made and rendered once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheStatus {
-    pub result: CacheResult,
+pub(crate) struct CacheStatus {
+    pub(crate) result: CacheResult,
     /// `None`: answered from the cache (`hit`).
-    pub fwd: Option<Forward>,
-    pub fwd_status: Option<u16>,
-    pub stored: bool,
-    pub detail: Option<Detail>,
+    pub(crate) fwd: Option<Forward>,
+    pub(crate) fwd_status: Option<u16>,
+    pub(crate) stored: bool,
+    pub(crate) detail: Option<Detail>,
 }
 
 impl CacheStatus {
     /// Answered from the cache.
-    pub fn hit(result: CacheResult) -> CacheStatus {
+    pub(crate) fn hit(result: CacheResult) -> CacheStatus {
         CacheStatus {
             result,
             fwd: None,
@@ -134,28 +133,28 @@ impl CacheStatus {
     }
 
     /// Went to the origin (or would have).
-    pub fn forward(result: CacheResult, fwd: Forward) -> CacheStatus {
+    pub(crate) fn forward(result: CacheResult, fwd: Forward) -> CacheStatus {
         CacheStatus {
             fwd: Some(fwd),
             ..CacheStatus::hit(result)
         }
     }
 
-    pub fn status(self, s: u16) -> CacheStatus {
+    pub(crate) fn status(self, s: u16) -> CacheStatus {
         CacheStatus {
             fwd_status: Some(s),
             ..self
         }
     }
 
-    pub fn stored(self) -> CacheStatus {
+    pub(crate) fn stored(self) -> CacheStatus {
         CacheStatus {
             stored: true,
             ..self
         }
     }
 
-    pub fn detail(self, d: Detail) -> CacheStatus {
+    pub(crate) fn detail(self, d: Detail) -> CacheStatus {
         CacheStatus {
             detail: Some(d),
             ..self
@@ -163,13 +162,13 @@ impl CacheStatus {
     }
 
     /// A plain hit, whose header value is prebuilt.
-    pub fn is_plain_hit(&self) -> bool {
+    pub(crate) fn is_plain_hit(&self) -> bool {
         self.fwd.is_none() && self.detail.is_none()
     }
 
     /// The parameters after the cache's name: `hit; detail=coalesced`,
     /// `fwd=uri-miss; fwd-status=200; stored`.
-    pub fn params(&self) -> String {
+    pub(crate) fn params(&self) -> String {
         use std::fmt::Write;
         let mut s = String::with_capacity(48);
         match self.fwd {

@@ -11,13 +11,13 @@ use std::task::{Context, Poll, Waker};
 /// what may be held); the reader's connection is aborted like a truncated one.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the response this request waited on failed mid-body")]
-pub struct SharedBodyFailed;
+pub(crate) struct SharedBodyFailed;
 
 /// A body being received once and read by several responses (the leader of
 /// a coalesced fetch and its waiters). Chunks are kept until the last reader
 /// is gone.
 #[derive(Default)]
-pub struct SharedBody {
+pub(crate) struct SharedBody {
     state: Mutex<SharedState>,
 }
 
@@ -31,7 +31,7 @@ struct SharedState {
 
 impl SharedBody {
     /// A shared body that is already complete (a 304-refreshed entry).
-    pub fn complete(b: Bytes) -> Arc<SharedBody> {
+    pub(crate) fn complete(b: Bytes) -> Arc<SharedBody> {
         let s = SharedBody::default();
         {
             let mut st = s.lock();
@@ -77,7 +77,7 @@ impl SharedBody {
         }
     }
 
-    pub fn reader(self: &Arc<Self>, size_hint: SizeHint) -> SharedReader {
+    pub(crate) fn reader(self: &Arc<Self>, size_hint: SizeHint) -> SharedReader {
         SharedReader {
             shared: self.clone(),
             next: 0,
@@ -87,7 +87,7 @@ impl SharedBody {
 }
 
 /// One response's cursor into a [`SharedBody`].
-pub struct SharedReader {
+pub(crate) struct SharedReader {
     shared: Arc<SharedBody>,
     next: usize,
     size_hint: SizeHint,
@@ -95,7 +95,7 @@ pub struct SharedReader {
 
 impl SharedReader {
     /// The body's size as the leader's response head declared it.
-    pub fn size_hint(&self) -> SizeHint {
+    pub(crate) fn size_hint(&self) -> SizeHint {
         self.size_hint
     }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// A response the leader can share with its waiters.
-pub struct SharedResponse {
+pub(crate) struct SharedResponse {
     pub status: StatusCode,
     /// Headers as stored (hop-by-hop and unstorable fields removed).
     pub headers: HeaderMap,
@@ -35,7 +35,7 @@ pub struct SharedResponse {
 
 /// What waiters learn from the leader.
 #[derive(Clone, Default)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     #[default]
     Pending,
     /// Shareable: read this.
@@ -46,7 +46,7 @@ pub enum Outcome {
 }
 
 /// Whether this request leads the fetch for its key or waits on one.
-pub enum Join {
+pub(crate) enum Join {
     Leader(FlightGuard),
     Waiter(watch::Receiver<Outcome>),
     /// The key was recently uncacheable: do not queue, fetch alone.
@@ -71,14 +71,14 @@ fn key_hash(key: &CacheKey) -> u64 {
 }
 
 /// The single-flight table.
-pub struct SingleFlight {
+pub(crate) struct SingleFlight {
     table: Mutex<Table>,
     hit_for_miss: Duration,
     pub coalesced: AtomicU64,
 }
 
 impl SingleFlight {
-    pub fn new(hit_for_miss: Duration) -> Arc<SingleFlight> {
+    pub(crate) fn new(hit_for_miss: Duration) -> Arc<SingleFlight> {
         Arc::new(SingleFlight {
             table: Mutex::new(Table {
                 flights: HashMap::new(),
@@ -94,7 +94,7 @@ impl SingleFlight {
     }
 
     /// Joins the flight for `key`, or starts it.
-    pub fn join(self: &Arc<Self>, key: &CacheKey) -> Join {
+    pub(crate) fn join(self: &Arc<Self>, key: &CacheKey) -> Join {
         let mut t = self.lock();
         let hash = key_hash(key);
         if let Some(until) = t.uncacheable.get(&hash) {
@@ -117,7 +117,7 @@ impl SingleFlight {
     }
 
     /// Starts a flight only if none is under way (background refresh).
-    pub fn try_lead(self: &Arc<Self>, key: &CacheKey) -> Option<FlightGuard> {
+    pub(crate) fn try_lead(self: &Arc<Self>, key: &CacheKey) -> Option<FlightGuard> {
         let mut t = self.lock();
         if t.flights.contains_key(key) {
             return None;
@@ -131,14 +131,14 @@ impl SingleFlight {
         })
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.lock().flights.len()
     }
 }
 
 /// Held by the leader. Publishing tells the waiters; dropping it ends the
 /// flight (waiters that saw nothing go to the origin on their own).
-pub struct FlightGuard {
+pub(crate) struct FlightGuard {
     table: Arc<SingleFlight>,
     key: CacheKey,
     done: bool,
@@ -148,7 +148,7 @@ impl FlightGuard {
     /// Shares the response head (the body follows through `SharedBody`).
     /// The flight stays open until the guard is dropped, so requests that
     /// arrive while the body streams still join it.
-    pub fn publish(&self, r: Arc<SharedResponse>) {
+    pub(crate) fn publish(&self, r: Arc<SharedResponse>) {
         let t = self.table.lock();
         if let Some(tx) = t.flights.get(&self.key) {
             tx.send_replace(Outcome::Shared(r));
@@ -157,7 +157,7 @@ impl FlightGuard {
 
     /// The response cannot be shared: waiters go alone, and for a while so
     /// do later requests (hit-for-miss).
-    pub fn not_shareable(mut self) {
+    pub(crate) fn not_shareable(mut self) {
         let mut t = self.table.lock();
         let until = Instant::now() + self.table.hit_for_miss;
         t.uncacheable.put(key_hash(&self.key), until);
@@ -188,7 +188,7 @@ impl Drop for FlightGuard {
 }
 
 /// Waits for the leader's outcome, up to `timeout` (then: go alone).
-pub async fn wait(mut rx: watch::Receiver<Outcome>, timeout: Duration) -> Outcome {
+pub(crate) async fn wait(mut rx: watch::Receiver<Outcome>, timeout: Duration) -> Outcome {
     let waited =
         tokio::time::timeout(timeout, rx.wait_for(|o| !matches!(o, Outcome::Pending))).await;
     match waited {

@@ -12,17 +12,18 @@
 
 use crate::config::tag_template::Template;
 use crate::config::CacheConfig;
+use crate::error::TagConfigError;
 use http::header::{HeaderMap, HeaderName};
 use std::collections::HashSet;
 use std::sync::Arc;
 
 /// Tags from a space-separated (`Surrogate-Key`) value.
-pub fn parse_surrogate_key(value: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn parse_surrogate_key(value: &str) -> impl Iterator<Item = &str> {
     value.split_ascii_whitespace()
 }
 
 /// Tags from a comma-separated (`Cache-Tag`) value.
-pub fn parse_cache_tag(value: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn parse_cache_tag(value: &str) -> impl Iterator<Item = &str> {
     value.split(',').map(str::trim).filter(|t| !t.is_empty())
 }
 
@@ -32,7 +33,7 @@ struct Rule {
 }
 
 /// The configured tag sources and limits.
-pub struct Tagger {
+pub(crate) struct Tagger {
     surrogate_key: Option<HeaderName>,
     cache_tag: Option<HeaderName>,
     strip: bool,
@@ -41,19 +42,19 @@ pub struct Tagger {
     max_len: usize,
 }
 
-fn header_name(name: &str) -> Result<Option<HeaderName>, String> {
+fn header_name(name: &str) -> Result<Option<HeaderName>, TagConfigError> {
     if name.is_empty() {
         return Ok(None);
     }
     HeaderName::from_bytes(name.as_bytes())
         .map(Some)
-        .map_err(|_| format!("{name:?} is not a header name"))
+        .map_err(|e| TagConfigError::HeaderName(name.to_owned(), e))
 }
 
 impl Tagger {
     /// From `[cache.tags]` and `[[cache.tag_rule]]` (already validated by
     /// the config; the errors here only guard configs built in code).
-    pub fn new(cfg: &CacheConfig) -> Result<Tagger, String> {
+    pub(crate) fn new(cfg: &CacheConfig) -> Result<Tagger, TagConfigError> {
         let t = &cfg.tags;
         let rules = cfg
             .tag_rules
@@ -61,10 +62,10 @@ impl Tagger {
             .map(|r| {
                 Ok(Rule {
                     prefix: r.prefix.get_ref().clone(),
-                    template: Template::parse(r.tag.get_ref())?,
+                    template: Template::parse(r.tag.get_ref()).map_err(TagConfigError::Template)?,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, TagConfigError>>()?;
         Ok(Tagger {
             surrogate_key: header_name(&t.surrogate_key_header)?,
             cache_tag: header_name(&t.cache_tag_header)?,
@@ -78,7 +79,7 @@ impl Tagger {
     /// Reads the origin's tags from a response head and, unless configured
     /// otherwise, removes the tag headers so neither the client nor later
     /// hits see them (they are the origin's internal vocabulary).
-    pub fn take_from_response(&self, headers: &mut HeaderMap) -> Vec<String> {
+    pub(crate) fn take_from_response(&self, headers: &mut HeaderMap) -> Vec<String> {
         let mut tags = Vec::new();
         if let Some(name) = &self.surrogate_key {
             for v in headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
@@ -101,7 +102,7 @@ impl Tagger {
     /// The tags of an entry: rule tags first (the operator's, so an origin
     /// sending many tags cannot crowd them out), then the origin's;
     /// deduplicated, overlong ones dropped, at most `max_per_entry`.
-    pub fn entry_tags(&self, from_origin: Vec<String>, path: &str) -> Vec<Arc<str>> {
+    pub(crate) fn entry_tags(&self, from_origin: Vec<String>, path: &str) -> Vec<Arc<str>> {
         if from_origin.is_empty() && self.rules.is_empty() {
             return Vec::new();
         }

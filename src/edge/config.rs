@@ -10,39 +10,40 @@ use super::identity::{Cidr, MIN_SECRET_BYTES};
 use super::sfv;
 
 /// Longest flag, experiment or variant name.
-pub const MAX_NAME_LEN: usize = 64;
+pub(crate) const MAX_NAME_LEN: usize = 64;
 /// Longest environment name.
-pub const MAX_ENVIRONMENT_LEN: usize = 64;
+pub(crate) const MAX_ENVIRONMENT_LEN: usize = 64;
 /// Upper bound for `preferences.max_bytes`: the document travels in a request
 /// header, and origins commonly cap a header line at 8 to 16 KiB.
-pub const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
 /// Default for `write_queue_capacity`.
-pub const DEFAULT_WRITE_QUEUE_CAPACITY: usize = 10_000;
+pub(crate) const DEFAULT_WRITE_QUEUE_CAPACITY: usize = 10_000;
 /// Upper bound for `write_queue_capacity`.
-pub const MAX_WRITE_QUEUE_CAPACITY: usize = 1_000_000;
+pub(crate) const MAX_WRITE_QUEUE_CAPACITY: usize = 1_000_000;
 
+/// The `[edge]` section: identity, flags, experiments and preferences.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EdgeConfig {
-    pub identity: IdentityConfig,
+    pub(crate) identity: IdentityConfig,
     /// Key namespace in the KV, so `production` and `preview` never share state.
-    pub environment: String,
+    pub(crate) environment: String,
     /// Lifetime of a sticky experiment assignment; past it the user is
     /// assigned again by hash (the same variant unless weights changed).
-    pub sticky_ttl_days: u32,
+    pub(crate) sticky_ttl_days: u32,
     /// Most state writes (sticky assignments, preference refreshes) waiting
     /// to be committed; past it new ones are dropped and counted
     /// (`Edge::dropped_writes`), since a dropped write is redone on the
     /// user's next request.
-    pub write_queue_capacity: usize,
+    pub(crate) write_queue_capacity: usize,
     /// How long queued writes wait for company before one commit takes
     /// them all: at most one commit (fsync) per this many milliseconds,
     /// however many users arrive. 0 commits as soon as a write is queued.
     /// Shutdown commits at once.
-    pub write_flush_ms: u64,
-    pub flags: BTreeMap<String, FlagConfig>,
-    pub experiments: BTreeMap<String, ExperimentConfig>,
-    pub preferences: PreferencesConfig,
+    pub(crate) write_flush_ms: u64,
+    pub(crate) flags: BTreeMap<String, FlagConfig>,
+    pub(crate) experiments: BTreeMap<String, ExperimentConfig>,
+    pub(crate) preferences: PreferencesConfig,
 }
 
 impl Default for EdgeConfig {
@@ -62,26 +63,26 @@ impl Default for EdgeConfig {
 
 #[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     /// Request header carrying an authenticated user id (set by an upstream
     /// auth layer; kvgate does not authenticate it). Believed only from
     /// peers in `trusted_from`.
-    pub header: String,
+    pub(crate) header: String,
     /// Optional cookie carrying the user id, read when the header is absent.
     /// A plain cookie proves nothing (any client can set it), so it too is
     /// believed only from peers in `trusted_from`.
-    pub cookie: Option<String>,
+    pub(crate) cookie: Option<String>,
     /// Networks (CIDR, or bare addresses) whose requests may name a user in
     /// `header` or `cookie`: the auth proxy in front of kvgate. Empty (the
     /// default): never believed, every user is anonymous.
-    pub trusted_from: Vec<String>,
+    pub(crate) trusted_from: Vec<String>,
     /// Key for signing anonymous ids, at least 32 bytes. `KVGATE_EDGE_SECRET`
     /// wins when set. Without either, kvgate generates one and keeps it in
     /// the state store, so ids survive restarts as long as the state does.
-    pub secret: Option<String>,
+    pub(crate) secret: Option<String>,
     /// Mark the anonymous cookie `Secure` even on plain HTTP, for a
     /// TLS-terminating balancer in front (it is always set on TLS).
-    pub cookie_secure: bool,
+    pub(crate) cookie_secure: bool,
 }
 
 // By hand, so the secret never reaches a log line.
@@ -111,7 +112,7 @@ impl Default for IdentityConfig {
 
 impl IdentityConfig {
     /// The parsed `trusted_from` networks.
-    pub fn trusted_networks(&self) -> Result<Vec<Cidr>, EdgeConfigError> {
+    pub(crate) fn trusted_networks(&self) -> Result<Vec<Cidr>, EdgeConfigError> {
         self.trusted_from
             .iter()
             .enumerate()
@@ -124,30 +125,30 @@ impl IdentityConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct FlagConfig {
-    pub default: FlagValue,
+pub(crate) struct FlagConfig {
+    pub(crate) default: FlagValue,
     #[serde(default)]
-    pub description: String,
+    pub(crate) description: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct ExperimentConfig {
+pub(crate) struct ExperimentConfig {
     /// Variant name -> weight. Any non-negative numbers; shares are weight / sum.
     /// Variants are laid out on the buckets in name order (a `BTreeMap`), so
     /// the order they are written in the TOML does not matter.
-    pub variants: BTreeMap<String, f64>,
+    pub(crate) variants: BTreeMap<String, f64>,
     /// Share of users that enter the experiment at all, 0..=1.
     #[serde(default = "full_traffic")]
-    pub traffic: f64,
+    pub(crate) traffic: f64,
     /// Only requests whose path is this prefix, segment-wise, see the experiment.
     #[serde(default)]
-    pub path_prefix: Option<String>,
+    pub(crate) path_prefix: Option<String>,
     /// Hash seed in place of the experiment name; change it to reshuffle users.
     #[serde(default)]
-    pub salt: Option<String>,
+    pub(crate) salt: Option<String>,
     #[serde(default)]
-    pub description: String,
+    pub(crate) description: String,
 }
 
 fn full_traffic() -> f64 {
@@ -156,22 +157,22 @@ fn full_traffic() -> f64 {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct PreferencesConfig {
+pub(crate) struct PreferencesConfig {
     /// Preferences every user starts from; a user's document is merged over it.
-    pub defaults: serde_json::Map<String, serde_json::Value>,
+    pub(crate) defaults: serde_json::Map<String, serde_json::Value>,
     /// Request header the effective document reaches the origin in.
-    pub header: String,
+    pub(crate) header: String,
     /// Largest effective document (defaults merged with the user's, as sent
     /// in the header) that a PATCH may produce.
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
     /// A path on the main listener where users read (GET) and update
     /// (PATCH) their own preferences; off when absent. The user is whoever
     /// the identity layer says (X-User-Id must come from a trusted auth
     /// layer in front of kvgate).
-    pub self_service_path: Option<String>,
+    pub(crate) self_service_path: Option<String>,
     /// A user's stored preferences are dropped after this many days without
     /// a change or a request from them (requests renew it at most daily).
-    pub ttl_days: u32,
+    pub(crate) ttl_days: u32,
 }
 
 impl Default for PreferencesConfig {
@@ -188,7 +189,7 @@ impl Default for PreferencesConfig {
 
 /// A flag's value: the TOML (and JSON) boolean, string or number.
 #[derive(Debug, Clone, PartialEq)]
-pub enum FlagValue {
+pub(crate) enum FlagValue {
     Bool(bool),
     Str(String),
     Int(i64),
@@ -197,7 +198,7 @@ pub enum FlagValue {
 
 impl FlagValue {
     /// `None` for JSON values that are not a boolean, string or number.
-    pub fn from_json(value: &serde_json::Value) -> Option<FlagValue> {
+    pub(crate) fn from_json(value: &serde_json::Value) -> Option<FlagValue> {
         use serde_json::Value;
         match value {
             Value::Bool(b) => Some(FlagValue::Bool(*b)),
@@ -210,7 +211,7 @@ impl FlagValue {
         }
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         match self {
             FlagValue::Bool(b) => (*b).into(),
             FlagValue::Str(s) => s.as_str().into(),
@@ -223,7 +224,7 @@ impl FlagValue {
 
     /// "boolean", "string" or "number": integers and decimals are one kind,
     /// so a flag defaulting to `1` accepts an override of `0.5`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             FlagValue::Bool(_) => "boolean",
             FlagValue::Str(_) => "string",
@@ -266,8 +267,8 @@ impl<'de> Deserialize<'de> for FlagValue {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("edge.{field}: {message}")]
 pub struct EdgeConfigError {
-    pub field: String,
-    pub message: String,
+    pub(crate) field: String,
+    pub(crate) message: String,
 }
 
 fn problem(field: impl Into<String>, message: impl Into<String>) -> EdgeConfigError {
@@ -341,7 +342,7 @@ fn check_cookie_name(field: &str, name: &str) -> Result<(), EdgeConfigError> {
 
 impl EdgeConfig {
     /// Checks everything `Edge::new` relies on; the first problem found is returned.
-    pub fn validate(&self) -> Result<(), EdgeConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), EdgeConfigError> {
         let identity_header = check_header_name("identity.header", &self.identity.header)?;
         if is_injected_name(&identity_header) {
             return Err(problem(

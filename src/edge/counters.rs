@@ -20,7 +20,7 @@ const STRIPES: usize = 16;
 struct Stripe(AtomicU64);
 
 #[derive(Default)]
-pub struct StripedCounter {
+pub(crate) struct StripedCounter {
     stripes: [Stripe; STRIPES],
 }
 
@@ -31,16 +31,16 @@ thread_local! {
 }
 
 impl StripedCounter {
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         let stripe = THREAD_STRIPE.with(|s| *s);
         self.stripes[stripe].0.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn incr(&self) {
+    pub(crate) fn incr(&self) {
         self.add(1);
     }
 
-    pub fn sum(&self) -> u64 {
+    pub(crate) fn sum(&self) -> u64 {
         self.stripes
             .iter()
             .fold(0u64, |acc, s| acc.wrapping_add(s.0.load(Ordering::Relaxed)))
@@ -51,7 +51,7 @@ impl StripedCounter {
 /// startup or config load) and keep the `Arc`: the registry lock is only for
 /// registration and snapshots, never per request.
 #[derive(Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     registry: Mutex<Registry>,
 }
 
@@ -65,15 +65,15 @@ struct Registry {
 
 /// Exact sums at one moment, shaped for the admin API and `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct CountersSnapshot {
+pub(crate) struct CountersSnapshot {
     /// route -> requests
-    pub requests: BTreeMap<String, u64>,
+    pub(crate) requests: BTreeMap<String, u64>,
     /// flag -> evaluations
-    pub flag_evaluations: BTreeMap<String, u64>,
+    pub(crate) flag_evaluations: BTreeMap<String, u64>,
     /// experiment -> variant -> exposures
-    pub exposures: BTreeMap<String, BTreeMap<String, u64>>,
+    pub(crate) exposures: BTreeMap<String, BTreeMap<String, u64>>,
     /// State writes dropped because the edge's write queue was full.
-    pub dropped_writes: u64,
+    pub(crate) dropped_writes: u64,
 }
 
 fn entry(map: &mut BTreeMap<String, Arc<StripedCounter>>, name: &str) -> Arc<StripedCounter> {
@@ -81,7 +81,7 @@ fn entry(map: &mut BTreeMap<String, Arc<StripedCounter>>, name: &str) -> Arc<Str
 }
 
 impl Counters {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -92,26 +92,26 @@ impl Counters {
     }
 
     /// The request counter of a route (created at zero on first use).
-    pub fn route(&self, route: &str) -> Arc<StripedCounter> {
+    pub(crate) fn route(&self, route: &str) -> Arc<StripedCounter> {
         entry(&mut self.lock().requests, route)
     }
 
-    pub fn flag_evaluations(&self, flag: &str) -> Arc<StripedCounter> {
+    pub(crate) fn flag_evaluations(&self, flag: &str) -> Arc<StripedCounter> {
         entry(&mut self.lock().flag_evaluations, flag)
     }
 
-    pub fn exposures(&self, experiment: &str, variant: &str) -> Arc<StripedCounter> {
+    pub(crate) fn exposures(&self, experiment: &str, variant: &str) -> Arc<StripedCounter> {
         let mut registry = self.lock();
         let variants = registry.exposures.entry(experiment.to_owned()).or_default();
         entry(variants, variant)
     }
 
     /// Writes the edge dropped at a full write queue.
-    pub fn dropped_writes(&self) -> Arc<StripedCounter> {
+    pub(crate) fn dropped_writes(&self) -> Arc<StripedCounter> {
         Arc::clone(&self.lock().dropped_writes)
     }
 
-    pub fn snapshot(&self) -> CountersSnapshot {
+    pub(crate) fn snapshot(&self) -> CountersSnapshot {
         let registry = self.lock();
         let sums = |map: &BTreeMap<String, Arc<StripedCounter>>| {
             map.iter().map(|(k, c)| (k.clone(), c.sum())).collect()

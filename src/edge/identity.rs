@@ -17,16 +17,16 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
 /// Cookie that carries an anonymous id kvgate issued.
-pub const ANONYMOUS_COOKIE: &str = "kvgate_uid";
+pub(crate) const ANONYMOUS_COOKIE: &str = "kvgate_uid";
 /// Prefix of every anonymous user id as the edge (KV keys, admin, tags) sees it.
-pub const ANONYMOUS_PREFIX: &str = "anon:";
+pub(crate) const ANONYMOUS_PREFIX: &str = "anon:";
 /// Longest user id accepted from a header or cookie.
-pub const MAX_USER_ID_BYTES: usize = 128;
+pub(crate) const MAX_USER_ID_BYTES: usize = 128;
 /// Lifetime of the anonymous cookie: one year (browsers cap at 400 days).
-pub const ANONYMOUS_COOKIE_MAX_AGE_SECS: u64 = 365 * 24 * 60 * 60;
+pub(crate) const ANONYMOUS_COOKIE_MAX_AGE_SECS: u64 = 365 * 24 * 60 * 60;
 /// Shortest secret accepted for signing anonymous ids: HMAC-SHA256 wants a
 /// key of at least its output size.
-pub const MIN_SECRET_BYTES: usize = 32;
+pub(crate) const MIN_SECRET_BYTES: usize = 32;
 /// Longest id part of a signed anonymous cookie (kvgate issues 36-byte UUIDs).
 const MAX_ANONYMOUS_ID_BYTES: usize = 64;
 /// Domain separation: the mac covers this label too, so a mac made with the
@@ -47,13 +47,13 @@ pub(crate) struct Identity {
 /// A user id is 1 to 128 visible ASCII characters. Anything else (empty,
 /// oversized, spaces, control or non-ASCII bytes) is treated as absent; it
 /// would otherwise end up in KV keys and logs.
-pub fn is_valid_user_id(id: &str) -> bool {
+pub(crate) fn is_valid_user_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_USER_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Whether `id` lies in the anonymous namespace (compared case-insensitively,
 /// so `ANON:x` cannot be passed off as a different-looking twin either).
-pub fn is_anonymous_id(id: &str) -> bool {
+pub(crate) fn is_anonymous_id(id: &str) -> bool {
     id.len() >= ANONYMOUS_PREFIX.len()
         && id.as_bytes()[..ANONYMOUS_PREFIX.len()].eq_ignore_ascii_case(ANONYMOUS_PREFIX.as_bytes())
 }
@@ -110,7 +110,7 @@ impl Signer {
     }
 }
 
-pub use crate::protocol::cidr::Cidr;
+pub(crate) use crate::protocol::cidr::Cidr;
 
 /// Every value of cookie `name` across every `Cookie` header (HTTP/2
 /// clients may split cookies over several), unquoted, in order.

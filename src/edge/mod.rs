@@ -22,12 +22,12 @@
 //! `secret:anonymous-id` (the generated signing key, when none is configured).
 //! Anonymous users' ids are `anon:<id>` (see [`identity`]).
 
-pub mod config;
+pub(crate) mod config;
 mod counters;
 mod identity;
 mod operations;
-pub mod prefs;
-pub mod sfv;
+pub(crate) mod prefs;
+pub(crate) mod sfv;
 mod writes;
 
 use std::net::IpAddr;
@@ -42,15 +42,10 @@ use sha2::{Digest, Sha256};
 
 use crate::kv::{Kv, KvEntry, KvError, KvFuture, Namespaced, PutOptions};
 
-pub use config::{
-    EdgeConfig, EdgeConfigError, ExperimentConfig, FlagConfig, FlagValue, IdentityConfig,
-    PreferencesConfig,
-};
-pub use counters::{Counters, CountersSnapshot, StripedCounter};
-pub use identity::{
-    is_anonymous_id, is_valid_user_id, Cidr, ANONYMOUS_COOKIE, ANONYMOUS_COOKIE_MAX_AGE_SECS,
-    ANONYMOUS_PREFIX, MAX_USER_ID_BYTES, MIN_SECRET_BYTES,
-};
+pub(crate) use config::FlagValue;
+pub use config::{EdgeConfig, EdgeConfigError};
+pub(crate) use counters::{Counters, CountersSnapshot, StripedCounter};
+pub(crate) use identity::{is_valid_user_id, Cidr, MAX_USER_ID_BYTES, MIN_SECRET_BYTES};
 pub use operations::EdgeAdminError;
 
 use identity::Signer;
@@ -58,7 +53,7 @@ use writes::{Write, WriteQueue};
 
 /// Environment variable with the anonymous-id signing secret; wins over
 /// `edge.identity.secret`.
-pub const SECRET_ENV: &str = "KVGATE_EDGE_SECRET";
+pub(crate) const SECRET_ENV: &str = "KVGATE_EDGE_SECRET";
 /// KV key (in the environment's namespace) of the generated signing secret.
 const SECRET_KEY: &str = "secret:anonymous-id";
 /// Bytes of a generated signing secret.
@@ -67,25 +62,25 @@ const GENERATED_SECRET_BYTES: usize = 32;
 use config::{EXPERIMENT_HEADER_PREFIX, FEATURE_FLAGS_HEADER};
 
 /// Buckets a user id hashes into, per experiment: weights resolve to 0.01%.
-pub const BUCKETS: u64 = 10_000;
+pub(crate) const BUCKETS: u64 = 10_000;
 
 /// What the edge decided for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EdgeDecision {
     /// The user's id: `anon:<id>` for anonymous users.
-    pub user_id: String,
+    pub(crate) user_id: String,
     /// The id is kvgate's anonymous `kvgate_uid` id rather than a configured one.
-    pub anonymous: bool,
+    pub(crate) anonymous: bool,
     /// `Set-Cookie` for the response when this request was issued a new id.
-    pub set_cookie: Option<HeaderValue>,
+    pub(crate) set_cookie: Option<HeaderValue>,
     /// Request headers for the origin.
-    pub inject: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) inject: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl EdgeDecision {
     /// Writes the injected headers into the request, replacing any value
     /// already there.
-    pub fn apply(&self, headers: &mut HeaderMap) {
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
         for (name, value) in &self.inject {
             headers.insert(name.clone(), value.clone());
         }
@@ -333,7 +328,7 @@ impl Edge {
 
     /// Like [`Edge::new`], but counting into `counters`, so a config reload
     /// keeps the counts of the `Edge` it replaces.
-    pub fn with_counters(
+    pub(crate) fn with_counters(
         cfg: &EdgeConfig,
         kv: Arc<dyn Kv>,
         counters: Arc<Counters>,
@@ -456,13 +451,14 @@ impl Edge {
     }
 
     /// Whether requests from `peer` may name their user (header or cookie).
-    pub fn trusts(&self, peer: IpAddr) -> bool {
+    pub(crate) fn trusts(&self, peer: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(peer))
     }
 
     /// State writes dropped because the write queue was full (also in the
     /// counter snapshot as `dropped_writes`).
-    pub fn dropped_writes(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn dropped_writes(&self) -> u64 {
         self.writes.dropped()
     }
 
@@ -488,12 +484,13 @@ impl Edge {
 
     /// The counter registry; the proxy takes its per-route request counters
     /// from here (`counters().route(name)`, looked up once per route).
-    pub fn counter_registry(&self) -> &Arc<Counters> {
+    pub(crate) fn counter_registry(&self) -> &Arc<Counters> {
         &self.counters
     }
 
     /// The header the preferences document is injected in.
-    pub fn preferences_header(&self) -> &HeaderName {
+    #[cfg(test)]
+    pub(crate) fn preferences_header(&self) -> &HeaderName {
         &self.prefs.header
     }
 
@@ -501,7 +498,7 @@ impl Edge {
     /// `X-Experiment-*`, configured or not, and the preferences header), so a
     /// client can never hand the origin its own flags or variants. A method
     /// rather than a free function because the preferences header is configurable.
-    pub fn strip_injected(&self, headers: &mut HeaderMap) {
+    pub(crate) fn strip_injected(&self, headers: &mut HeaderMap) {
         headers.remove(&FEATURE_FLAGS);
         headers.remove(&self.prefs.header);
         let is_experiment = |name: &HeaderName| name.as_str().starts_with(EXPERIMENT_HEADER_PREFIX);

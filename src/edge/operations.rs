@@ -17,16 +17,19 @@ use crate::kv::{Kv, KvError, PutOptions};
 /// A refused admin operation; [`EdgeAdminError::status`] is the HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EdgeAdminError {
+    /// The user, flag or experiment named does not exist (404).
     #[error("{0}")]
     NotFound(String),
+    /// The request's value or document is invalid (400).
     #[error("{0}")]
     BadRequest(String),
+    /// The state store failed (503).
     #[error("state store unavailable: {0}")]
     Unavailable(String),
 }
 
 impl EdgeAdminError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             EdgeAdminError::NotFound(_) => StatusCode::NOT_FOUND,
             EdgeAdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -35,7 +38,7 @@ impl EdgeAdminError {
     }
 
     /// The response body: `{"error": "<message>"}`.
-    pub fn body(&self) -> Value {
+    pub(crate) fn body(&self) -> Value {
         json!({ "error": self.to_string() })
     }
 }
@@ -101,7 +104,7 @@ impl Edge {
     /// stored sticky variant (or null), `would_be` what the hash picks under
     /// the current weights, and `variant` what a matching request would be
     /// injected now (null when the user is outside the experiment's traffic).
-    pub async fn user_view(&self, user_id: &str) -> Result<Value, EdgeAdminError> {
+    pub(crate) async fn user_view(&self, user_id: &str) -> Result<Value, EdgeAdminError> {
         check_user(user_id)?;
         let state = self.read_user_state(user_id, self.experiments.iter()).await;
         for read in state.flags.iter().chain(&state.sticky) {
@@ -227,7 +230,7 @@ impl Edge {
     }
 
     /// Removes a per-user override; `deleted` says whether one existed.
-    pub async fn delete_flag_override(
+    pub(crate) async fn delete_flag_override(
         &self,
         flag: &str,
         user_id: &str,
@@ -245,7 +248,7 @@ impl Edge {
     }
 
     /// The effective preferences: config defaults overlaid with the user's own.
-    pub async fn get_preferences(&self, user_id: &str) -> Result<Value, EdgeAdminError> {
+    pub(crate) async fn get_preferences(&self, user_id: &str) -> Result<Value, EdgeAdminError> {
         check_user(user_id)?;
         let stored = self.stored_preferences(user_id).await?;
         Ok(Value::Object(prefs::effective(
@@ -290,7 +293,7 @@ impl Edge {
     }
 
     /// An experiment's definition and this process's exposure counts per variant.
-    pub async fn experiment_view(&self, name: &str) -> Result<Value, EdgeAdminError> {
+    pub(crate) async fn experiment_view(&self, name: &str) -> Result<Value, EdgeAdminError> {
         let exp = self.experiment(name)?;
         let total_weight: f64 = exp.variants.iter().map(|v| v.weight).sum();
         let mut total_exposures = 0u64;
@@ -322,7 +325,7 @@ impl Edge {
 
     /// Forgets a user's sticky assignment; the next request re-assigns by hash
     /// under the current weights.
-    pub async fn reset_assignment(
+    pub(crate) async fn reset_assignment(
         &self,
         name: &str,
         user_id: &str,
@@ -335,7 +338,7 @@ impl Edge {
 
     /// Exact sums of every counter: requests per route, flag evaluations,
     /// exposures per experiment and variant.
-    pub async fn counters(&self) -> Result<Value, EdgeAdminError> {
+    pub(crate) async fn counters(&self) -> Result<Value, EdgeAdminError> {
         serde_json::to_value(self.counters.snapshot())
             .map_err(|e| EdgeAdminError::Unavailable(e.to_string()))
     }

@@ -59,7 +59,7 @@ pub(crate) fn json_kind(value: &Value) -> &'static str {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PatchError {
+pub(crate) enum PatchError {
     #[error("preferences must be a JSON object, got {0}")]
     NotAnObject(&'static str),
     #[error("preference {key:?} must be a {expected} like its default, got {got}")]

@@ -20,7 +20,7 @@ const MAX_SF_INTEGER: i64 = 999_999_999_999_999;
 const MAX_SF_DECIMAL_INTEGER: i64 = 999_999_999_999;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SfError {
+pub(crate) enum SfError {
     #[error("integer {0} is outside the structured-field range of +/-999,999,999,999,999")]
     IntegerRange(i64),
     #[error(
@@ -32,13 +32,13 @@ pub enum SfError {
 }
 
 /// The dictionary key a flag name is emitted under (see the module docs).
-pub fn dictionary_key(flag_name: &str) -> String {
+pub(crate) fn dictionary_key(flag_name: &str) -> String {
     flag_name.to_ascii_lowercase()
 }
 
 /// Serializes a bare item: `?1` / `?0`, an sf-integer, an sf-decimal or an
 /// sf-string.
-pub fn serialize_item(value: &FlagValue) -> Result<String, SfError> {
+pub(crate) fn serialize_item(value: &FlagValue) -> Result<String, SfError> {
     let mut out = String::new();
     write_item(&mut out, value)?;
     Ok(out)
@@ -106,7 +106,7 @@ fn write_decimal(out: &mut String, value: f64) -> Result<(), SfError> {
 
 /// Appends one dictionary member: a bare key for `true` (RFC 8941 omits the
 /// value of a true boolean member), else `key=item`.
-pub fn write_member(out: &mut String, key: &str, value: &FlagValue) -> Result<(), SfError> {
+pub(crate) fn write_member(out: &mut String, key: &str, value: &FlagValue) -> Result<(), SfError> {
     if !out.is_empty() {
         out.push_str(", ");
     }

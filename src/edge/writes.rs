@@ -112,6 +112,7 @@ impl WriteQueue {
         &self.prefs_locks[prefs_stripe(user)]
     }
 
+    #[cfg(test)]
     pub(super) fn dropped(&self) -> u64 {
         self.dropped.sum()
     }

@@ -38,6 +38,8 @@ const HEADER_LEN: usize = 1 + 8 + 4;
 /// write never pays for a large backlog.
 const SWEEP_PER_WRITE: usize = 64;
 
+/// A [`Kv`] in a single redb file: survives restarts; writes are
+/// transactions run on blocking threads.
 pub struct DurableKv {
     db: Arc<Database>,
 }
@@ -106,7 +108,8 @@ impl DurableKv {
     }
 
     /// Removes every expired entry now; returns how many were removed.
-    pub async fn sweep_expired(&self) -> Result<usize, KvError> {
+    #[cfg(test)]
+    pub(crate) async fn sweep_expired(&self) -> Result<usize, KvError> {
         self.blocking(|db| {
             let txn = db.begin_write().map_err(backend)?;
             let removed = {

@@ -56,23 +56,27 @@ impl Inner {
     }
 }
 
+/// A [`Kv`] in process memory: state is lost on restart.
 #[derive(Default)]
 pub struct MemoryKv {
     inner: Mutex<Inner>,
 }
 
 impl MemoryKv {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Removes every expired entry now; returns how many were removed.
-    pub fn sweep_expired(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn sweep_expired(&self) -> usize {
         self.lock().sweep(now_ms(), usize::MAX)
     }
 
     /// Number of entries held, expired ones not yet swept included.
-    pub fn len_including_expired(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len_including_expired(&self) -> usize {
         self.lock().entries.len()
     }
 

@@ -18,18 +18,24 @@ mod namespaced;
 
 pub use durable::DurableKv;
 pub use memory::MemoryKv;
-pub use namespaced::Namespaced;
+pub(crate) use namespaced::Namespaced;
 
 /// Opens the store `[state]` names: the backend is chosen here, not by
 /// its callers.
-pub fn open(cfg: &crate::config::StateConfig) -> Result<std::sync::Arc<dyn Kv>, String> {
+pub(crate) fn open(
+    cfg: &crate::config::StateConfig,
+) -> Result<std::sync::Arc<dyn Kv>, crate::error::GatewayError> {
     use crate::config::StateBackend;
     Ok(match cfg.backend {
         StateBackend::Memory => std::sync::Arc::new(MemoryKv::new()),
-        StateBackend::Durable => std::sync::Arc::new(
-            DurableKv::open(&cfg.path)
-                .map_err(|e| format!("state file {}: {e}", cfg.path.display()))?,
-        ),
+        StateBackend::Durable => {
+            std::sync::Arc::new(DurableKv::open(&cfg.path).map_err(|source| {
+                crate::error::GatewayError::State {
+                    path: cfg.path.clone(),
+                    source,
+                }
+            })?)
+        }
     })
 }
 
@@ -43,17 +49,20 @@ use bytes::Bytes;
 pub type KvFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KvError>> + Send + 'a>>;
 
 /// Longest key accepted, namespace included.
-pub const MAX_KEY_BYTES: usize = 1024;
+pub(crate) const MAX_KEY_BYTES: usize = 1024;
 /// Largest metadata document accepted, as compact JSON.
-pub const MAX_METADATA_BYTES: usize = 1024;
+pub(crate) const MAX_METADATA_BYTES: usize = 1024;
 /// Most keys one `list` call returns; larger limits are clamped.
-pub const MAX_LIST_LIMIT: usize = 1000;
+pub(crate) const MAX_LIST_LIMIT: usize = 1000;
 
 /// One stored value with its metadata and expiry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvEntry {
+    /// The stored bytes.
     pub value: Bytes,
+    /// The JSON metadata stored with the value, if any.
     pub metadata: Option<serde_json::Value>,
+    /// When the entry expires; `None` when it never does.
     pub expires_at: Option<SystemTime>,
 }
 
@@ -62,10 +71,12 @@ pub struct KvEntry {
 pub struct PutOptions {
     /// The entry disappears this long after the put. `None` keeps it forever.
     pub ttl: Option<Duration>,
+    /// JSON metadata kept with the value (and shown by `list`).
     pub metadata: Option<serde_json::Value>,
 }
 
 impl PutOptions {
+    /// Options with only a TTL.
     pub fn ttl(ttl: Duration) -> Self {
         PutOptions {
             ttl: Some(ttl),
@@ -77,16 +88,22 @@ impl PutOptions {
 /// One write of a [`Kv::put_batch`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct PutItem {
+    /// The key to write.
     pub key: String,
+    /// The value to store.
     pub value: Bytes,
+    /// TTL and metadata, as for [`Kv::put`].
     pub opts: PutOptions,
 }
 
 /// A listed key: name, metadata and expiry, never the value.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct KeyInfo {
+    /// The key.
     pub name: String,
+    /// The entry's metadata, if any.
     pub metadata: Option<serde_json::Value>,
+    /// When the entry expires; `None` when it never does.
     #[serde(serialize_with = "serialize_opt_time")]
     pub expires_at: Option<SystemTime>,
 }
@@ -94,6 +111,7 @@ pub struct KeyInfo {
 /// One page of a prefix listing.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct ListPage {
+    /// Matching live keys, in byte order.
     pub keys: Vec<KeyInfo>,
     /// Pass back to `list` for the next page; `None` when this page is the last.
     pub cursor: Option<String>,
@@ -112,21 +130,28 @@ impl ListPage {
     }
 }
 
+/// Why a [`Kv`] operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
+    /// The key is empty or too long.
     #[error("invalid key: {0}")]
     InvalidKey(String),
+    /// An option is refused (zero TTL, metadata too large).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A stored entry could not be decoded.
     #[error("stored entry is corrupt: {0}")]
     Corrupt(String),
+    /// The backend failed (I/O, transaction, task).
     #[error("storage backend failed: {0}")]
     Backend(String),
 }
 
 /// The state store. Implementations must be cheap to share (`Arc<dyn Kv>`).
 pub trait Kv: Send + Sync + 'static {
+    /// The live entry at `key`, if any.
     fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<KvEntry>>;
+    /// Stores `value` at `key`, replacing what was there.
     fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()>;
     /// Stores every item as one write (one commit for a durable backend):
     /// when any item is refused (key or options), nothing is stored. A later
@@ -149,6 +174,8 @@ pub trait Kv: Send + Sync + 'static {
     }
     /// Returns whether a live entry was removed.
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool>;
+    /// Live keys starting with `prefix`, after `cursor`, at most `limit`
+    /// (clamped to `MAX_LIST_LIMIT`) per page.
     fn list<'a>(
         &'a self,
         prefix: &'a str,
@@ -254,7 +281,7 @@ pub(crate) mod conformance {
     use super::*;
     use serde_json::json;
 
-    pub async fn put_get_delete(kv: &dyn Kv) {
+    pub(crate) async fn put_get_delete(kv: &dyn Kv) {
         assert_eq!(kv.get("a").await.unwrap(), None);
         kv.put("a", Bytes::from_static(b"one"), PutOptions::default())
             .await
@@ -274,7 +301,7 @@ pub(crate) mod conformance {
         assert_eq!(kv.get("a").await.unwrap(), None);
     }
 
-    pub async fn metadata_round_trips(kv: &dyn Kv) {
+    pub(crate) async fn metadata_round_trips(kv: &dyn Kv) {
         let meta = json!({"version": "v2", "updated": 1700000000});
         kv.put(
             "m",
@@ -299,7 +326,7 @@ pub(crate) mod conformance {
         assert_eq!(page.keys[0].expires_at, Some(expires));
     }
 
-    pub async fn ttl_expiry(kv: &dyn Kv) {
+    pub(crate) async fn ttl_expiry(kv: &dyn Kv) {
         kv.put(
             "t:short",
             Bytes::from_static(b"x"),
@@ -329,7 +356,7 @@ pub(crate) mod conformance {
         assert_eq!(kv.get("t:long").await.unwrap().unwrap().expires_at, None);
     }
 
-    pub async fn list_prefix_and_cursor(kv: &dyn Kv) {
+    pub(crate) async fn list_prefix_and_cursor(kv: &dyn Kv) {
         for i in 0..25 {
             let key = format!("user:{i:02}");
             kv.put(&key, Bytes::from(key.clone()), PutOptions::default())
@@ -388,7 +415,7 @@ pub(crate) mod conformance {
         assert_eq!(page.cursor, None);
     }
 
-    pub async fn put_batch(kv: &dyn Kv) {
+    pub(crate) async fn put_batch(kv: &dyn Kv) {
         kv.put_batch(Vec::new()).await.unwrap();
         let item = |key: &str, value: &'static str, opts: PutOptions| PutItem {
             key: key.to_owned(),
@@ -463,7 +490,7 @@ pub(crate) mod conformance {
         assert_eq!(kv.get("b:short").await.unwrap(), None);
     }
 
-    pub async fn refusals(kv: &dyn Kv) {
+    pub(crate) async fn refusals(kv: &dyn Kv) {
         assert!(matches!(kv.get("").await, Err(KvError::InvalidKey(_))));
         let long = "k".repeat(MAX_KEY_BYTES + 1);
         assert!(matches!(

@@ -9,7 +9,7 @@ use super::{KeyInfo, Kv, KvEntry, KvError, KvFuture, ListPage, PutItem, PutOptio
 
 /// Prefixes every key with `"{namespace}:"` on the way in and strips it from
 /// listed keys and cursors on the way out.
-pub struct Namespaced {
+pub(crate) struct Namespaced {
     inner: Arc<dyn Kv>,
     prefix: String,
 }
@@ -17,7 +17,7 @@ pub struct Namespaced {
 impl Namespaced {
     /// `namespace` must be non-empty and free of `:` so that one namespace can
     /// never be a prefix of another's keys.
-    pub fn new(inner: Arc<dyn Kv>, namespace: &str) -> Result<Self, KvError> {
+    pub(crate) fn new(inner: Arc<dyn Kv>, namespace: &str) -> Result<Self, KvError> {
         if namespace.is_empty() || namespace.contains(':') {
             return Err(KvError::InvalidArgument(format!(
                 "namespace {namespace:?} must be non-empty and must not contain ':'"
@@ -29,7 +29,7 @@ impl Namespaced {
         })
     }
 
-    pub fn namespace(&self) -> &str {
+    pub(crate) fn namespace(&self) -> &str {
         &self.prefix[..self.prefix.len() - 1]
     }
 

@@ -71,7 +71,7 @@ impl<'de> Deserialize<'de> for Cidr {
 }
 
 /// Whether any range in `list` holds `ip`.
-pub fn any_contains(list: &[Cidr], ip: IpAddr) -> bool {
+pub(crate) fn any_contains(list: &[Cidr], ip: IpAddr) -> bool {
     list.iter().any(|c| c.contains(ip))
 }
 

@@ -17,7 +17,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// Removes the hop-by-hop fields and every field `Connection` names.
-pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn remove_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

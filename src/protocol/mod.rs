@@ -2,6 +2,6 @@
 //! request-target normalisation (RFC 3986), hop-by-hop fields (RFC 9110),
 //! trusted address ranges. Pure functions, no I/O; imports nothing above it.
 
-pub mod cidr;
-pub mod headers;
-pub mod path;
+pub(crate) mod cidr;
+pub(crate) mod headers;
+pub(crate) mod path;

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 /// Why a path has no normal form; the request gets a 400.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PathError {
+pub(crate) enum PathError {
     /// `..` segments climb above the root (`/../etc/passwd`).
     #[error("the path climbs above the root")]
     AboveRoot,
@@ -103,7 +103,7 @@ fn needs_work(path: &str) -> bool {
 
 /// The normal form of an origin-form path (no query). Paths that do not
 /// start with `/` (`*` for OPTIONS) are returned as they are.
-pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+pub(crate) fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     if !path.starts_with('/') || !needs_work(path) {
         return Ok(Cow::Borrowed(path));
     }
@@ -113,7 +113,7 @@ pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
 
 /// A path and query with the path in normal form; the query is kept as
 /// sent (its order and encoding are the origin's business).
-pub fn normalize_target(path_and_query: &str) -> Result<Cow<'_, str>, PathError> {
+pub(crate) fn normalize_target(path_and_query: &str) -> Result<Cow<'_, str>, PathError> {
     let (path, query) = match path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
@@ -132,7 +132,7 @@ pub fn normalize_target(path_and_query: &str) -> Result<Cow<'_, str>, PathError>
 /// The path as a server that treats an encoded `/` (or `\`) as a separator
 /// would route it; `None` when the path has no such encoding. A bypass rule
 /// holds if either form matches it.
-pub fn separator_decoded(normal_path: &str) -> Option<String> {
+pub(crate) fn separator_decoded(normal_path: &str) -> Option<String> {
     let path = normal_path.split_once('?').map_or(normal_path, |(p, _)| p);
     if !path.contains("%2F") && !path.contains("%5C") {
         return None;

@@ -3,7 +3,7 @@
 //! waiters), or read from another request's capture (a coalesced waiter).
 
 use super::origin::{BoxError, DownstreamBody};
-pub use crate::cache::shared_body::{SharedBody, SharedReader};
+pub(crate) use crate::cache::shared_body::{SharedBody, SharedReader};
 use crate::cache::storage::MissHandler;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -18,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 /// aborted (hyper does that on a body error), so a truncated body can never
 /// pass for a whole one.
 #[derive(Debug, thiserror::Error)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     #[error("origin body failed: {0}")]
     Origin(#[source] BoxError),
     #[error("origin body idle for more than {0:?}")]
@@ -28,7 +28,7 @@ pub enum BodyError {
 }
 
 /// A response body.
-pub enum Body {
+pub(crate) enum Body {
     Empty,
     Full(Option<Bytes>),
     Origin(Box<OriginBody>),
@@ -36,7 +36,7 @@ pub enum Body {
 }
 
 impl Body {
-    pub fn full(b: Bytes) -> Body {
+    pub(crate) fn full(b: Bytes) -> Body {
         if b.is_empty() {
             Body::Empty
         } else {
@@ -101,7 +101,7 @@ impl HttpBody for Body {
 
 /// How a captured body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CaptureEnd {
+pub(crate) enum CaptureEnd {
     /// Whole, within the limits, and handed to the storage.
     Stored,
     /// Cut short (origin error, idle, or no reader left to finish it).
@@ -111,11 +111,11 @@ pub enum CaptureEnd {
 }
 
 /// Receives the outcome of a capture, exactly once.
-pub type OnComplete = Box<dyn FnOnce(CaptureEnd) + Send>;
+pub(crate) type OnComplete = Box<dyn FnOnce(CaptureEnd) + Send>;
 
 /// Captures a streamed body into the storage (its miss handler, which
 /// bounds it by `max_object_bytes`) and for coalesced readers.
-pub struct Capture {
+pub(crate) struct Capture {
     pub shared: Option<Arc<SharedBody>>,
     /// Where the body goes as it streams; past the storage's limit it
     /// refuses, nothing is kept, and the rest only streams to the client.
@@ -125,7 +125,7 @@ pub struct Capture {
 
 /// A body streamed from the origin, with an idle timeout between chunks,
 /// optionally teed into a [`Capture`].
-pub struct OriginBody {
+pub(crate) struct OriginBody {
     /// `None` once moved to a background task (see `Drop`).
     inner: Option<DownstreamBody>,
     idle: Duration,
@@ -135,7 +135,11 @@ pub struct OriginBody {
 }
 
 impl OriginBody {
-    pub fn new(inner: DownstreamBody, idle: Duration, capture: Option<Capture>) -> OriginBody {
+    pub(crate) fn new(
+        inner: DownstreamBody,
+        idle: Duration,
+        capture: Option<Capture>,
+    ) -> OriginBody {
         OriginBody {
             inner: Some(inner),
             idle,

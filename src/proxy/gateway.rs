@@ -29,6 +29,7 @@ use crate::cache::storage::{Entry, Store};
 use crate::cache::tags::Tagger;
 use crate::config::{Config, RouteConfig};
 use crate::edge::Edge;
+use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::protocol::cidr;
 use bytes::Bytes;
@@ -41,13 +42,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Everything the request path needs, shared by all connections.
 pub struct Gateway {
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
+    /// The response store.
     pub store: Store,
-    pub flights: Arc<SingleFlight>,
+    pub(crate) flights: Arc<SingleFlight>,
     /// Where misses and passes go (the origin over HTTP, or a test's).
-    pub origin: Box<dyn Upstream>,
-    pub metrics: Metrics,
-    pub labels: Labels,
+    pub(crate) origin: Box<dyn Upstream>,
+    pub(crate) metrics: Metrics,
+    pub(crate) labels: Labels,
     /// Route rules, shared with every request that matches them.
     pub(super) routes: Vec<Arc<RouteConfig>>,
     /// Edge decisions, when `[edge]` is configured.
@@ -55,7 +57,7 @@ pub struct Gateway {
     /// Where users manage their own preferences, when configured.
     pub(super) self_service_path: Option<String>,
     /// Where stored responses get their tags (origin headers, config rules).
-    pub tags: Tagger,
+    pub(crate) tags: Tagger,
     /// The global cache namespace version (bumped by the admin API).
     pub(super) version: AtomicU64,
     /// Bumps per route name: a key's version is the global version plus its
@@ -64,21 +66,19 @@ pub struct Gateway {
     pub(super) route_versions: HashMap<String, AtomicU64>,
 }
 impl Gateway {
-    pub fn new(config: Config) -> Result<Arc<Gateway>, String> {
+    pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
         let origin = OriginClient::new(&config.origin)?;
         Gateway::with_upstream(config, Box::new(origin))
     }
 
     /// A gateway whose misses and passes go to `origin` (the in-process
     /// tests give it a scripted one; `new` the real origin client).
-    pub fn with_upstream(
+    pub(crate) fn with_upstream(
         config: Config,
         origin: Box<dyn Upstream>,
-    ) -> Result<Arc<Gateway>, String> {
+    ) -> Result<Arc<Gateway>, GatewayError> {
         let edge = match &config.edge {
-            Some(e) => {
-                Some(Edge::new(e, crate::kv::open(&config.state)?).map_err(|e| e.to_string())?)
-            }
+            Some(e) => Some(Edge::new(e, crate::kv::open(&config.state)?)?),
             None => None,
         };
         let c = &config.cache;
@@ -106,6 +106,7 @@ impl Gateway {
             config: Arc::new(config),
         }))
     }
+    /// The global cache namespace version (bumped by the admin API).
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Relaxed)
     }
@@ -115,16 +116,16 @@ impl Gateway {
     }
 
     /// Bumps the namespace version: every older entry becomes unreachable.
-    pub fn bump_version(&self) -> u64 {
+    pub(crate) fn bump_version(&self) -> u64 {
         self.version.fetch_add(1, Ordering::Relaxed) + 1
     }
     /// Raises the global version to at least `to` (a reloaded config's
     /// `cache.version`); never lowers it, which would resurrect old entries.
-    pub fn raise_version_to(&self, to: u64) -> u64 {
+    pub(crate) fn raise_version_to(&self, to: u64) -> u64 {
         self.version.fetch_max(to, Ordering::Relaxed).max(to)
     }
     /// The version in the keys of requests on `route`.
-    pub fn key_version(&self, route: Option<&RouteConfig>) -> u64 {
+    pub(crate) fn key_version(&self, route: Option<&RouteConfig>) -> u64 {
         let bumps = route
             .and_then(|r| self.route_versions.get(&r.name))
             .map_or(0, |v| v.load(Ordering::Relaxed));
@@ -132,13 +133,17 @@ impl Gateway {
     }
     /// Bumps one route's version; `None` for an unknown route. Returns the
     /// version that route's keys now carry.
-    pub fn bump_route_version(&self, name: &str) -> Option<u64> {
+    pub(crate) fn bump_route_version(&self, name: &str) -> Option<u64> {
         let bumps = self.route_versions.get(name)?;
         let after = bumps.fetch_add(1, Ordering::Relaxed) + 1;
         Some(self.version().wrapping_add(after))
     }
     /// Serves one client request.
-    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Response<Body>
+    pub(crate) async fn handle<B>(
+        self: &Arc<Self>,
+        req: Request<B>,
+        client: ClientInfo,
+    ) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,

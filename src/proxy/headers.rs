@@ -2,12 +2,12 @@
 //! removal (RFC 9110 7.6.1), Via (7.6.3) and the X-Forwarded-* family,
 //! which kvgate writes itself rather than trust from clients.
 
-pub use crate::protocol::headers::remove_hop_by_hop;
+pub(crate) use crate::protocol::headers::remove_hop_by_hop;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// What the gateway knows about the client connection.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientInfo {
+pub(crate) struct ClientInfo {
     pub addr: std::net::SocketAddr,
     pub tls: bool,
 }
@@ -44,7 +44,7 @@ const CLIENT_FORWARDING: [&str; 19] = [
 /// routing (see [`CLIENT_FORWARDING`]). A trusted peer (a load balancer in
 /// `server.trusted_proxies`) keeps its `X-Forwarded-For` and
 /// `X-Forwarded-Proto`; anyone else's are removed too.
-pub fn strip_client_forwarding(h: &mut HeaderMap, trusted_peer: bool) {
+pub(crate) fn strip_client_forwarding(h: &mut HeaderMap, trusted_peer: bool) {
     // One pass over the names present (most requests carry none of these)
     // instead of a hash lookup per name on every request.
     let untrusted_only =
@@ -69,7 +69,7 @@ pub fn strip_client_forwarding(h: &mut HeaderMap, trusted_peer: bool) {
 /// peer's address appended to `X-Forwarded-For`, `X-Forwarded-Proto` set
 /// from the connection unless a trusted proxy sent one, and
 /// `X-Forwarded-Host` set to the request's authority.
-pub fn forward_request_headers(
+pub(crate) fn forward_request_headers(
     h: &mut HeaderMap,
     client: ClientInfo,
     authority: &str,

@@ -1,15 +1,15 @@
 //! The listener and the request path, one file per phase (see `gateway`).
 
-pub mod body;
+pub(crate) mod body;
 mod fetch;
-pub mod gateway;
-pub mod headers;
+pub(crate) mod gateway;
+pub(crate) mod headers;
 mod lookup;
-pub mod origin;
+pub(crate) mod origin;
 mod pass;
 mod request;
-pub mod respond;
-pub mod self_service;
-pub mod server;
+pub(crate) mod respond;
+pub(crate) mod self_service;
+pub(crate) mod server;
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 //! time-to-first-byte timeouts, errors mapped to 502 / 504.
 
 use crate::config::OriginConfig;
+use crate::error::OriginSetupError;
 use http::header::{HeaderValue, HOST};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 /// Why the origin did not answer.
 #[derive(Debug, thiserror::Error)]
-pub enum OriginError {
+pub(crate) enum OriginError {
     #[error("origin connection failed: {0}")]
     Connect(String),
     #[error("origin timed out after {0:?}")]
@@ -28,7 +29,7 @@ pub enum OriginError {
 
 impl OriginError {
     /// 504 for timeouts, 502 for everything else (RFC 9110 15.6.3 / 15.6.5).
-    pub fn status(&self) -> http::StatusCode {
+    pub(crate) fn status(&self) -> http::StatusCode {
         match self {
             OriginError::Timeout(_) => http::StatusCode::GATEWAY_TIMEOUT,
             _ => http::StatusCode::BAD_GATEWAY,
@@ -37,22 +38,22 @@ impl OriginError {
 }
 
 /// Errors a body may fail with, whichever side it comes from.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Request bodies sent upstream: the client's, streamed (boxed, so that the
 /// request path is generic over where requests come from), or nothing.
-pub type UpstreamBody = http_body_util::Either<
+pub(crate) type UpstreamBody = http_body_util::Either<
     http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>,
     http_body_util::Empty<bytes::Bytes>,
 >;
 
 /// A response body from the origin, boxed for the same reason.
-pub type DownstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+pub(crate) type DownstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 
 /// Where cache misses and passes go: the real origin over HTTP
 /// (`OriginClient`), or, in the in-process tests, a scripted one. The
 /// request path depends on this, not on sockets.
-pub trait Upstream: Send + Sync + 'static {
+pub(crate) trait Upstream: Send + Sync + 'static {
     /// Sends a request whose URI holds only the path and query.
     fn send(
         &self,
@@ -69,7 +70,7 @@ pub trait Upstream: Send + Sync + 'static {
     fn idle_timeout(&self) -> Duration;
 }
 
-pub struct OriginClient {
+pub(crate) struct OriginClient {
     client: Client<HttpConnector, UpstreamBody>,
     authority: http::uri::Authority,
     scheme: http::uri::Scheme,
@@ -80,9 +81,17 @@ pub struct OriginClient {
 }
 
 impl OriginClient {
-    pub fn new(cfg: &OriginConfig) -> Result<OriginClient, String> {
-        let uri = crate::config::validate_origin_url(cfg.url.get_ref())?;
-        let authority = uri.authority().cloned().ok_or("origin URL has no host")?;
+    pub(crate) fn new(cfg: &OriginConfig) -> Result<OriginClient, OriginSetupError> {
+        let url = cfg.url.get_ref();
+        let bad_url = |reason: &str| OriginSetupError::Url {
+            url: url.clone(),
+            reason: reason.to_owned(),
+        };
+        let uri = crate::config::validate_origin_url(url).map_err(|r| bad_url(&r))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad_url("the URL has no host"))?;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms)));
         connector.set_nodelay(true);
@@ -94,7 +103,11 @@ impl OriginClient {
             // reuse it; retrying that is safe (the request never reached it).
             .retry_canceled_requests(true)
             .build(connector);
-        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())?;
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|source| OriginSetupError::Host {
+                url: url.clone(),
+                source,
+            })?;
         Ok(OriginClient {
             client,
             authority,
@@ -107,7 +120,7 @@ impl OriginClient {
     }
 
     /// Sends a request (its URI holds only the path and query) to the origin.
-    pub async fn send_http(
+    pub(crate) async fn send_http(
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, OriginError> {

@@ -3,23 +3,25 @@
 
 use super::body::Body;
 use crate::cache::policy;
-pub use crate::cache::result::{CacheResult, CacheStatus, Detail, Forward};
+pub use crate::cache::result::CacheResult;
+pub(crate) use crate::cache::result::{CacheStatus, Detail, Forward};
 use crate::cache::storage::Entry;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use std::time::SystemTime;
 
-pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub(crate) const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+pub(crate) const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// Prebuilt header values for the hot path.
 pub struct Labels {
-    pub name: String,
-    pub via: HeaderValue,
+    pub(crate) name: String,
+    pub(crate) via: HeaderValue,
     hit: HeaderValue,
 }
 
 impl Labels {
+    /// Labels for a gateway named `name` (in `Via` and `Cache-Status`).
     pub fn new(name: &str) -> Labels {
         let name = if name.is_empty()
             || !name
@@ -40,7 +42,7 @@ impl Labels {
     }
 
     /// A Cache-Status member (RFC 9211 2): `name; params`.
-    pub fn cache_status(&self, status: &CacheStatus) -> HeaderValue {
+    pub(crate) fn cache_status(&self, status: &CacheStatus) -> HeaderValue {
         if status.is_plain_hit() {
             return self.hit.clone();
         }
@@ -52,14 +54,18 @@ impl Labels {
 /// A response and the cache's verdict on it, carried together from where
 /// it is decided to the metrics and the access log (never re-parsed from
 /// the headers).
-pub struct Answer {
+pub(crate) struct Answer {
     pub response: Response<Body>,
     pub result: CacheResult,
 }
 
 impl Answer {
     /// Marks `response` with the gateway's fields for `status`.
-    pub fn marked(mut response: Response<Body>, labels: &Labels, status: CacheStatus) -> Answer {
+    pub(crate) fn marked(
+        mut response: Response<Body>,
+        labels: &Labels,
+        status: CacheStatus,
+    ) -> Answer {
         mark(response.headers_mut(), labels, &status);
         Answer {
             response,
@@ -69,7 +75,7 @@ impl Answer {
 }
 
 /// Adds the gateway's own fields to a response.
-pub fn mark(h: &mut HeaderMap, labels: &Labels, status: &CacheStatus) {
+pub(crate) fn mark(h: &mut HeaderMap, labels: &Labels, status: &CacheStatus) {
     h.insert(X_CACHE, status.result.header());
     h.append(CACHE_STATUS, labels.cache_status(status));
     h.append(header::VIA, labels.via.clone());
@@ -78,7 +84,7 @@ pub fn mark(h: &mut HeaderMap, labels: &Labels, status: &CacheStatus) {
 /// A response from a stored entry, with `Age` (9111 4.2.3, 5.1). Answers 304
 /// when the client's own conditional matches (9111 4.3.2). `head` omits the
 /// body.
-pub fn from_entry(
+pub(crate) fn from_entry(
     e: &Entry,
     req: &HeaderMap,
     head: bool,
@@ -177,7 +183,7 @@ fn partial(e: &Entry, stored: HeaderMap, req: &HeaderMap, head: bool) -> Respons
 }
 
 /// The gateway's own answer (errors, refusals): short plain text.
-pub fn own(
+pub(crate) fn own(
     status: StatusCode,
     message: &str,
     labels: &Labels,

@@ -37,7 +37,7 @@ fn error(status: StatusCode, msg: &str, labels: &Labels) -> Response<Body> {
 }
 
 /// Answers GET / PATCH on the self-service path for `user`.
-pub async fn preferences<B>(
+pub(crate) async fn preferences<B>(
     edge: &Edge,
     method: &Method,
     body: B,

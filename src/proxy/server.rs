@@ -8,6 +8,7 @@
 use super::body::Body;
 use super::gateway::Gateway;
 use super::headers::ClientInfo;
+use crate::error::TlsError;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -25,34 +26,36 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 /// Builds a TLS acceptor from PEM files (certificate chain, private key).
-pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let read = |path: &Path, source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert).map_err(|e| format!("{}: {e}", cert.display()))?,
+        std::fs::File::open(cert).map_err(|e| read(cert, e))?,
     ))
     .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| format!("{}: {e}", cert.display()))?;
+    .map_err(|e| read(cert, e))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate found", cert.display()));
+        return Err(TlsError::NoCertificate(cert.to_path_buf()));
     }
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key).map_err(|e| format!("{}: {e}", key.display()))?,
+        std::fs::File::open(key).map_err(|e| read(key, e))?,
     ))
-    .map_err(|e| format!("{}: {e}", key.display()))?
-    .ok_or_else(|| format!("{}: no private key found", key.display()))?;
+    .map_err(|e| read(key, e))?
+    .ok_or_else(|| TlsError::NoKey(key.to_path_buf()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate/key: {e}"))?;
+        .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
 /// The next connection; accept errors (EMFILE and friends) are logged and
 /// retried after a short pause instead of spinning.
-pub async fn accept(
+pub(crate) async fn accept(
     listener: &TcpListener,
     what: &str,
 ) -> (tokio::net::TcpStream, std::net::SocketAddr) {
@@ -178,7 +181,7 @@ impl http_body::Body for Tracked {
 
 /// Accepts connections until `shutdown` resolves, then lets in-flight
 /// requests finish for up to the configured grace period.
-pub async fn serve(
+pub(crate) async fn serve(
     gw: Arc<Gateway>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 /// Builds a storage of `max_bytes` in all that stores bodies of at most
 /// `max_object_bytes`.
-pub type Make = dyn Fn(usize, usize) -> Box<dyn Storage>;
+pub(crate) type Make = dyn Fn(usize, usize) -> Box<dyn Storage>;
 
 /// One `#[test]` per check, for the storage `$make` builds.
 macro_rules! storage_conformance_tests {
@@ -123,7 +123,7 @@ fn is_fresh(e: &Entry) -> bool {
     e.freshness.is_fresh(SystemTime::now())
 }
 
-pub fn lookup_hits_and_shares_body(make: &Make) {
+pub(crate) fn lookup_hits_and_shares_body(make: &Make) {
     let s = make(MIB, MIB);
     assert!(get(&*s, "/a").is_none());
     assert_eq!(s.usage(), (0, 0));
@@ -142,7 +142,7 @@ pub fn lookup_hits_and_shares_body(make: &Make) {
     assert!(bytes >= 5, "the body is charged: {bytes}");
 }
 
-pub fn rfc9111_4_1_variants_stored_side_by_side(make: &Make) {
+pub(crate) fn rfc9111_4_1_variants_stored_side_by_side(make: &Make) {
     let s = make(MIB, MIB);
     s.insert(key("/a"), lang_entry("en", "en", &[]));
     s.insert(key("/a"), lang_entry("fr", "fr", &[]));
@@ -157,7 +157,7 @@ pub fn rfc9111_4_1_variants_stored_side_by_side(make: &Make) {
     assert_eq!(s.usage().1, 2);
 }
 
-pub fn replace_after_304(make: &Make) {
+pub(crate) fn replace_after_304(make: &Make) {
     let s = make(MIB, MIB);
     s.insert(key("/a"), lang_entry("en", "en", &[]));
     s.insert(key("/a"), lang_entry("fr", "fr", &[]));
@@ -180,7 +180,7 @@ pub fn replace_after_304(make: &Make) {
     assert_eq!(s.usage().1, 1);
 }
 
-pub fn purge_key_hard_and_soft(make: &Make) {
+pub(crate) fn purge_key_hard_and_soft(make: &Make) {
     let s = make(MIB, MIB);
     s.insert(key("/a"), lang_entry("en", "en", &[]));
     s.insert(key("/a"), lang_entry("fr", "fr", &[]));
@@ -197,7 +197,7 @@ pub fn purge_key_hard_and_soft(make: &Make) {
     assert_eq!(s.usage().1, 1);
 }
 
-pub fn purge_prefix_and_path(make: &Make) {
+pub(crate) fn purge_prefix_and_path(make: &Make) {
     let s = make(MIB, MIB);
     for (v, tls, host, path) in [
         (1, false, "a.example", "/api/x?q=1"),
@@ -234,7 +234,7 @@ pub fn purge_prefix_and_path(make: &Make) {
     assert!(is_fresh(&z));
 }
 
-pub fn purge_tag_hard_and_soft(make: &Make) {
+pub(crate) fn purge_tag_hard_and_soft(make: &Make) {
     let s = make(MIB, MIB);
     s.insert(key("/a"), lang_entry("en", "en", &["t", "en"]));
     s.insert(key("/a"), lang_entry("fr", "fr", &["fr"]));
@@ -261,7 +261,7 @@ pub fn purge_tag_hard_and_soft(make: &Make) {
     );
 }
 
-pub fn bounded_in_bytes_and_evicts_lru(make: &Make) {
+pub(crate) fn bounded_in_bytes_and_evicts_lru(make: &Make) {
     let s = make(10_000, 10_000);
     s.insert(key("/hot"), entry("hot", vec![], &[]));
     for i in 0..100 {
@@ -282,7 +282,7 @@ pub fn bounded_in_bytes_and_evicts_lru(make: &Make) {
     assert_eq!(s.usage(), (0, 0));
 }
 
-pub fn oversized_objects_are_not_stored(make: &Make) {
+pub(crate) fn oversized_objects_are_not_stored(make: &Make) {
     let s = make(MIB, 100);
     assert_eq!(s.max_object_bytes(), 100);
     s.insert(key("/big"), entry(&"x".repeat(101), vec![], &[]));
@@ -297,7 +297,7 @@ pub fn oversized_objects_are_not_stored(make: &Make) {
     assert_eq!(s.usage().1, 1);
 }
 
-pub fn miss_handler_assembles_chunks(make: &Make) {
+pub(crate) fn miss_handler_assembles_chunks(make: &Make) {
     let s = make(MIB, 100);
     let mut h = s.miss_handler(key("/a"), meta(vec![(lang(), Some("en".into()))], &["t"]));
     for c in ["he", "", "llo", " world"] {
@@ -334,7 +334,7 @@ pub fn miss_handler_assembles_chunks(make: &Make) {
     assert_eq!(get(&*s, "/empty").unwrap().body, "");
 }
 
-pub fn miss_handler_over_the_limit_stores_nothing(make: &Make) {
+pub(crate) fn miss_handler_over_the_limit_stores_nothing(make: &Make) {
     let s = make(MIB, 100);
     s.insert(key("/a"), entry("old", vec![], &[]));
     let mut h = s.miss_handler(key("/a"), meta(vec![], &[]));
@@ -355,7 +355,7 @@ pub fn miss_handler_over_the_limit_stores_nothing(make: &Make) {
     assert!(get(&*s, "/tags").is_none());
 }
 
-pub fn miss_handler_dropped_unfinished_stores_nothing(make: &Make) {
+pub(crate) fn miss_handler_dropped_unfinished_stores_nothing(make: &Make) {
     let s = make(MIB, 100);
     let mut h = s.miss_handler(key("/a"), meta(vec![], &[]));
     h.write(Bytes::from("partial")).unwrap();

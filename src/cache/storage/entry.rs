@@ -18,17 +18,18 @@ const VARY_FIELD_OVERHEAD: usize = 64;
 /// A stored response.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// Response headers as stored: unstorable fields and `Age` removed.
-    pub headers: StoredHeaders,
-    pub body: Bytes,
+    pub(crate) headers: StoredHeaders,
+    pub(crate) body: Bytes,
     /// The secondary key: Vary field names and the request's values.
-    pub vary: Box<[(HeaderName, Option<String>)]>,
+    pub(crate) vary: Box<[(HeaderName, Option<String>)]>,
+    /// How long the entry is fresh and how far past that it may be served.
     pub freshness: Freshness,
-    pub tags: Box<[Arc<str>]>,
+    pub(crate) tags: Box<[Arc<str>]>,
     /// Bytes charged against the store's budget for the entry itself (its
     /// key is charged once per key, see `key_charge`).
-    pub charge: usize,
+    pub(crate) charge: usize,
 }
 
 /// Everything about a response but its body: what a miss handler is given
@@ -36,15 +37,17 @@ pub struct Entry {
 /// (unstorable fields and `Age` already removed).
 #[derive(Debug, Clone)]
 pub struct EntryMeta {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
     /// The secondary key: Vary field names and the request's values.
-    pub vary: Vec<(HeaderName, Option<String>)>,
-    pub freshness: Freshness,
-    pub tags: Vec<Arc<str>>,
+    pub(crate) vary: Vec<(HeaderName, Option<String>)>,
+    pub(crate) freshness: Freshness,
+    pub(crate) tags: Vec<Arc<str>>,
 }
 
 impl Entry {
+    /// An entry from a response's parts: `vary` is the secondary key (the
+    /// Vary field names with the request's values), `tags` the purge tags.
     pub fn new(
         status: StatusCode,
         headers: HeaderMap,
@@ -77,7 +80,7 @@ impl Entry {
     }
 
     /// The entry for a response whose metadata was known before its body.
-    pub fn from_meta(meta: EntryMeta, body: Bytes) -> Entry {
+    pub(crate) fn from_meta(meta: EntryMeta, body: Bytes) -> Entry {
         Entry::new(
             meta.status,
             meta.headers,
@@ -91,7 +94,7 @@ impl Entry {
     /// Whether the entry can still be of any use at `now`: served stale under
     /// SWR / stale-if-error, or revalidated (when it has a validator) within
     /// `keep` past its lifetime.
-    pub fn is_useful(&self, now: SystemTime, keep: Duration, grace: Duration) -> bool {
+    pub(crate) fn is_useful(&self, now: SystemTime, keep: Duration, grace: Duration) -> bool {
         let f = &self.freshness;
         let mut window = f.stale_while_revalidate.max(f.stale_if_error).max(grace);
         if self.headers.contains(&http::header::ETAG)
@@ -104,7 +107,7 @@ impl Entry {
 
     /// A copy that is already stale (soft purge): still usable under
     /// stale-while-revalidate / stale-if-error, revalidated before a plain hit.
-    pub fn marked_stale(&self) -> Entry {
+    pub(crate) fn marked_stale(&self) -> Entry {
         let mut e = self.clone();
         e.freshness.lifetime = Duration::ZERO;
         e.freshness.corrected_initial_age = e
@@ -125,7 +128,7 @@ impl Entry {
 /// then the names and values, field after field. Names are stored in
 /// `HeaderName`'s lowercase form.
 #[derive(Debug, Clone)]
-pub struct StoredHeaders {
+pub(crate) struct StoredHeaders {
     block: Bytes,
 }
 
@@ -139,7 +142,7 @@ impl StoredHeaders {
     /// Whether every field of `h` fits the compact form (at most 256
     /// fields, names and values under 64 KiB). A response that does not is
     /// not stored: a HIT must not lose headers the MISS had.
-    pub fn fits(h: &HeaderMap) -> bool {
+    pub(crate) fn fits(h: &HeaderMap) -> bool {
         h.len() <= MAX_STORED_FIELDS
             && h.iter()
                 .all(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
@@ -147,7 +150,7 @@ impl StoredHeaders {
 
     /// The compact form; fields beyond what [`StoredHeaders::fits`] allows
     /// are dropped (callers check first).
-    pub fn from_map(h: &HeaderMap) -> StoredHeaders {
+    pub(crate) fn from_map(h: &HeaderMap) -> StoredHeaders {
         let fields: Vec<(&HeaderName, &http::HeaderValue)> = h
             .iter()
             .filter(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
@@ -192,7 +195,7 @@ impl StoredHeaders {
     }
 
     /// A `HeaderMap` for a response; values share the stored buffer.
-    pub fn to_map(&self) -> HeaderMap {
+    pub(crate) fn to_map(&self) -> HeaderMap {
         let count = self
             .block
             .get(..2)
@@ -207,13 +210,13 @@ impl StoredHeaders {
     }
 
     /// The first value of a field.
-    pub fn get(&self, name: &HeaderName) -> Option<http::HeaderValue> {
+    pub(crate) fn get(&self, name: &HeaderName) -> Option<http::HeaderValue> {
         let wanted = name.as_str().as_bytes();
         let (_, range) = self.fields().find(|(n, _)| *n == wanted)?;
         self.value(range)
     }
 
-    pub fn contains(&self, name: &HeaderName) -> bool {
+    pub(crate) fn contains(&self, name: &HeaderName) -> bool {
         let wanted = name.as_str().as_bytes();
         self.fields().any(|(n, _)| n == wanted)
     }

@@ -23,16 +23,16 @@ const MAX_VARIANTS: usize = 32;
 
 /// Metadata of one stored entry, for listing (no body).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct EntryInfo {
-    pub key: String,
-    pub path: String,
-    pub version: u64,
-    pub variant: Vec<(String, Option<String>)>,
-    pub status: u16,
-    pub size: usize,
-    pub age_secs: u64,
-    pub ttl_secs: i64,
-    pub tags: Vec<String>,
+pub(crate) struct EntryInfo {
+    pub(crate) key: String,
+    pub(crate) path: String,
+    pub(crate) version: u64,
+    pub(crate) variant: Vec<(String, Option<String>)>,
+    pub(crate) status: u16,
+    pub(crate) size: usize,
+    pub(crate) age_secs: u64,
+    pub(crate) ttl_secs: i64,
+    pub(crate) tags: Vec<String>,
 }
 
 struct Shard {
@@ -105,8 +105,9 @@ enum Rewrite {
 /// Counters the store keeps for metrics.
 #[derive(Debug, Default)]
 pub struct StoreStats {
+    /// Entries dropped to stay within the byte budget.
     pub evictions: AtomicU64,
-    pub expired: AtomicU64,
+    pub(crate) expired: AtomicU64,
 }
 
 /// The bytes-bounded, sharded response store. Cheap to clone: clones share
@@ -209,13 +210,19 @@ impl MemoryStorage {
             .sum()
     }
 
-    pub fn shard_count(&self) -> usize {
+    pub(crate) fn shard_count(&self) -> usize {
         self.inner.shards.len()
     }
 
     /// Sweeps one shard. The sweeper walks the shards one at a time, so a
     /// large store never holds a lock, or the runtime, for a whole pass.
-    pub fn sweep_shard(&self, i: usize, now: SystemTime, keep: Duration, grace: Duration) -> usize {
+    pub(crate) fn sweep_shard(
+        &self,
+        i: usize,
+        now: SystemTime,
+        keep: Duration,
+        grace: Duration,
+    ) -> usize {
         let Some(s) = self.inner.shards.get(i) else {
             return 0;
         };
@@ -251,7 +258,7 @@ impl MemoryStorage {
 
     /// Lists entries in key order after `cursor`, filtered by path prefix
     /// and tag; returns the page and the cursor for the next one.
-    pub fn list(
+    pub(crate) fn list(
         &self,
         prefix: Option<&str>,
         tag: Option<&str>,

@@ -30,8 +30,10 @@ mod tag_index;
 #[cfg(test)]
 pub(crate) mod conformance;
 
-pub use entry::{Entry, EntryMeta, StoredHeaders};
-pub use memory::{EntryInfo, MemoryStorage, StoreStats};
+pub use entry::Entry;
+pub(crate) use entry::{EntryMeta, StoredHeaders};
+pub(crate) use memory::MemoryStorage;
+pub use memory::StoreStats;
 
 use crate::cache::key::CacheKey;
 use bytes::Bytes;
