@@ -75,20 +75,41 @@ pub(super) fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
             Err("HTTP/1.1 request without Host")
         }
         None => Ok(()),
-        Some(h) => {
-            let valid = h
-                .to_str()
-                .ok()
-                .filter(|s| !s.contains('@'))
-                .and_then(|s| s.parse::<http::uri::Authority>().ok())
-                .is_some();
-            if valid {
-                Ok(())
-            } else {
-                Err("invalid Host header")
-            }
-        }
+        Some(h) if is_valid_host(h.as_bytes()) => Ok(()),
+        Some(_) => Err("invalid Host header"),
     }
+}
+
+/// RFC 9110 7.2 / RFC 3986 3.2.2: `uri-host [ ":" port ]`, checked byte by
+/// byte without allocating (this runs on every request): reg-name
+/// characters, percent-escapes, an IP literal's brackets and colons. No
+/// userinfo (`@`), path, query, fragment, whitespace or controls.
+fn is_valid_host(h: &[u8]) -> bool {
+    !h.is_empty()
+        && h.iter().all(|&b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'-' | b'.'
+                        | b'_'
+                        | b'~'
+                        | b'%'
+                        | b'!'
+                        | b'$'
+                        | b'&'
+                        | b'\''
+                        | b'('
+                        | b')'
+                        | b'*'
+                        | b'+'
+                        | b','
+                        | b';'
+                        | b'='
+                        | b':'
+                        | b'['
+                        | b']'
+                )
+        })
 }
 /// Rewrites the request target to its normal form (see `protocol::path`).
 pub(super) fn normalize_request_target(parts: &mut http::request::Parts) -> Result<(), PathError> {
@@ -147,5 +168,35 @@ impl Gateway {
             ));
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc9110_7_2_host_values() {
+        for ok in [
+            "api.example",
+            "api.example:8080",
+            "[::1]:80",
+            "127.0.0.1",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(is_valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "user@evil",
+            "a b",
+            "a/b",
+            "a?b",
+            "a#b",
+            "a\tb",
+            "h\u{7f}",
+        ] {
+            assert!(!is_valid_host(bad.as_bytes()), "{bad:?}");
+        }
     }
 }
