@@ -3,6 +3,8 @@
 //! Unknown keys are errors. Every error names the file, line, column and key,
 //! with a hint, so a typo never silently turns a feature off.
 
+pub(crate) mod edge;
+pub(crate) mod sfv;
 pub mod tag_template;
 
 use serde::Deserialize;
@@ -27,7 +29,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Edge decisions (identity, flags, experiments, preferences). Off
     /// unless the section is present.
-    pub edge: Option<crate::edge::EdgeConfig>,
+    pub edge: Option<edge::EdgeConfig>,
     /// `[state]`: where edge state lives.
     pub state: StateConfig,
     /// The admin listener. Off unless the section (or `--admin-listen`) is

@@ -16,17 +16,14 @@ use http::header::COOKIE;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::Sha256;
 
-/// Cookie that carries an anonymous id kvgate issued.
-pub(crate) const ANONYMOUS_COOKIE: &str = "kvgate_uid";
+pub(crate) use crate::config::edge::ANONYMOUS_COOKIE;
 /// Prefix of every anonymous user id as the edge (KV keys, admin, tags) sees it.
 pub(crate) const ANONYMOUS_PREFIX: &str = "anon:";
 /// Longest user id accepted from a header or cookie.
 pub(crate) const MAX_USER_ID_BYTES: usize = 128;
 /// Lifetime of the anonymous cookie: one year (browsers cap at 400 days).
 pub(crate) const ANONYMOUS_COOKIE_MAX_AGE_SECS: u64 = 365 * 24 * 60 * 60;
-/// Shortest secret accepted for signing anonymous ids: HMAC-SHA256 wants a
-/// key of at least its output size.
-pub(crate) const MIN_SECRET_BYTES: usize = 32;
+pub(crate) use crate::config::edge::MIN_SECRET_BYTES;
 /// Longest id part of a signed anonymous cookie (kvgate issues 36-byte UUIDs).
 const MAX_ANONYMOUS_ID_BYTES: usize = 64;
 /// Domain separation: the mac covers this label too, so a mac made with the

@@ -22,12 +22,10 @@
 //! `secret:anonymous-id` (the generated signing key, when none is configured).
 //! Anonymous users' ids are `anon:<id>` (see [`identity`]).
 
-pub(crate) mod config;
 mod counters;
 mod identity;
 mod operations;
 pub(crate) mod prefs;
-pub(crate) mod sfv;
 mod writes;
 
 use std::net::IpAddr;
@@ -42,8 +40,8 @@ use sha2::{Digest, Sha256};
 
 use crate::kv::{Kv, KvEntry, KvError, KvFuture, Namespaced, PutOptions};
 
+pub use crate::config::edge::{EdgeConfig, EdgeConfigError};
 pub(crate) use config::FlagValue;
-pub use config::{EdgeConfig, EdgeConfigError};
 pub(crate) use counters::{Counters, CountersSnapshot, StripedCounter};
 pub(crate) use identity::{is_valid_user_id, Cidr, MAX_USER_ID_BYTES, MIN_SECRET_BYTES};
 pub use operations::EdgeAdminError;
@@ -59,7 +57,8 @@ const SECRET_KEY: &str = "secret:anonymous-id";
 /// Bytes of a generated signing secret.
 const GENERATED_SECRET_BYTES: usize = 32;
 
-use config::{EXPERIMENT_HEADER_PREFIX, FEATURE_FLAGS_HEADER};
+use crate::config::edge::{EXPERIMENT_HEADER_PREFIX, FEATURE_FLAGS_HEADER};
+use crate::config::{edge as config, sfv};
 
 /// Buckets a user id hashes into, per experiment: weights resolve to 0.01%.
 pub(crate) const BUCKETS: u64 = 10_000;

@@ -12,31 +12,13 @@
 //! on the origin reads back exactly the stored text. Rejecting non-ASCII
 //! instead would refuse ordinary values such as `"language": "français"`.
 
-use std::fmt::Write;
-
 use serde_json::{Map, Value};
 
 pub(crate) type Document = Map<String, Value>;
 
-/// Compact JSON of `doc`, with every byte in visible ASCII or space.
+/// The document as header-safe JSON (see `protocol::headers::ascii_json`).
 pub(crate) fn header_json(doc: &Document) -> String {
-    // Serializing a map of JSON values cannot fail; "{}" is a safe fallback.
-    let raw = serde_json::to_string(doc).unwrap_or_else(|_| "{}".to_owned());
-    if raw.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return raw;
-    }
-    let mut out = String::with_capacity(raw.len() + 16);
-    for c in raw.chars() {
-        if c.is_ascii() && c != '\u{7f}' {
-            out.push(c);
-        } else {
-            let mut units = [0u16; 2];
-            for unit in c.encode_utf16(&mut units) {
-                let _ = write!(out, "\\u{unit:04x}");
-            }
-        }
-    }
-    out
+    crate::protocol::headers::ascii_json(doc)
 }
 
 pub(crate) fn effective(defaults: &Document, stored: &Document) -> Document {

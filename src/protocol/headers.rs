@@ -35,6 +35,28 @@ pub(crate) fn remove_hop_by_hop(h: &mut HeaderMap) {
     h.remove("proxy-connection");
 }
 
+/// Compact JSON of `doc`, with every byte in visible ASCII or space.
+pub(crate) fn ascii_json(doc: &serde_json::Map<String, serde_json::Value>) -> String {
+    use std::fmt::Write;
+    // Serializing a map of JSON values cannot fail; "{}" is a safe fallback.
+    let raw = serde_json::to_string(doc).unwrap_or_else(|_| "{}".to_owned());
+    if raw.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return raw;
+    }
+    let mut out = String::with_capacity(raw.len() + 16);
+    for c in raw.chars() {
+        if c.is_ascii() && c != '\u{7f}' {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

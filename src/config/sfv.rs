@@ -12,7 +12,7 @@
 
 use std::fmt::Write;
 
-use super::config::FlagValue;
+use super::edge::FlagValue;
 
 /// Largest magnitude of an sf-integer (15 digits).
 const MAX_SF_INTEGER: i64 = 999_999_999_999_999;

@@ -6,8 +6,14 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use super::identity::{Cidr, MIN_SECRET_BYTES};
 use super::sfv;
+use crate::protocol::cidr::Cidr;
+
+/// Cookie that carries an anonymous id kvgate issued.
+pub(crate) const ANONYMOUS_COOKIE: &str = "kvgate_uid";
+
+/// Shortest edge secret accepted (HMAC-SHA256 keys of at least 32 bytes).
+pub(crate) const MIN_SECRET_BYTES: usize = 32;
 
 /// Longest flag, experiment or variant name.
 pub(crate) const MAX_NAME_LEN: usize = 64;
@@ -352,7 +358,7 @@ impl EdgeConfig {
         }
         if let Some(cookie) = &self.identity.cookie {
             check_cookie_name("identity.cookie", cookie)?;
-            if cookie == super::identity::ANONYMOUS_COOKIE {
+            if cookie == ANONYMOUS_COOKIE {
                 return Err(problem(
                     "identity.cookie",
                     "kvgate_uid is the anonymous-id cookie; name the cookie that carries \
@@ -525,7 +531,7 @@ impl EdgeConfig {
                 format!("must be within 2..={MAX_PREFERENCES_BYTES}"),
             ));
         }
-        let encoded = super::prefs::header_json(&prefs.defaults);
+        let encoded = crate::protocol::headers::ascii_json(&prefs.defaults);
         if encoded.len() > prefs.max_bytes {
             return Err(problem(
                 "preferences.defaults",
