@@ -134,7 +134,8 @@ pub(crate) fn normalize_target(path_and_query: &str) -> Result<Cow<'_, str>, Pat
 /// holds if either form matches it.
 pub(crate) fn separator_decoded(normal_path: &str) -> Option<String> {
     let path = normal_path.split_once('?').map_or(normal_path, |(p, _)| p);
-    if !path.contains("%2F") && !path.contains("%5C") {
+    // Most paths have no escape at all: one byte scan, no substring search.
+    if !path.as_bytes().contains(&b'%') || (!path.contains("%2F") && !path.contains("%5C")) {
         return None;
     }
     let opened = path.replace("%2F", "/").replace("%5C", "/");
