@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
@@ -96,10 +96,6 @@ struct Activity {
     started: AtomicBool,
     /// When `in_flight` last fell to zero, in ms since `opened`.
     idle_since_ms: AtomicU64,
-    /// Wakes the watchdog when the first request starts or the last one
-    /// ends, so it re-arms with the right limit (a stored permit covers a
-    /// change that lands while it is not waiting).
-    changed: Notify,
 }
 
 impl Activity {
@@ -109,15 +105,12 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             started: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
-            changed: Notify::new(),
         })
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        if !self.started.swap(true, Ordering::SeqCst) {
-            self.changed.notify_one();
-        }
+        self.started.store(true, Ordering::SeqCst);
         InFlight(self.clone())
     }
 
@@ -127,7 +120,13 @@ impl Activity {
         let at = if self.in_flight.load(Ordering::SeqCst) > 0 {
             now.checked_add(limits.idle)?
         } else if !self.started.load(Ordering::SeqCst) {
-            self.opened.checked_add(limits.first_request)?
+            let expiry = self.opened.checked_add(limits.first_request)?;
+            if expiry <= now {
+                return None;
+            }
+            // Requests do not wake the watchdog: a first request could
+            // start and end before `expiry`, so look again within `idle`.
+            return Some(expiry.min(now.checked_add(limits.idle)?));
         } else {
             let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
             self.opened.checked_add(since)?.checked_add(limits.idle)?
@@ -147,9 +146,7 @@ impl Drop for InFlight {
         // Store before the decrement: a watchdog that sees zero requests
         // must also see the time they ended.
         a.idle_since_ms.store(ms, Ordering::SeqCst);
-        if a.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            a.changed.notify_one();
-        }
+        a.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -321,8 +318,11 @@ async fn serve_connection<I>(
         };
         tokio::select! {
             _ = conn.as_mut() => return,
+            // Requests do not wake the watchdog: it sleeps to the
+            // earliest moment the connection could be overdue and, on
+            // waking, recomputes from the request bookkeeping (an exact
+            // idle deadline, without a wake-up and a timer per request).
             _ = tokio::time::sleep_until(wake) => {}
-            _ = activity.changed.notified() => {}
             changed = phase.changed(), if phase_open => {
                 if changed.is_err() {
                     phase_open = false;
@@ -363,6 +363,13 @@ mod tests {
         // Before any request: the first-request limit, then expiry.
         assert_eq!(a.deadline(LIMITS, ms(10)), Some(ms(100)));
         assert_eq!(a.deadline(LIMITS, ms(100)), None);
+        // With an idle limit shorter than the first-request one, the
+        // watchdog looks again within the idle limit (nothing wakes it).
+        let short_idle = Limits {
+            first_request: Duration::from_millis(1000),
+            idle: Duration::from_millis(50),
+        };
+        assert_eq!(a.deadline(short_idle, ms(10)), Some(ms(60)));
         // A request in flight is never idle, however long it takes.
         let guard = a.begin();
         assert_eq!(a.deadline(LIMITS, ms(10_000)), Some(ms(10_500)));
@@ -372,29 +379,5 @@ mod tests {
         let at = t0 + ended + LIMITS.idle;
         assert_eq!(a.deadline(LIMITS, t0 + ended), Some(at));
         assert_eq!(a.deadline(LIMITS, at), None);
-    }
-
-    #[test]
-    fn first_request_and_last_end_wake_the_watchdog() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let a = Activity::new();
-            let first = a.begin();
-            // A stored permit: the wake-up is not lost though nobody waited.
-            tokio::time::timeout(Duration::from_secs(1), a.changed.notified())
-                .await
-                .expect("first request wakes");
-            let second = a.begin();
-            drop(first);
-            let quiet = tokio::time::timeout(Duration::from_millis(50), a.changed.notified());
-            assert!(quiet.await.is_err(), "one request still in flight");
-            drop(second);
-            tokio::time::timeout(Duration::from_secs(1), a.changed.notified())
-                .await
-                .expect("last request's end wakes");
-        });
     }
 }
