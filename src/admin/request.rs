@@ -2,6 +2,7 @@
 //! percent-encoded path segments. Every failure is a 4xx `ApiError`.
 
 use super::reply::ApiError;
+use crate::protocol::path::hex_value;
 use bytes::Bytes;
 use http::header::{HeaderMap, CONTENT_LENGTH};
 use http::StatusCode;
@@ -52,15 +53,6 @@ pub(super) fn parse_optional_json<T: DeserializeOwned>(body: &[u8]) -> Result<Op
         Ok(None)
     } else {
         parse_json(body).map(Some)
-    }
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -204,9 +204,10 @@ impl Gateway {
         // The authority the request names: the URI's (HTTP/2 `:authority`,
         // absolute-form) wins over `Host` (RFC 9112 3.2.2); the origin sees
         // the same one in `Host` when `preserve_host` is on.
-        let authority = authority(&parts).to_owned();
-        if parts.uri.authority().is_some() {
-            if let Ok(v) = HeaderValue::from_str(&authority) {
+        // Only HTTP/2 and absolute-form requests pay for this; the key is
+        // built from the same `authority` below, without a copy.
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
                 parts.headers.insert(header::HOST, v);
             }
         }
@@ -258,7 +259,7 @@ impl Gateway {
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
-            &authority,
+            authority(&parts),
             path,
         );
         let ctx = Ctx {

@@ -50,21 +50,19 @@ pub(crate) type UpstreamBody = http_body_util::Either<
 /// A response body from the origin, boxed for the same reason.
 pub(crate) type DownstreamBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
 
+/// What an [`Upstream`] answers with, once the origin's response head is in.
+pub(crate) type UpstreamFuture<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Response<DownstreamBody>, OriginError>> + Send + 'a,
+    >,
+>;
+
 /// Where cache misses and passes go: the real origin over HTTP
 /// (`OriginClient`), or, in the in-process tests, a scripted one. The
 /// request path depends on this, not on sockets.
 pub(crate) trait Upstream: Send + Sync + 'static {
     /// Sends a request whose URI holds only the path and query.
-    fn send(
-        &self,
-        req: Request<UpstreamBody>,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Response<DownstreamBody>, OriginError>>
-                + Send
-                + '_,
-        >,
-    >;
+    fn send(&self, req: Request<UpstreamBody>) -> UpstreamFuture<'_>;
 
     /// Longest pause allowed between two body chunks.
     fn idle_timeout(&self) -> Duration;
@@ -150,16 +148,7 @@ impl OriginClient {
 }
 
 impl Upstream for OriginClient {
-    fn send(
-        &self,
-        req: Request<UpstreamBody>,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<Response<DownstreamBody>, OriginError>>
-                + Send
-                + '_,
-        >,
-    > {
+    fn send(&self, req: Request<UpstreamBody>) -> UpstreamFuture<'_> {
         use http_body_util::BodyExt;
         Box::pin(async move {
             let resp = self.send_http(req).await?;

@@ -6,13 +6,11 @@
 use super::body::Body;
 use super::gateway::Gateway;
 use super::headers::ClientInfo;
-use super::origin::{BoxError, DownstreamBody, OriginError, Upstream, UpstreamBody};
+use super::origin::{BoxError, OriginError, Upstream, UpstreamBody, UpstreamFuture};
 use crate::config::Config;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,11 +29,7 @@ struct Scripted {
 }
 
 impl Upstream for Scripted {
-    fn send(
-        &self,
-        req: Request<UpstreamBody>,
-    ) -> Pin<Box<dyn Future<Output = Result<Response<DownstreamBody>, OriginError>> + Send + '_>>
-    {
+    fn send(&self, req: Request<UpstreamBody>) -> UpstreamFuture<'_> {
         let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         self.seen
             .lock()
