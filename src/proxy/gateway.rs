@@ -253,8 +253,7 @@ impl Gateway {
         let route = self.route_for(path);
         if let Some(edge) = &self.edge {
             edge.counter_registry()
-                .route(route.as_ref().map_or("default", |r| r.name.as_str()))
-                .incr();
+                .count_route(route.as_ref().map_or("default", |r| r.name.as_str()));
         }
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
