@@ -3,8 +3,8 @@
 // header on state-changing methods); the page can do nothing the API cannot.
 'use strict';
 
-const REFRESH_MS = 3000;
-const HISTORY = 60; // samples kept for the charts (3 minutes)
+const REFRESH_MS = 2000;
+const HISTORY = 90; // samples kept for the charts (3 minutes)
 const RESULTS = ['HIT', 'MISS', 'STALE', 'REVALIDATED', 'BYPASS'];
 const COLORS = { HIT: '#1a7f37', MISS: '#b35900', STALE: '#8250df', REVALIDATED: '#0969da', BYPASS: '#57606a' };
 
@@ -165,7 +165,7 @@ function route() {
   showPage(page);
   say('');
   stopRefresh();
-  if (page === 'cache') { refreshCache(); state.timer = setInterval(refreshStats, REFRESH_MS); }
+  if (page === 'cache') { refreshCache(); state.timer = setInterval(refreshCache, REFRESH_MS); }
   if (page === 'flags') loadFlags();
   if (page === 'experiments') loadExperiments();
 }
@@ -261,11 +261,18 @@ function drawLines(target, series, fixedMax) {
     let pts = [];
     const flush = () => {
       if (pts.length > 1) target.append(svg('polyline', { points: pts.join(' '), fill: 'none', stroke: s.color, 'stroke-width': 2, 'vector-effect': 'non-scaling-stroke' }));
+      // A lone point (the first interval, or between gaps) is a short tick.
+      if (pts.length === 1) {
+        const [x, y] = pts[0].split(',');
+        target.append(svg('line', { x1: x - 3, x2: x, y1: y, y2: y, stroke: s.color, 'stroke-width': 3, 'vector-effect': 'non-scaling-stroke' }));
+      }
       pts = [];
     };
     s.values.forEach((v, i) => {
       if (v === null || v === undefined) return flush();
-      const x = W - (n - 1 - i) * (W / (HISTORY - 1));
+      // A fresh page spreads its first points; a full history fills the width.
+      const span = Math.min(HISTORY, Math.max(n, 15)) - 1;
+      const x = W - (n - 1 - i) * (W / span);
       const y = H - PAD - (v / max) * (H - 2 * PAD);
       pts.push(x.toFixed(1) + ',' + y.toFixed(1));
     });
@@ -424,7 +431,7 @@ function flagControls(name, f, user, redraw) {
     const id = 'ov-' + name.replace(/[^A-Za-z0-9_-]/g, '_');
     const input = el('input', { id, value: typeof f.value === 'string' ? f.value : JSON.stringify(f.value), size: 10 });
     controls.push(el('label', { for: id, class: 'visually-hidden' }, 'New value for ' + name), input,
-      el('button', { type: 'button', onclick: () => setTo(typeof f.value === 'number' ? Number(input.value) : input.value) }, 'Set'));
+      el('button', { type: 'button', 'data-set': name, onclick: () => setTo(typeof f.value === 'number' ? Number(input.value) : input.value) }, 'Set'));
   }
   if (f.source === 'override') {
     controls.push(el('button', { type: 'button', class: 'quiet', 'data-clear': name, onclick: async () => {
