@@ -249,14 +249,27 @@ async fn the_dashboard_end_to_end() {
     sign_in(&b, "not-the-token").await;
     b.wait_text("#signin-error", "wrong admin token").await;
     assert!(t.elapsed() >= Duration::from_millis(900), "no delay");
-    assert_eq!(
-        b.js("return document.getElementById('nav').hidden").await,
-        json!(true)
-    );
+    // Nothing but the form is shown (laid out, not only flagged hidden).
+    for css in ["#nav", "#sign-out", "#page-cache"] {
+        let shown = b.find(css).await.is_displayed().await.expect("displayed?");
+        assert!(!shown, "{css} is shown before signing in");
+    }
 
     // The right one: the cache page, numbers, charts and entries.
     sign_in(&b, TOKEN).await;
     b.wait_text("#entries-table tbody", "/products/1").await;
+    assert!(b
+        .find("#nav")
+        .await
+        .is_displayed()
+        .await
+        .expect("displayed?"));
+    assert!(!b
+        .find("#page-signin")
+        .await
+        .is_displayed()
+        .await
+        .expect("displayed?"));
     // The session cookie is invisible to scripts (HttpOnly).
     let cookies = b.js("return document.cookie").await;
     assert!(
