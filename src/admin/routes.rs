@@ -24,6 +24,7 @@ pub(crate) enum Route {
     Healthz,
     Readyz,
     Metrics,
+    Stats,
     Purge,
     Version,
     Entries,
@@ -50,6 +51,7 @@ impl Route {
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
             ["metrics"] => Route::Metrics,
+            ["stats"] => Route::Stats,
             ["purge"] => Route::Purge,
             ["version"] => Route::Version,
             ["entries"] => Route::Entries,
@@ -102,6 +104,7 @@ pub(crate) async fn handle(
             prometheus::CONTENT_TYPE,
             prometheus::render(gw),
         )),
+        Route::Stats => Ok(reply::ok(&super::stats::snapshot(gw))),
         Route::Purge => {
             let req: PurgeRequest = parse_json(&body)?;
             req.validate().map_err(ApiError::bad_request)?;
