@@ -255,14 +255,10 @@ impl Gateway {
                 .incr();
         }
         // Exposures and conversions are recorded once the status is known.
-        let observed = edge_decision.as_ref().map(|_| {
-            let route = route.as_ref().map_or("default", |r| r.name.as_str());
-            (
-                parts.method.clone(),
-                parts.uri.path().to_owned(),
-                route.to_owned(),
-            )
-        });
+        // (Cheap clones: the URI shares its bytes, the route is an Arc.)
+        let observed = edge_decision
+            .as_ref()
+            .map(|_| (parts.method.clone(), parts.uri.clone(), route.clone()));
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
@@ -286,10 +282,12 @@ impl Gateway {
         } else {
             self.lookup(ctx).await
         };
-        if let (Some(edge), Some(decision), Some((method, path, route))) =
+        if let (Some(edge), Some(decision), Some((method, uri, route))) =
             (&self.edge, &edge_decision, &observed)
         {
-            edge.observe(decision, method, path, route, answer.response.status())
+            let route = route.as_ref().map_or("default", |r| r.name.as_str());
+            let status = answer.response.status();
+            edge.observe(decision, method, uri.path(), route, status)
                 .await;
         }
         if let Some(cookie) = set_cookie {
