@@ -27,6 +27,7 @@ pub mod kv;
 mod metrics;
 mod protocol;
 mod proxy;
+mod redis;
 
 pub use proxy::gateway::Gateway;
 pub use proxy::respond::{CacheResult, Labels};
