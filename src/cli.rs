@@ -69,6 +69,10 @@ pub struct RunArgs {
     /// KVGATE_ADMIN_TOKEN or [admin] token.
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Redis URL, e.g. redis://127.0.0.1:6379: edge state lives there,
+    /// shared by every instance using it (one region; more with [redis]).
+    #[arg(long)]
+    pub redis: Option<String>,
 }
 
 impl RunArgs {
@@ -106,6 +110,23 @@ impl RunArgs {
                 flag: "--admin-listen",
                 source,
             })?;
+        }
+        if let Some(url) = &self.redis {
+            crate::config::redis::check_url(url).map_err(|reason| ArgsError::Redis {
+                url: url.clone(),
+                reason,
+            })?;
+            // The flag replaces the servers, not the tuning around them.
+            let redis = match cfg.redis.take() {
+                Some(old) => crate::config::redis::RedisConfig {
+                    url: Some(toml::Spanned::new(0..0, url.clone())),
+                    regions: Vec::new(),
+                    ..old
+                },
+                None => crate::config::redis::RedisConfig::single(url),
+            };
+            cfg.redis = Some(redis);
+            cfg.state.backend = crate::config::StateBackend::Redis;
         }
         if let Some(admin) = &mut cfg.admin {
             // The environment wins over the file, so the file need not hold
@@ -305,6 +326,26 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             }
         })
     };
+    let counter_flusher = gw.shared_counters.clone().map(|shared| {
+        let gw = gw.clone();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_millis(
+                gw.redis
+                    .as_ref()
+                    .map_or(1_000, |r| r.settings().counter_flush_ms),
+            );
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stopped.changed() => break,
+                }
+                flush_counters(&gw, &shared).await;
+            }
+            // What was counted since the last tick is not lost at shutdown.
+            flush_counters(&gw, &shared).await;
+        })
+    });
     let task = {
         let gw = gw.clone();
         tokio::spawn(async move {
@@ -322,6 +363,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 }
             }
             sweeper.abort();
+            if let Some(f) = counter_flusher {
+                let _ = f.await;
+            }
             if let Some(r) = reload {
                 r.abort();
             }
@@ -337,6 +381,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         stop,
         task,
     })
+}
+
+/// Adds this instance's counter growth to the shared totals (a failure is
+/// logged by the region, and the growth is sent next time).
+async fn flush_counters(gw: &Gateway, shared: &crate::redis::counters::SharedCounters) {
+    let Some(edge) = &gw.edge else { return };
+    if let Ok(tree) = edge.counters().await {
+        let _ = shared.flush(&crate::redis::counters::flatten(&tree)).await;
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

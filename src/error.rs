@@ -90,6 +90,14 @@ pub enum ArgsError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `--redis` is not a Redis URL kvgate can use.
+    #[error("--redis {url:?}: {reason}")]
+    Redis {
+        /// The flag's value.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// `--listen` or `--admin-listen` (named by `flag`) does not parse.
     #[error("{flag}")]
     Listen {
@@ -196,6 +204,15 @@ pub enum GatewayError {
     /// `[cache.tags]` or a `[[cache.tag_rule]]` was refused.
     #[error(transparent)]
     Tags(#[from] TagConfigError),
+    /// A `[redis]` region's client could not be set up (its URL).
+    #[error("redis region {region}")]
+    Redis {
+        /// The region's name.
+        region: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
 }
 
 /// Why the origin client could not be set up.
