@@ -539,6 +539,27 @@ mod tests {
     }
 
     #[test]
+    fn the_redis_flag_selects_the_redis_backend_and_refuses_bad_urls() {
+        let args = RunArgs {
+            redis: Some("redis://127.0.0.1:6390".into()),
+            ..Default::default()
+        };
+        let cfg = args.resolve().expect("accepted");
+        assert_eq!(cfg.state.backend, crate::config::StateBackend::Redis);
+        let (targets, _) = cfg.redis.expect("[redis] set").targets();
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].url, "redis://127.0.0.1:6390");
+
+        let args = RunArgs {
+            redis: Some("http://127.0.0.1:6390".into()),
+            ..Default::default()
+        };
+        let err = args.resolve().expect_err("refused");
+        assert!(matches!(err, ArgsError::Redis { .. }), "{err}");
+        assert!(err.to_string().contains("redis://"), "{err}");
+    }
+
+    #[test]
     fn a_bad_listen_flag_keeps_the_parse_error() {
         let args = RunArgs {
             listen: Some("nope".into()),

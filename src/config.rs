@@ -665,21 +665,10 @@ impl Config {
                 ));
             }
         }
-        match &self.redis {
-            Some(redis) => redis.validate(src, file)?,
-            None if self.state.backend == StateBackend::Redis => {
-                let (line, column) = locate_plain_key(src, "state", "backend");
-                return Err(ConfigError {
-                    file: file.to_string(),
-                    line,
-                    column,
-                    message: "state.backend: \"redis\" needs a [redis] section".into(),
-                    hint: Some(
-                        "add [redis] url = \"redis://127.0.0.1:6379\", or pass --redis URL".into(),
-                    ),
-                });
-            }
-            None => {}
+        // `state.backend = "redis"` without [redis] is refused at start,
+        // not here: `--redis URL` may supply the section.
+        if let Some(redis) = &self.redis {
+            redis.validate(src, file)?;
         }
         let t = &self.cache.tags;
         for (key, name) in [

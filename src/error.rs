@@ -210,9 +210,9 @@ pub enum GatewayError {
     Redis {
         /// The region's name.
         region: String,
-        /// The client's error.
+        /// The client's error (boxed: it is large).
         #[source]
-        source: redis::RedisError,
+        source: Box<redis::RedisError>,
     },
 }
 

@@ -366,7 +366,7 @@ impl Redis {
             let region = Region::connect(&t.name, &t.url, cfg.timeout()).map_err(|source| {
                 crate::error::GatewayError::Redis {
                     region: t.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             regions.push(Arc::new(region));
@@ -560,6 +560,11 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(2));
         }
         assert_eq!(region.health().health, Health::Down);
+        // One log line for the first fault; the others wait for the interval.
+        assert!(
+            region.unlogged.load(Ordering::Relaxed) >= u64::from(DOWN_AFTER) - 1,
+            "faults are not logged one by one"
+        );
         // Down: calls fail at once, without waiting for the timeout.
         let started = Instant::now();
         let err = region
