@@ -25,6 +25,7 @@ pub(crate) enum Route {
     Healthz,
     Readyz,
     Metrics,
+    Stats,
     Purge,
     Version,
     Entries,
@@ -66,6 +67,7 @@ impl Route {
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
             ["metrics"] => Route::Metrics,
+            ["stats"] => Route::Stats,
             ["purge"] => Route::Purge,
             ["version"] => Route::Version,
             ["entries"] => Route::Entries,
@@ -128,6 +130,7 @@ pub(crate) async fn handle(
             prometheus::CONTENT_TYPE,
             prometheus::render(gw),
         )),
+        Route::Stats => Ok(reply::ok(&super::stats::snapshot(gw))),
         Route::Purge => {
             let req: PurgeRequest = parse_json(&body)?;
             req.validate().map_err(ApiError::bad_request)?;
@@ -149,7 +152,16 @@ pub(crate) async fn handle(
         }
         Route::Version => bump_version(state, &body),
         Route::Entries => entries(state, query),
-        Route::Counters => Ok(reply::ok(&edge(state)?.counters().await?)),
+        Route::Counters => {
+            let local = edge(state)?.counters().await?;
+            // With Redis, the sums over every instance; the local ones when
+            // Redis cannot answer (the fault is logged by its region).
+            let shown = match &gw.shared_counters {
+                Some(shared) => shared.cluster_view(&local).await.unwrap_or(local),
+                None => local,
+            };
+            Ok(reply::ok(&shown))
+        }
         Route::User(user) => Ok(reply::ok(&edge(state)?.user_view(&user).await?)),
         Route::UserPreferences(user) => {
             let edge = edge(state)?;
@@ -209,6 +221,9 @@ fn readyz(state: &AdminState) -> Result<AdminResponse, ApiError> {
     Ok(reply::ok(&json!({
         "status": "ready",
         "listen": state.gateway_addr.to_string(),
+        // Informational: the gateway serves (from memory, the origin and
+        // default flags) whatever state Redis is in.
+        "redis": state.gateway.redis.as_ref().map(|r| r.health()),
     })))
 }
 
