@@ -209,9 +209,10 @@ pub enum GatewayError {
     Redis {
         /// The region's name.
         region: String,
-        /// The client's error.
+        /// The client's error (boxed: it is large, and every setup error
+        /// carries this enum).
         #[source]
-        source: redis::RedisError,
+        source: Box<redis::RedisError>,
     },
 }
 

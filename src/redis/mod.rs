@@ -366,7 +366,7 @@ impl Redis {
             let region = Region::connect(&t.name, &t.url, cfg.timeout()).map_err(|source| {
                 crate::error::GatewayError::Redis {
                     region: t.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             regions.push(Arc::new(region));
