@@ -401,6 +401,7 @@ async fn exposures_once_per_user_and_day_and_results_from_real_traffic() {
     }
 
     let results = admin_ok(&gw, Method::GET, "/experiments/checkout/results", "").await;
+    eprintln!("{results}");
     let variants = results["variants"].as_array().expect("variants");
     assert_eq!(variants.len(), 2);
     for v in variants {

@@ -328,21 +328,28 @@ impl Edge {
             });
             if variant.name != *control_name {
                 let cmp = stats::compare(cc, cu, conversions, users, alpha);
+                let p = |c: &stats::Comparison| {
+                    if c.p_value < 1e-4 {
+                        "p < 0.0001".to_owned()
+                    } else {
+                        format!("p = {:.4}", c.p_value)
+                    }
+                };
                 let statement = match &cmp {
                     None => format!("{}: not enough data to compare with {control_name}", variant.name),
                     Some(c) if c.significant => format!(
-                        "{} converts {} than {control_name} ({:+.2} percentage points, p = {:.4}): significant at the {} level",
+                        "{} converts {} than {control_name} ({:+.2} percentage points, {}): significant at the {} level",
                         variant.name,
                         if c.difference > 0.0 { "better" } else { "worse" },
                         c.difference * 100.0,
-                        c.p_value,
+                        p(c),
                         alpha
                     ),
                     Some(c) => format!(
-                        "{} vs {control_name}: {:+.2} percentage points, p = {:.4}: not significant at the {} level",
+                        "{} vs {control_name}: {:+.2} percentage points, {}: not significant at the {} level",
                         variant.name,
                         c.difference * 100.0,
-                        c.p_value,
+                        p(c),
                         alpha
                     ),
                 };
