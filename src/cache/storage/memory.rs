@@ -120,7 +120,7 @@ impl ShardWriter<'_> {
 
     /// Every key and its variants (a snapshot; writers only).
     fn slots(&self) -> Vec<Arc<Slot>> {
-        self.table.slots()
+        self.ledger.clock.slots(self.table)
     }
 }
 
