@@ -64,6 +64,14 @@ pub struct Gateway {
     /// route's bumps, so either bump moves every key of the route to a
     /// version it has never had.
     pub(super) route_versions: HashMap<String, AtomicU64>,
+    /// The Redis regions, when `[redis]` (or `--redis`) is configured.
+    pub(crate) redis: Option<Arc<crate::redis::Redis>>,
+    /// The local copy of hot edge-state reads (Redis backend only); the
+    /// purge broadcast invalidates it for writes made elsewhere.
+    #[allow(dead_code)] // read by the cluster layer (issue 10, part B)
+    pub(crate) state_cache: Option<Arc<crate::kv::cached::CachedKv>>,
+    /// Edge counters summed over every instance (Redis and `[edge]`).
+    pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
 }
 impl Gateway {
     pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
@@ -77,9 +85,22 @@ impl Gateway {
         config: Config,
         origin: Box<dyn Upstream>,
     ) -> Result<Arc<Gateway>, GatewayError> {
-        let edge = match &config.edge {
-            Some(e) => Some(Edge::new(e, crate::kv::open(&config.state)?)?),
+        let redis = match &config.redis {
+            Some(r) => Some(crate::redis::Redis::connect(r, &config.environment())?),
             None => None,
+        };
+        let (edge, state_cache) = match &config.edge {
+            Some(e) => {
+                let state = crate::kv::open(&config.state, redis.as_ref())?;
+                (Some(Edge::new(e, state.kv)?), state.local_cache)
+            }
+            None => (None, None),
+        };
+        let shared_counters = match (&redis, &edge) {
+            (Some(r), Some(_)) => Some(Arc::new(crate::redis::counters::SharedCounters::new(
+                Arc::clone(r),
+            ))),
+            _ => None,
         };
         let c = &config.cache;
         let tags = Tagger::new(c)?;
@@ -103,6 +124,9 @@ impl Gateway {
             tags,
             version: AtomicU64::new(c.version),
             route_versions,
+            redis,
+            state_cache,
+            shared_counters,
             config: Arc::new(config),
         }))
     }
@@ -215,18 +239,15 @@ impl Gateway {
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
         let mut set_cookie = None;
+        let mut edge_decision = None;
         if let Some(edge) = &self.edge {
             edge.strip_injected(&mut parts.headers);
-            let decision = edge
-                .decide(
-                    &parts.headers,
-                    parts.uri.path(),
-                    client.addr.ip(),
-                    client.tls,
-                )
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut decision = edge
+                .decide(&parts.headers, target, client.addr.ip(), client.tls)
                 .await;
             decision.apply(&mut parts.headers);
-            set_cookie = decision.set_cookie;
+            set_cookie = decision.set_cookie.take();
             if let Some(prefs) = self.self_service_path.as_deref() {
                 if parts.uri.path() == prefs {
                     let max = cfg.edge.as_ref().map_or(4096, |e| e.preferences.max_bytes);
@@ -248,6 +269,7 @@ impl Gateway {
                     };
                 }
             }
+            edge_decision = decision.observes().then_some(decision);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let route = self.route_for(path);
@@ -255,6 +277,11 @@ impl Gateway {
             edge.counter_registry()
                 .count_route(route.as_ref().map_or("default", |r| r.name.as_str()));
         }
+        // Exposures and conversions are recorded once the status is known.
+        // (Cheap clones: the URI shares its bytes, the route is an Arc.)
+        let observed = edge_decision
+            .as_ref()
+            .map(|_| (parts.method.clone(), parts.uri.clone(), route.clone()));
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
@@ -278,6 +305,14 @@ impl Gateway {
         } else {
             self.lookup(ctx).await
         };
+        if let (Some(edge), Some(decision), Some((method, uri, route))) =
+            (&self.edge, &edge_decision, &observed)
+        {
+            let route = route.as_ref().map_or("default", |r| r.name.as_str());
+            let status = answer.response.status();
+            edge.observe(decision, method, uri.path(), route, status)
+                .await;
+        }
         if let Some(cookie) = set_cookie {
             // Per response, never stored: the cookie is this client's alone.
             answer
