@@ -196,10 +196,13 @@ pub(crate) async fn serve(
         idle: Duration::from_millis(cfg.idle_timeout_ms),
     };
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No timer for HTTP/1.1: with one, hyper arms a header-read timer on
+    // every request (a clock read, a boxed sleep, the timer wheel twice and
+    // an extra read). The watchdog below bounds the first request head and
+    // idle time per connection instead.
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.first_request)
+        .header_read_timeout(None)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     builder

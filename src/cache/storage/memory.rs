@@ -120,7 +120,7 @@ impl ShardWriter<'_> {
 
     /// Every key and its variants (a snapshot; writers only).
     fn slots(&self) -> Vec<Arc<Slot>> {
-        self.table.slots()
+        self.ledger.clock.slots(self.table)
     }
 }
 
@@ -719,6 +719,7 @@ mod tests {
         }
         let ratio = |h: usize| 100.0 * h as f64 / REQUESTS as f64;
         let (clock, exact) = (ratio(clock_hits), ratio(lru_hits));
+        eprintln!("hit ratio: CLOCK {clock:.1} %, LRU {exact:.1} %");
         assert!(
             (clock - exact).abs() <= 5.0,
             "CLOCK {clock:.1} % against LRU {exact:.1} %"
