@@ -11,6 +11,7 @@
 //! [`prometheus`]; purge semantics in [`purge`].
 
 pub(crate) mod auth;
+mod flags;
 pub(crate) mod prometheus;
 pub(crate) mod purge;
 pub(crate) mod reload;

@@ -439,11 +439,9 @@ async fn traffic_share_gates_entry_and_only_grows_with_it() {
     let kv: Arc<dyn Kv> = Arc::new(MemoryKv::new());
     let users: Vec<String> = (0..20_000).map(|i| format!("u{i}")).collect();
     let entered = |edge: &Edge| -> Vec<bool> {
-        let exp = edge.experiment("search").unwrap();
-        users
-            .iter()
-            .map(|u| exp.buckets(u).0 < exp.traffic_cutoff)
-            .collect()
+        let defs = edge.defs.current.load_full();
+        let exp = defs.experiment("search").unwrap();
+        users.iter().map(|u| exp.hashed(u).is_some()).collect()
     };
     let half = entered(&Edge::new(&cfg, kv.clone()).unwrap());
     let share = half.iter().filter(|e| **e).count() as f64 / users.len() as f64;
@@ -867,7 +865,8 @@ fn invalid_config_is_refused_by_new() {
 #[test]
 fn variant_cutoffs_follow_the_weights() {
     let edge = Edge::new(&config(), Arc::new(MemoryKv::new())).unwrap();
-    let exp = edge.experiment("new-checkout").unwrap();
+    let defs = edge.defs.current.load_full();
+    let exp = defs.experiment("new-checkout").unwrap();
     let cutoffs: Vec<u64> = exp.variants.iter().map(|v| v.cutoff).collect();
     assert_eq!(cutoffs, [5_000, 7_500, 10_000]);
     assert_eq!(exp.pick(0).name, "control");
@@ -875,7 +874,7 @@ fn variant_cutoffs_follow_the_weights() {
     assert_eq!(exp.pick(5_000).name, "variant_a");
     assert_eq!(exp.pick(9_999).name, "variant_b");
     assert_eq!(exp.hash_seed, "new-checkout:");
-    assert_eq!(edge.experiment("search").unwrap().hash_seed, "search-2024:");
+    assert_eq!(defs.experiment("search").unwrap().hash_seed, "search-2024:");
 }
 
 #[test]

@@ -215,18 +215,15 @@ impl Gateway {
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
         let mut set_cookie = None;
+        let mut edge_decision = None;
         if let Some(edge) = &self.edge {
             edge.strip_injected(&mut parts.headers);
-            let decision = edge
-                .decide(
-                    &parts.headers,
-                    parts.uri.path(),
-                    client.addr.ip(),
-                    client.tls,
-                )
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut decision = edge
+                .decide(&parts.headers, target, client.addr.ip(), client.tls)
                 .await;
             decision.apply(&mut parts.headers);
-            set_cookie = decision.set_cookie;
+            set_cookie = decision.set_cookie.take();
             if let Some(prefs) = self.self_service_path.as_deref() {
                 if parts.uri.path() == prefs {
                     let max = cfg.edge.as_ref().map_or(4096, |e| e.preferences.max_bytes);
@@ -248,6 +245,7 @@ impl Gateway {
                     };
                 }
             }
+            edge_decision = decision.observes().then_some(decision);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let route = self.route_for(path);
@@ -256,6 +254,15 @@ impl Gateway {
                 .route(route.as_ref().map_or("default", |r| r.name.as_str()))
                 .incr();
         }
+        // Exposures and conversions are recorded once the status is known.
+        let observed = edge_decision.as_ref().map(|_| {
+            let route = route.as_ref().map_or("default", |r| r.name.as_str());
+            (
+                parts.method.clone(),
+                parts.uri.path().to_owned(),
+                route.to_owned(),
+            )
+        });
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
@@ -279,6 +286,12 @@ impl Gateway {
         } else {
             self.lookup(ctx).await
         };
+        if let (Some(edge), Some(decision), Some((method, path, route))) =
+            (&self.edge, &edge_decision, &observed)
+        {
+            edge.observe(decision, method, path, route, answer.response.status())
+                .await;
+        }
         if let Some(cookie) = set_cookie {
             // Per response, never stored: the cookie is this client's alone.
             answer
