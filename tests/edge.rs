@@ -1276,7 +1276,11 @@ async fn shutdown_commits_the_queued_edge_writes() {
     let Gateway { running } = gw;
     let queued = running.gateway.edge.as_ref().map(|e| e.pending_writes());
     // Per user: the sticky assignment and the exposure record (a 2xx).
-    assert_eq!(queued, Some(2 * users.len()), "the writes wait in the queue");
+    assert_eq!(
+        queued,
+        Some(2 * users.len()),
+        "the writes wait in the queue"
+    );
     running.stop.send(true).expect("gateway still running");
     running.task.await.expect("gateway task");
     let edge = running.gateway.edge.as_ref().expect("edge on");

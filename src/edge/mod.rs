@@ -72,7 +72,6 @@ use crate::config::{edge as config, sfv};
 
 pub(crate) use changes::{Change, DefKind};
 
-
 /// What the edge decided for one request.
 #[derive(Debug, Clone)]
 pub struct EdgeDecision {
