@@ -38,6 +38,33 @@ pub enum StartError {
     /// The SIGHUP handler for config reloads could not be installed.
     #[error("cannot install the SIGHUP handler")]
     Signal(#[source] io::Error),
+    /// The durable state file cannot be created or written.
+    #[error("state file {} is not writable", path.display())]
+    StatePath {
+        /// The `[state] path` file.
+        path: PathBuf,
+        /// Why it cannot be written.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A setup error located at the config key that caused it
+/// (`kvgate check-config` and the start of `kvgate --config`).
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {key}")]
+pub struct CheckError {
+    /// The config file (`(flags)` when the value came from a flag).
+    pub file: String,
+    /// 1-based line, 0 when the key is not written in the file.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The dotted key, e.g. `admin.listen`.
+    pub key: &'static str,
+    /// What is wrong.
+    #[source]
+    pub source: StartError,
 }
 
 /// A command-line flag or config file refused by [`crate::cli::RunArgs::resolve`].
@@ -50,6 +77,22 @@ pub enum ArgsError {
     /// `--origin` is not a plain-HTTP origin URL.
     #[error("--origin {url:?}: {reason}")]
     Origin {
+        /// The flag's value.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--log-level` is not a log filter naming levels.
+    #[error("--log-level {level:?}: {reason}")]
+    LogLevel {
+        /// The flag's value.
+        level: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--redis` is not a Redis URL kvgate can use.
+    #[error("--redis {url:?}: {reason}")]
+    Redis {
         /// The flag's value.
         url: String,
         /// What is wrong with it.
@@ -161,6 +204,15 @@ pub enum GatewayError {
     /// `[cache.tags]` or a `[[cache.tag_rule]]` was refused.
     #[error(transparent)]
     Tags(#[from] TagConfigError),
+    /// A `[redis]` region's client could not be set up (its URL).
+    #[error("redis region {region}")]
+    Redis {
+        /// The region's name.
+        region: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
 }
 
 /// Why the origin client could not be set up.

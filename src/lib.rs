@@ -24,9 +24,11 @@ pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod kv;
+mod logging;
 mod metrics;
 mod protocol;
 mod proxy;
+mod redis;
 
 pub use proxy::gateway::Gateway;
 pub use proxy::respond::{CacheResult, Labels};

@@ -111,10 +111,24 @@ impl Browser {
         self.find(css).await.click().await.expect("click");
     }
 
+    /// Replaces an input's text; found again if the page re-rendered it
+    /// between finding and typing (pages redraw after each save).
     async fn type_into(&self, css: &str, text: &str) {
-        let e = self.find(css).await;
-        e.clear().await.expect("clear");
-        e.send_keys(text).await.expect("type");
+        for attempt in 0.. {
+            let e = self.find(css).await;
+            let typed = async {
+                e.clear().await?;
+                e.send_keys(text).await
+            };
+            match typed.await {
+                Ok(()) => return,
+                Err(e) if attempt < 5 => {
+                    println!("retrying {css}: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot type into {css}: {e}"),
+            }
+        }
     }
 
     async fn js(&self, script: &str) -> Value {

@@ -152,7 +152,16 @@ pub(crate) async fn handle(
         }
         Route::Version => bump_version(state, &body),
         Route::Entries => entries(state, query),
-        Route::Counters => Ok(reply::ok(&edge(state)?.counters().await?)),
+        Route::Counters => {
+            let local = edge(state)?.counters().await?;
+            // With Redis, the sums over every instance; the local ones when
+            // Redis cannot answer (the fault is logged by its region).
+            let shown = match &gw.shared_counters {
+                Some(shared) => shared.cluster_view(&local).await.unwrap_or(local),
+                None => local,
+            };
+            Ok(reply::ok(&shown))
+        }
         Route::User(user) => Ok(reply::ok(&edge(state)?.user_view(&user).await?)),
         Route::UserPreferences(user) => {
             let edge = edge(state)?;
@@ -212,6 +221,9 @@ fn readyz(state: &AdminState) -> Result<AdminResponse, ApiError> {
     Ok(reply::ok(&json!({
         "status": "ready",
         "listen": state.gateway_addr.to_string(),
+        // Informational: the gateway serves (from memory, the origin and
+        // default flags) whatever state Redis is in.
+        "redis": state.gateway.redis.as_ref().map(|r| r.health()),
     })))
 }
 

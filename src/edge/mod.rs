@@ -273,9 +273,27 @@ async fn load_or_create_secret(kv: &Namespaced) -> Result<Signer, KvError> {
     getrandom::getrandom(&mut secret)
         .map_err(|e| KvError::Backend(format!("no randomness for a secret: {e}")))?;
     let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-    kv.put(SECRET_KEY, Bytes::from(hex), PutOptions::default())
-        .await?;
-    Ok(Signer::new(&secret))
+    // Create-if-absent: of several instances starting at once on one shared
+    // store, one secret wins and every instance signs with it.
+    if kv
+        .put_if_absent(SECRET_KEY, Bytes::from(hex.clone()), PutOptions::default())
+        .await?
+    {
+        return Ok(Signer::new(&secret));
+    }
+    match kv
+        .get(SECRET_KEY)
+        .await?
+        .map(|e| parse_stored_secret(&e.value))
+    {
+        Some(Some(winner)) => Ok(Signer::new(&winner)),
+        // Still malformed (or gone): overwrite, as before.
+        _ => {
+            kv.put(SECRET_KEY, Bytes::from(hex), PutOptions::default())
+                .await?;
+            Ok(Signer::new(&secret))
+        }
+    }
 }
 
 impl Edge {

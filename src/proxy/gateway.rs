@@ -64,6 +64,14 @@ pub struct Gateway {
     /// route's bumps, so either bump moves every key of the route to a
     /// version it has never had.
     pub(super) route_versions: HashMap<String, AtomicU64>,
+    /// The Redis regions, when `[redis]` (or `--redis`) is configured.
+    pub(crate) redis: Option<Arc<crate::redis::Redis>>,
+    /// The local copy of hot edge-state reads (Redis backend only); the
+    /// purge broadcast invalidates it for writes made elsewhere.
+    #[allow(dead_code)] // read by the cluster layer (issue 10, part B)
+    pub(crate) state_cache: Option<Arc<crate::kv::cached::CachedKv>>,
+    /// Edge counters summed over every instance (Redis and `[edge]`).
+    pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
 }
 impl Gateway {
     pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
@@ -77,9 +85,22 @@ impl Gateway {
         config: Config,
         origin: Box<dyn Upstream>,
     ) -> Result<Arc<Gateway>, GatewayError> {
-        let edge = match &config.edge {
-            Some(e) => Some(Edge::new(e, crate::kv::open(&config.state)?)?),
+        let redis = match &config.redis {
+            Some(r) => Some(crate::redis::Redis::connect(r, &config.environment())?),
             None => None,
+        };
+        let (edge, state_cache) = match &config.edge {
+            Some(e) => {
+                let state = crate::kv::open(&config.state, redis.as_ref())?;
+                (Some(Edge::new(e, state.kv)?), state.local_cache)
+            }
+            None => (None, None),
+        };
+        let shared_counters = match (&redis, &edge) {
+            (Some(r), Some(_)) => Some(Arc::new(crate::redis::counters::SharedCounters::new(
+                Arc::clone(r),
+            ))),
+            _ => None,
         };
         let c = &config.cache;
         let tags = Tagger::new(c)?;
@@ -103,6 +124,9 @@ impl Gateway {
             tags,
             version: AtomicU64::new(c.version),
             route_versions,
+            redis,
+            state_cache,
+            shared_counters,
             config: Arc::new(config),
         }))
     }
@@ -251,18 +275,13 @@ impl Gateway {
         let route = self.route_for(path);
         if let Some(edge) = &self.edge {
             edge.counter_registry()
-                .route(route.as_ref().map_or("default", |r| r.name.as_str()))
-                .incr();
+                .count_route(route.as_ref().map_or("default", |r| r.name.as_str()));
         }
         // Exposures and conversions are recorded once the status is known.
-        let observed = edge_decision.as_ref().map(|_| {
-            let route = route.as_ref().map_or("default", |r| r.name.as_str());
-            (
-                parts.method.clone(),
-                parts.uri.path().to_owned(),
-                route.to_owned(),
-            )
-        });
+        // (Cheap clones: the URI shares its bytes, the route is an Arc.)
+        let observed = edge_decision
+            .as_ref()
+            .map(|_| (parts.method.clone(), parts.uri.clone(), route.clone()));
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
@@ -286,10 +305,12 @@ impl Gateway {
         } else {
             self.lookup(ctx).await
         };
-        if let (Some(edge), Some(decision), Some((method, path, route))) =
+        if let (Some(edge), Some(decision), Some((method, uri, route))) =
             (&self.edge, &edge_decision, &observed)
         {
-            edge.observe(decision, method, path, route, answer.response.status())
+            let route = route.as_ref().map_or("default", |r| r.name.as_str());
+            let status = answer.response.status();
+            edge.observe(decision, method, uri.path(), route, status)
                 .await;
         }
         if let Some(cookie) = set_cookie {
