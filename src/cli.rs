@@ -267,7 +267,7 @@ pub fn check(cfg: &Config) -> Result<(), CheckError> {
             line,
             column,
             key,
-            source,
+            source: Box::new(source),
         }
     })
 }
@@ -492,7 +492,7 @@ mod tests {
             .unwrap_err();
         assert_eq!((e.key, e.line, e.column), ("admin.listen", 4, 1), "{e}");
         assert!(matches!(
-            e.source,
+            *e.source,
             StartError::Admin(crate::error::AdminError::NoToken(_))
         ));
         let e = checked(
@@ -500,7 +500,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((e.key, e.line), ("server.tls_cert", 2), "{e}");
-        assert!(matches!(e.source, StartError::Tls(TlsError::Read { .. })));
+        assert!(matches!(*e.source, StartError::Tls(TlsError::Read { .. })));
         let e = checked("[state]\npath = \"/nonexistent/dir/state.redb\"\n[edge]\n").unwrap_err();
         assert_eq!((e.key, e.line), ("state.path", 2), "{e}");
         let cause = e.source.source().expect("the io error is kept");

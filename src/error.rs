@@ -62,9 +62,10 @@ pub struct CheckError {
     pub column: usize,
     /// The dotted key, e.g. `admin.listen`.
     pub key: &'static str,
-    /// What is wrong.
+    /// What is wrong (boxed: `StartError` is large, and this error is
+    /// returned by value).
     #[source]
-    pub source: StartError,
+    pub source: Box<StartError>,
 }
 
 /// A command-line flag or config file refused by [`crate::cli::RunArgs::resolve`].
