@@ -33,9 +33,12 @@ async fn origin(req: Request<Incoming>, hits: Arc<AtomicU64>) -> Response<Full<B
         "/" => (
             StatusCode::OK,
             "no-store",
-            "kvgate demo origin: try /cacheable, /swr, /uncacheable, /slow, /whoami\n".to_string(),
+            "kvgate demo origin: try /cacheable, /swr, /uncacheable, /slow, /whoami, /checkout\n"
+                .to_string(),
             0,
         ),
+        // The demo experiment's conversion goal.
+        "/checkout" => (StatusCode::OK, "no-store", "order placed\n".to_string(), 0),
         // What the edge told the origin about this user.
         "/whoami" => (
             StatusCode::OK,
@@ -141,6 +144,7 @@ description = "The redesigned UI"
 [edge.experiments.new-checkout]
 variants = { control = 50, variant_a = 25, variant_b = 25 }
 description = "One-page checkout against the current three steps"
+goals = [{ path = "/checkout" }]
 "#;
 
 /// The admin token: `KVGATE_ADMIN_TOKEN` when set, else a random one.
@@ -192,7 +196,8 @@ pub async fn run(listen: &str) -> Result<(), StartError> {
          \x20 curl -si http://{a}/swr           # after 5 s: STALE at once, refreshed in the background\n\
          \x20 curl -si http://{a}/uncacheable   # MISS every time (private, no-store)\n\
          \x20 curl -si http://{a}/slow          # 1 s the first time, instant after\n\
-         \x20 curl -s -H 'X-User-Id: alice' http://{a}/whoami   # the flags and variant the origin receives\n\n\
+         \x20 curl -s -H 'X-User-Id: alice' http://{a}/whoami   # the flags and variant the origin receives\n\
+         \x20 curl -s -H 'X-User-Id: alice' http://{a}/checkout # a conversion for new-checkout's results\n\n\
          Dashboard: {dashboard}\n\
          Admin token: {token}\n\
          (cache numbers, purges by tag \"demo\", the newUI flag and the new-checkout experiment;\n\
@@ -245,14 +250,17 @@ mod tests {
             }
             b.body(Full::new(Bytes::new())).expect("request")
         };
+        use http_body_util::BodyExt;
         let ui = send.send_request(get("/ui/", false)).await.expect("ui");
         assert_eq!(ui.status(), 200);
+        let page = ui.into_body().collect().await.expect("page").to_bytes();
+        assert!(String::from_utf8_lossy(&page).contains("Sign in"));
+        send.ready().await.expect("connection ready");
         let counters = send
             .send_request(get("/counters", true))
             .await
             .expect("counters");
         assert_eq!(counters.status(), 200);
-        use http_body_util::BodyExt;
         let body = counters
             .into_body()
             .collect()

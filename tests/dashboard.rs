@@ -111,10 +111,24 @@ impl Browser {
         self.find(css).await.click().await.expect("click");
     }
 
+    /// Replaces an input's text; found again if the page re-rendered it
+    /// between finding and typing (pages redraw after each save).
     async fn type_into(&self, css: &str, text: &str) {
-        let e = self.find(css).await;
-        e.clear().await.expect("clear");
-        e.send_keys(text).await.expect("type");
+        for attempt in 0.. {
+            let e = self.find(css).await;
+            let typed = async {
+                e.clear().await?;
+                e.send_keys(text).await
+            };
+            match typed.await {
+                Ok(()) => return,
+                Err(e) if attempt < 5 => {
+                    println!("retrying {css}: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot type into {css}: {e}"),
+            }
+        }
     }
 
     async fn js(&self, script: &str) -> Value {
@@ -131,6 +145,21 @@ impl Browser {
             .execute_async(&wrapped, vec![])
             .await
             .unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+    }
+
+    /// A screenshot of the page from its top, `height` CSS pixels tall.
+    async fn screenshot_tall(&self, name: &str, height: u32) {
+        self.js("window.scrollTo(0, 0); document.activeElement.blur(); return null")
+            .await;
+        self.client
+            .set_window_size(1280, height)
+            .await
+            .expect("resize");
+        self.screenshot(name).await;
+        self.client
+            .set_window_size(1280, 1000)
+            .await
+            .expect("resize");
     }
 
     async fn screenshot(&self, name: &str) {
@@ -190,16 +219,20 @@ listen = "127.0.0.1:0"
 token = "{TOKEN}"
 [state]
 backend = "memory"
+[edge]
+write_flush_ms = 10
 [edge.identity]
 trusted_from = ["127.0.0.0/8"]
 [edge.flags.newUI]
 default = false
 description = "The redesigned UI"
+rules = [{{ conditions = [{{ attribute = "user_id", op = "starts_with", value = "beta-" }}], value = true, percent = 0 }}]
 [edge.flags.theme]
 default = "dark"
 [edge.experiments.new-checkout]
 variants = {{ control = 50, variant_a = 25, variant_b = 25 }}
 description = "One-page checkout against the current three steps"
+goals = [{{ path = "/checkout/done" }}]
 "#
     );
     let parsed = Config::parse(&toml, "dashboard-test.toml").expect("test config");
@@ -216,6 +249,30 @@ fn admin_url(gw: &Gateway, path: &str) -> String {
         "http://{}{path}",
         gw.running.admin_addr.expect("admin runs")
     )
+}
+
+/// Sends `request` until the origin's last `/feature` request for `user`
+/// carries `expected` flags (definition changes apply within a poll).
+async fn wait_for_flags<F: std::future::Future<Output = ()>>(
+    origin: &Origin,
+    user: &str,
+    expected: &str,
+    request: impl Fn() -> F,
+) {
+    let start = Instant::now();
+    loop {
+        request().await;
+        let last = origin.requests(&format!("/feature?u={user}")).pop();
+        let seen = last.map(|r| r.headers["x-feature-flags"].to_str().unwrap().to_string());
+        if seen.as_deref() == Some(expected) {
+            return;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "{user} never got {expected:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn sign_in(b: &Browser, token: &str) {
@@ -300,9 +357,7 @@ async fn the_dashboard_end_to_end() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     b.wait_text("#n-entries", "20").await;
-    b.client.set_window_size(1280, 1500).await.expect("resize");
-    b.screenshot("cache").await;
-    b.client.set_window_size(1280, 1000).await.expect("resize");
+    b.screenshot_tall("cache", 1500).await;
 
     // Purge a tag: the count removed, and the entries gone from the list.
     b.click("input[name='purge-kind'][value='tags']").await;
@@ -388,17 +443,99 @@ async fn the_dashboard_end_to_end() {
     b.type_into("#ov-theme", "light").await;
     b.click("#flags-user-view button[data-set='theme']").await;
     b.wait_text("#status", "theme = \"light\" for alice").await;
-    b.screenshot("flags").await;
 
-    // Experiments: variants, weights, exposures.
-    for user in ["u1", "u2", "u3", "u4", "u5", "u6"] {
-        get_with(&gw.url("/feature"), &[("x-user-id", user)]).await;
+    // A rule's rollout: 0 % of beta- users, then 100 %.
+    let flags_of = |user: &'static str| {
+        let url = gw.url(&format!("/feature?u={user}"));
+        async move {
+            get_with(&url, &[("x-user-id", user)]).await;
+        }
+    };
+    flags_of("beta-1").await;
+    assert_eq!(
+        origin.requests("/feature?u=beta-1").pop().unwrap().headers["x-feature-flags"],
+        r#"newui=?0, theme="dark""#
+    );
+    b.type_into("#flag-newUI-rule-0", "100").await;
+    b.click("button[data-rollout='newUI:0']").await;
+    b.wait_text("#status", "newUI rule 1 rollout 100 %").await;
+    wait_for_flags(&origin, "beta-1", r#"newui, theme="dark""#, || {
+        flags_of("beta-1")
+    })
+    .await;
+    // Others still get the default; then the default itself is turned on.
+    flags_of("bob").await;
+    assert_eq!(
+        origin.requests("/feature?u=bob").pop().unwrap().headers["x-feature-flags"],
+        r#"newui=?0, theme="dark""#
+    );
+    b.click("button[data-default='newUI']").await;
+    b.wait_text("button[data-default='newUI']", "On").await;
+    wait_for_flags(&origin, "bob", r#"newui, theme="dark""#, || flags_of("bob")).await;
+    // Who changed what.
+    b.wait_text("#audit-table tbody", "patch flag newUI").await;
+    b.wait_text("#audit-table tbody", "default: false → true")
+        .await;
+    b.screenshot_tall("flags", 1500).await;
+
+    // Experiments: exposures and conversions, results in words, weights.
+    for i in 0..60 {
+        let user = format!("u{i}");
+        get_with(&gw.url("/feature"), &[("x-user-id", &user)]).await;
+        if i % 3 == 0 {
+            get_with(&gw.url("/checkout/done"), &[("x-user-id", &user)]).await;
+        }
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     b.click("#nav a[data-page='experiments']").await;
     b.wait_text("#experiments-list", "new-checkout").await;
-    let text = b.wait_text("#experiments-list", "variant_b").await;
-    assert!(text.contains("50.0 %"), "{text}");
-    b.screenshot("experiments").await;
+    let text = b
+        .wait_text("#experiments-list li[data-result='control']", "converts")
+        .await;
+    assert!(text.contains("the control"), "{text}");
+    let text = b
+        .wait_text(
+            "#experiments-list li[data-result='variant_a']",
+            "for control",
+        )
+        .await;
+    assert!(text.contains("points"), "{text}");
+    b.screenshot_tall("experiments", 1000).await;
+    // Weights that do not sum to 100 are refused with the API's reason.
+    b.type_into("#exp-new-checkout-w-control", "60").await;
+    b.click("button[data-save-weights='new-checkout']").await;
+    b.wait_text("#status", "must sum to 100").await;
+    b.type_into("#exp-new-checkout-w-control", "50").await;
+    b.type_into("#exp-new-checkout-w-variant_a", "10").await;
+    b.type_into("#exp-new-checkout-w-variant_b", "40").await;
+    b.click("button[data-save-weights='new-checkout']").await;
+    b.wait_text("#status", "variant_b 40 %").await;
+    let auth = format!("Bearer {TOKEN}");
+    let view = get_with(
+        &admin_url(&gw, "/experiments/new-checkout"),
+        &[("authorization", &auth)],
+    )
+    .await;
+    let view: Value = serde_json::from_slice(&view.body).unwrap();
+    let weights: Vec<(String, f64)> = view["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_string(),
+                v["weight"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            ("control".into(), 50.0),
+            ("variant_a".into(), 10.0),
+            ("variant_b".into(), 40.0)
+        ]
+    );
 
     // Users: flags with their source, variants, preferences, headers;
     // clearing the override brings the default back.
@@ -408,16 +545,24 @@ async fn the_dashboard_end_to_end() {
     b.wait_text("#users-view", "Headers the origin receives")
         .await;
     b.wait_text("#users-view", "new-checkout").await;
-    b.screenshot("users").await;
-    b.click("#users-view button[data-clear='newUI']").await;
+    b.screenshot_tall("users", 1300).await;
+    // alice's override (on) is turned off here, then cleared: she gets the
+    // default again, which the flags page turned on.
+    b.click("#users-view button[data-flag='newUI']").await;
     b.wait_text("#users-view button[data-flag='newUI']", "Off")
         .await;
-    get_with(&gw.url("/feature"), &[("x-user-id", "alice")]).await;
-    let last = origin.requests("/feature").pop().unwrap();
+    get_with(&gw.url("/feature?u=alice"), &[("x-user-id", "alice")]).await;
+    let last = origin.requests("/feature?u=alice").pop().unwrap();
     assert_eq!(
         last.headers["x-feature-flags"],
         r#"newui=?0, theme="light""#
     );
+    b.click("#users-view button[data-clear='newUI']").await;
+    b.wait_text("#users-view button[data-flag='newUI']", "On")
+        .await;
+    get_with(&gw.url("/feature?u=alice"), &[("x-user-id", "alice")]).await;
+    let last = origin.requests("/feature?u=alice").pop().unwrap();
+    assert_eq!(last.headers["x-feature-flags"], r#"newui, theme="light""#);
 
     // A phone-sized window: the cache page still fits.
     b.client.set_window_size(390, 844).await.expect("resize");

@@ -345,18 +345,115 @@ async function counters() {
   return state.counters;
 }
 
+function describeCondition(c) {
+  const v = c.value === undefined ? '' : ' ' + (Array.isArray(c.value) ? c.value.join(', ') : c.value);
+  return c.attribute + ' ' + c.op.replace(/_/g, ' ') + v;
+}
+
+function describeRule(r) {
+  const when = [];
+  if (r.segment) when.push('in segment ' + r.segment);
+  for (const c of r.conditions || []) when.push(describeCondition(c));
+  return (when.length ? 'If ' + when.join(' and ') : 'Everyone') + ' → ' + JSON.stringify(r.value)
+    + (r.percent === undefined || r.percent === null ? '' : ', for ' + r.percent + ' % of them');
+}
+
+/// PATCH a flag (JSON merge patch); the page reloads to show what was stored.
+async function patchFlag(name, patch, what) {
+  try {
+    await api('PATCH', '/flags/' + enc(name), patch);
+    say('Saved: ' + what + '.');
+  } catch (e) {
+    say(name + ': ' + e.message, true);
+  }
+  await loadFlags();
+}
+
 async function loadFlags() {
   const body = $('flags-table').tBodies[0];
-  let c;
-  try { c = await counters(); } catch (e) {
+  let defs, c;
+  try {
+    [defs, c] = await Promise.all([api('GET', '/flags'), counters()]);
+  } catch (e) {
     body.replaceChildren();
     $('flags-note').textContent = e.status === 404 ? 'The edge layer is not configured ([edge] in the config): there are no flags.' : e.message;
     return;
   }
-  const names = Object.keys(c.flag_evaluations);
-  body.replaceChildren(...names.map((n) => el('tr', {}, el('th', { scope: 'row' }, n), el('td', {}, fmtNum(c.flag_evaluations[n])))));
-  $('flags-note').textContent = names.length === 0 ? 'No flags are configured.'
-    : 'Defaults come from the config file. Look a user up to see their values and set or clear an override.';
+  const names = Object.keys(defs.flags);
+  body.replaceChildren(...names.map((n) => flagRow(n, defs.flags[n], c.flag_evaluations[n] || 0)));
+  $('flags-note').textContent = names.length === 0 ? 'No flags are defined.'
+    : 'Changes take effect at once on every instance (within half a second) and are recorded in the audit log below.';
+  loadAudit();
+}
+
+function flagRow(name, f, evaluations) {
+  const id = 'flag-' + name.replace(/[^A-Za-z0-9_-]/g, '_');
+  const kind = f.type || (typeof f.default === 'boolean' ? 'boolean' : typeof f.default === 'number' ? 'number' : typeof f.default === 'string' ? 'string' : 'json');
+  let control;
+  if (kind === 'boolean') {
+    control = el('button', { type: 'button', class: 'toggle', 'data-default': name, 'aria-pressed': String(f.default),
+      onclick: () => patchFlag(name, { default: !f.default }, name + ' default ' + (!f.default ? 'on' : 'off')) },
+    f.default ? 'On — turn off' : 'Off — turn on');
+  } else {
+    const input = el('input', { id: id + '-default', value: kind === 'string' ? f.default : JSON.stringify(f.default), size: 12 });
+    control = [el('label', { for: id + '-default', class: 'visually-hidden' }, 'Default value of ' + name), input,
+      el('button', { type: 'button', 'data-save-default': name, onclick: () => {
+        let v = input.value;
+        if (kind !== 'string') { try { v = JSON.parse(v); } catch (_) { return say(name + ': not valid JSON', true); } }
+        patchFlag(name, { default: v }, name + ' default = ' + JSON.stringify(v));
+      } }, 'Save')];
+  }
+  const rules = (f.rules || []).map((r, i) => {
+    const pid = id + '-rule-' + i;
+    const pct = el('input', { id: pid, type: 'number', min: 0, max: 100, step: 'any', value: r.percent === undefined || r.percent === null ? 100 : r.percent, class: 'pct' });
+    return el('li', {}, describeRule(r), ' ',
+      el('label', { for: pid, class: 'visually-hidden' }, 'Rollout percentage of rule ' + (i + 1) + ' of ' + name), pct, ' % ',
+      el('button', { type: 'button', class: 'quiet', 'data-rollout': name + ':' + i, onclick: () => {
+        const next = (f.rules || []).map((x) => ({ ...x }));
+        next[i].percent = Number(pct.value);
+        patchFlag(name, { rules: next }, name + ' rule ' + (i + 1) + ' rollout ' + pct.value + ' %');
+      } }, 'Set rollout'));
+  });
+  const rulesJson = el('textarea', { id: id + '-rules', rows: 4, spellcheck: 'false' }, JSON.stringify(f.rules || [], null, 1));
+  const editor = el('details', {}, el('summary', {}, 'Edit rules (JSON)'),
+    el('label', { for: id + '-rules', class: 'visually-hidden' }, 'Rules of ' + name + ' as JSON'), rulesJson,
+    el('button', { type: 'button', 'data-save-rules': name, onclick: () => {
+      let rules;
+      try { rules = JSON.parse(rulesJson.value); } catch (_) { return say(name + ': the rules are not valid JSON', true); }
+      patchFlag(name, { rules }, name + ' rules');
+    } }, 'Save rules'));
+  return el('tr', {},
+    el('th', { scope: 'row' }, name, f.description ? el('span', { class: 'desc' }, f.description) : null),
+    el('td', {}, kind),
+    el('td', { class: 'actions' }, control),
+    el('td', {}, rules.length ? el('ol', { class: 'rules' }, rules) : el('span', { class: 'help' }, 'no rules: everyone gets the default'), editor),
+    el('td', {}, fmtNum(evaluations)));
+}
+
+async function loadAudit() {
+  const body = $('audit-table').tBodies[0];
+  let r;
+  try { r = await api('GET', '/audit?limit=1000'); } catch (e) { $('audit-note').textContent = e.message; return; }
+  const latest = r.entries.filter(Boolean).slice(-50).reverse();
+  body.replaceChildren(...latest.map((a) => el('tr', {},
+    el('td', {}, new Date(a.at_ms).toLocaleString()),
+    el('td', {}, a.actor),
+    el('td', {}, a.action + ' ' + a.kind + ' ' + a.name),
+    el('td', { class: 'value' }, changeSummary(a.before, a.after)))));
+  $('audit-note').textContent = latest.length ? 'Latest first.' : 'No changes yet.';
+}
+
+/// The top-level fields a change touched, before → after.
+function changeSummary(before, after) {
+  if (!before) return 'created';
+  if (!after) return 'deleted';
+  const keys = new Set([...Object.keys(before), ...Object.keys(after)]);
+  const parts = [];
+  for (const k of keys) {
+    const a = JSON.stringify(before[k]), b = JSON.stringify(after[k]);
+    if (a !== b) parts.push(k + ': ' + (a === undefined ? '–' : a) + ' → ' + (b === undefined ? '–' : b));
+  }
+  return parts.join('; ') || 'no change';
 }
 
 async function showFlagsForUser(ev) {
@@ -445,40 +542,90 @@ function flagControls(name, f, user, redraw) {
 
 async function loadExperiments() {
   const list = $('experiments-list');
-  let c;
-  try { c = await counters(); } catch (e) {
+  let defs;
+  try { defs = await api('GET', '/experiments'); } catch (e) {
     list.replaceChildren();
     $('experiments-note').textContent = e.status === 404 ? 'The edge layer is not configured ([edge] in the config): there are no experiments.' : e.message;
     return;
   }
-  const names = Object.keys(c.exposures);
-  const cards = [];
-  for (const name of names) {
-    let x;
-    try { x = await api('GET', '/experiments/' + enc(name)); } catch (e) { cards.push(el('p', { class: 'error' }, name + ': ' + e.message)); continue; }
-    cards.push(experimentCard(x));
-  }
+  const names = Object.keys(defs.experiments);
+  const cards = await Promise.all(names.map(async (name) => {
+    try {
+      const [view, results] = await Promise.all([api('GET', '/experiments/' + enc(name)), api('GET', '/experiments/' + enc(name) + '/results')]);
+      return experimentCard(name, defs.experiments[name], view, results);
+    } catch (e) { return el('p', { class: 'error' }, name + ': ' + e.message); }
+  }));
   list.replaceChildren(...cards);
-  $('experiments-note').textContent = names.length === 0 ? 'No experiments are configured.'
-    : 'Exposures are counted by this process since it started. Weights, traffic and targeting come from the config file; '
-      + 'the admin API does not report conversions yet, so no result can be computed here.';
+  $('experiments-note').textContent = names.length === 0 ? 'No experiments are defined.'
+    : 'Results count users exposed and converted (each user once a day) on every instance; exposures are this process\'s counts.';
 }
 
-function experimentCard(x) {
-  const maxExp = Math.max(1, ...x.variants.map((v) => v.exposures));
-  return el('article', { class: 'card experiment' },
-    el('h2', {}, x.name),
-    x.description ? el('p', {}, x.description) : null,
-    el('p', { class: 'help' }, 'Traffic ' + fmtPct(x.traffic, 0) + (x.path_prefix ? ', on paths under ' + x.path_prefix : ', on every path')
-      + '; header ' + x.header + '; ' + fmtNum(x.exposures) + ' exposures.'),
+const pct1 = (x) => (x * 100).toFixed(1) + ' %';
+
+/// "variant_b converts 12.3 % (±1.1) vs 10.0 % for control: +2.3 points, significant at 95 %."
+function resultSentence(v, control, confidence) {
+  if (v.users === 0) return v.name + ': no users exposed yet.';
+  const half = ((v.rate_interval[1] - v.rate_interval[0]) / 2) * 100;
+  const base = v.name + ' converts ' + pct1(v.rate) + ' (±' + half.toFixed(1) + ')';
+  if (!control || v.name === control.name) return base + ' (' + fmtNum(v.conversions) + ' of ' + fmtNum(v.users) + ' users): the control.';
+  const cmp = v.vs_control;
+  if (!cmp) return base + ' vs ' + pct1(control.rate) + ' for ' + control.name + ': not enough data to compare yet.';
+  const points = cmp.difference * 100;
+  const level = Math.round(confidence * 100) + ' %';
+  return base + ' vs ' + pct1(control.rate) + ' for ' + control.name + ': ' + (points >= 0 ? '+' : '−') + Math.abs(points).toFixed(1)
+    + ' points, ' + (cmp.significant ? 'significant at ' + level + '.' : 'not significant at ' + level + ' (p = ' + cmp.p_value.toFixed(2) + ').');
+}
+
+function experimentCard(name, def, view, results) {
+  const id = 'exp-' + name.replace(/[^A-Za-z0-9_-]/g, '_');
+  const maxExp = Math.max(1, ...view.variants.map((v) => v.exposures));
+  const control = results.variants.find((v) => v.name === results.control);
+  const targeting = [];
+  if (def.path_prefix) targeting.push('paths under ' + def.path_prefix);
+  if (def.segment) targeting.push('segment ' + def.segment);
+  for (const c of def.conditions || []) targeting.push(describeCondition(c));
+  const weightInputs = Object.keys(def.variants).map((v) => el('input', { id: id + '-w-' + v, type: 'number', min: 0, max: 100, step: 'any', value: def.variants[v], class: 'pct', 'data-variant': v }));
+  const traffic = el('input', { id: id + '-traffic', type: 'number', min: 0, max: 100, step: 'any', value: +(def.traffic * 100).toFixed(4), class: 'pct' });
+  const save = async (patch, what) => {
+    try { await api('PATCH', '/experiments/' + enc(name), patch); say('Saved: ' + what + '.'); } catch (e) { say(name + ': ' + e.message, true); }
+    await loadExperiments();
+  };
+  return el('article', { class: 'card experiment', id },
+    el('h2', {}, name),
+    def.description ? el('p', {}, def.description) : null,
+    el('p', { class: 'help' }, 'Traffic ' + fmtPct(def.traffic, 0) + '; ' + (targeting.length ? 'only ' + targeting.join(' and ') : 'every path and user')
+      + '; goals: ' + ((def.goals || []).map((g) => (g.method ? g.method + ' ' : '') + g.path).join(', ') || 'none')
+      + '; header ' + view.header + '; bucket version ' + view.bucket_version + '.'),
+    el('h3', {}, 'Results'),
+    el('ul', { class: 'results' }, results.variants.map((v) => el('li', { 'data-result': v.name }, resultSentence(v, control, results.confidence)))),
     el('div', { class: 'scroll' }, el('table', {},
-      el('thead', {}, el('tr', {}, el('th', { scope: 'col' }, 'Variant'), el('th', { scope: 'col' }, 'Weight'), el('th', { scope: 'col' }, 'Share'), el('th', { scope: 'col' }, 'Exposures'), el('th', { scope: 'col' }, ''))),
-      el('tbody', {}, x.variants.map((v) => el('tr', {},
-        el('th', { scope: 'row' }, v.name),
-        el('td', {}, v.weight),
-        el('td', {}, fmtPct(v.share)),
-        el('td', {}, fmtNum(v.exposures)),
-        el('td', { class: 'bar-cell' }, barSvg(v.exposures / maxExp))))))));
+      el('thead', {}, el('tr', {}, ['Variant', 'Weight', 'Exposures', 'Users', 'Conversions', 'Rate', ''].map((h) => el('th', { scope: 'col' }, h)))),
+      el('tbody', {}, view.variants.map((v) => {
+        const r = results.variants.find((x) => x.name === v.name) || { rate: 0, users: 0, conversions: 0, rate_interval: [0, 0] };
+        return el('tr', {},
+          el('th', { scope: 'row' }, v.name),
+          el('td', {}, fmtPct(v.share)),
+          el('td', {}, fmtNum(v.exposures)),
+          el('td', {}, fmtNum(r.users)),
+          el('td', {}, fmtNum(r.conversions)),
+          el('td', {}, r.users ? pct1(r.rate) + ' (' + pct1(r.rate_interval[0]) + '–' + pct1(r.rate_interval[1]) + ')' : '–'),
+          el('td', { class: 'bar-cell' }, barSvg(v.exposures / maxExp)));
+      })))),
+    el('form', { class: 'filters weights', onsubmit: (ev) => {
+      ev.preventDefault();
+      const variants = {};
+      for (const i of weightInputs) variants[i.dataset.variant] = Number(i.value);
+      save({ variants }, name + ' weights ' + Object.entries(variants).map(([k, w]) => k + ' ' + w + ' %').join(', '));
+    } },
+    el('fieldset', {}, el('legend', {}, 'Weights (percent, summing to 100)'),
+      Object.keys(def.variants).map((v, i) => el('span', { class: 'weight' }, el('label', { for: weightInputs[i].id }, v), weightInputs[i]))),
+    el('button', { type: 'submit', 'data-save-weights': name }, 'Save weights')),
+    el('form', { class: 'filters', onsubmit: (ev) => {
+      ev.preventDefault();
+      save({ traffic: Number(traffic.value) / 100 }, name + ' traffic ' + traffic.value + ' %');
+    } },
+    el('label', { for: traffic.id }, 'Traffic (% of users who enter)'), traffic,
+    el('button', { type: 'submit', 'data-save-traffic': name }, 'Save traffic')));
 }
 
 function barSvg(fraction) {
