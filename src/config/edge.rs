@@ -285,6 +285,31 @@ pub(crate) struct ExperimentConfig {
     /// Significance level of the results' test.
     #[serde(default = "default_alpha")]
     pub(crate) alpha: f64,
+    /// Running, paused or stopped (start, pause and stop from the admin API).
+    #[serde(default, skip_serializing_if = "ExperimentStatus::is_running")]
+    pub(crate) status: ExperimentStatus,
+    /// Stopped only: the variant every user gets from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) winner: Option<String>,
+}
+
+/// An experiment's lifecycle state.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ExperimentStatus {
+    /// Users are assigned and exposures recorded (the default).
+    #[default]
+    Running,
+    /// No assignments, no header, no exposures; sticky assignments kept.
+    Paused,
+    /// Like paused; with a winner, everyone gets the winner's header.
+    Stopped,
+}
+
+impl ExperimentStatus {
+    pub(crate) fn is_running(&self) -> bool {
+        *self == ExperimentStatus::Running
+    }
 }
 
 fn default_alpha() -> f64 {
@@ -700,6 +725,20 @@ impl Definitions {
                     return Err(problem(
                         vfield,
                         format!("weight {weight} must be a finite number >= 0"),
+                    ));
+                }
+            }
+            if let Some(winner) = &exp.winner {
+                if exp.status != ExperimentStatus::Stopped {
+                    return Err(problem(
+                        format!("{field}.winner"),
+                        "a winner needs status = \"stopped\"",
+                    ));
+                }
+                if !exp.variants.contains_key(winner) {
+                    return Err(problem(
+                        format!("{field}.winner"),
+                        format!("{winner:?} is not one of the experiment's variants"),
                     ));
                 }
             }

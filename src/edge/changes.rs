@@ -367,8 +367,24 @@ impl Edge {
             }
             variants.push(v);
         }
+        let today = crate::kv::now_ms() / 86_400_000;
+        let daily: Vec<Value> = self
+            .daily
+            .rows(&exp.key_name, today)
+            .into_iter()
+            .map(|(day, variant, exposures, conversions)| {
+                json!({
+                    "date": super::exposures::utc_date(day),
+                    "variant": variant,
+                    "exposures": exposures,
+                    "conversions": conversions,
+                })
+            })
+            .collect();
         Ok(json!({
             "experiment": exp.name,
+            "status": exp.status,
+            "winner": exp.winner.and_then(|w| exp.variants.get(w)).map(|v| v.name.as_str()),
             "bucket_version": exp.bucket_version,
             "control": control_name,
             "alpha": alpha,
@@ -376,6 +392,9 @@ impl Edge {
             "test": "two-sided two-proportion z-test; Wilson score intervals",
             "variants": variants,
             "summary": statements,
+            // Users first exposed / converted per UTC day (deduplicated per
+            // day; this instance's traffic), the last 30 days.
+            "daily": daily,
         }))
     }
 }

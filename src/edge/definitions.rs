@@ -12,7 +12,7 @@ use super::rollout::{self, BUCKETS};
 use super::targeting::RequestAttributes;
 use crate::config::edge::targeting::Condition;
 use crate::config::edge::{
-    Definitions, EdgeConfigError, FlagKind, FlagValue, HashScheme, WeightRule,
+    Definitions, EdgeConfigError, ExperimentStatus, FlagKind, FlagValue, HashScheme, WeightRule,
     EXPERIMENT_HEADER_PREFIX,
 };
 use crate::config::sfv;
@@ -128,6 +128,9 @@ pub(crate) struct ExperimentRuntime {
     pub(crate) goals: Vec<Goal>,
     pub(crate) control: usize,
     pub(crate) alpha: f64,
+    pub(crate) status: ExperimentStatus,
+    /// Stopped with a winner: the variant everyone the experiment applies to gets.
+    pub(crate) winner: Option<usize>,
 }
 
 impl ExperimentRuntime {
@@ -314,6 +317,11 @@ impl Compiled {
                 .or(exp.variants.contains_key("control").then_some("control"))
                 .and_then(|c| variants.iter().position(|v| v.name == c))
                 .unwrap_or(0);
+            let winner = exp
+                .winner
+                .as_deref()
+                .filter(|_| exp.status == ExperimentStatus::Stopped)
+                .and_then(|w| variants.iter().position(|v| v.name == w));
             experiments.push(ExperimentRuntime {
                 name: name.clone(),
                 description: exp.description.clone(),
@@ -347,6 +355,8 @@ impl Compiled {
                     .collect(),
                 control,
                 alpha: exp.alpha,
+                status: exp.status,
+                winner,
             });
         }
         Ok(Compiled {

@@ -51,6 +51,59 @@ impl OutcomeCounters {
     }
 }
 
+/// Days of per-day counts kept (the oldest are dropped as days pass).
+pub(crate) const DAILY_DAYS_KEPT: u64 = 30;
+/// At most this many (experiment, day, variant) rows, whatever the names.
+const DAILY_MAX_ROWS: usize = 100_000;
+
+/// Unique exposures and conversions per experiment key, UTC day and variant,
+/// for the last [`DAILY_DAYS_KEPT`] days (this instance's traffic).
+#[derive(Default)]
+pub(crate) struct DailyOutcomes {
+    map: Mutex<BTreeMap<(String, u64, String), [u64; 2]>>,
+}
+
+impl DailyOutcomes {
+    /// Counts one outcome on `day` (days since the Unix epoch).
+    pub(crate) fn record(&self, outcome: Outcome, experiment: &str, variant: &str, day: u64) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = day.saturating_sub(DAILY_DAYS_KEPT - 1);
+        map.retain(|(_, d, _), _| *d >= oldest);
+        let key = (experiment.to_owned(), day, variant.to_owned());
+        if !map.contains_key(&key) && map.len() >= DAILY_MAX_ROWS {
+            return;
+        }
+        let row = map.entry(key).or_default();
+        row[outcome as usize] += 1;
+    }
+
+    /// `(day, variant, exposures, conversions)` for one experiment key,
+    /// oldest day first, only days within the window ending at `today`.
+    pub(crate) fn rows(&self, experiment: &str, today: u64) -> Vec<(u64, String, u64, u64)> {
+        let oldest = today.saturating_sub(DAILY_DAYS_KEPT - 1);
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.range((experiment.to_owned(), oldest, String::new())..)
+            .take_while(|((e, _, _), _)| e == experiment)
+            .map(|((_, d, v), c)| (*d, v.clone(), c[0], c[1]))
+            .collect()
+    }
+}
+
+/// `YYYY-MM-DD` of a day counted from the Unix epoch (UTC; Howard
+/// Hinnant's civil-from-days).
+pub(crate) fn utc_date(day: u64) -> String {
+    let z = day as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 const DEDUP_SHARDS: usize = 16;
 
 struct DayShard {
@@ -265,6 +318,37 @@ impl Rotating {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn daily_outcomes_keep_the_last_days_per_variant() {
+        let d = DailyOutcomes::default();
+        d.record(Outcome::Exposure, "e", "a", 100);
+        d.record(Outcome::Exposure, "e", "a", 100);
+        d.record(Outcome::Conversion, "e", "a", 100);
+        d.record(Outcome::Exposure, "e", "b", 101);
+        d.record(Outcome::Exposure, "f", "a", 101);
+        assert_eq!(
+            d.rows("e", 101),
+            vec![(100, "a".to_owned(), 2, 1), (101, "b".to_owned(), 1, 0)]
+        );
+        // Thirty days later day 100 has left the window, and is dropped.
+        d.record(Outcome::Exposure, "e", "b", 130);
+        assert_eq!(
+            d.rows("e", 130),
+            vec![(101, "b".to_owned(), 1, 0), (130, "b".to_owned(), 1, 0)]
+        );
+        d.record(Outcome::Exposure, "e", "b", 131);
+        assert_eq!(d.rows("e", 131).len(), 2);
+        assert_eq!(d.rows("e", 131)[0].0, 130);
+    }
+
+    #[test]
+    fn utc_dates_from_epoch_days() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(59), "1970-03-01");
+        assert_eq!(utc_date(11_016), "2000-02-29");
+        assert_eq!(utc_date(20_417), "2025-11-25");
+    }
 
     #[test]
     fn dedup_counts_once_per_day_and_stays_bounded() {

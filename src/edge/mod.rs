@@ -161,6 +161,8 @@ pub struct Edge {
     dedup: DailyDedup,
     events: EventLog,
     outcomes: Arc<OutcomeCounters>,
+    /// The same, per UTC day, for the results' `daily`.
+    daily: exposures::DailyOutcomes,
     prefs: PrefsRuntime,
     counters: Arc<Counters>,
     /// Sticky assignments and preference renewals on their way to the KV.
@@ -391,6 +393,7 @@ impl Edge {
             dedup: DailyDedup::new(cfg.exposures.dedup_capacity),
             events: EventLog::new(&cfg.exposures),
             outcomes,
+            daily: exposures::DailyOutcomes::default(),
             prefs,
             counters,
             writes,
@@ -548,8 +551,17 @@ impl Edge {
         self.defs.ensure_loaded().await;
         let defs = self.defs.current.load_full();
         let mut entered: Vec<(&ExperimentRuntime, Option<usize>)> = Vec::new();
+        let mut inject = Vec::with_capacity(defs.experiments.len() + 2);
         for exp in &defs.experiments {
             if !exp.applies_to(&req) {
+                continue;
+            }
+            // Paused or stopped: no assignment (sticky ones stay stored for a
+            // resume), no exposure; a stopped experiment's winner for everyone.
+            if !exp.status.is_running() {
+                if let Some(winner) = exp.winner.and_then(|w| exp.variants.get(w)) {
+                    inject.push((exp.header.clone(), winner.header_value.clone()));
+                }
                 continue;
             }
             let hashed = exp.hashed(user);
@@ -579,7 +591,6 @@ impl Edge {
             None => (None, None, None, None),
         };
 
-        let mut inject = Vec::with_capacity(entered.len() + 2);
         for flag in &defs.flags {
             flag.evaluations.incr();
         }
@@ -673,6 +684,8 @@ impl Edge {
                 continue;
             }
             variant.unique_exposures.incr();
+            self.daily
+                .record(Outcome::Exposure, &exp.key_name, &variant.name, day);
             self.events.push(event("exposure", exp, &variant.name));
             self.writes
                 .push(Write::Put {
@@ -703,6 +716,8 @@ impl Edge {
                 .and_then(|&(_, v)| exp.variants.get(v));
             if let Some(variant) = variant {
                 variant.conversions.incr();
+                self.daily
+                    .record(Outcome::Conversion, &exp.key_name, &variant.name, day);
             }
             self.events.push(event(
                 "conversion",

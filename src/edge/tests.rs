@@ -1454,3 +1454,121 @@ async fn bucket_version_reshuffles_and_ignores_older_sticky_assignments() {
     // Independent hashes under 50/25/25: about 62.5 % land elsewhere.
     assert!(moved > 80, "only {moved} of 200 moved");
 }
+
+async fn patch_experiment(edge: &Edge, patch: Value) -> Result<Value, EdgeAdminError> {
+    edge.change_definition(
+        DefKind::Experiment,
+        "new-checkout",
+        Change::Patch(patch),
+        "admin",
+    )
+    .await
+}
+
+/// Sticky assignments stored for new-checkout (the other experiment runs on).
+async fn checkout_sticky_keys(kv: &dyn Kv) -> usize {
+    let page = kv.list("production:exp:new-checkout:", None, 1000).await;
+    page.unwrap().keys.len()
+}
+
+/// Today's exposures and conversions of one variant in the results' `daily`.
+async fn today(edge: &Edge, variant: &str) -> (u64, u64) {
+    let results = edge.results("new-checkout").await.unwrap();
+    let date = exposures::utc_date(crate::kv::now_ms() / 86_400_000);
+    results["daily"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["date"] == date.as_str() && r["variant"] == variant)
+        .map_or((0, 0), |r| {
+            (
+                r["exposures"].as_u64().unwrap(),
+                r["conversions"].as_u64().unwrap(),
+            )
+        })
+}
+
+#[tokio::test]
+async fn pause_and_stop_withhold_assignments_and_resume_keeps_them() {
+    let kv = Arc::new(MemoryKv::new());
+    let edge = Edge::new(&config(), kv.clone()).unwrap();
+    let d = edge.decide(&user("alice"), "/checkout", PEER, false).await;
+    let variant = injected(&d, "x-experiment-new-checkout")
+        .unwrap()
+        .to_owned();
+    edge.observe(&d, &Method::GET, "/checkout", "default", StatusCode::OK)
+        .await;
+    assert_eq!(today(&edge, &variant).await, (1, 0));
+    edge.settle().await;
+    let stored = checkout_sticky_keys(kv.as_ref()).await;
+    assert_eq!(stored, 1);
+
+    let done = patch_experiment(&edge, json!({"status": "paused"})).await;
+    assert_eq!(done.unwrap()["after"]["status"], "paused");
+    for u in ["alice", "bob", "carol"] {
+        let d = edge.decide(&user(u), "/checkout", PEER, false).await;
+        assert_eq!(injected(&d, "x-experiment-new-checkout"), None, "{u}");
+        edge.observe(&d, &Method::GET, "/checkout", "default", StatusCode::OK)
+            .await;
+    }
+    edge.settle().await;
+    // Nobody new assigned, nothing exposed, alice's assignment kept.
+    assert_eq!(checkout_sticky_keys(kv.as_ref()).await, stored);
+    let results = edge.results("new-checkout").await.unwrap();
+    assert_eq!(results["status"], "paused");
+    let exposed: u64 = results["daily"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["exposures"].as_u64().unwrap())
+        .sum();
+    assert_eq!(exposed, 1);
+
+    // Refused: an unknown status, an unknown winner, a winner while not stopped.
+    for (patch, words) in [
+        (json!({"status": "finished"}), "finished"),
+        (
+            json!({"status": "stopped", "winner": "nope"}),
+            "not one of the experiment's variants",
+        ),
+        (json!({"winner": "control"}), "needs status"),
+    ] {
+        let err = patch_experiment(&edge, patch.clone()).await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{patch}");
+        assert!(err.to_string().contains(words), "{patch}: {err}");
+    }
+
+    patch_experiment(&edge, json!({"status": "stopped", "winner": "variant_b"}))
+        .await
+        .unwrap();
+    for u in ["alice", "bob", "carol", "dave"] {
+        let d = edge.decide(&user(u), "/checkout", PEER, false).await;
+        assert_eq!(
+            injected(&d, "x-experiment-new-checkout"),
+            Some("variant_b"),
+            "{u}"
+        );
+        let defs = d.defs.as_ref().unwrap();
+        assert!(
+            d.assigned
+                .iter()
+                .all(|&(e, _)| defs.experiments[e].name != "new-checkout"),
+            "a winner is no exposure"
+        );
+        // Outside the path prefix the experiment still does not apply.
+        let d = edge.decide(&user(u), "/", PEER, false).await;
+        assert_eq!(injected(&d, "x-experiment-new-checkout"), None);
+    }
+
+    let done = patch_experiment(&edge, json!({"status": "running", "winner": null}))
+        .await
+        .unwrap();
+    // Running is the default: neither status nor winner is stored.
+    assert!(done["after"].get("status").is_none(), "{done}");
+    assert!(done["after"].get("winner").is_none(), "{done}");
+    let d = edge.decide(&user("alice"), "/checkout", PEER, false).await;
+    assert_eq!(
+        injected(&d, "x-experiment-new-checkout"),
+        Some(variant.as_str())
+    );
+}
