@@ -561,3 +561,85 @@ async fn an_anonymous_user_who_logs_in_keeps_the_variant() {
     .await;
     assert_eq!(r.status, 400, "{}", r.text());
 }
+
+#[tokio::test]
+async fn a_paused_experiment_withholds_its_header_and_resumes_with_the_same_variants() {
+    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let gw = gateway(&origin, &toml("")).await;
+    admin_ok(
+        &gw,
+        Method::PUT,
+        "/experiments/hero",
+        r#"{"variants": {"a": 50, "b": 50}}"#,
+    )
+    .await;
+    let visit = |phase: &'static str, i: usize| {
+        let gw = &gw;
+        let origin = &origin;
+        async move {
+            let p = format!("/{phase}/{i}");
+            let r = get_with(&gw.url(&p), &[("x-user-id", &format!("user-{i}"))]).await;
+            assert_eq!(r.status, 200);
+            seen(origin, &p, "x-experiment-hero")
+        }
+    };
+    let mut before = Vec::new();
+    for i in 0..10 {
+        before.push(visit("before", i).await.expect("a variant while running"));
+    }
+    if let Some(edge) = &gw.running.gateway.edge {
+        edge.settle().await;
+    }
+
+    let r = admin(
+        &gw,
+        Method::PATCH,
+        "/experiments/hero",
+        r#"{"status": "halted"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("halted"), "{}", r.text());
+    admin_ok(
+        &gw,
+        Method::PATCH,
+        "/experiments/hero",
+        r#"{"status": "paused"}"#,
+    )
+    .await;
+    for i in 0..10 {
+        assert_eq!(visit("paused", i).await, None, "user-{i} while paused");
+    }
+    let results = admin_ok(&gw, Method::GET, "/experiments/hero/results", "").await;
+    assert_eq!(results["status"], "paused");
+    let exposed: u64 = results["daily"]
+        .as_array()
+        .expect("daily")
+        .iter()
+        .map(|row| row["exposures"].as_u64().unwrap())
+        .sum();
+    assert_eq!(exposed, 10, "paused visits are no exposures: {results}");
+
+    admin_ok(
+        &gw,
+        Method::PATCH,
+        "/experiments/hero",
+        r#"{"status": "running"}"#,
+    )
+    .await;
+    for (i, variant) in before.iter().enumerate() {
+        assert_eq!(
+            visit("resumed", i).await.as_ref(),
+            Some(variant),
+            "user-{i}"
+        );
+    }
+    let audit = admin_ok(&gw, Method::GET, "/audit", "").await;
+    let statuses = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "hero" && e["action"] == "patch")
+        .count();
+    assert_eq!(statuses, 2, "pause and resume are audited: {audit}");
+}
