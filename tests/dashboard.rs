@@ -500,6 +500,10 @@ async fn the_dashboard_end_to_end() {
         )
         .await;
     assert!(text.contains("points"), "{text}");
+    b.wait_text("#experiments-list table[data-daily]", "variant_a")
+        .await;
+    b.wait_text("#exp-new-checkout p[data-status]", "Running")
+        .await;
     b.screenshot_tall("experiments", 1000).await;
     // Weights that do not sum to 100 are refused with the API's reason.
     b.type_into("#exp-new-checkout-w-control", "60").await;
@@ -536,6 +540,28 @@ async fn the_dashboard_end_to_end() {
             ("variant_b".into(), 40.0)
         ]
     );
+    // Pause: the origin stops receiving the variant; Start: it comes back.
+    let variant_seen = |path: &'static str| {
+        let gw = &gw;
+        let origin = &origin;
+        async move {
+            get_with(&gw.url(path), &[("x-user-id", "u1")]).await;
+            origin
+                .requests(path)
+                .last()
+                .and_then(|s| s.headers.get("x-experiment-new-checkout").cloned())
+        }
+    };
+    let before = variant_seen("/lifecycle/before").await;
+    assert!(before.is_some(), "running: a variant reaches the origin");
+    b.click("button[data-pause='new-checkout']").await;
+    b.wait_text("#status", "new-checkout paused").await;
+    b.wait_text("#exp-new-checkout p[data-status]", "Paused")
+        .await;
+    assert_eq!(variant_seen("/lifecycle/paused").await, None);
+    b.click("button[data-start='new-checkout']").await;
+    b.wait_text("#status", "new-checkout started").await;
+    assert_eq!(variant_seen("/lifecycle/started").await, before);
 
     // Users: flags with their source, variants, preferences, headers;
     // clearing the override brings the default back.

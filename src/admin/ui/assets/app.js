@@ -596,6 +596,7 @@ function experimentCard(name, def, view, results) {
     el('p', { class: 'help' }, 'Traffic ' + fmtPct(def.traffic, 0) + '; ' + (targeting.length ? 'only ' + targeting.join(' and ') : 'every path and user')
       + '; goals: ' + ((def.goals || []).map((g) => (g.method ? g.method + ' ' : '') + g.path).join(', ') || 'none')
       + '; header ' + view.header + '; bucket version ' + view.bucket_version + '.'),
+    lifecycle(id, name, def, save),
     el('h3', {}, 'Results'),
     el('ul', { class: 'results' }, results.variants.map((v) => el('li', { 'data-result': v.name }, resultSentence(v, control, results.confidence)))),
     el('div', { class: 'scroll' }, el('table', {},
@@ -611,6 +612,7 @@ function experimentCard(name, def, view, results) {
           el('td', {}, r.users ? pct1(r.rate) + ' (' + pct1(r.rate_interval[0]) + '–' + pct1(r.rate_interval[1]) + ')' : '–'),
           el('td', { class: 'bar-cell' }, barSvg(v.exposures / maxExp)));
       })))),
+    dailyTable(results.daily || []),
     el('form', { class: 'filters weights', onsubmit: (ev) => {
       ev.preventDefault();
       const variants = {};
@@ -626,6 +628,41 @@ function experimentCard(name, def, view, results) {
     } },
     el('label', { for: traffic.id }, 'Traffic (% of users who enter)'), traffic,
     el('button', { type: 'submit', 'data-save-traffic': name }, 'Save traffic')));
+}
+
+/// Status, and Start / Pause / Stop (Stop names a winner or none, confirmed).
+function lifecycle(id, name, def, save) {
+  const status = def.status || 'running';
+  const words = { running: 'Running: users are assigned and exposures counted.',
+    paused: 'Paused: nobody gets a variant and nothing is counted; assignments are kept for a restart.',
+    stopped: def.winner ? 'Stopped: everyone gets ' + def.winner + '; nothing is counted.' : 'Stopped: nobody gets a variant; nothing is counted.' };
+  const winner = el('select', { id: id + '-winner' }, el('option', { value: '' }, 'no winner'),
+    Object.keys(def.variants).map((v) => el('option', { value: v }, v)));
+  return el('div', { class: 'lifecycle' },
+    el('p', { 'data-status': status }, el('strong', {}, 'Status: '), words[status] || status),
+    el('button', { type: 'button', 'data-start': name, disabled: status === 'running' ? '' : null,
+      onclick: () => save({ status: 'running', winner: null }, name + ' started') }, 'Start'),
+    el('button', { type: 'button', 'data-pause': name, disabled: status === 'paused' ? '' : null,
+      onclick: () => save({ status: 'paused', winner: null }, name + ' paused') }, 'Pause'),
+    el('label', { for: winner.id }, 'Winner on stop'), winner,
+    el('button', { type: 'button', 'data-stop': name, onclick: () => {
+      const w = winner.value || null;
+      if (!window.confirm('Stop ' + name + (w ? ' and give everyone ' + w : ' with no winner') + '?')) return;
+      save({ status: 'stopped', winner: w }, name + ' stopped' + (w ? ', winner ' + w : ''));
+    } }, 'Stop'));
+}
+
+/// Users first exposed and converted per UTC day and variant (last 30 days).
+function dailyTable(rows) {
+  if (rows.length === 0) return el('p', { class: 'help' }, 'No daily exposures yet (kept for 30 days, this instance).');
+  const max = Math.max(1, ...rows.map((r) => r.exposures));
+  return el('div', { class: 'scroll' }, el('table', { 'data-daily': '' },
+    el('caption', {}, 'Per day (UTC), this instance'),
+    el('thead', {}, el('tr', {}, ['Date', 'Variant', 'Exposed', 'Converted', ''].map((h) => el('th', { scope: 'col' }, h)))),
+    el('tbody', {}, rows.slice().sort((a, b) => (a.date === b.date ? a.variant.localeCompare(b.variant) : b.date.localeCompare(a.date))).map((r) => el('tr', {},
+      el('td', {}, r.date), el('th', { scope: 'row' }, r.variant),
+      el('td', {}, fmtNum(r.exposures)), el('td', {}, fmtNum(r.conversions)),
+      el('td', { class: 'bar-cell' }, barSvg(r.exposures / max)))))));
 }
 
 function barSvg(fraction) {
