@@ -1,5 +1,7 @@
 //! Process-wide counters for `/metrics` (Prometheus text format) and tests.
 
+pub(crate) mod ops;
+
 use crate::cache::result::CacheResult;
 use http::StatusCode;
 use std::sync::atomic::{AtomicU64, Ordering};
