@@ -36,6 +36,13 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Ask a running gateway's `/healthz` (exit status 0 when it answers
+    /// 200): a container HEALTHCHECK without curl in the image.
+    Health {
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+    },
     /// Start a small demo origin and the gateway in front of it.
     Demo {
         /// Where the demo gateway listens.
@@ -54,7 +61,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub listen: Option<String>,
     /// Origin URL, e.g. http://127.0.0.1:8000.
-    #[arg(long)]
+    #[arg(long, env = "KVGATE_ORIGIN")]
     pub origin: Option<String>,
     /// TLS certificate chain (PEM) for the main listener.
     #[arg(long, requires = "tls_key")]
@@ -327,6 +334,35 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         stop,
         task,
     })
+}
+
+/// `GET /healthz` on the admin listener at `admin` (HTTP/1.1 over plain
+/// TCP, 2 s in all): Ok when it answers 200.
+pub fn health(admin: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = admin
+        .parse()
+        .map_err(|e| format!("{admin:?} is not an address and port: {e}"))?;
+    let limit = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let io = |e: std::io::Error| format!("{addr}: {e}");
+    stream.set_read_timeout(Some(limit)).map_err(io)?;
+    stream.set_write_timeout(Some(limit)).map_err(io)?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
+    // The status line is all we need; read at most a little more.
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).map_err(io)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    match line.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        Some(status) => Err(format!("{addr}/healthz answered {status}")),
+        None => Err(format!("{addr}/healthz: no HTTP status line")),
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

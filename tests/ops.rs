@@ -314,3 +314,40 @@ async fn reload_swaps_the_tls_certificate_for_new_connections() {
     assert!(error.contains("kvgate.toml:3:1: server.tls_key"), "{error}");
     assert_eq!(served_certificate(gw.running.addr).await, second);
 }
+
+#[tokio::test]
+async fn the_health_subcommand_reports_the_admin_probe() {
+    let origin = Origin::start(|_, _| Reply::ok("x")).await;
+    let gw = Gateway::start(&origin.url(), |c| {
+        c.admin = Some(kvgate::config::AdminConfig {
+            listen: toml::Spanned::new(0..0, "127.0.0.1:0".into()),
+            token: Some(TOKEN.into()),
+            max_body_bytes: 4096,
+        });
+    })
+    .await;
+    let health = |addr: String| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .args(["health", "--admin", &addr])
+            .output()
+            .await
+            .expect("run kvgate")
+    };
+    let admin = gw.running.admin_addr.expect("admin runs").to_string();
+    let up = health(admin).await;
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    // A closed port fails.
+    let down = health(
+        refused_url()
+            .await
+            .trim_start_matches("http://")
+            .to_string(),
+    )
+    .await;
+    assert!(!down.status.success());
+    assert!(String::from_utf8_lossy(&down.stderr).contains("cannot connect"));
+}
