@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// KVGATE_ADMIN_TOKEN or [admin] token.
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Redis URL, e.g. redis://127.0.0.1:6379: edge state lives there,
+    /// shared by every instance using it (one region; more with [redis]).
+    #[arg(long)]
+    pub redis: Option<String>,
 }
 
 impl RunArgs {
@@ -92,6 +96,7 @@ impl RunArgs {
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
             log_level: self.log_level.clone(),
             admin_listen: self.admin_listen.clone(),
+            redis: self.redis.clone(),
         })?;
         Ok(cfg)
     }
@@ -222,7 +227,7 @@ pub fn check(cfg: &Config) -> Result<(), CheckError> {
             line,
             column,
             key,
-            source,
+            source: Box::new(source),
         }
     })
 }
@@ -300,6 +305,29 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             }
         })
     };
+    let counter_flusher = gw.shared_counters.clone().map(|shared| {
+        let live = live.clone();
+        let mut stopped = stopped.clone();
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            // [redis] needs a restart (a reload says so): the first
+            // generation's settings hold.
+            let every = Duration::from_millis(
+                gw.redis
+                    .as_ref()
+                    .map_or(1_000, |r| r.settings().counter_flush_ms),
+            );
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stopped.changed() => break,
+                }
+                flush_counters(&live.load_full(), &shared).await;
+            }
+            // What was counted since the last tick is not lost at shutdown.
+            flush_counters(&live.load_full(), &shared).await;
+        })
+    });
     let task = {
         let live = live.clone();
         tokio::spawn(async move {
@@ -318,6 +346,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 }
             }
             sweeper.abort();
+            if let Some(f) = counter_flusher {
+                let _ = f.await;
+            }
             if let Some(r) = reload {
                 r.abort();
             }
@@ -362,6 +393,15 @@ pub fn health(admin: &str) -> Result<(), String> {
         Some("200") => Ok(()),
         Some(status) => Err(format!("{addr}/healthz answered {status}")),
         None => Err(format!("{addr}/healthz: no HTTP status line")),
+    }
+}
+
+/// Adds this instance's counter growth to the shared totals (a failure is
+/// logged by the region, and the growth is sent next time).
+async fn flush_counters(gw: &Gateway, shared: &crate::redis::counters::SharedCounters) {
+    let Some(edge) = &gw.edge else { return };
+    if let Ok(tree) = edge.counters().await {
+        let _ = shared.flush(&crate::redis::counters::flatten(&tree)).await;
     }
 }
 
@@ -465,7 +505,7 @@ mod tests {
             .unwrap_err();
         assert_eq!((e.key, e.line, e.column), ("admin.listen", 4, 1), "{e}");
         assert!(matches!(
-            e.source,
+            *e.source,
             StartError::Admin(crate::error::AdminError::NoToken(_))
         ));
         let e = checked(
@@ -473,7 +513,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((e.key, e.line), ("server.tls_cert", 2), "{e}");
-        assert!(matches!(e.source, StartError::Tls(TlsError::Read { .. })));
+        assert!(matches!(*e.source, StartError::Tls(TlsError::Read { .. })));
         let e = checked("[state]\npath = \"/nonexistent/dir/state.redb\"\n[edge]\n").unwrap_err();
         assert_eq!((e.key, e.line), ("state.path", 2), "{e}");
         let cause = e.source.source().expect("the io error is kept");

@@ -4,6 +4,7 @@
 //! with a hint, so a typo never silently turns a feature off.
 
 pub(crate) mod edge;
+pub mod redis;
 pub(crate) mod sfv;
 pub mod tag_template;
 
@@ -36,6 +37,8 @@ pub struct Config {
     /// The admin listener. Off unless the section (or `--admin-listen`) is
     /// present, so a second port is never opened by surprise.
     pub admin: Option<AdminConfig>,
+    /// `[redis]`: shared state for several instances (or `--redis URL`).
+    pub redis: Option<redis::RedisConfig>,
     /// The file this config was read from, for reloads (SIGHUP).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -57,6 +60,7 @@ pub(crate) struct Overrides {
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     pub(crate) log_level: Option<String>,
     pub(crate) admin_listen: Option<String>,
+    pub(crate) redis: Option<String>,
 }
 
 /// The environment variable that holds the admin token (wins over the config).
@@ -158,7 +162,8 @@ pub struct TagRuleConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
-    /// `durable` (redb file, survives restarts and kill -9) or `memory`.
+    /// `durable` (redb file, survives restarts and kill -9), `memory`, or
+    /// `redis` (shared by every instance; needs `[redis]`).
     pub backend: StateBackend,
     /// The redb file for the durable backend.
     pub path: PathBuf,
@@ -172,6 +177,8 @@ pub enum StateBackend {
     Durable,
     /// Process memory: lost on restart.
     Memory,
+    /// The `[redis]` servers, shared by every instance; no local file.
+    Redis,
 }
 
 impl Default for StateConfig {
@@ -545,6 +552,23 @@ impl Config {
                 source,
             })?;
         }
+        if let Some(url) = &o.redis {
+            redis::check_url(url).map_err(|reason| ArgsError::Redis {
+                url: url.clone(),
+                reason,
+            })?;
+            // The flag replaces the servers, not the tuning around them.
+            let r = match cfg.redis.take() {
+                Some(old) => redis::RedisConfig {
+                    url: Some(Spanned::new(0..0, url.clone())),
+                    regions: Vec::new(),
+                    ..old
+                },
+                None => redis::RedisConfig::single(url),
+            };
+            cfg.redis = Some(r);
+            cfg.state.backend = StateBackend::Redis;
+        }
         if let Some(admin) = &mut cfg.admin {
             // The environment wins over the file, so the file need not hold
             // the secret. An empty variable counts as unset.
@@ -739,6 +763,22 @@ impl Config {
                 ));
             }
         }
+        match &self.redis {
+            Some(redis) => redis.validate(src, file)?,
+            None if self.state.backend == StateBackend::Redis => {
+                let (line, column) = locate_plain_key(src, "state", "backend");
+                return Err(ConfigError {
+                    file: file.to_string(),
+                    line,
+                    column,
+                    message: "state.backend: \"redis\" needs a [redis] section".into(),
+                    hint: Some(
+                        "add [redis] url = \"redis://127.0.0.1:6379\", or pass --redis URL".into(),
+                    ),
+                });
+            }
+            None => {}
+        }
         let t = &self.cache.tags;
         for (key, name) in [
             ("cache.tags.surrogate_key_header", &t.surrogate_key_header),
@@ -799,6 +839,15 @@ impl Config {
             check_normal_prefix(&r.prefix, &format!("route[{}].prefix", r.name), &err)?;
         }
         Ok(())
+    }
+
+    /// The edge environment (`edge.environment`, or its default): names
+    /// the state namespace and the default Redis key prefix.
+    pub(crate) fn environment(&self) -> String {
+        match &self.edge {
+            Some(e) => e.environment.clone(),
+            None => edge::EdgeConfig::default().environment,
+        }
     }
 
     /// The route for a path in normal form (see [`match_route`]).

@@ -62,9 +62,9 @@ pub struct CheckError {
     pub column: usize,
     /// The dotted key, e.g. `admin.listen`.
     pub key: &'static str,
-    /// What is wrong.
+    /// What is wrong (boxed: a start error is large).
     #[source]
-    pub source: StartError,
+    pub source: Box<StartError>,
 }
 
 /// A command-line flag or config file refused by [`crate::cli::RunArgs::resolve`].
@@ -87,6 +87,14 @@ pub enum ArgsError {
     LogLevel {
         /// The flag's value.
         level: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--redis` is not a Redis URL kvgate can use.
+    #[error("--redis {url:?}: {reason}")]
+    Redis {
+        /// The flag's value.
+        url: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -196,6 +204,15 @@ pub enum GatewayError {
     /// `[cache.tags]` or a `[[cache.tag_rule]]` was refused.
     #[error(transparent)]
     Tags(#[from] TagConfigError),
+    /// A `[redis]` region's client could not be set up (its URL).
+    #[error("redis region {region}")]
+    Redis {
+        /// The region's name.
+        region: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
 }
 
 /// Why the origin client could not be set up.

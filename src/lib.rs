@@ -28,6 +28,7 @@ mod logging;
 mod metrics;
 mod protocol;
 mod proxy;
+mod redis;
 
 pub use proxy::gateway::Gateway;
 pub use proxy::respond::{CacheResult, Labels};

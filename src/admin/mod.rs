@@ -12,6 +12,7 @@
 //! [`prometheus`]; purge semantics in [`purge`].
 
 pub(crate) mod auth;
+mod flags;
 mod health;
 pub(crate) mod prometheus;
 pub(crate) mod purge;
@@ -19,6 +20,9 @@ pub(crate) mod reload;
 mod reply;
 mod request;
 pub(crate) mod routes;
+pub(crate) mod session;
+mod stats;
+pub(crate) mod ui;
 
 use crate::config::AdminConfig;
 use crate::error::AdminError;
@@ -87,6 +91,9 @@ pub(crate) struct AdminState {
     pub stopping: watch::Receiver<bool>,
     token: Option<Token>,
     max_body_bytes: usize,
+    /// Dashboard sessions and sign-in throttling (`/ui/`), shared by the
+    /// per-request copies of this state.
+    ui: Arc<ui::UiState>,
 }
 
 /// A bound, running admin listener.
@@ -118,6 +125,7 @@ pub(crate) async fn start(
         stopping: stopping.clone(),
         token: settings.token,
         max_body_bytes: settings.max_body_bytes,
+        ui: Arc::default(),
     });
     let task = tokio::spawn(serve(state, listener, stopping));
     Ok(AdminListener { addr, task })
@@ -193,9 +201,12 @@ async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminRes
         };
         return Ok(probe.response(parts.method == Method::HEAD));
     }
+    if ui::is_ui_path(parts.uri.path()) {
+        return ui::answer(state, &parts, body).await;
+    }
     if let Err(refusal) = auth::check(state.token.as_ref(), &parts.headers) {
-        tracing::debug!(path = parts.uri.path(), ?refusal, "admin request refused");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, refusal.message()));
+        // A browser signed in to the dashboard shows a session cookie instead.
+        ui::session_instead_of_bearer(state, &parts, refusal)?;
     }
     if path == "/reload" {
         if parts.method != Method::POST {

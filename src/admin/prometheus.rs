@@ -178,6 +178,10 @@ pub(crate) fn render(gw: &Gateway) -> String {
     );
     if let Some(edge) = &gw.edge {
         render_edge(&mut t, &edge.counter_registry().snapshot());
+        render_outcomes(&mut t, edge.outcome_counts());
+    }
+    if let Some(redis) = &gw.redis {
+        render_redis(&mut t, &redis.health());
     }
     render_ops(&mut t, &gw.ops);
     render_process(&mut t);
@@ -278,6 +282,73 @@ fn process_start_seconds() -> Option<u64> {
     Some(btime + ticks / 100)
 }
 
+fn render_redis(t: &mut Text, regions: &[crate::redis::RegionHealth]) {
+    use crate::redis::Health;
+    t.help(
+        "kvgate_redis_region_state",
+        "gauge",
+        "1 for each Redis region's current state (up, degraded, down), 0 for the others.",
+    );
+    for r in regions {
+        for (state, name) in [
+            (Health::Up, "up"),
+            (Health::Degraded, "degraded"),
+            (Health::Down, "down"),
+        ] {
+            let on = u8::from(r.health == state);
+            t.sample(
+                "kvgate_redis_region_state",
+                &[("region", &r.name), ("state", name)],
+                on,
+            );
+        }
+    }
+    t.help(
+        "kvgate_redis_latency_seconds",
+        "gauge",
+        "Round trip of the last successful call to each Redis region.",
+    );
+    for r in regions {
+        if let Some(us) = r.last_latency_us {
+            t.sample(
+                "kvgate_redis_latency_seconds",
+                &[("region", &r.name)],
+                us as f64 / 1e6,
+            );
+        }
+    }
+    t.help(
+        "kvgate_redis_failures_total",
+        "counter",
+        "Calls to each Redis region that failed or timed out.",
+    );
+    for r in regions {
+        t.sample(
+            "kvgate_redis_failures_total",
+            &[("region", &r.name)],
+            r.failures,
+        );
+    }
+    t.help(
+        "kvgate_redis_write_retries",
+        "gauge",
+        "State writes each region missed (failed, dropped from the full retry queue) and still queued.",
+    );
+    for r in regions {
+        for (kind, n) in [
+            ("failed", r.failed_writes),
+            ("dropped", r.dropped_writes),
+            ("queued", r.queued_writes),
+        ] {
+            t.sample(
+                "kvgate_redis_write_retries",
+                &[("region", &r.name), ("kind", kind)],
+                n,
+            );
+        }
+    }
+}
+
 fn render_edge(t: &mut Text, c: &CountersSnapshot) {
     t.help(
         "kvgate_edge_route_requests_total",
@@ -309,6 +380,27 @@ fn render_edge(t: &mut Text, c: &CountersSnapshot) {
             );
         }
     }
+}
+
+/// Unique exposures and conversions (2xx, once per user and day).
+fn render_outcomes(t: &mut Text, (counts, dropped): (Vec<(&str, String, String, u64)>, u64)) {
+    for (kind, name, help) in [
+        ("exposure", "kvgate_edge_exposed_users_total", "Users exposed to a variant on a 2xx response, once per user, experiment and day."),
+        ("conversion", "kvgate_edge_conversions_total", "Users reaching an experiment goal (2xx), once per user, experiment and day, by the variant injected on that request."),
+    ] {
+        t.help(name, "counter", help);
+        for (k, exp, variant, n) in &counts {
+            if *k == kind {
+                t.sample(name, &[("experiment", exp), ("variant", variant)], n);
+            }
+        }
+    }
+    t.single(
+        "kvgate_edge_exposure_events_dropped_total",
+        "counter",
+        "Exposure events dropped because the file writer's queue was full.",
+        dropped,
+    );
 }
 
 #[cfg(test)]

@@ -262,6 +262,50 @@ impl Kv for DurableKv {
         })
     }
 
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        opts: PutOptions,
+    ) -> KvFuture<'a, bool> {
+        Box::pin(async move {
+            check_key(key)?;
+            let (expires_ms, metadata) = prepare_put(&opts)?;
+            let record = encode(expires_ms, metadata.as_deref(), &value)?;
+            let key = key.to_owned();
+            // One write transaction checks and stores: redb runs one writer
+            // at a time, so two creators cannot both see the key absent.
+            self.blocking(move |db| {
+                let txn = db.begin_write().map_err(backend)?;
+                let stored = {
+                    let mut entries = txn.open_table(ENTRIES).map_err(backend)?;
+                    let mut expiry = txn.open_table(EXPIRY).map_err(backend)?;
+                    let live = match entries.get(key.as_str()).map_err(backend)? {
+                        Some(guard) => {
+                            decode(guard.value()).is_ok_and(|r| !is_expired(r.expires_ms, now_ms()))
+                        }
+                        None => false,
+                    };
+                    if !live {
+                        remove_entry(&mut entries, &mut expiry, &key)?;
+                        entries
+                            .insert(key.as_str(), record.as_slice())
+                            .map_err(backend)?;
+                        if expires_ms != 0 {
+                            expiry
+                                .insert((expires_ms, key.as_str()), ())
+                                .map_err(backend)?;
+                        }
+                    }
+                    !live
+                };
+                txn.commit().map_err(backend)?;
+                Ok(stored)
+            })
+            .await
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool> {
         Box::pin(async move {
             check_key(key)?;
@@ -380,6 +424,12 @@ mod tests {
     async fn put_batch() {
         let (_dir, kv) = fresh();
         conformance::put_batch(&kv).await;
+    }
+
+    #[tokio::test]
+    async fn put_if_absent() {
+        let (_dir, kv) = fresh();
+        conformance::put_if_absent(&kv).await;
     }
 
     #[tokio::test]

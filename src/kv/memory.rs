@@ -40,6 +40,21 @@ impl Inner {
         Some(old)
     }
 
+    fn insert(&mut self, item: PutItem, expires_ms: u64) {
+        self.remove(&item.key);
+        if expires_ms != 0 {
+            self.expiry.insert((expires_ms, item.key.clone()));
+        }
+        self.entries.insert(
+            item.key,
+            Stored {
+                value: item.value,
+                metadata: item.opts.metadata,
+                expires_ms,
+            },
+        );
+    }
+
     fn sweep(&mut self, now: u64, max: usize) -> usize {
         let due: Vec<(u64, String)> = self
             .expiry
@@ -124,21 +139,38 @@ impl MemoryKv {
         }
         let mut inner = self.lock();
         for (item, expires_ms) in checked {
-            inner.remove(&item.key);
-            if expires_ms != 0 {
-                inner.expiry.insert((expires_ms, item.key.clone()));
-            }
-            inner.entries.insert(
-                item.key,
-                Stored {
-                    value: item.value,
-                    metadata: item.opts.metadata,
-                    expires_ms,
-                },
-            );
+            inner.insert(item, expires_ms);
         }
         inner.sweep(now_ms(), SWEEP_PER_PUT);
         Ok(())
+    }
+
+    /// Checks for a live entry and stores under one lock: atomic.
+    fn put_if_absent_now(
+        &self,
+        key: &str,
+        value: Bytes,
+        opts: PutOptions,
+    ) -> Result<bool, KvError> {
+        check_key(key)?;
+        let (expires_ms, _) = prepare_put(&opts)?;
+        let now = now_ms();
+        let mut inner = self.lock();
+        if inner
+            .entries
+            .get(key)
+            .is_some_and(|s| !is_expired(s.expires_ms, now))
+        {
+            return Ok(false);
+        }
+        let item = PutItem {
+            key: key.to_owned(),
+            value,
+            opts,
+        };
+        inner.insert(item, expires_ms);
+        inner.sweep(now, SWEEP_PER_PUT);
+        Ok(true)
     }
 
     fn delete_now(&self, key: &str) -> Result<bool, KvError> {
@@ -195,6 +227,15 @@ impl Kv for MemoryKv {
         Box::pin(async move { self.put_batch_now(items) })
     }
 
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        opts: PutOptions,
+    ) -> KvFuture<'a, bool> {
+        Box::pin(async move { self.put_if_absent_now(key, value, opts) })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool> {
         Box::pin(async move { self.delete_now(key) })
     }
@@ -243,6 +284,11 @@ mod tests {
     #[tokio::test]
     async fn put_batch() {
         conformance::put_batch(&MemoryKv::new()).await;
+    }
+
+    #[tokio::test]
+    async fn put_if_absent() {
+        conformance::put_if_absent(&MemoryKv::new()).await;
     }
 
     #[tokio::test]

@@ -12,30 +12,78 @@
 //! - `list` walks keys in byte order, starting strictly after `cursor`, and
 //!   returns a `cursor` only when at least one more live key matches.
 
+pub(crate) mod cached;
 mod durable;
 mod memory;
 mod namespaced;
+pub(crate) mod redis;
 
 pub use durable::DurableKv;
 pub use memory::MemoryKv;
 pub(crate) use namespaced::Namespaced;
 
+/// What [`open`] built: the store, and the local read cache in front of it
+/// when the store is shared (Redis).
+pub(crate) struct Opened {
+    /// The store edge state goes to.
+    pub(crate) kv: std::sync::Arc<dyn Kv>,
+    /// The local copy of hot reads; the cluster layer calls
+    /// [`cached::CachedKv::invalidate`] with a store key (namespace
+    /// included, e.g. `production:flag:newUI:user:1`) when another instance
+    /// wrote it.
+    pub(crate) local_cache: Option<std::sync::Arc<cached::CachedKv>>,
+}
+
 /// Opens the store `[state]` names: the backend is chosen here, not by
-/// its callers.
+/// its callers. `redis` is the connection `[redis]` set up, if any; with
+/// the Redis backend no local file is opened.
 pub(crate) fn open(
     cfg: &crate::config::StateConfig,
-) -> Result<std::sync::Arc<dyn Kv>, crate::error::GatewayError> {
+    redis: Option<&std::sync::Arc<crate::redis::Redis>>,
+) -> Result<Opened, crate::error::GatewayError> {
     use crate::config::StateBackend;
-    Ok(match cfg.backend {
-        StateBackend::Memory => std::sync::Arc::new(MemoryKv::new()),
-        StateBackend::Durable => {
-            std::sync::Arc::new(DurableKv::open(&cfg.path).map_err(|source| {
-                crate::error::GatewayError::State {
+    use std::sync::Arc;
+    let kv: Arc<dyn Kv> = match cfg.backend {
+        StateBackend::Memory => Arc::new(MemoryKv::new()),
+        StateBackend::Durable => Arc::new(DurableKv::open(&cfg.path).map_err(|source| {
+            crate::error::GatewayError::State {
+                path: cfg.path.clone(),
+                source,
+            }
+        })?),
+        StateBackend::Redis => {
+            let Some(redis) = redis else {
+                return Err(crate::error::GatewayError::State {
                     path: cfg.path.clone(),
-                    source,
-                }
-            })?)
+                    source: KvError::InvalidArgument(
+                        "state.backend = \"redis\" needs [redis] or --redis".into(),
+                    ),
+                });
+            };
+            let settings = redis.settings();
+            let shared: Arc<dyn Kv> =
+                Arc::new(redis::RedisKv::new(Arc::clone(redis), settings.retry_queue));
+            if settings.cache_ttl_ms == 0 {
+                shared
+            } else {
+                let cache = Arc::new(cached::CachedKv::new(
+                    shared,
+                    cached::Limits {
+                        ttl: std::time::Duration::from_millis(settings.cache_ttl_ms),
+                        max_entries: settings.cache_max_entries,
+                        max_bytes: settings.cache_max_bytes,
+                    },
+                ));
+                return Ok(Opened {
+                    kv: Arc::clone(&cache) as Arc<dyn Kv>,
+                    local_cache: Some(cache),
+                });
+            }
         }
+    };
+    Ok(Opened {
+        kv,
+        local_cache: None,
     })
 }
 
@@ -145,6 +193,9 @@ pub enum KvError {
     /// The backend failed (I/O, transaction, task).
     #[error("storage backend failed: {0}")]
     Backend(String),
+    /// The shared store (Redis) failed or did not answer in time.
+    #[error("shared state store failed")]
+    Shared(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The state store. Implementations must be cheap to share (`Arc<dyn Kv>`).
@@ -170,6 +221,28 @@ pub trait Kv: Send + Sync + 'static {
                 self.put(&item.key, item.value, item.opts).await?;
             }
             Ok(())
+        })
+    }
+    /// Stores `value` at `key` only when no live entry is there (SET NX):
+    /// of several instances creating one key at once, one wins and the
+    /// others see its value. Returns whether this call stored.
+    ///
+    /// The default reads then writes, which is not atomic; every bundled
+    /// backend overrides it with an atomic one.
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        opts: PutOptions,
+    ) -> KvFuture<'a, bool> {
+        Box::pin(async move {
+            check_key(key)?;
+            prepare_put(&opts)?;
+            if self.get(key).await?.is_some() {
+                return Ok(false);
+            }
+            self.put(key, value, opts).await?;
+            Ok(true)
         })
     }
     /// Returns whether a live entry was removed.
@@ -488,6 +561,37 @@ pub(crate) mod conformance {
         .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(kv.get("b:short").await.unwrap(), None);
+    }
+
+    pub(crate) async fn put_if_absent(kv: &dyn Kv) {
+        assert!(kv
+            .put_if_absent("p", Bytes::from_static(b"first"), PutOptions::default())
+            .await
+            .unwrap());
+        assert!(!kv
+            .put_if_absent("p", Bytes::from_static(b"second"), PutOptions::default())
+            .await
+            .unwrap());
+        assert_eq!(kv.get("p").await.unwrap().unwrap().value, "first");
+        // An expired entry counts as absent.
+        kv.put(
+            "p:short",
+            Bytes::from_static(b"old"),
+            PutOptions::ttl(Duration::from_millis(30)),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(kv
+            .put_if_absent("p:short", Bytes::from_static(b"new"), PutOptions::default())
+            .await
+            .unwrap());
+        assert_eq!(kv.get("p:short").await.unwrap().unwrap().value, "new");
+        assert!(matches!(
+            kv.put_if_absent("", Bytes::new(), PutOptions::default())
+                .await,
+            Err(KvError::InvalidKey(_))
+        ));
     }
 
     pub(crate) async fn refusals(kv: &dyn Kv) {

@@ -71,6 +71,18 @@ impl Kv for Namespaced {
         })
     }
 
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        opts: PutOptions,
+    ) -> KvFuture<'a, bool> {
+        Box::pin(async move {
+            super::check_key(key)?;
+            self.inner.put_if_absent(&self.full(key), value, opts).await
+        })
+    }
+
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool> {
         Box::pin(async move {
             super::check_key(key)?;
@@ -133,6 +145,7 @@ mod tests {
         conformance::list_prefix_and_cursor(&wrapped().1).await;
         conformance::refusals(&wrapped().1).await;
         conformance::put_batch(&wrapped().1).await;
+        conformance::put_if_absent(&wrapped().1).await;
     }
 
     #[tokio::test]

@@ -112,6 +112,14 @@ pub struct Gateway {
     pub(super) route_versions: HashMap<String, Arc<AtomicU64>>,
     /// The edge's state store, opened once: a reload builds its edge on it.
     pub(crate) state: Option<Arc<dyn crate::kv::Kv>>,
+    /// The Redis regions, when `[redis]` (or `--redis`) is configured.
+    pub(crate) redis: Option<Arc<crate::redis::Redis>>,
+    /// The local copy of hot edge-state reads (Redis backend only); the
+    /// purge broadcast invalidates it for writes made elsewhere.
+    #[allow(dead_code)] // read by the cluster layer (issue 10, part B)
+    pub(crate) state_cache: Option<Arc<crate::kv::cached::CachedKv>>,
+    /// Edge counters summed over every instance (Redis and `[edge]`).
+    pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
 }
 impl Gateway {
     pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
@@ -125,15 +133,31 @@ impl Gateway {
         config: Config,
         origin: Box<dyn Upstream>,
     ) -> Result<Arc<Gateway>, GatewayError> {
-        let state = match &config.edge {
-            Some(_) => Some(crate::kv::open(&config.state)?),
+        let redis = match &config.redis {
+            Some(r) => Some(crate::redis::Redis::connect(r, &config.environment())?),
             None => None,
+        };
+        let (state, state_cache) = match &config.edge {
+            Some(_) => {
+                let opened = crate::kv::open(&config.state, redis.as_ref())?;
+                (Some(opened.kv), opened.local_cache)
+            }
+            None => (None, None),
+        };
+        let shared_counters = match (&redis, &config.edge) {
+            (Some(r), Some(_)) => Some(Arc::new(crate::redis::counters::SharedCounters::new(
+                Arc::clone(r),
+            ))),
+            _ => None,
         };
         let c = &config.cache;
         let store = Store::new(c.max_bytes, c.max_object_bytes, c.shards);
         let flights = SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs));
         let version = Arc::new(AtomicU64::new(c.version));
-        let g = Gateway::generation(config, origin, store, flights, state, None, version)?;
+        let mut g = Gateway::generation(config, origin, store, flights, state, None, version)?;
+        g.redis = redis;
+        g.state_cache = state_cache;
+        g.shared_counters = shared_counters;
         Ok(Arc::new(g))
     }
 
@@ -145,10 +169,13 @@ impl Gateway {
         let origin = OriginClient::new(&config.origin)?;
         // An edge turned on by the reload needs a state store; one opened
         // before is kept (a durable file is locked by the first open).
-        let state = match (&self.state, &config.edge) {
-            (Some(kv), _) => Some(kv.clone()),
-            (None, Some(_)) => Some(crate::kv::open(&config.state)?),
-            (None, None) => None,
+        let (state, state_cache) = match (&self.state, &config.edge) {
+            (Some(kv), _) => (Some(kv.clone()), self.state_cache.clone()),
+            (None, Some(_)) => {
+                let opened = crate::kv::open(&config.state, self.redis.as_ref())?;
+                (Some(opened.kv), opened.local_cache)
+            }
+            (None, None) => (None, None),
         };
         let mut g = Gateway::generation(
             config,
@@ -161,6 +188,16 @@ impl Gateway {
         )?;
         g.metrics = self.metrics.clone();
         g.ops = self.ops.clone();
+        // Redis connections are kept: `[redis]` changes need a restart.
+        g.redis = self.redis.clone();
+        g.state_cache = state_cache;
+        g.shared_counters = match (&self.shared_counters, &self.redis, &g.edge) {
+            (Some(c), _, Some(_)) => Some(c.clone()),
+            (None, Some(r), Some(_)) => Some(Arc::new(
+                crate::redis::counters::SharedCounters::new(Arc::clone(r)),
+            )),
+            _ => None,
+        };
         for (name, bumps) in &mut g.route_versions {
             if let Some(old) = self.route_versions.get(name) {
                 *bumps = old.clone();
@@ -209,6 +246,9 @@ impl Gateway {
             version,
             route_versions,
             state,
+            redis: None,
+            state_cache: None,
+            shared_counters: None,
             config: Arc::new(config),
         })
     }
@@ -343,18 +383,15 @@ impl Gateway {
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
         let mut set_cookie = None;
+        let mut edge_decision = None;
         if let Some(edge) = &self.edge {
             edge.strip_injected(&mut parts.headers);
-            let decision = edge
-                .decide(
-                    &parts.headers,
-                    parts.uri.path(),
-                    client.addr.ip(),
-                    client.tls,
-                )
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut decision = edge
+                .decide(&parts.headers, target, client.addr.ip(), client.tls)
                 .await;
             decision.apply(&mut parts.headers);
-            set_cookie = decision.set_cookie;
+            set_cookie = decision.set_cookie.take();
             if let Some(prefs) = self.self_service_path.as_deref() {
                 if parts.uri.path() == prefs {
                     let max = cfg.edge.as_ref().map_or(4096, |e| e.preferences.max_bytes);
@@ -376,14 +413,19 @@ impl Gateway {
                     };
                 }
             }
+            edge_decision = decision.observes().then_some(decision);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let route = self.route_for(path);
         if let Some(edge) = &self.edge {
             edge.counter_registry()
-                .route(route.as_ref().map_or("default", |r| r.name.as_str()))
-                .incr();
+                .count_route(route.as_ref().map_or("default", |r| r.name.as_str()));
         }
+        // Exposures and conversions are recorded once the status is known.
+        // (Cheap clones: the URI shares its bytes, the route is an Arc.)
+        let observed = edge_decision
+            .as_ref()
+            .map(|_| (parts.method.clone(), parts.uri.clone(), route.clone()));
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
@@ -407,6 +449,14 @@ impl Gateway {
         } else {
             self.lookup(ctx).await
         };
+        if let (Some(edge), Some(decision), Some((method, uri, route))) =
+            (&self.edge, &edge_decision, &observed)
+        {
+            let route = route.as_ref().map_or("default", |r| r.name.as_str());
+            let status = answer.response.status();
+            edge.observe(decision, method, uri.path(), route, status)
+                .await;
+        }
         if let Some(cookie) = set_cookie {
             // Per response, never stored: the cookie is this client's alone.
             answer

@@ -3,6 +3,8 @@
 //! HTTP client. Nothing is mocked: every request crosses real sockets.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
