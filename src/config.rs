@@ -46,7 +46,25 @@ pub struct Config {
     /// the state path, the admin token) can still name line and column.
     #[serde(skip)]
     pub(crate) text: Option<Arc<SourceText>>,
+    /// The flags applied over the file.
+    #[serde(skip)]
+    pub(crate) overrides: Overrides,
 }
+
+/// Command-line values that win over the file, kept with the config so
+/// that a reload applies them again.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Overrides {
+    pub(crate) listen: Option<String>,
+    pub(crate) origin: Option<String>,
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    pub(crate) log_level: Option<String>,
+    pub(crate) admin_listen: Option<String>,
+    pub(crate) redis: Option<String>,
+}
+
+/// The environment variable that holds the admin token (wins over the config).
+pub(crate) const ADMIN_TOKEN_ENV: &str = "KVGATE_ADMIN_TOKEN";
 
 /// A config file's name and text, kept for locating later errors.
 #[derive(Debug)]
@@ -498,6 +516,86 @@ impl Config {
         let mut cfg = Config::parse(&src, &file)?;
         cfg.source = Some(path.to_path_buf());
         Ok(cfg)
+    }
+
+    /// Applies command-line values and the environment's admin token over
+    /// the file's, and remembers them for reloads.
+    pub(crate) fn apply(&mut self, o: Overrides) -> Result<(), crate::error::ArgsError> {
+        use crate::error::ArgsError;
+        let cfg = self;
+        if let Some(l) = &o.listen {
+            cfg.server.listen = Spanned::new(0..0, l.clone());
+        }
+        if let Some(u) = &o.origin {
+            validate_origin_url(u).map_err(|reason| ArgsError::Origin {
+                url: u.clone(),
+                reason,
+            })?;
+            cfg.origin.url = Spanned::new(0..0, u.clone());
+        }
+        if let Some((c, k)) = &o.tls {
+            cfg.server.tls_cert = Some(c.clone());
+            cfg.server.tls_key = Some(k.clone());
+        }
+        if let Some(l) = &o.log_level {
+            check_log_filter(l).map_err(|reason| ArgsError::LogLevel {
+                level: l.clone(),
+                reason,
+            })?;
+            cfg.log.level = l.clone();
+        }
+        if let Some(l) = &o.admin_listen {
+            let admin = cfg.admin.get_or_insert_with(Default::default);
+            admin.listen = Spanned::new(0..0, l.clone());
+            admin.listen_addr().map_err(|source| ArgsError::Listen {
+                flag: "--admin-listen",
+                source,
+            })?;
+        }
+        if let Some(url) = &o.redis {
+            redis::check_url(url).map_err(|reason| ArgsError::Redis {
+                url: url.clone(),
+                reason,
+            })?;
+            // The flag replaces the servers, not the tuning around them.
+            let r = match cfg.redis.take() {
+                Some(old) => redis::RedisConfig {
+                    url: Some(Spanned::new(0..0, url.clone())),
+                    regions: Vec::new(),
+                    ..old
+                },
+                None => redis::RedisConfig::single(url),
+            };
+            cfg.redis = Some(r);
+            cfg.state.backend = StateBackend::Redis;
+        }
+        if let Some(admin) = &mut cfg.admin {
+            // The environment wins over the file, so the file need not hold
+            // the secret. An empty variable counts as unset.
+            if let Some(token) = std::env::var(ADMIN_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty())
+            {
+                admin.token = Some(token);
+            }
+        }
+        cfg.listen_addr().map_err(|source| ArgsError::Listen {
+            flag: "--listen",
+            source,
+        })?;
+        cfg.overrides = o;
+        Ok(())
+    }
+
+    /// The file this config came from, read again, with the same flags on
+    /// top: what a reload swaps in (after the start checks).
+    pub(crate) fn reread(&self) -> Result<Config, crate::error::ArgsError> {
+        let mut next = match &self.source {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        next.apply(self.overrides.clone())?;
+        Ok(next)
     }
 
     /// Where `key` (dotted) is written: file, line and column (line 0 when

@@ -9,6 +9,8 @@ mod striped;
 
 pub(crate) use striped::StripedCounter;
 
+pub(crate) mod ops;
+
 use crate::cache::result::CacheResult;
 use http::StatusCode;
 use std::sync::atomic::{AtomicU64, Ordering};
