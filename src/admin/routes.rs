@@ -7,7 +7,9 @@ use super::purge::{decode_cursor, encode_cursor, PurgeRequest};
 use super::reply::{self, AdminResponse, ApiError};
 use super::request::{parse_json, parse_optional_json, query_pairs};
 use super::AdminState;
+use crate::cluster::{Event, Published};
 use crate::edge::Edge;
+use crate::proxy::gateway::Gateway;
 use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Value};
@@ -119,9 +121,12 @@ pub(crate) async fn handle(
                 purged,
                 "purge"
             );
-            Ok(reply::ok(&json!({ "purged": purged })))
+            let broadcast = broadcast(gw, &Event::Purge(req.into_targets())).await;
+            Ok(reply::ok(
+                &json!({ "purged": purged, "broadcast": broadcast }),
+            ))
         }
-        Route::Version => bump_version(state, &body),
+        Route::Version => bump_version(state, &body).await,
         Route::Entries => entries(state, query),
         Route::Counters => {
             let local = edge(state)?.counters().await?;
@@ -185,6 +190,11 @@ fn readyz(state: &AdminState) -> Result<AdminResponse, ApiError> {
         // Informational: the gateway serves (from memory, the origin and
         // default flags) whatever state Redis is in.
         "redis": state.gateway.redis.as_ref().map(|r| r.health()),
+        // Whether purges made elsewhere reach this instance right now.
+        "cluster": state.gateway.cluster.as_ref().map(|c| json!({
+            "following": c.following(),
+            "cache_drops": c.cache_drops(),
+        })),
     })))
 }
 
@@ -194,21 +204,39 @@ struct VersionRequest {
     route: Option<String>,
 }
 
-fn bump_version(state: &AdminState, body: &[u8]) -> Result<AdminResponse, ApiError> {
+/// Sends an event already applied here to the other instances (with
+/// Redis); the reply shows which regions took it.
+async fn broadcast(gw: &Gateway, event: &Event) -> Option<Published> {
+    match &gw.cluster {
+        Some(cluster) => Some(cluster.publish(event).await),
+        None => None,
+    }
+}
+
+async fn bump_version(state: &AdminState, body: &[u8]) -> Result<AdminResponse, ApiError> {
     let gw = &state.gateway;
     let req: Option<VersionRequest> = parse_optional_json(body)?;
     match req.and_then(|r| r.route) {
         None => {
             let version = gw.bump_version();
             tracing::info!(target: "kvgate::admin", version, "cache version bumped");
-            Ok(reply::ok(&json!({ "version": version })))
+            let broadcast = broadcast(gw, &Event::Version { version }).await;
+            Ok(reply::ok(
+                &json!({ "version": version, "broadcast": broadcast }),
+            ))
         }
         Some(route) => {
             let version = gw
                 .bump_route_version(&route)
                 .ok_or_else(|| ApiError::not_found(format!("no route named {route:?}")))?;
             tracing::info!(target: "kvgate::admin", %route, version, "route cache version bumped");
-            Ok(reply::ok(&json!({ "version": version, "route": route })))
+            let event = Event::RouteVersion {
+                route: route.clone(),
+            };
+            let broadcast = broadcast(gw, &event).await;
+            Ok(reply::ok(
+                &json!({ "version": version, "route": route, "broadcast": broadcast }),
+            ))
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct Gateway {
     pub(crate) state_cache: Option<Arc<crate::kv::cached::CachedKv>>,
     /// Edge counters summed over every instance (Redis and `[edge]`).
     pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
+    /// Purge broadcast and cluster-wide single fetch (with Redis only).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 impl Gateway {
     pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
@@ -109,7 +111,18 @@ impl Gateway {
             .iter()
             .map(|r| (r.name.clone(), AtomicU64::new(0)))
             .collect();
-        Ok(Arc::new(Gateway {
+        if c.l2.is_some() && redis.is_none() {
+            tracing::warn!("[cache.l2] is set but [redis] is not: the shared response tier is off");
+        }
+        let cluster = redis.as_ref().map(|r| {
+            Arc::new(crate::cluster::Cluster::new(
+                Arc::clone(r),
+                Duration::from_millis(c.lock_timeout_ms),
+                c.max_object_bytes,
+                c.l2.as_ref(),
+            ))
+        });
+        let gateway = Arc::new(Gateway {
             store: Store::new(c.max_bytes, c.max_object_bytes, c.shards),
             flights: SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs)),
             origin,
@@ -127,8 +140,14 @@ impl Gateway {
             redis,
             state_cache,
             shared_counters,
+            cluster,
             config: Arc::new(config),
-        }))
+        });
+        if let Some(cluster) = &gateway.cluster {
+            let target: std::sync::Weak<Gateway> = Arc::downgrade(&gateway);
+            cluster.start(target);
+        }
+        Ok(gateway)
     }
     /// The global cache namespace version (bumped by the admin API).
     pub fn version(&self) -> u64 {
@@ -147,6 +166,18 @@ impl Gateway {
     /// `cache.version`); never lowers it, which would resurrect old entries.
     pub(crate) fn raise_version_to(&self, to: u64) -> u64 {
         self.version.fetch_max(to, Ordering::Relaxed).max(to)
+    }
+    /// Follows a version bump made on another instance: moves to at least
+    /// its version, and always past our own, so that nothing stored here
+    /// before the bump stays reachable.
+    pub(crate) fn follow_version(&self, to: u64) -> u64 {
+        let before = self
+            .version
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.wrapping_add(1).max(to))
+            })
+            .unwrap_or_else(|v| v);
+        before.wrapping_add(1).max(to)
     }
     /// The version in the keys of requests on `route`.
     pub(crate) fn key_version(&self, route: Option<&RouteConfig>) -> u64 {
