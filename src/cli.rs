@@ -1,7 +1,8 @@
 //! Command line: run the gateway, check a config, or run the demo.
 
-use crate::config::Config;
-pub use crate::error::{ArgsError, StartError};
+use crate::admin::AdminSettings;
+use crate::config::{Config, StateBackend};
+pub use crate::error::{ArgsError, CheckError, StartError};
 use crate::proxy::gateway::Gateway;
 use crate::proxy::server;
 use clap::{Args, Parser, Subcommand};
@@ -96,6 +97,10 @@ impl RunArgs {
             cfg.server.tls_key = self.tls_key.clone();
         }
         if let Some(l) = &self.log_level {
+            crate::config::check_log_filter(l).map_err(|reason| ArgsError::LogLevel {
+                level: l.clone(),
+                reason,
+            })?;
             cfg.log.level = l.clone();
         }
         if let Some(l) = &self.admin_listen {
@@ -141,15 +146,18 @@ impl RunArgs {
     }
 }
 
-/// Sets up logging from the config's level (RUST_LOG wins when set).
+/// Sets up text logging at `level` (RUST_LOG wins when set).
 pub fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+    init_logs(&crate::config::LogConfig {
+        level: level.to_string(),
+        ..Default::default()
+    });
+}
+
+/// Sets up logging from `[log]` (RUST_LOG wins over its level); a reload
+/// changes level and format in place.
+pub fn init_logs(cfg: &crate::config::LogConfig) {
+    crate::logging::init(cfg);
 }
 
 /// A running gateway: its bound address and a handle to stop it.
@@ -166,19 +174,112 @@ pub struct Running {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-/// Binds and starts the gateway on the current runtime.
-pub async fn start(cfg: Config) -> Result<Running, StartError> {
+/// What a start needs that can be refused before anything binds. `start`
+/// and `check-config` both get it from [`preflight`], so a config that
+/// checks also starts (up to what only binding can tell: a taken port).
+struct Prepared {
+    addr: std::net::SocketAddr,
+    admin: Option<AdminSettings>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Every check a start makes before binding: addresses, the admin token
+/// rule, the TLS files (loaded), the state file (writable).
+fn preflight(cfg: &Config) -> Result<Prepared, StartError> {
     let addr = cfg.listen_addr()?;
-    // Checked before anything binds: a refused admin config stops the start.
-    let admin_settings = cfg
+    let admin = cfg
         .admin
         .as_ref()
-        .map(crate::admin::AdminSettings::from_config)
+        .map(AdminSettings::from_config)
         .transpose()?;
     let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
         (Some(c), Some(k)) => Some(server::tls_acceptor(c, k)?),
         _ => None,
     };
+    if cfg.edge.is_some() && cfg.state.backend == StateBackend::Durable {
+        check_writable(&cfg.state.path).map_err(|source| StartError::StatePath {
+            path: cfg.state.path.clone(),
+            source,
+        })?;
+    }
+    Ok(Prepared { addr, admin, tls })
+}
+
+/// The state file can be opened for writing, or created in its directory
+/// (probed with a file of our own, removed at once: the real one may be
+/// locked by a running instance).
+fn check_writable(path: &std::path::Path) -> std::io::Result<()> {
+    use std::fs::OpenOptions;
+    if path.exists() {
+        return OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map(drop);
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let probe = dir.join(format!(".kvgate-probe-{}", std::process::id()));
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// The config key a setup error is about.
+fn key_of(cfg: &Config, e: &StartError) -> &'static str {
+    use crate::error::{AdminError, GatewayError, TlsError};
+    let tls_key = |p: &std::path::Path| {
+        if cfg.server.tls_key.as_deref() == Some(p) {
+            "server.tls_key"
+        } else {
+            "server.tls_cert"
+        }
+    };
+    match e {
+        StartError::Listen(_) | StartError::Bind { .. } => "server.listen",
+        StartError::Admin(AdminError::Token(_)) => "admin.token",
+        StartError::Admin(_) => "admin.listen",
+        StartError::Tls(TlsError::Read { path, .. }) => tls_key(path),
+        StartError::Tls(TlsError::NoKey(_)) => "server.tls_key",
+        StartError::Tls(_) => "server.tls_cert",
+        StartError::StatePath { .. } | StartError::Gateway(GatewayError::State { .. }) => {
+            "state.path"
+        }
+        StartError::Gateway(GatewayError::Origin(_)) => "origin.url",
+        StartError::Gateway(GatewayError::Edge(_)) => "edge",
+        StartError::Gateway(GatewayError::Tags(_)) => "cache.tags",
+        _ => "server",
+    }
+}
+
+/// Runs every check a start runs (see [`preflight`]) and locates a refusal
+/// at its key in the config file: what `kvgate check-config` answers.
+pub fn check(cfg: &Config) -> Result<(), CheckError> {
+    preflight(cfg).map(drop).map_err(|source| {
+        let key = key_of(cfg, &source);
+        let (file, line, column) = cfg.position(key);
+        CheckError {
+            file,
+            line,
+            column,
+            key,
+            source: Box::new(source),
+        }
+    })
+}
+
+/// Binds and starts the gateway on the current runtime.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    // Checked before anything binds: a refused config stops the start.
+    let Prepared {
+        addr,
+        admin: admin_settings,
+        tls,
+    } = preflight(&cfg)?;
     let gw = Gateway::new(cfg)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -377,6 +478,64 @@ mod tests {
             other => panic!("unexpected error: {other:?}"),
         }
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
+    }
+
+    /// `check` on config text: the located refusal, if any.
+    fn checked(src: &str) -> Result<(), CheckError> {
+        let cfg = Config::parse(src, "k.toml").expect("parses");
+        check(&cfg)
+    }
+
+    #[test]
+    fn check_refuses_what_start_refuses_and_locates_it() {
+        let e = checked("[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"0.0.0.0:9090\"\n")
+            .unwrap_err();
+        assert_eq!((e.key, e.line, e.column), ("admin.listen", 4, 1), "{e}");
+        assert!(matches!(
+            *e.source,
+            StartError::Admin(crate::error::AdminError::NoToken(_))
+        ));
+        let e = checked(
+            "[server]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+        )
+        .unwrap_err();
+        assert_eq!((e.key, e.line), ("server.tls_cert", 2), "{e}");
+        assert!(matches!(*e.source, StartError::Tls(TlsError::Read { .. })));
+        let e = checked("[state]\npath = \"/nonexistent/dir/state.redb\"\n[edge]\n").unwrap_err();
+        assert_eq!((e.key, e.line), ("state.path", 2), "{e}");
+        let cause = e.source.source().expect("the io error is kept");
+        assert!(cause.to_string().contains("No such file"), "{cause}");
+        // Without [edge] the state file is not used, so not checked.
+        checked("[state]\npath = \"/nonexistent/dir/state.redb\"\n").expect("no edge");
+        checked("[admin]\nlisten = \"0.0.0.0:9090\"\ntoken = \"s3cret\"\n").expect("token");
+    }
+
+    #[test]
+    fn check_loads_the_tls_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&c, cert.pem()).expect("write");
+        std::fs::write(&k, "not a key").expect("write");
+        let src = format!("[server]\ntls_cert = {c:?}\ntls_key = {k:?}\n");
+        let e = checked(&src).unwrap_err();
+        assert_eq!((e.key, e.line), ("server.tls_key", 3), "{e}");
+        std::fs::write(&k, key.serialize_pem()).expect("write");
+        checked(&src).expect("a real pair checks");
+    }
+
+    #[test]
+    fn a_bad_log_level_flag_is_refused() {
+        let args = RunArgs {
+            log_level: Some("inof".into()),
+            ..Default::default()
+        };
+        let err = args.resolve().expect_err("refused");
+        assert!(err.to_string().contains("inof"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod tag_template;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use toml::Spanned;
 
 /// The whole configuration file; every section has defaults.
@@ -41,6 +42,17 @@ pub struct Config {
     /// The file this config was read from, for reloads (SIGHUP).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// The text it was parsed from, so that checks made later (TLS files,
+    /// the state path, the admin token) can still name line and column.
+    #[serde(skip)]
+    pub(crate) text: Option<Arc<SourceText>>,
+}
+
+/// A config file's name and text, kept for locating later errors.
+#[derive(Debug)]
+pub(crate) struct SourceText {
+    file: String,
+    text: String,
 }
 
 /// Longest admin token accepted (and longest `Authorization` value the
@@ -344,6 +356,20 @@ pub struct LogConfig {
     pub level: String,
     /// One line per request at info.
     pub access: bool,
+    /// `text` (one human-readable line per event) or `json` (one JSON
+    /// object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable; colour only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for LogConfig {
@@ -351,8 +377,34 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".into(),
             access: true,
+            format: LogFormat::Text,
         }
     }
+}
+
+/// Levels a log filter directive may name (what `tracing` accepts).
+const LOG_LEVELS: [&str; 12] = [
+    "off", "error", "warn", "info", "debug", "trace", "0", "1", "2", "3", "4", "5",
+];
+
+/// A log filter where every directive names a level: `info`,
+/// `warn,kvgate=debug`. A bare word that is not a level (`"inof"`) would
+/// be read by tracing as a target to log at `trace` and silence everything
+/// else, so it is refused.
+pub(crate) fn check_log_filter(filter: &str) -> Result<(), String> {
+    if filter.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!("{directive:?} does not name a level"));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Rules for requests whose path starts with `prefix` (longest wins).
@@ -477,6 +529,19 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Where `key` (dotted) is written: file, line and column (line 0 when
+    /// it is not written in the file or there is no file).
+    pub(crate) fn position(&self, key: &str) -> (String, usize, usize) {
+        match &self.text {
+            Some(t) => {
+                let (line, column) =
+                    locate(&t.text, key).map_or((0, 0), |span| line_col(&t.text, span.start));
+                (t.file.clone(), line, column)
+            }
+            None => ("(flags)".to_string(), 0, 0),
+        }
+    }
+
     /// Parses and validates config text; `file` names it in errors.
     pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(src).map_err(|e| {
@@ -500,12 +565,23 @@ impl Config {
                 hint,
             }
         })?;
+        let mut cfg = cfg;
         cfg.validate(src, file)?;
+        cfg.text = Some(Arc::new(SourceText {
+            file: file.to_string(),
+            text: src.to_string(),
+        }));
         Ok(cfg)
     }
 
     fn validate(&self, src: &str, file: &str) -> Result<(), ConfigError> {
         let err = |span: std::ops::Range<usize>, key: &str, message: String, hint: &str| {
+            // Values without a span of their own are found by their key.
+            let span = if span.is_empty() {
+                locate(src, key.split_whitespace().next().unwrap_or(key)).unwrap_or(span)
+            } else {
+                span
+            };
             let (line, column) = if span.is_empty() {
                 (0, 0)
             } else {
@@ -561,6 +637,22 @@ impl Config {
                 ));
             }
         }
+        if self.cache.shards == 0 {
+            return Err(err(
+                0..0,
+                "cache.shards",
+                "must be at least 1".into(),
+                "64 suits most machines",
+            ));
+        }
+        if let Err(m) = check_log_filter(&self.log.level) {
+            return Err(err(
+                0..0,
+                "log.level",
+                m,
+                "one of trace, debug, info, warn, error, off, or target=level pairs such as \"info,kvgate=debug\"",
+            ));
+        }
         if !(0.0..=1.0).contains(&self.cache.heuristic_fraction) {
             return Err(err(
                 0..0,
@@ -571,7 +663,10 @@ impl Config {
         }
         if let Some(edge) = &self.edge {
             if let Err(e) = edge.validate() {
-                let (line, column) = locate_key(src, &e.field);
+                // Inline tables (`variants = { a = 1 }`) have no line of
+                // their own: the document's spans find the key inside them.
+                let (line, column) = locate(src, &format!("edge.{}", e.field))
+                    .map_or_else(|| locate_key(src, &e.field), |s| line_col(src, s.start));
                 return Err(ConfigError {
                     file: file.to_string(),
                     line,
@@ -675,6 +770,19 @@ impl Config {
                 ));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            // Names label counters and select per-route version bumps:
+            // two routes with one name would share both.
+            if !names.insert(r.name.as_str()) {
+                return Err(err(
+                    0..0,
+                    &format!("route.{i}.name"),
+                    format!("{:?} is already the name of another route", r.name),
+                    "give every [[route]] its own name",
+                ));
+            }
+        }
         for r in &self.routes {
             if !r.prefix.get_ref().starts_with('/') {
                 return Err(err(
@@ -743,6 +851,47 @@ fn locate_key(src: &str, dotted: &str) -> (usize, usize) {
         }
     }
     header_line.map_or((0, 0), |l| (l, 1))
+}
+
+/// The span of a dotted key (`edge.experiments.exp.traffic`, with array
+/// indexes as segments: `route.1.name`) in TOML text: the key itself when it
+/// is written, else its table. Works inside inline tables, where a line
+/// scan cannot.
+pub(crate) fn locate(src: &str, dotted: &str) -> Option<std::ops::Range<usize>> {
+    use toml_edit::{Item, TableLike};
+    let doc = toml_edit::ImDocument::parse(src).ok()?;
+    let mut table: &dyn TableLike = doc.as_table();
+    let mut found = None;
+    let mut segments = dotted.split('.');
+    while let Some(segment) = segments.next() {
+        let Some((key, item)) = table.get_key_value(segment) else {
+            break;
+        };
+        if let Some(span) = key.span().or_else(|| item.span()) {
+            found = Some(span);
+        }
+        let next: Option<&dyn TableLike> = match item {
+            Item::ArrayOfTables(array) => {
+                let Some(t) = segments
+                    .next()
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .and_then(|i| array.get(i))
+                else {
+                    break;
+                };
+                if let Some(span) = t.span() {
+                    found = Some(span);
+                }
+                Some(t)
+            }
+            other => other.as_table_like(),
+        };
+        match next {
+            Some(t) => table = t,
+            None => break,
+        }
+    }
+    found
 }
 
 fn key_tail(dotted: &str) -> &str {
@@ -910,6 +1059,64 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.server.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn log_levels_must_name_a_level() {
+        for bad in ["inof", "kvgate", "info,kvgate=verbose", ""] {
+            let src = format!("[log]\nformat = \"json\"\nlevel = {bad:?}\n");
+            let e = Config::parse(&src, "k.toml").unwrap_err();
+            assert_eq!((e.line, e.column), (3, 1), "{bad}: {e}");
+            assert!(e.message.starts_with("log.level"), "{e}");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "warn,kvgate=debug",
+            "kvgate::access=off,info",
+        ] {
+            let src = format!("[log]\nlevel = {good:?}\n");
+            Config::parse(&src, "k.toml").unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let c = Config::parse("[log]\nformat = \"json\"\n", "k.toml").unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = Config::parse("[log]\nformat = \"xml\"\n", "k.toml").unwrap_err();
+        assert_eq!(e.line, 2, "{e}");
+    }
+
+    #[test]
+    fn duplicate_route_names_and_zero_shards_are_refused() {
+        let src = "[[route]]\nname = \"a\"\nprefix = \"/x/\"\n\n[[route]]\nprefix = \"/y/\"\nname = \"a\"\n";
+        let e = Config::parse(src, "k.toml").unwrap_err();
+        assert_eq!((e.line, e.column), (7, 1), "{e}");
+        assert!(e.message.contains("already the name"), "{e}");
+        let e = Config::parse("[cache]\nmax_bytes = 1000\nshards = 0\n", "k.toml").unwrap_err();
+        assert_eq!(
+            (e.line, e.message.starts_with("cache.shards")),
+            (3, true),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn errors_inside_inline_tables_are_located() {
+        let src = "[edge]\n[edge.experiments]\nexp = { variants = { a = 1 }, traffic = 7.0 }\n";
+        let e = Config::parse(src, "k.toml").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 31), "{e}");
+        assert!(e.message.contains("traffic"), "{e}");
+        let src = "[server]\nlisten = \"127.0.0.1:1\"\nidle_timeout_ms = 0\n";
+        let e = Config::parse(src, "k.toml").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 1), "{e}");
+    }
+
+    #[test]
+    fn locate_walks_tables_arrays_and_inline_tables() {
+        let src = "a = 1\n[t]\nx = { y = { z = 2 } }\n[[r]]\nn = 1\n[[r]]\nn = 2\n";
+        let at = |k: &str| locate(src, k).map(|s| line_col(src, s.start));
+        assert_eq!(at("a"), Some((1, 1)));
+        assert_eq!(at("t.x.y.z"), Some((3, 13)));
+        assert_eq!(at("r.1.n"), Some((7, 1)));
+        assert_eq!(at("t.missing"), Some((2, 2)));
     }
 
     #[test]

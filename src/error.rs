@@ -38,6 +38,34 @@ pub enum StartError {
     /// The SIGHUP handler for config reloads could not be installed.
     #[error("cannot install the SIGHUP handler")]
     Signal(#[source] io::Error),
+    /// The durable state file cannot be created or written.
+    #[error("state file {} is not writable", path.display())]
+    StatePath {
+        /// The `[state] path` file.
+        path: PathBuf,
+        /// Why it cannot be written.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A setup error located at the config key that caused it
+/// (`kvgate check-config` and the start of `kvgate --config`).
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {key}")]
+pub struct CheckError {
+    /// The config file (`(flags)` when the value came from a flag).
+    pub file: String,
+    /// 1-based line, 0 when the key is not written in the file.
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The dotted key, e.g. `admin.listen`.
+    pub key: &'static str,
+    /// What is wrong (boxed: `StartError` is large, and this error is
+    /// returned by value).
+    #[source]
+    pub source: Box<StartError>,
 }
 
 /// A command-line flag or config file refused by [`crate::cli::RunArgs::resolve`].
@@ -52,6 +80,14 @@ pub enum ArgsError {
     Origin {
         /// The flag's value.
         url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `--log-level` is not a log filter naming levels.
+    #[error("--log-level {level:?}: {reason}")]
+    LogLevel {
+        /// The flag's value.
+        level: String,
         /// What is wrong with it.
         reason: String,
     },

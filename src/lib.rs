@@ -25,6 +25,7 @@ pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod kv;
+mod logging;
 mod metrics;
 mod protocol;
 mod proxy;

@@ -1,6 +1,5 @@
 use clap::Parser;
 use kvgate::cli::{self, Cli, Command};
-use kvgate::config::Config;
 use std::error::Error;
 use std::process::ExitCode;
 
@@ -30,21 +29,35 @@ fn main() -> ExitCode {
         }
     };
     let result: Result<(), Box<dyn Error>> = match args.command {
-        Some(Command::CheckConfig { config }) => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                Ok(())
+        // The same resolution (environment token included) and the same
+        // checks as a start, short of binding.
+        Some(Command::CheckConfig { config }) => {
+            let args = cli::RunArgs {
+                config: Some(config.clone()),
+                ..Default::default()
+            };
+            match args.resolve() {
+                Ok(cfg) => match cli::check(&cfg) {
+                    Ok(()) => {
+                        println!("{}: ok", config.display());
+                        Ok(())
+                    }
+                    Err(e) => Err(e.into()),
+                },
+                Err(e) => Err(e.into()),
             }
-            Err(e) => Err(e.into()),
-        },
+        }
         Some(Command::Demo { listen }) => runtime
             .block_on(kvgate::demo::run(&listen))
             .map_err(Into::into),
         None => match args.run.resolve() {
-            Ok(cfg) => {
-                cli::init_logging(&cfg.log.level);
-                runtime.block_on(cli::run(cfg)).map_err(Into::into)
-            }
+            Ok(cfg) => match cli::check(&cfg) {
+                Ok(()) => {
+                    cli::init_logs(&cfg.log);
+                    runtime.block_on(cli::run(cfg)).map_err(Into::into)
+                }
+                Err(e) => Err(e.into()),
+            },
             Err(e) => Err(e.into()),
         },
     };

@@ -1275,7 +1275,12 @@ async fn shutdown_commits_the_queued_edge_writes() {
     // Stopped without settling first: the shutdown path must do it.
     let Gateway { running } = gw;
     let queued = running.gateway.edge.as_ref().map(|e| e.pending_writes());
-    assert_eq!(queued, Some(users.len()), "the writes wait in the queue");
+    // Per user: the sticky assignment and the exposure record (a 2xx).
+    assert_eq!(
+        queued,
+        Some(2 * users.len()),
+        "the writes wait in the queue"
+    );
     running.stop.send(true).expect("gateway still running");
     running.task.await.expect("gateway task");
     let edge = running.gateway.edge.as_ref().expect("edge on");

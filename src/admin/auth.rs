@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 /// The rule for tokens is the config's (it validates `admin.token`).
 pub(crate) use crate::config::{is_valid_token, MAX_TOKEN_BYTES};
 
+/// The name the audit log records for the (one) admin token.
+pub(crate) const ADMIN_TOKEN_NAME: &str = "admin";
+
 /// The configured token, as its digest.
 #[derive(Clone)]
 pub(crate) struct Token {

@@ -11,18 +11,22 @@
 //! [`prometheus`]; purge semantics in [`purge`].
 
 pub(crate) mod auth;
+mod flags;
 pub(crate) mod prometheus;
 pub(crate) mod purge;
 pub(crate) mod reload;
 mod reply;
 mod request;
 pub(crate) mod routes;
+pub(crate) mod session;
+mod stats;
+pub(crate) mod ui;
 
 use crate::config::AdminConfig;
 use crate::error::AdminError;
 use crate::proxy::gateway::Gateway;
 use auth::Token;
-use http::{Method, Request, StatusCode};
+use http::{Method, Request};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -80,6 +84,8 @@ pub(crate) struct AdminState {
     pub stopping: watch::Receiver<bool>,
     token: Option<Token>,
     max_body_bytes: usize,
+    /// Dashboard sessions and sign-in throttling (`/ui/`).
+    ui: ui::UiState,
 }
 
 /// A bound, running admin listener.
@@ -108,6 +114,7 @@ pub(crate) async fn start(
         stopping: stopping.clone(),
         token: settings.token,
         max_body_bytes: settings.max_body_bytes,
+        ui: ui::UiState::default(),
     });
     let task = tokio::spawn(serve(state, listener, stopping));
     Ok(AdminListener { addr, task })
@@ -171,9 +178,12 @@ async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminRes
         }
         return Ok(reply::ok(&serde_json::json!({ "status": "ok" })));
     }
+    if ui::is_ui_path(parts.uri.path()) {
+        return ui::answer(state, &parts, body).await;
+    }
     if let Err(refusal) = auth::check(state.token.as_ref(), &parts.headers) {
-        tracing::debug!(path = parts.uri.path(), ?refusal, "admin request refused");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, refusal.message()));
+        // A browser signed in to the dashboard shows a session cookie instead.
+        ui::session_instead_of_bearer(state, &parts, refusal)?;
     }
     let segments = request::path_segments(parts.uri.path())?;
     let route = Route::parse(&segments)

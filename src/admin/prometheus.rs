@@ -177,6 +177,7 @@ pub(crate) fn render(gw: &Gateway) -> String {
     );
     if let Some(edge) = &gw.edge {
         render_edge(&mut t, &edge.counter_registry().snapshot());
+        render_outcomes(&mut t, edge.outcome_counts());
     }
     if let Some(redis) = &gw.redis {
         render_redis(&mut t, &redis.health());
@@ -302,6 +303,27 @@ fn render_edge(t: &mut Text, c: &CountersSnapshot) {
             );
         }
     }
+}
+
+/// Unique exposures and conversions (2xx, once per user and day).
+fn render_outcomes(t: &mut Text, (counts, dropped): (Vec<(&str, String, String, u64)>, u64)) {
+    for (kind, name, help) in [
+        ("exposure", "kvgate_edge_exposed_users_total", "Users exposed to a variant on a 2xx response, once per user, experiment and day."),
+        ("conversion", "kvgate_edge_conversions_total", "Users reaching an experiment goal (2xx), once per user, experiment and day, by the variant injected on that request."),
+    ] {
+        t.help(name, "counter", help);
+        for (k, exp, variant, n) in &counts {
+            if *k == kind {
+                t.sample(name, &[("experiment", exp), ("variant", variant)], n);
+            }
+        }
+    }
+    t.single(
+        "kvgate_edge_exposure_events_dropped_total",
+        "counter",
+        "Exposure events dropped because the file writer's queue was full.",
+        dropped,
+    );
 }
 
 #[cfg(test)]

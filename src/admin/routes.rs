@@ -2,13 +2,14 @@
 //! the handlers themselves (thin: the work is in the store, the gateway and
 //! the edge's admin operations).
 
+use super::flags;
 use super::prometheus;
 use super::purge::{decode_cursor, encode_cursor, PurgeRequest};
 use super::reply::{self, AdminResponse, ApiError};
 use super::request::{parse_json, parse_optional_json, query_pairs};
 use super::AdminState;
 use crate::cluster::{Event, Published};
-use crate::edge::Edge;
+use crate::edge::{DefKind, Edge};
 use crate::proxy::gateway::Gateway;
 use bytes::Bytes;
 use http::Method;
@@ -26,15 +27,29 @@ pub(crate) enum Route {
     Healthz,
     Readyz,
     Metrics,
+    Stats,
     Purge,
     Version,
     Entries,
     Counters,
     User(String),
     UserPreferences(String),
-    FlagOverride { flag: String, user: String },
+    FlagOverride {
+        flag: String,
+        user: String,
+    },
     Experiment(String),
-    ExperimentUser { experiment: String, user: String },
+    ExperimentUser {
+        experiment: String,
+        user: String,
+    },
+    /// `GET /flags`, `/segments`, `/experiments`.
+    Definitions(DefKind),
+    /// `/flags/{name}`, `/segments/{name}` (experiments: [`Route::Experiment`]).
+    Definition(DefKind, String),
+    ExperimentResults(String),
+    UserAlias(String),
+    Audit,
 }
 
 const GET: &[Method] = &[Method::GET];
@@ -42,6 +57,8 @@ const POST: &[Method] = &[Method::POST];
 const GET_PATCH: &[Method] = &[Method::GET, Method::PATCH];
 const PUT_DELETE: &[Method] = &[Method::PUT, Method::DELETE];
 const DELETE: &[Method] = &[Method::DELETE];
+const PUT: &[Method] = &[Method::PUT];
+const DEFINITION: &[Method] = &[Method::GET, Method::PUT, Method::PATCH, Method::DELETE];
 
 impl Route {
     /// The route for decoded path segments; `None` is a 404.
@@ -52,6 +69,7 @@ impl Route {
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
             ["metrics"] => Route::Metrics,
+            ["stats"] => Route::Stats,
             ["purge"] => Route::Purge,
             ["version"] => Route::Version,
             ["entries"] => Route::Entries,
@@ -62,7 +80,15 @@ impl Route {
                 flag: id(f)?,
                 user: id(u)?,
             },
+            ["flags"] => Route::Definitions(DefKind::Flag),
+            ["segments"] => Route::Definitions(DefKind::Segment),
+            ["experiments"] => Route::Definitions(DefKind::Experiment),
+            ["flags", f] => Route::Definition(DefKind::Flag, id(f)?),
+            ["segments", s] => Route::Definition(DefKind::Segment, id(s)?),
             ["experiments", e] => Route::Experiment(id(e)?),
+            ["experiments", e, "results"] => Route::ExperimentResults(id(e)?),
+            ["users", u, "alias"] => Route::UserAlias(id(u)?),
+            ["audit"] => Route::Audit,
             ["experiments", e, "users", u] => Route::ExperimentUser {
                 experiment: id(e)?,
                 user: id(u)?,
@@ -78,6 +104,8 @@ impl Route {
             Route::UserPreferences(_) => GET_PATCH,
             Route::FlagOverride { .. } => PUT_DELETE,
             Route::ExperimentUser { .. } => DELETE,
+            Route::Definition(..) | Route::Experiment(_) => DEFINITION,
+            Route::UserAlias(_) => PUT,
             _ => GET,
         }
     }
@@ -104,6 +132,7 @@ pub(crate) async fn handle(
             prometheus::CONTENT_TYPE,
             prometheus::render(gw),
         )),
+        Route::Stats => Ok(reply::ok(&super::stats::snapshot(gw))),
         Route::Purge => {
             let req: PurgeRequest = parse_json(&body)?;
             req.validate().map_err(ApiError::bad_request)?;
@@ -159,7 +188,17 @@ pub(crate) async fn handle(
             };
             Ok(reply::ok(&v))
         }
-        Route::Experiment(name) => Ok(reply::ok(&edge(state)?.experiment_view(&name).await?)),
+        Route::Experiment(name) if *method == Method::GET => {
+            Ok(reply::ok(&edge(state)?.experiment_view(&name).await?))
+        }
+        Route::Experiment(name) => {
+            flags::one(edge(state)?, DefKind::Experiment, &name, method, &body).await
+        }
+        Route::Definitions(kind) => Ok(flags::list(edge(state)?, kind).await),
+        Route::Definition(kind, name) => flags::one(edge(state)?, kind, &name, method, &body).await,
+        Route::ExperimentResults(name) => Ok(reply::ok(&edge(state)?.results(&name).await?)),
+        Route::UserAlias(anonymous) => flags::alias(edge(state)?, &anonymous, &body).await,
+        Route::Audit => flags::audit(edge(state)?, query).await,
         Route::ExperimentUser { experiment, user } => Ok(reply::ok(
             &edge(state)?.reset_assignment(&experiment, &user).await?,
         )),

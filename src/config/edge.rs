@@ -3,11 +3,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use serde::de::{self, Deserializer, Visitor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::sfv;
 use crate::protocol::cidr::Cidr;
+
+pub(crate) mod targeting;
+
+use targeting::{Condition, ConditionConfig};
 
 /// Cookie that carries an anonymous id kvgate issued.
 pub(crate) const ANONYMOUS_COOKIE: &str = "kvgate_uid";
@@ -24,6 +27,9 @@ pub(crate) const MAX_ENVIRONMENT_LEN: usize = 64;
 pub(crate) const MAX_PREFERENCES_BYTES: usize = 16 * 1024;
 /// Default for `write_queue_capacity`.
 pub(crate) const DEFAULT_WRITE_QUEUE_CAPACITY: usize = 10_000;
+/// Default and upper bound of `flag_json_max_bytes`.
+pub(crate) const DEFAULT_FLAG_JSON_MAX_BYTES: usize = 1024;
+pub(crate) const MAX_FLAG_JSON_BYTES: usize = 8 * 1024;
 /// Upper bound for `write_queue_capacity`.
 pub(crate) const MAX_WRITE_QUEUE_CAPACITY: usize = 1_000_000;
 
@@ -47,9 +53,17 @@ pub struct EdgeConfig {
     /// however many users arrive. 0 commits as soon as a write is queued.
     /// Shutdown commits at once.
     pub(crate) write_flush_ms: u64,
+    /// Flags, segments and experiments: the TOML seeds the state store at
+    /// first start; after that the store (changed through the admin API) is
+    /// the truth and these are ignored.
     pub(crate) flags: BTreeMap<String, FlagConfig>,
+    pub(crate) segments: BTreeMap<String, SegmentConfig>,
     pub(crate) experiments: BTreeMap<String, ExperimentConfig>,
     pub(crate) preferences: PreferencesConfig,
+    pub(crate) targeting: TargetingConfig,
+    pub(crate) exposures: ExposuresConfig,
+    /// Largest JSON flag value, as compact ASCII JSON.
+    pub(crate) flag_json_max_bytes: usize,
 }
 
 impl Default for EdgeConfig {
@@ -61,8 +75,12 @@ impl Default for EdgeConfig {
             write_queue_capacity: DEFAULT_WRITE_QUEUE_CAPACITY,
             write_flush_ms: 50,
             flags: BTreeMap::new(),
+            segments: BTreeMap::new(),
             experiments: BTreeMap::new(),
             preferences: PreferencesConfig::default(),
+            targeting: TargetingConfig::default(),
+            exposures: ExposuresConfig::default(),
+            flag_json_max_bytes: DEFAULT_FLAG_JSON_MAX_BYTES,
         }
     }
 }
@@ -89,6 +107,10 @@ pub(crate) struct IdentityConfig {
     /// Mark the anonymous cookie `Secure` even on plain HTTP, for a
     /// TLS-terminating balancer in front (it is always set on TLS).
     pub(crate) cookie_secure: bool,
+    /// A header (believed from `trusted_from` peers only) that names the
+    /// anonymous id (`anon:<id>`) the authenticated user had before logging
+    /// in: their experiment variants carry over to the user id.
+    pub(crate) alias_header: Option<String>,
 }
 
 // By hand, so the secret never reaches a log line.
@@ -100,6 +122,7 @@ impl fmt::Debug for IdentityConfig {
             .field("trusted_from", &self.trusted_from)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("cookie_secure", &self.cookie_secure)
+            .field("alias_header", &self.alias_header)
             .finish()
     }
 }
@@ -112,6 +135,7 @@ impl Default for IdentityConfig {
             trusted_from: Vec::new(),
             secret: None,
             cookie_secure: false,
+            alias_header: None,
         }
     }
 }
@@ -129,20 +153,104 @@ impl IdentityConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The type of a flag's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum FlagKind {
+    Boolean,
+    String,
+    Number,
+    Json,
+}
+
+impl FlagKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FlagKind::Boolean => "boolean",
+            FlagKind::String => "string",
+            FlagKind::Number => "number",
+            FlagKind::Json => "json",
+        }
+    }
+}
+
+/// A flag: a typed default and rules tried in order.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FlagConfig {
-    pub(crate) default: FlagValue,
+    /// Inferred from `default` when absent (a list or table needs `json`).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub(crate) kind: Option<FlagKind>,
+    pub(crate) default: serde_json::Value,
+    #[serde(default)]
+    pub(crate) description: String,
+    /// The first rule that matches (and whose rollout includes the user)
+    /// serves its value; none: the default.
+    #[serde(default)]
+    pub(crate) rules: Vec<RuleConfig>,
+}
+
+/// One targeting rule of a flag.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RuleConfig {
+    /// A named segment the request must be in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) segment: Option<String>,
+    /// Conditions that must all hold (besides the segment's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) conditions: Vec<ConditionConfig>,
+    /// The value served.
+    pub(crate) value: serde_json::Value,
+    /// A percentage rollout (0..=100): only users whose bucket (hash of the
+    /// rule's salt and the user id) is below it are served; the others
+    /// fall through to the next rule. Raising it only adds users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) percent: Option<f64>,
+    /// Hash seed of the rollout; the flag's name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) salt: Option<String>,
+}
+
+/// A named, reusable set of conditions (all must hold).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SegmentConfig {
+    pub(crate) conditions: Vec<ConditionConfig>,
     #[serde(default)]
     pub(crate) description: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// How users are hashed into an experiment's buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum HashScheme {
+    /// SHA-256 of seed and id, separate entry and variant buckets.
+    #[default]
+    Sha256,
+    /// GrowthBook's v2 hash (FNV-1a 32) and bucket ranges, so an origin
+    /// running GrowthBook's SDK agrees on every user's variant.
+    Growthbook,
+}
+
+/// A conversion goal: a request pattern answered 2xx.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GoalConfig {
+    /// `GET`, `POST`, ...; any method when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) method: Option<String>,
+    /// The exact path, or a prefix ending in `*`.
+    pub(crate) path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExperimentConfig {
-    /// Variant name -> weight. Any non-negative numbers; shares are weight / sum.
+    /// Variant name -> weight. Any non-negative numbers in the TOML (shares
+    /// are weight / sum); percentages summing to 100 through the admin API.
     /// Variants are laid out on the buckets in name order (a `BTreeMap`), so
-    /// the order they are written in the TOML does not matter.
+    /// the order they are written in does not matter.
     pub(crate) variants: BTreeMap<String, f64>,
     /// Share of users that enter the experiment at all, 0..=1.
     #[serde(default = "full_traffic")]
@@ -155,6 +263,69 @@ pub(crate) struct ExperimentConfig {
     pub(crate) salt: Option<String>,
     #[serde(default)]
     pub(crate) description: String,
+    /// A named segment the request must be in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) segment: Option<String>,
+    /// Conditions that must all hold for the request to enter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) conditions: Vec<ConditionConfig>,
+    /// Bump to reshuffle every user on purpose (sticky assignments of older
+    /// versions are no longer read).
+    #[serde(default)]
+    pub(crate) bucket_version: u32,
+    #[serde(default)]
+    pub(crate) hash: HashScheme,
+    /// Requests that count as a conversion for exposed users.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) goals: Vec<GoalConfig>,
+    /// The variant others are compared with; `control` if there is one,
+    /// else the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) control: Option<String>,
+    /// Significance level of the results' test.
+    #[serde(default = "default_alpha")]
+    pub(crate) alpha: f64,
+}
+
+fn default_alpha() -> f64 {
+    0.05
+}
+
+/// `[edge.targeting]`: where request attributes come from.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct TargetingConfig {
+    /// A country header set by the CDN in front (e.g. `CF-IPCountry`),
+    /// believed from `identity.trusted_from` peers only.
+    pub(crate) country_header: Option<String>,
+}
+
+/// `[edge.exposures]`: exposure and conversion events.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ExposuresConfig {
+    /// JSON-lines file of exposure events; none: not written.
+    pub(crate) path: Option<std::path::PathBuf>,
+    /// The file is rotated (`.1`, `.2`, ...) past this size.
+    pub(crate) max_bytes: u64,
+    /// Rotated files kept besides the current one.
+    pub(crate) max_files: u32,
+    /// Events waiting for the file writer; past it they are dropped and counted.
+    pub(crate) queue_capacity: usize,
+    /// (user, experiment) pairs remembered per day for deduplication.
+    pub(crate) dedup_capacity: usize,
+}
+
+impl Default for ExposuresConfig {
+    fn default() -> Self {
+        ExposuresConfig {
+            path: None,
+            max_bytes: 64 * 1024 * 1024,
+            max_files: 5,
+            queue_capacity: 10_000,
+            dedup_capacity: 1_000_000,
+        }
+    }
 }
 
 fn full_traffic() -> f64 {
@@ -193,13 +364,14 @@ impl Default for PreferencesConfig {
     }
 }
 
-/// A flag's value: the TOML (and JSON) boolean, string or number.
+/// A flag's value: a boolean, string, number or (for `json` flags) any JSON.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum FlagValue {
     Bool(bool),
     Str(String),
     Int(i64),
     Dec(f64),
+    Json(serde_json::Value),
 }
 
 impl FlagValue {
@@ -217,6 +389,42 @@ impl FlagValue {
         }
     }
 
+    /// The kind a default implies: lists, tables and null need `type = "json"`.
+    pub(crate) fn infer_kind(value: &serde_json::Value) -> Option<FlagKind> {
+        use serde_json::Value;
+        match value {
+            Value::Bool(_) => Some(FlagKind::Boolean),
+            Value::String(_) => Some(FlagKind::String),
+            Value::Number(_) => Some(FlagKind::Number),
+            _ => None,
+        }
+    }
+
+    /// `value` as a value of a `kind` flag that fits in `X-Feature-Flags`
+    /// (and, for JSON, in `json_max` bytes); the reason otherwise.
+    pub(crate) fn typed(
+        kind: FlagKind,
+        value: &serde_json::Value,
+        json_max: usize,
+    ) -> Result<FlagValue, String> {
+        let parsed = if kind == FlagKind::Json {
+            let len = sfv::json_text(value).len();
+            if len > json_max {
+                return Err(format!(
+                    "JSON value is {len} bytes, more than the limit of {json_max}"
+                ));
+            }
+            FlagValue::Json(value.clone())
+        } else {
+            let v = FlagValue::from_json(value)
+                .filter(|v| v.kind() == kind.as_str())
+                .ok_or_else(|| format!("a {} flag cannot take {value}", kind.as_str()))?;
+            v
+        };
+        sfv::serialize_item(&parsed).map_err(|e| e.to_string())?;
+        Ok(parsed)
+    }
+
     pub(crate) fn to_json(&self) -> serde_json::Value {
         match self {
             FlagValue::Bool(b) => (*b).into(),
@@ -225,47 +433,19 @@ impl FlagValue {
             FlagValue::Dec(f) => serde_json::Number::from_f64(*f)
                 .map(serde_json::Value::Number)
                 .unwrap_or(serde_json::Value::Null),
+            FlagValue::Json(v) => v.clone(),
         }
     }
 
-    /// "boolean", "string" or "number": integers and decimals are one kind,
-    /// so a flag defaulting to `1` accepts an override of `0.5`.
+    /// "boolean", "string", "number" or "json": integers and decimals are
+    /// one kind, so a flag defaulting to `1` accepts an override of `0.5`.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             FlagValue::Bool(_) => "boolean",
             FlagValue::Str(_) => "string",
             FlagValue::Int(_) | FlagValue::Dec(_) => "number",
+            FlagValue::Json(_) => "json",
         }
-    }
-}
-
-impl<'de> Deserialize<'de> for FlagValue {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct FlagValueVisitor;
-        impl Visitor<'_> for FlagValueVisitor {
-            type Value = FlagValue;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a boolean, a string or a number")
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<FlagValue, E> {
-                Ok(FlagValue::Bool(v))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<FlagValue, E> {
-                Ok(FlagValue::Int(v))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<FlagValue, E> {
-                i64::try_from(v)
-                    .map(FlagValue::Int)
-                    .map_err(|_| E::custom("integer flag value out of range"))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<FlagValue, E> {
-                Ok(FlagValue::Dec(v))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<FlagValue, E> {
-                Ok(FlagValue::Str(v.to_owned()))
-            }
-        }
-        deserializer.deserialize_any(FlagValueVisitor)
     }
 }
 
@@ -346,6 +526,298 @@ fn check_cookie_name(field: &str, name: &str) -> Result<(), EdgeConfigError> {
     }
 }
 
+/// How experiment weights must add up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightRule {
+    /// Any non-negative numbers with a positive sum (the TOML: shares).
+    Shares,
+    /// Percentages summing to 100 (the admin API).
+    Percent,
+}
+
+/// Flags, segments and experiments: what the TOML seeds and the admin API
+/// changes, stored as JSON in the state store.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Definitions {
+    pub(crate) flags: BTreeMap<String, FlagConfig>,
+    pub(crate) segments: BTreeMap<String, SegmentConfig>,
+    pub(crate) experiments: BTreeMap<String, ExperimentConfig>,
+}
+
+/// A segment's field and conditions, checked and compiled.
+pub(crate) type CompiledSegments = HashMap<String, Vec<Condition>>;
+
+fn compile_conditions(
+    field: &str,
+    list: &[ConditionConfig],
+) -> Result<Vec<Condition>, EdgeConfigError> {
+    Condition::compile_all(field, list).map_err(|(f, m)| problem(f, m))
+}
+
+fn check_segment_ref(
+    field: &str,
+    segment: &Option<String>,
+    segments: &BTreeMap<String, SegmentConfig>,
+) -> Result<(), EdgeConfigError> {
+    match segment {
+        Some(name) if !segments.contains_key(name) => {
+            Err(problem(field, format!("no segment named {name:?}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Definitions {
+    /// The kind of a flag: its `type`, else what its default implies.
+    pub(crate) fn flag_kind(flag: &FlagConfig) -> Option<FlagKind> {
+        flag.kind.or_else(|| FlagValue::infer_kind(&flag.default))
+    }
+
+    /// Checks every definition (names, types, values, rules, conditions,
+    /// segment references, weights); the first problem found is returned,
+    /// naming its field (`flags.newUI.rules[0].conditions[1]`).
+    pub(crate) fn validate(
+        &self,
+        json_max: usize,
+        weights: WeightRule,
+    ) -> Result<CompiledSegments, EdgeConfigError> {
+        let mut segments = CompiledSegments::new();
+        for (name, seg) in &self.segments {
+            let field = format!("segments.{name}");
+            check_name(
+                &field,
+                "segment name",
+                name,
+                |b| b.is_ascii_alphanumeric(),
+                "a letter or digit",
+                b"_-.",
+            )?;
+            if seg.conditions.is_empty() {
+                return Err(problem(
+                    format!("{field}.conditions"),
+                    "needs at least one condition",
+                ));
+            }
+            let compiled = compile_conditions(&format!("{field}.conditions"), &seg.conditions)?;
+            segments.insert(name.clone(), compiled);
+        }
+
+        let mut sf_keys: HashMap<String, &str> = HashMap::new();
+        for (name, flag) in &self.flags {
+            let field = format!("flags.{name}");
+            check_name(
+                &field,
+                "flag name",
+                name,
+                |b| b.is_ascii_alphabetic(),
+                "a letter",
+                b"_-.",
+            )?;
+            let key = sfv::dictionary_key(name);
+            if let Some(other) = sf_keys.insert(key.clone(), name) {
+                return Err(problem(
+                    field,
+                    format!(
+                        "flag names {other:?} and {name:?} are the same once lowercased \
+                         ({key:?}) for X-Feature-Flags"
+                    ),
+                ));
+            }
+            let kind = Self::flag_kind(flag).ok_or_else(|| {
+                problem(
+                    format!("{field}.default"),
+                    "must be a boolean, a string or a number (or set type = \"json\")",
+                )
+            })?;
+            FlagValue::typed(kind, &flag.default, json_max)
+                .map_err(|e| problem(format!("{field}.default"), e))?;
+            if flag.rules.len() > 100 {
+                return Err(problem(format!("{field}.rules"), "at most 100 rules"));
+            }
+            for (i, rule) in flag.rules.iter().enumerate() {
+                let rfield = format!("{field}.rules[{i}]");
+                check_segment_ref(&format!("{rfield}.segment"), &rule.segment, &self.segments)?;
+                compile_conditions(&format!("{rfield}.conditions"), &rule.conditions)?;
+                FlagValue::typed(kind, &rule.value, json_max)
+                    .map_err(|e| problem(format!("{rfield}.value"), e))?;
+                if let Some(p) = rule.percent {
+                    if !(0.0..=100.0).contains(&p) {
+                        return Err(problem(
+                            format!("{rfield}.percent"),
+                            format!("{p} must be within 0..=100"),
+                        ));
+                    }
+                }
+                if let Some(salt) = &rule.salt {
+                    if salt.is_empty() || salt.len() > 256 {
+                        return Err(problem(format!("{rfield}.salt"), "must be 1 to 256 bytes"));
+                    }
+                }
+            }
+        }
+
+        let mut experiment_headers: HashMap<String, &str> = HashMap::new();
+        for (name, exp) in &self.experiments {
+            let field = format!("experiments.{name}");
+            check_name(
+                &field,
+                "experiment name",
+                name,
+                |b| b.is_ascii_alphanumeric(),
+                "a letter or digit",
+                b"_-",
+            )?;
+            if let Some(other) = experiment_headers.insert(name.to_ascii_lowercase(), name) {
+                return Err(problem(
+                    field,
+                    format!(
+                        "experiments {other:?} and {name:?} would share one \
+                         (case-insensitive) X-Experiment header"
+                    ),
+                ));
+            }
+            if exp.variants.is_empty() {
+                return Err(problem(
+                    format!("{field}.variants"),
+                    "needs at least one variant",
+                ));
+            }
+            if exp.variants.len() > 100 {
+                return Err(problem(format!("{field}.variants"), "at most 100 variants"));
+            }
+            for (variant, weight) in &exp.variants {
+                let vfield = format!("{field}.variants.{variant}");
+                check_name(
+                    &vfield,
+                    "variant name",
+                    variant,
+                    |b| b.is_ascii_alphanumeric(),
+                    "a letter or digit",
+                    b"_-.",
+                )?;
+                if !weight.is_finite() || *weight < 0.0 {
+                    return Err(problem(
+                        vfield,
+                        format!("weight {weight} must be a finite number >= 0"),
+                    ));
+                }
+            }
+            let total: f64 = exp.variants.values().sum();
+            match weights {
+                WeightRule::Shares if !(total > 0.0 && total.is_finite()) => {
+                    return Err(problem(
+                        format!("{field}.variants"),
+                        "weights must sum to more than 0",
+                    ));
+                }
+                WeightRule::Percent if (total - 100.0).abs() > 1e-6 => {
+                    return Err(problem(
+                        format!("{field}.variants"),
+                        format!("weights are percentages and must sum to 100, not {total}"),
+                    ));
+                }
+                _ => {}
+            }
+            if !(0.0..=1.0).contains(&exp.traffic) {
+                return Err(problem(
+                    format!("{field}.traffic"),
+                    format!(
+                        "{} must be within 0..=1 (the share of users that enter)",
+                        exp.traffic
+                    ),
+                ));
+            }
+            if let Some(prefix) = &exp.path_prefix {
+                let ok = prefix.starts_with('/')
+                    && prefix
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+                if !ok {
+                    return Err(problem(
+                        format!("{field}.path_prefix"),
+                        format!(
+                            "{prefix:?} must start with '/' and hold no query, fragment or spaces"
+                        ),
+                    ));
+                }
+            }
+            if let Some(salt) = &exp.salt {
+                if salt.is_empty() || salt.len() > 256 {
+                    return Err(problem(format!("{field}.salt"), "must be 1 to 256 bytes"));
+                }
+            }
+            check_segment_ref(&format!("{field}.segment"), &exp.segment, &self.segments)?;
+            compile_conditions(&format!("{field}.conditions"), &exp.conditions)?;
+            if exp.goals.len() > 32 {
+                return Err(problem(format!("{field}.goals"), "at most 32 goals"));
+            }
+            for (i, goal) in exp.goals.iter().enumerate() {
+                let gfield = format!("{field}.goals[{i}]");
+                if let Some(m) = &goal.method {
+                    if http::Method::from_bytes(m.as_bytes()).is_err() || m.is_empty() {
+                        return Err(problem(
+                            format!("{gfield}.method"),
+                            format!("{m:?} is not a method"),
+                        ));
+                    }
+                }
+                let ok = goal.path.starts_with('/')
+                    && goal.path.len() <= 1024
+                    && goal
+                        .path
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+                if !ok {
+                    return Err(problem(
+                        format!("{gfield}.path"),
+                        "must start with '/' and hold no query, fragment or spaces (a trailing '*' matches any rest)",
+                    ));
+                }
+            }
+            if let Some(control) = &exp.control {
+                if !exp.variants.contains_key(control) {
+                    return Err(problem(
+                        format!("{field}.control"),
+                        format!("no variant named {control:?}"),
+                    ));
+                }
+            }
+            if !(exp.alpha > 0.0 && exp.alpha < 0.5) {
+                return Err(problem(format!("{field}.alpha"), "must be within (0, 0.5)"));
+            }
+        }
+        Ok(segments)
+    }
+}
+
+impl EdgeConfig {
+    /// The flags, segments and experiments of the TOML, weights turned into
+    /// percentages, as the state store is seeded with them.
+    pub(crate) fn definitions(&self) -> Definitions {
+        Definitions {
+            flags: self.flags.clone(),
+            segments: self.segments.clone(),
+            experiments: self.experiments.clone(),
+        }
+    }
+}
+
+impl Definitions {
+    /// Experiment weights as percentages summing to 100 (the stored form).
+    pub(crate) fn with_percent_weights(mut self) -> Definitions {
+        for exp in self.experiments.values_mut() {
+            let total: f64 = exp.variants.values().sum();
+            if total > 0.0 && total.is_finite() {
+                for w in exp.variants.values_mut() {
+                    *w = *w * 100.0 / total;
+                }
+            }
+        }
+        self
+    }
+}
+
 impl EdgeConfig {
     /// Checks everything `Edge::new` relies on; the first problem found is returned.
     pub(crate) fn validate(&self) -> Result<(), EdgeConfigError> {
@@ -401,110 +873,44 @@ impl EdgeConfig {
             ));
         }
 
-        let mut sf_keys: HashMap<String, &str> = HashMap::new();
-        for (name, flag) in &self.flags {
-            let field = format!("flags.{name}");
-            check_name(
-                &field,
-                "flag name",
-                name,
-                |b| b.is_ascii_alphabetic(),
-                "a letter",
-                b"_-.",
-            )?;
-            let key = sfv::dictionary_key(name);
-            if let Some(other) = sf_keys.insert(key.clone(), name) {
-                return Err(problem(
-                    field,
-                    format!(
-                        "flag names {other:?} and {name:?} are the same once lowercased \
-                         ({key:?}) for X-Feature-Flags"
-                    ),
-                ));
-            }
-            sfv::serialize_item(&flag.default)
-                .map_err(|e| problem(format!("{field}.default"), e.to_string()))?;
+        if !(2..=MAX_FLAG_JSON_BYTES).contains(&self.flag_json_max_bytes) {
+            return Err(problem(
+                "flag_json_max_bytes",
+                format!("must be within 2..={MAX_FLAG_JSON_BYTES}"),
+            ));
         }
-
-        let mut experiment_headers: HashMap<String, &str> = HashMap::new();
-        for (name, exp) in &self.experiments {
-            let field = format!("experiments.{name}");
-            check_name(
-                &field,
-                "experiment name",
-                name,
-                |b| b.is_ascii_alphanumeric(),
-                "a letter or digit",
-                b"_-",
-            )?;
-            if let Some(other) = experiment_headers.insert(name.to_ascii_lowercase(), name) {
+        if let Some(h) = &self.targeting.country_header {
+            check_header_name("targeting.country_header", h)?;
+        }
+        if let Some(h) = &self.identity.alias_header {
+            let name = check_header_name("identity.alias_header", h)?;
+            if is_injected_name(&name) || name == identity_header {
                 return Err(problem(
-                    field,
-                    format!(
-                        "experiments {other:?} and {name:?} would share one \
-                         (case-insensitive) X-Experiment header"
-                    ),
+                    "identity.alias_header",
+                    "must differ from the identity header and the headers kvgate injects",
                 ));
-            }
-            if exp.variants.is_empty() {
-                return Err(problem(
-                    format!("{field}.variants"),
-                    "needs at least one variant",
-                ));
-            }
-            for (variant, weight) in &exp.variants {
-                let vfield = format!("{field}.variants.{variant}");
-                check_name(
-                    &vfield,
-                    "variant name",
-                    variant,
-                    |b| b.is_ascii_alphanumeric(),
-                    "a letter or digit",
-                    b"_-.",
-                )?;
-                if !weight.is_finite() || *weight < 0.0 {
-                    return Err(problem(
-                        vfield,
-                        format!("weight {weight} must be a finite number >= 0"),
-                    ));
-                }
-            }
-            let total: f64 = exp.variants.values().sum();
-            if !(total > 0.0 && total.is_finite()) {
-                return Err(problem(
-                    format!("{field}.variants"),
-                    "weights must sum to more than 0",
-                ));
-            }
-            if !(0.0..=1.0).contains(&exp.traffic) {
-                return Err(problem(
-                    format!("{field}.traffic"),
-                    format!(
-                        "{} must be within 0..=1 (the share of users that enter)",
-                        exp.traffic
-                    ),
-                ));
-            }
-            if let Some(prefix) = &exp.path_prefix {
-                let ok = prefix.starts_with('/')
-                    && prefix
-                        .bytes()
-                        .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
-                if !ok {
-                    return Err(problem(
-                        format!("{field}.path_prefix"),
-                        format!(
-                            "{prefix:?} must start with '/' and hold no query, fragment or spaces"
-                        ),
-                    ));
-                }
-            }
-            if let Some(salt) = &exp.salt {
-                if salt.is_empty() || salt.len() > 256 {
-                    return Err(problem(format!("{field}.salt"), "must be 1 to 256 bytes"));
-                }
             }
         }
+        let x = &self.exposures;
+        if x.max_bytes < 1024 || x.max_files > 1000 {
+            return Err(problem(
+                "exposures",
+                "max_bytes must be at least 1024 and max_files at most 1000",
+            ));
+        }
+        if !(1..=MAX_WRITE_QUEUE_CAPACITY).contains(&x.queue_capacity)
+            || !(1..=100_000_000).contains(&x.dedup_capacity)
+        {
+            return Err(problem(
+                "exposures",
+                format!(
+                    "queue_capacity must be within 1..={MAX_WRITE_QUEUE_CAPACITY} and \
+                     dedup_capacity within 1..=100000000"
+                ),
+            ));
+        }
+        self.definitions()
+            .validate(self.flag_json_max_bytes, WeightRule::Shares)?;
 
         let prefs = &self.preferences;
         let prefs_header = check_header_name("preferences.header", &prefs.header)?;
@@ -591,7 +997,7 @@ mod tests {
     fn example_parses_and_validates() {
         let cfg = parse(EXAMPLE).unwrap();
         cfg.validate().unwrap();
-        assert_eq!(cfg.flags["newUI"].default, FlagValue::Bool(false));
+        assert_eq!(cfg.flags["newUI"].default, serde_json::json!(false));
         let exp = &cfg.experiments["new-checkout"];
         assert_eq!(exp.variants["control"], 50.0);
         assert_eq!(exp.path_prefix.as_deref(), Some("/checkout"));
@@ -634,14 +1040,35 @@ mod tests {
         "#,
         )
         .unwrap();
-        assert_eq!(cfg.flags["a"].default, FlagValue::Bool(true));
-        assert_eq!(cfg.flags["b"].default, FlagValue::Str("dark".into()));
-        assert_eq!(cfg.flags["c"].default, FlagValue::Int(3));
-        assert_eq!(cfg.flags["d"].default, FlagValue::Dec(0.25));
-        let err = parse("flags.a = { default = [1] }")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("a boolean, a string or a number"), "{err}");
+        let kind = |name: &str| Definitions::flag_kind(&cfg.flags[name]);
+        assert_eq!(kind("a"), Some(FlagKind::Boolean));
+        assert_eq!(kind("b"), Some(FlagKind::String));
+        assert_eq!(kind("c"), Some(FlagKind::Number));
+        assert_eq!(kind("d"), Some(FlagKind::Number));
+        cfg.validate().unwrap();
+        let list = parse("flags.a = { default = [1] }").unwrap();
+        let err = list.validate().unwrap_err();
+        assert_eq!(err.field, "flags.a.default");
+        assert!(
+            err.message.contains("a boolean, a string or a number"),
+            "{err}"
+        );
+        let json = parse(
+            "flags.a = { type = \"json\", default = { limits = [1, 2], label = \"caf\u{e9}\" } }",
+        )
+        .unwrap();
+        json.validate().unwrap();
+        let value = FlagValue::typed(FlagKind::Json, &json.flags["a"].default, 1024).unwrap();
+        assert_eq!(
+            sfv::serialize_item(&value).unwrap(),
+            r#""{\"label\":\"caf\\u00e9\",\"limits\":[1,2]}""#
+        );
+        let big = format!(
+            "flags.a = {{ type = \"json\", default = \"{}\" }}",
+            "x".repeat(2000)
+        );
+        let err = parse(&big).unwrap().validate().unwrap_err();
+        assert!(err.message.contains("more than the limit"), "{err}");
     }
 
     #[test]

@@ -55,20 +55,42 @@ fn write_item(out: &mut String, value: &FlagValue) -> Result<(), SfError> {
             let _ = write!(out, "{i}");
         }
         FlagValue::Dec(f) => write_decimal(out, *f)?,
-        FlagValue::Str(s) => {
-            if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-                return Err(SfError::StringChar);
+        FlagValue::Json(v) => write_string(out, &json_text(v))?,
+        FlagValue::Str(s) => write_string(out, s)?,
+    }
+    Ok(())
+}
+
+/// Compact JSON with every non-ASCII character escaped as `\uXXXX`: a JSON
+/// flag travels as an sf-string holding this text.
+pub(crate) fn json_text(value: &serde_json::Value) -> String {
+    let raw = value.to_string();
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        if c.is_ascii() && c != '\u{7f}' {
+            out.push(c);
+        } else {
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let _ = write!(out, "\\u{unit:04x}");
             }
-            out.push('"');
-            for c in s.chars() {
-                if c == '"' || c == '\\' {
-                    out.push('\\');
-                }
-                out.push(c);
-            }
-            out.push('"');
         }
     }
+    out
+}
+
+fn write_string(out: &mut String, s: &str) -> Result<(), SfError> {
+    if !s.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(SfError::StringChar);
+    }
+    out.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
     Ok(())
 }
 

@@ -177,12 +177,48 @@ pub(crate) fn anonymous(headers: &HeaderMap, signer: &Signer) -> Identity {
             fresh: None,
         };
     }
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = new_anonymous_id();
     Identity {
         user_id: format!("{ANONYMOUS_PREFIX}{id}"),
         anonymous: true,
         fresh: Some(signer.sign(&id)),
     }
+}
+
+/// A fresh anonymous id: a UUID v4 whose 122 random bits come from a
+/// per-thread generator, SHA-256 over a 32-byte key drawn from the OS once
+/// per thread and a counter (one compression per id), rather than a
+/// `getrandom` system call per new visitor. Without the key the ids are as
+/// unguessable as the OS's randomness: predicting one means inverting
+/// SHA-256 or guessing 256 bits.
+fn new_anonymous_id() -> String {
+    use sha2::Digest as _;
+    use std::cell::Cell;
+    thread_local! {
+        static KEY: Option<[u8; 32]> = {
+            let mut key = [0u8; 32];
+            getrandom::getrandom(&mut key).ok().map(|()| key)
+        };
+        static COUNTER: Cell<u64> = const { Cell::new(0) };
+    }
+    let Some(key) = KEY.with(|k| *k) else {
+        // The OS gave no seed for this thread: ask it per id, as before.
+        return uuid::Uuid::new_v4().to_string();
+    };
+    let n = COUNTER.with(|c| {
+        let n = c.get();
+        c.set(n.wrapping_add(1));
+        n
+    });
+    let digest = Sha256::new()
+        .chain_update(key)
+        .chain_update(n.to_le_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 /// [`authenticated`], else [`anonymous`].
@@ -349,6 +385,23 @@ mod tests {
             assert_eq!(id.user_id, "anon:anon-2", "{bad:?} was accepted");
         }
         assert!(is_valid_user_id(&"x".repeat(MAX_USER_ID_BYTES)));
+    }
+
+    #[test]
+    fn fresh_ids_are_uuid_v4_and_distinct_across_threads() {
+        let ids: Vec<String> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| (0..500).map(|_| new_anonymous_id()).collect::<Vec<_>>())
+            })
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            let u = uuid::Uuid::parse_str(id).unwrap();
+            assert_eq!(u.get_version_num(), 4, "{id}");
+            assert_eq!(u.get_variant(), uuid::Variant::RFC4122, "{id}");
+        }
     }
 
     #[test]

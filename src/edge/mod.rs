@@ -22,10 +22,17 @@
 //! `secret:anonymous-id` (the generated signing key, when none is configured).
 //! Anonymous users' ids are `anon:<id>` (see [`identity`]).
 
+mod changes;
 mod counters;
+mod definitions;
+mod exposures;
 mod identity;
 mod operations;
 pub(crate) mod prefs;
+mod rollout;
+pub(crate) mod stats;
+mod store;
+mod targeting;
 mod writes;
 
 use std::net::IpAddr;
@@ -35,18 +42,21 @@ use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
-use sha2::{Digest, Sha256};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::kv::{Kv, KvEntry, KvError, KvFuture, Namespaced, PutOptions};
 
 pub use crate::config::edge::{EdgeConfig, EdgeConfigError};
 pub(crate) use config::FlagValue;
-pub(crate) use counters::{Counters, CountersSnapshot, StripedCounter};
+pub(crate) use counters::{Counters, CountersSnapshot};
 pub(crate) use identity::{is_valid_user_id, Cidr, MAX_USER_ID_BYTES, MIN_SECRET_BYTES};
 pub use operations::EdgeAdminError;
 
+use definitions::{Compiled, ExperimentRuntime, FlagRuntime};
+use exposures::{DailyDedup, EventLog, Outcome, OutcomeCounters};
 use identity::Signer;
+use store::DefsStore;
+use targeting::RequestAttributes;
 use writes::{Write, WriteQueue};
 
 /// Environment variable with the anonymous-id signing secret; wins over
@@ -60,104 +70,39 @@ const GENERATED_SECRET_BYTES: usize = 32;
 use crate::config::edge::{EXPERIMENT_HEADER_PREFIX, FEATURE_FLAGS_HEADER};
 use crate::config::{edge as config, sfv};
 
-/// Buckets a user id hashes into, per experiment: weights resolve to 0.01%.
-pub(crate) const BUCKETS: u64 = 10_000;
+pub(crate) use changes::{Change, DefKind};
 
 /// What the edge decided for one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EdgeDecision {
     /// The user's id: `anon:<id>` for anonymous users.
     pub(crate) user_id: String,
     /// The id is kvgate's anonymous `kvgate_uid` id rather than a configured one.
+    #[cfg_attr(not(test), allow(dead_code))] // the tests check it
     pub(crate) anonymous: bool,
     /// `Set-Cookie` for the response when this request was issued a new id.
     pub(crate) set_cookie: Option<HeaderValue>,
     /// Request headers for the origin.
     pub(crate) inject: Vec<(HeaderName, HeaderValue)>,
+    /// The definitions decided with, and (experiment, variant) indexes into
+    /// them for each variant injected, for [`Edge::observe`].
+    defs: Option<Arc<Compiled>>,
+    assigned: Vec<(usize, usize)>,
 }
 
 impl EdgeDecision {
+    /// Whether [`Edge::observe`] has anything to record for this request
+    /// (there are experiments), so the proxy keeps the request's method
+    /// and path for it only then.
+    pub(crate) fn observes(&self) -> bool {
+        self.defs.is_some()
+    }
+
     /// Writes the injected headers into the request, replacing any value
     /// already there.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
         for (name, value) in &self.inject {
             headers.insert(name.clone(), value.clone());
-        }
-    }
-}
-
-struct FlagRuntime {
-    name: String,
-    description: String,
-    sf_key: String,
-    default: FlagValue,
-    evaluations: Arc<StripedCounter>,
-}
-
-struct VariantRuntime {
-    name: String,
-    weight: f64,
-    /// Buckets below this (and at or above the previous variant's) pick it.
-    cutoff: u64,
-    header_value: HeaderValue,
-    stored: Bytes,
-    exposures: Arc<StripedCounter>,
-}
-
-struct ExperimentRuntime {
-    name: String,
-    description: String,
-    header: HeaderName,
-    /// `"{salt or name}:"`, hashed in front of the user id.
-    hash_seed: String,
-    salted: bool,
-    traffic: f64,
-    /// Users whose entry bucket is below this enter the experiment.
-    traffic_cutoff: u64,
-    path_prefix: Option<String>,
-    variants: Vec<VariantRuntime>,
-}
-
-impl ExperimentRuntime {
-    /// (entry bucket, variant bucket) for a user. Both come from one SHA-256
-    /// of seed and id: bytes 0..8 pick the variant, bytes 8..16 decide entry,
-    /// so the two are independent, and a traffic increase only adds users
-    /// (everyone below the old cutoff is still below the new one).
-    fn buckets(&self, user_id: &str) -> (u64, u64) {
-        let mut hasher = Sha256::new();
-        hasher.update(self.hash_seed.as_bytes());
-        hasher.update(user_id.as_bytes());
-        let digest = hasher.finalize();
-        let word = |at: usize| {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(&digest[at..at + 8]);
-            u64::from_be_bytes(bytes) % BUCKETS
-        };
-        (word(8), word(0))
-    }
-
-    fn pick(&self, variant_bucket: u64) -> &VariantRuntime {
-        let index = self
-            .variants
-            .iter()
-            .position(|v| variant_bucket < v.cutoff)
-            .unwrap_or(self.variants.len() - 1);
-        &self.variants[index]
-    }
-
-    fn variant(&self, name: &[u8]) -> Option<&VariantRuntime> {
-        self.variants.iter().find(|v| v.name.as_bytes() == name)
-    }
-
-    /// Segment-wise prefix match: `/checkout` applies to `/checkout` and
-    /// `/checkout/pay`, not to `/checkouts`.
-    fn applies_to(&self, path: &str) -> bool {
-        let Some(prefix) = &self.path_prefix else {
-            return true;
-        };
-        match path.strip_prefix(prefix.as_str()) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
-            None => false,
         }
     }
 }
@@ -207,10 +152,15 @@ pub struct Edge {
     cookie_secure: bool,
     sticky_ttl: Duration,
     prefs_ttl: Duration,
-    flags: Vec<FlagRuntime>,
-    /// `X-Feature-Flags` for a user without overrides; `None` without flags.
-    default_flags_value: Option<HeaderValue>,
-    experiments: Vec<ExperimentRuntime>,
+    /// Flags, segments and experiments, live from the state store.
+    defs: Arc<DefsStore>,
+    /// The CDN's country header, believed from trusted peers only.
+    country_header: Option<HeaderName>,
+    /// Names the anonymous id an authenticated user had (trusted peers only).
+    alias_header: Option<HeaderName>,
+    dedup: DailyDedup,
+    events: EventLog,
+    outcomes: Arc<OutcomeCounters>,
     prefs: PrefsRuntime,
     counters: Arc<Counters>,
     /// Sticky assignments and preference renewals on their way to the KV.
@@ -231,19 +181,29 @@ fn flag_key(flag: &str, user_id: &str) -> String {
     format!("flag:{flag}:user:{user_id}")
 }
 
-fn sticky_key(experiment: &str, user_id: &str) -> String {
-    format!("exp:{experiment}:user:{user_id}")
+/// `exposed:{experiment key}:{variant}:{user}`: the user was exposed (2xx).
+fn exposed_key(exp: &ExperimentRuntime, variant: &str, user_id: &str) -> String {
+    format!("exposed:{}:{variant}:{user_id}", exp.key_name)
+}
+
+/// `converted:{experiment key}:{user}`: the user reached a goal.
+fn converted_key(exp: &ExperimentRuntime, user_id: &str) -> String {
+    format!("converted:{}:{user_id}", exp.key_name)
 }
 
 fn prefs_key(user_id: &str) -> String {
     format!("prefs:user:{user_id}")
 }
 
+type Read = Result<Option<KvEntry>, KvError>;
+
 /// Results of the KV reads for one user, in flag and experiment order.
 struct UserState {
-    flags: Vec<Result<Option<KvEntry>, KvError>>,
-    sticky: Vec<Result<Option<KvEntry>, KvError>>,
-    prefs: Result<Option<KvEntry>, KvError>,
+    flags: Vec<Read>,
+    sticky: Vec<Read>,
+    /// The aliased anonymous id's sticky assignments, when there is one.
+    alias_sticky: Vec<Read>,
+    prefs: Read,
 }
 
 /// Polls every future concurrently (a Redis backend then pays one round trip,
@@ -357,59 +317,20 @@ impl Edge {
             HeaderName::from_bytes(name.as_bytes()).map_err(|e| config_error(field, e))
         };
 
-        let flags: Vec<FlagRuntime> = cfg
-            .flags
-            .iter()
-            .map(|(name, flag)| FlagRuntime {
-                name: name.clone(),
-                description: flag.description.clone(),
-                sf_key: sfv::dictionary_key(name),
-                default: flag.default.clone(),
-                evaluations: counters.flag_evaluations(name),
-            })
-            .collect();
-        let default_flags_value = if flags.is_empty() {
-            None
-        } else {
-            let mut dict = String::new();
-            for flag in &flags {
-                sfv::write_member(&mut dict, &flag.sf_key, &flag.default)
-                    .map_err(|e| config_error(format!("flags.{}.default", flag.name), e))?;
-            }
-            Some(HeaderValue::from_str(&dict).map_err(|e| config_error("flags", e))?)
+        let outcomes = Arc::new(OutcomeCounters::default());
+        let seed = Compiled::new(
+            cfg.definitions().with_percent_weights(),
+            config::WeightRule::Percent,
+            cfg.flag_json_max_bytes,
+            &counters,
+            &outcomes,
+        )?;
+        let optional_header = |field: &str, name: &Option<String>| {
+            name.as_deref().map(|n| header(field, n)).transpose()
         };
-
-        let mut experiments = Vec::with_capacity(cfg.experiments.len());
-        for (name, exp) in &cfg.experiments {
-            let field = format!("experiments.{name}");
-            let total: f64 = exp.variants.values().sum();
-            let mut cumulative = 0.0;
-            let mut variants = Vec::with_capacity(exp.variants.len());
-            for (variant, &weight) in &exp.variants {
-                cumulative += weight;
-                let cutoff = ((cumulative / total) * BUCKETS as f64).round() as u64;
-                variants.push(VariantRuntime {
-                    name: variant.clone(),
-                    weight,
-                    cutoff: cutoff.min(BUCKETS),
-                    header_value: HeaderValue::from_str(variant)
-                        .map_err(|e| config_error(format!("{field}.variants.{variant}"), e))?,
-                    stored: Bytes::from(variant.clone()),
-                    exposures: counters.exposures(name, variant),
-                });
-            }
-            experiments.push(ExperimentRuntime {
-                name: name.clone(),
-                description: exp.description.clone(),
-                header: header(&field, &format!("{EXPERIMENT_HEADER_PREFIX}{name}"))?,
-                hash_seed: format!("{}:", exp.salt.as_deref().unwrap_or(name)),
-                salted: exp.salt.is_some(),
-                traffic: exp.traffic,
-                traffic_cutoff: (exp.traffic * BUCKETS as f64).round() as u64,
-                path_prefix: exp.path_prefix.clone(),
-                variants,
-            });
-        }
+        let country_header =
+            optional_header("targeting.country_header", &cfg.targeting.country_header)?;
+        let alias_header = optional_header("identity.alias_header", &cfg.identity.alias_header)?;
 
         let prefs_cfg = &cfg.preferences;
         let prefs = PrefsRuntime {
@@ -438,6 +359,13 @@ impl Edge {
         };
 
         let kv = Arc::new(kv);
+        let defs = Arc::new(DefsStore::new(
+            Arc::clone(&kv),
+            seed,
+            cfg.flag_json_max_bytes,
+            Arc::clone(&counters),
+            Arc::clone(&outcomes),
+        ));
         let prefs_ttl = days(cfg.preferences.ttl_days);
         let writes = Arc::new(WriteQueue::new(
             Arc::clone(&kv),
@@ -457,14 +385,35 @@ impl Edge {
             cookie_secure: cfg.identity.cookie_secure,
             sticky_ttl: days(cfg.sticky_ttl_days),
             prefs_ttl,
-            flags,
-            default_flags_value,
-            experiments,
+            defs,
+            country_header,
+            alias_header,
+            dedup: DailyDedup::new(cfg.exposures.dedup_capacity),
+            events: EventLog::new(&cfg.exposures),
+            outcomes,
             prefs,
             counters,
             writes,
             warn: WarnThrottle::default(),
         })
+    }
+
+    /// Unique exposures and conversions per (outcome, experiment, variant),
+    /// and exposure events dropped at a full queue.
+    pub(crate) fn outcome_counts(&self) -> (Vec<(&'static str, String, String, u64)>, u64) {
+        let counts = self
+            .outcomes
+            .snapshot()
+            .into_iter()
+            .map(|(o, e, v, n)| {
+                let kind = match o {
+                    Outcome::Exposure => "exposure",
+                    Outcome::Conversion => "conversion",
+                };
+                (kind, e, v, n)
+            })
+            .collect();
+        (counts, self.events.dropped.load(Ordering::Relaxed))
     }
 
     /// Whether requests from `peer` may name their user (header or cookie).
@@ -533,23 +482,30 @@ impl Edge {
 
     /// Decides identity, flags, experiment variants and preferences for one
     /// request. Never fails: when the KV fails, flags fall back to their
-    /// defaults, experiments to the pure hash assignment and preferences to
-    /// the defaults, and a warning is logged (at most once a second).
+    /// rules and defaults, experiments to the pure hash assignment and
+    /// preferences to the defaults, and a warning is logged (at most once a
+    /// second).
     ///
-    /// `path` is the request path without the query; `peer` the address
-    /// the connection comes from (the identity header and cookie count only
-    /// from `identity.trusted_from`); `tls` whether it came over TLS.
+    /// `target` is the request path, with or without its query (query
+    /// parameters can be targeted); `peer` the address the connection comes
+    /// from (the identity header, cookie, alias and country headers count
+    /// only from `identity.trusted_from`); `tls` whether it came over TLS.
     pub async fn decide(
         &self,
         headers: &HeaderMap,
-        path: &str,
+        target: &str,
         peer: IpAddr,
         tls: bool,
     ) -> EdgeDecision {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        let trusted = self.trusts(peer);
         let sources = identity::Sources {
             header: &self.identity_header,
             cookie: self.identity_cookie.as_deref(),
-            trusted: self.trusts(peer),
+            trusted,
         };
         // Authenticated users need no signing key: it is only looked up (and
         // on first use generated) for anonymous ones.
@@ -571,16 +527,36 @@ impl Edge {
         };
         let fresh = identity.fresh.is_some();
         let user = identity.user_id.as_str();
+        let trusted_header = |name: &Option<HeaderName>| {
+            name.as_ref()
+                .filter(|_| trusted)
+                .and_then(|h| headers.get(h))
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let req = RequestAttributes {
+            user_id: user,
+            path,
+            query,
+            headers,
+            country: trusted_header(&self.country_header),
+        };
+        // The anonymous id this user had before logging in, if named.
+        let alias = trusted_header(&self.alias_header)
+            .filter(|a| !identity.anonymous && identity::is_anonymous_id(a) && is_valid_user_id(a));
 
-        let mut entered: Vec<(&ExperimentRuntime, u64)> =
-            Vec::with_capacity(self.experiments.len());
-        for exp in &self.experiments {
-            if !exp.applies_to(path) {
+        self.defs.ensure_loaded().await;
+        let defs = self.defs.current.load_full();
+        let mut entered: Vec<(&ExperimentRuntime, Option<usize>)> = Vec::new();
+        for exp in &defs.experiments {
+            if !exp.applies_to(&req) {
                 continue;
             }
-            let (entry, variant_bucket) = exp.buckets(user);
-            if entry < exp.traffic_cutoff {
-                entered.push((exp, variant_bucket));
+            let hashed = exp.hashed(user);
+            // With an alias, a stored variant of the anonymous id counts
+            // even where the user's own hash is outside the traffic.
+            if hashed.is_some() || alias.is_some() {
+                entered.push((exp, hashed));
             }
         }
 
@@ -589,29 +565,46 @@ impl Edge {
             None
         } else {
             Some(
-                self.read_user_state(user, entered.iter().map(|(e, _)| *e))
+                self.read_user_state(&defs, user, alias, entered.iter().map(|(e, _)| *e))
                     .await,
             )
         };
-        let (flag_reads, sticky_reads, prefs_read) = match state {
-            Some(s) => (Some(s.flags), Some(s.sticky), Some(s.prefs)),
-            None => (None, None, None),
+        let (flag_reads, sticky_reads, alias_reads, prefs_read) = match state {
+            Some(s) => (
+                Some(s.flags),
+                Some(s.sticky),
+                Some(s.alias_sticky),
+                Some(s.prefs),
+            ),
+            None => (None, None, None, None),
         };
 
         let mut inject = Vec::with_capacity(entered.len() + 2);
-        for flag in &self.flags {
+        for flag in &defs.flags {
             flag.evaluations.incr();
         }
-        if let Some(value) = self.flags_value(user, flag_reads) {
+        if let Some(value) = self.flags_value(&defs, &req, flag_reads) {
             inject.push((FEATURE_FLAGS.clone(), value));
         }
 
+        let mut assigned = Vec::with_capacity(entered.len());
         let mut sticky_reads = sticky_reads.map(Vec::into_iter);
-        for (exp, variant_bucket) in entered {
+        let mut alias_reads = alias_reads.map(Vec::into_iter);
+        for (exp, hashed) in entered {
             let read = sticky_reads.as_mut().and_then(Iterator::next);
-            let variant = self.assign(exp, variant_bucket, user, read, fresh).await;
+            let alias_read = alias_reads.as_mut().and_then(Iterator::next);
+            let Some(index) = self
+                .assign(exp, hashed, user, read, alias_read, fresh)
+                .await
+            else {
+                continue;
+            };
+            let variant = &exp.variants[index];
             variant.exposures.incr();
             inject.push((exp.header.clone(), variant.header_value.clone()));
+            if let Some(e) = defs.experiments.iter().position(|x| std::ptr::eq(x, exp)) {
+                assigned.push((e, index));
+            }
         }
 
         if let Some(Ok(Some(entry))) = &prefs_read {
@@ -627,11 +620,102 @@ impl Edge {
             .as_deref()
             .filter(|_| !keep_cookie)
             .and_then(|value| identity::anonymous_cookie(value, tls || self.cookie_secure));
+        let has_experiments = !defs.experiments.is_empty();
         EdgeDecision {
             set_cookie,
             anonymous: identity.anonymous,
             user_id: identity.user_id,
             inject,
+            defs: has_experiments.then_some(defs),
+            assigned,
+        }
+    }
+
+    /// After the response: records exposures of the variants injected (on a
+    /// 2xx, once per user, experiment and day) and conversions of the
+    /// experiments whose goals match the request (2xx, once a day). Never
+    /// waits on I/O: events go to bounded queues.
+    pub(crate) async fn observe(
+        &self,
+        decision: &EdgeDecision,
+        method: &Method,
+        path: &str,
+        route: &str,
+        status: StatusCode,
+    ) {
+        let Some(defs) = &decision.defs else { return };
+        if !status.is_success() {
+            return;
+        }
+        let user = decision.user_id.as_str();
+        let now_ms = crate::kv::now_ms();
+        let day = now_ms / 86_400_000;
+        let event = |kind: &'static str, exp: &ExperimentRuntime, variant: &str| exposures::Event {
+            time_ms: now_ms,
+            event: kind,
+            experiment: exp.name.clone(),
+            variant: variant.to_owned(),
+            user_id: user.to_owned(),
+            route: route.to_owned(),
+            path: path.to_owned(),
+        };
+        for &(e, v) in &decision.assigned {
+            let (Some(exp), true) = (defs.experiments.get(e), true) else {
+                continue;
+            };
+            let Some(variant) = exp.variants.get(v) else {
+                continue;
+            };
+            if !self
+                .dedup
+                .first_today(day, Outcome::Exposure, &exp.key_name, user)
+            {
+                continue;
+            }
+            variant.unique_exposures.incr();
+            self.events.push(event("exposure", exp, &variant.name));
+            self.writes
+                .push(Write::Put {
+                    key: exposed_key(exp, &variant.name, user),
+                    value: Bytes::from_static(b"1"),
+                    ttl: self.sticky_ttl,
+                })
+                .await;
+        }
+        for exp in &defs.experiments {
+            if !exp.goals.iter().any(|g| g.matches(method, path)) {
+                continue;
+            }
+            if !self
+                .dedup
+                .first_today(day, Outcome::Conversion, &exp.key_name, user)
+            {
+                continue;
+            }
+            let variant = decision
+                .assigned
+                .iter()
+                .find(|(e, _)| {
+                    defs.experiments
+                        .get(*e)
+                        .is_some_and(|x| std::ptr::eq(x, exp))
+                })
+                .and_then(|&(_, v)| exp.variants.get(v));
+            if let Some(variant) = variant {
+                variant.conversions.incr();
+            }
+            self.events.push(event(
+                "conversion",
+                exp,
+                variant.map_or("", |v| v.name.as_str()),
+            ));
+            self.writes
+                .push(Write::Put {
+                    key: converted_key(exp, user),
+                    value: Bytes::from_static(b"1"),
+                    ttl: self.sticky_ttl,
+                })
+                .await;
         }
     }
 
@@ -670,22 +754,36 @@ impl Edge {
 
     async fn read_user_state<'e>(
         &self,
+        defs: &Compiled,
         user: &str,
+        alias: Option<&str>,
         experiments: impl Iterator<Item = &'e ExperimentRuntime>,
     ) -> UserState {
-        let mut keys: Vec<String> = self.flags.iter().map(|f| flag_key(&f.name, user)).collect();
+        let mut keys: Vec<String> = defs.flags.iter().map(|f| flag_key(&f.name, user)).collect();
         let flag_count = keys.len();
-        keys.extend(experiments.map(|e| sticky_key(&e.name, user)));
+        let experiments: Vec<&ExperimentRuntime> = experiments.collect();
+        keys.extend(experiments.iter().map(|e| e.sticky_key(user)));
+        if let Some(alias) = alias {
+            keys.extend(experiments.iter().map(|e| e.sticky_key(alias)));
+        }
         keys.push(prefs_key(user));
+        // One batch: every read is polled together (one round trip on a
+        // networked store).
         let reads = keys.iter().map(|k| self.kv.get(k)).collect();
         let mut results = join_all(reads).await;
         let prefs = results
             .pop()
             .unwrap_or_else(|| Err(KvError::Backend("missing preferences read".into())));
-        let sticky = results.split_off(flag_count);
+        let mut sticky = results.split_off(flag_count);
+        let alias_sticky = if alias.is_some() {
+            sticky.split_off(experiments.len().min(sticky.len()))
+        } else {
+            Vec::new()
+        };
         UserState {
             flags: results,
             sticky,
+            alias_sticky,
             prefs,
         }
     }
@@ -697,32 +795,24 @@ impl Edge {
     }
 
     /// A stored override, if it is valid for the flag's current definition.
-    fn parse_override(flag: &FlagRuntime, raw: &[u8]) -> Result<FlagValue, String> {
+    fn parse_override(&self, flag: &FlagRuntime, raw: &[u8]) -> Result<FlagValue, String> {
         let json: serde_json::Value = serde_json::from_slice(raw).map_err(|e| e.to_string())?;
-        let value = FlagValue::from_json(&json).ok_or("not a boolean, string or number")?;
-        if value.kind() != flag.default.kind() {
-            return Err(format!(
-                "a {} override for a {} flag",
-                value.kind(),
-                flag.default.kind()
-            ));
-        }
-        sfv::serialize_item(&value).map_err(|e| e.to_string())?;
-        Ok(value)
+        FlagValue::typed(flag.kind, &json, self.defs.json_max)
     }
 
-    /// The user's value of each flag, and whether it came from an override.
-    fn flag_values<'f>(
-        &'f self,
+    /// Each flag's override, if the user has a valid one.
+    fn flag_overrides<'f>(
+        &self,
+        defs: &'f Compiled,
         user: &str,
-        reads: Option<Vec<Result<Option<KvEntry>, KvError>>>,
+        reads: Option<Vec<Read>>,
     ) -> Vec<(&'f FlagRuntime, Option<FlagValue>)> {
         let mut reads = reads.map(Vec::into_iter);
-        self.flags
+        defs.flags
             .iter()
             .map(|flag| {
                 let overridden = match reads.as_mut().and_then(Iterator::next) {
-                    Some(Ok(Some(entry))) => match Self::parse_override(flag, &entry.value) {
+                    Some(Ok(Some(entry))) => match self.parse_override(flag, &entry.value) {
                         Ok(value) => Some(value),
                         Err(why) => {
                             self.warn_kv(&format!("flag {} override", flag.name), user, &why);
@@ -740,57 +830,78 @@ impl Edge {
             .collect()
     }
 
+    /// `X-Feature-Flags` for the request: the prebuilt default value when no
+    /// flag has rules and the user has no override; otherwise the members
+    /// (prebuilt per rule and default) joined, overrides serialized.
     fn flags_value(
         &self,
-        user: &str,
-        reads: Option<Vec<Result<Option<KvEntry>, KvError>>>,
+        defs: &Compiled,
+        req: &RequestAttributes<'_>,
+        reads: Option<Vec<Read>>,
     ) -> Option<HeaderValue> {
-        let default = self.default_flags_value.as_ref()?;
-        if reads
+        let default = defs.default_flags_value.as_ref()?;
+        let no_overrides = reads
             .as_ref()
-            .is_none_or(|r| r.iter().all(|r| matches!(r, Ok(None))))
-        {
+            .is_none_or(|r| r.iter().all(|r| matches!(r, Ok(None))));
+        if no_overrides && !defs.flags_have_rules {
             return Some(default.clone());
         }
-        let values = self.flag_values(user, reads);
-        if values.iter().all(|(_, v)| v.is_none()) {
-            return Some(default.clone());
-        }
-        Some(
-            HeaderValue::from_str(&Self::flags_dictionary(&values))
-                .unwrap_or_else(|_| default.clone()),
-        )
+        let values = if no_overrides {
+            Vec::new()
+        } else {
+            self.flag_overrides(defs, req.user_id, reads)
+        };
+        let dict = Self::flags_dictionary(defs, req, &values);
+        Some(HeaderValue::from_str(&dict).unwrap_or_else(|_| default.clone()))
     }
 
-    fn flags_dictionary(values: &[(&FlagRuntime, Option<FlagValue>)]) -> String {
-        let mut dict = String::with_capacity(values.len() * 16);
-        for (flag, overridden) in values {
-            let value = overridden.as_ref().unwrap_or(&flag.default);
-            // Every value was checked to serialize (config validation or
-            // `parse_override`), so this cannot fail; skip the member if it did.
-            let _ = sfv::write_member(&mut dict, &flag.sf_key, value);
+    fn flags_dictionary(
+        defs: &Compiled,
+        req: &RequestAttributes<'_>,
+        overrides: &[(&FlagRuntime, Option<FlagValue>)],
+    ) -> String {
+        let mut dict = String::with_capacity(defs.flags.len() * 16);
+        for (i, flag) in defs.flags.iter().enumerate() {
+            if i > 0 {
+                dict.push_str(", ");
+            }
+            match overrides.get(i).and_then(|(_, v)| v.as_ref()) {
+                Some(value) => {
+                    // Checked to serialize in `parse_override`.
+                    let mut member = String::new();
+                    if sfv::write_member(&mut member, &flag.sf_key, value).is_ok() {
+                        dict.push_str(member.trim_start_matches(", "));
+                    } else {
+                        dict.push_str(flag.member_for(req));
+                    }
+                }
+                None => dict.push_str(flag.member_for(req)),
+            }
         }
         dict
     }
 
     /// The variant for a user who entered `exp`: a stored assignment whose
-    /// variant still exists wins; otherwise the hash picks and the pick is
-    /// stored in the background. Not stored: a KV read failure (the store is
-    /// down; the hash answer is the fallback) and a freshly issued anonymous
-    /// id (a client that drops cookies would otherwise write one record per
-    /// request; the id's first return stores the same, deterministic pick).
-    async fn assign<'x>(
+    /// variant still exists wins, then the aliased anonymous id's (copied to
+    /// the user); otherwise the hash picks (`None`: outside the traffic) and
+    /// the pick is stored in the background. Not stored: a KV read failure
+    /// (the store is down; the hash answer is the fallback) and a freshly
+    /// issued anonymous id (a client that drops cookies would otherwise
+    /// write one record per request; the id's first return stores the same,
+    /// deterministic pick).
+    async fn assign(
         &self,
-        exp: &'x ExperimentRuntime,
-        variant_bucket: u64,
+        exp: &ExperimentRuntime,
+        hashed: Option<usize>,
         user: &str,
-        read: Option<Result<Option<KvEntry>, KvError>>,
+        read: Option<Read>,
+        alias_read: Option<Read>,
         fresh: bool,
-    ) -> &'x VariantRuntime {
+    ) -> Option<usize> {
         let store = match read {
             Some(Ok(Some(entry))) => match exp.variant(&entry.value) {
-                Some(variant) => return variant,
-                None => true, // the stored variant was removed from the config
+                Some(variant) => return Some(variant),
+                None => true, // the stored variant was removed since
             },
             Some(Ok(None)) => !fresh,
             Some(Err(err)) => {
@@ -799,12 +910,16 @@ impl Edge {
             }
             None => !fresh,
         };
-        let variant = exp.pick(variant_bucket);
+        let aliased = match alias_read {
+            Some(Ok(Some(entry))) => exp.variant(&entry.value),
+            _ => None,
+        };
+        let variant = aliased.or(hashed)?;
         if store {
-            self.store_assignment(sticky_key(&exp.name, user), variant.stored.clone())
+            self.store_assignment(exp.sticky_key(user), exp.variants[variant].stored.clone())
                 .await;
         }
-        variant
+        Some(variant)
     }
 
     async fn store_assignment(&self, key: String, value: Bytes) {

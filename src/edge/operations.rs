@@ -8,10 +8,9 @@ use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::{
-    flag_key, prefs, prefs_key, sfv, sticky_key, unix_seconds, Edge, ExperimentRuntime,
-    FlagRuntime, FlagValue,
-};
+use super::definitions::{Compiled, ExperimentRuntime, FlagRuntime};
+use super::targeting::RequestAttributes;
+use super::{flag_key, prefs, prefs_key, unix_seconds, Edge, FlagValue};
 use crate::kv::{Kv, KvError, PutOptions};
 
 /// A refused admin operation; [`EdgeAdminError::status`] is the HTTP status.
@@ -52,7 +51,7 @@ impl From<KvError> for EdgeAdminError {
     }
 }
 
-fn check_user(user_id: &str) -> Result<(), EdgeAdminError> {
+pub(super) fn check_user(user_id: &str) -> Result<(), EdgeAdminError> {
     if super::is_valid_user_id(user_id) {
         Ok(())
     } else {
@@ -64,28 +63,16 @@ fn check_user(user_id: &str) -> Result<(), EdgeAdminError> {
 }
 
 impl Edge {
-    /// Exact name first, then case-insensitively (names are unique that way).
-    fn flag(&self, name: &str) -> Result<&FlagRuntime, EdgeAdminError> {
-        self.flags
-            .iter()
-            .find(|f| f.name == name)
-            .or_else(|| {
-                self.flags
-                    .iter()
-                    .find(|f| f.name.eq_ignore_ascii_case(name))
-            })
+    fn flag<'d>(defs: &'d Compiled, name: &str) -> Result<&'d FlagRuntime, EdgeAdminError> {
+        defs.flag(name)
             .ok_or_else(|| EdgeAdminError::NotFound(format!("no flag named {name:?}")))
     }
 
-    pub(super) fn experiment(&self, name: &str) -> Result<&ExperimentRuntime, EdgeAdminError> {
-        self.experiments
-            .iter()
-            .find(|e| e.name == name)
-            .or_else(|| {
-                self.experiments
-                    .iter()
-                    .find(|e| e.name.eq_ignore_ascii_case(name))
-            })
+    pub(super) fn experiment<'d>(
+        defs: &'d Compiled,
+        name: &str,
+    ) -> Result<&'d ExperimentRuntime, EdgeAdminError> {
+        defs.experiment(name)
             .ok_or_else(|| EdgeAdminError::NotFound(format!("no experiment named {name:?}")))
     }
 
@@ -104,9 +91,15 @@ impl Edge {
     /// stored sticky variant (or null), `would_be` what the hash picks under
     /// the current weights, and `variant` what a matching request would be
     /// injected now (null when the user is outside the experiment's traffic).
+    /// Rules are evaluated against a request with no headers, cookies or
+    /// query on path `/` (only the user id is known here).
     pub(crate) async fn user_view(&self, user_id: &str) -> Result<Value, EdgeAdminError> {
         check_user(user_id)?;
-        let state = self.read_user_state(user_id, self.experiments.iter()).await;
+        self.defs.ensure_loaded().await;
+        let defs = self.defs.current.load_full();
+        let state = self
+            .read_user_state(&defs, user_id, None, defs.experiments.iter())
+            .await;
         for read in state.flags.iter().chain(&state.sticky) {
             if let Err(err) = read {
                 return Err(EdgeAdminError::Unavailable(err.to_string()));
@@ -117,13 +110,24 @@ impl Edge {
             Ok(None) => prefs::Document::new(),
             Err(err) => return Err(err.into()),
         };
+        let no_headers = http::HeaderMap::new();
+        let req = RequestAttributes {
+            user_id,
+            path: "/",
+            query: None,
+            headers: &no_headers,
+            country: None,
+        };
 
-        let values = self.flag_values(user_id, Some(state.flags));
+        let values = self.flag_overrides(&defs, user_id, Some(state.flags));
         let mut flags = Map::new();
         for (flag, overridden) in &values {
             let (value, source) = match overridden {
                 Some(v) => (v.to_json(), "override"),
-                None => (flag.default.to_json(), "default"),
+                None => {
+                    let (v, source) = flag.value_for(&req);
+                    (v.to_json(), source)
+                }
             };
             flags.insert(
                 flag.name.clone(),
@@ -132,19 +136,19 @@ impl Edge {
         }
 
         let mut experiments = Map::new();
-        for (exp, read) in self.experiments.iter().zip(state.sticky) {
-            let (entry_bucket, variant_bucket) = exp.buckets(user_id);
-            let in_traffic = entry_bucket < exp.traffic_cutoff;
+        for (exp, read) in defs.experiments.iter().zip(state.sticky) {
+            let hashed = exp.hashed(user_id);
+            let in_traffic = hashed.is_some();
             let stored = read.ok().flatten();
             let assigned = stored
                 .as_ref()
                 .map(|e| String::from_utf8_lossy(&e.value).into_owned());
-            let would_be = in_traffic.then(|| exp.pick(variant_bucket).name.clone());
+            let would_be = hashed.map(|i| exp.variants[i].name.clone());
             let variant = if in_traffic {
                 stored
                     .as_ref()
                     .and_then(|e| exp.variant(&e.value))
-                    .map(|v| v.name.clone())
+                    .map(|i| exp.variants[i].name.clone())
                     .or_else(|| would_be.clone())
             } else {
                 None
@@ -169,10 +173,10 @@ impl Edge {
 
         let effective = prefs::effective(&self.prefs.defaults, &prefs_doc);
         let mut headers = Map::new();
-        if !self.flags.is_empty() {
+        if !defs.flags.is_empty() {
             headers.insert(
                 super::FEATURE_FLAGS.as_str().into(),
-                Self::flags_dictionary(&values).into(),
+                Self::flags_dictionary(&defs, &req, &values).into(),
             );
         }
         headers.insert(
@@ -197,25 +201,11 @@ impl Edge {
         user_id: &str,
         value: Value,
     ) -> Result<Value, EdgeAdminError> {
-        let flag = self.flag(flag)?;
+        self.defs.ensure_loaded().await;
+        let defs = self.defs.current.load_full();
+        let flag = Self::flag(&defs, flag)?;
         check_user(user_id)?;
-        let parsed = FlagValue::from_json(&value).ok_or_else(|| {
-            EdgeAdminError::BadRequest(format!(
-                "flag {:?} takes a {}, got {}",
-                flag.name,
-                flag.default.kind(),
-                prefs::json_kind(&value)
-            ))
-        })?;
-        if parsed.kind() != flag.default.kind() {
-            return Err(EdgeAdminError::BadRequest(format!(
-                "flag {:?} takes a {}, got a {}",
-                flag.name,
-                flag.default.kind(),
-                parsed.kind()
-            )));
-        }
-        sfv::serialize_item(&parsed)
+        FlagValue::typed(flag.kind, &value, self.defs.json_max)
             .map_err(|e| EdgeAdminError::BadRequest(format!("flag {:?}: {e}", flag.name)))?;
         let encoded =
             serde_json::to_vec(&value).map_err(|e| EdgeAdminError::BadRequest(e.to_string()))?;
@@ -235,7 +225,9 @@ impl Edge {
         flag: &str,
         user_id: &str,
     ) -> Result<Value, EdgeAdminError> {
-        let flag = self.flag(flag)?;
+        self.defs.ensure_loaded().await;
+        let defs = self.defs.current.load_full();
+        let flag = Self::flag(&defs, flag)?;
         check_user(user_id)?;
         let deleted = self.kv.delete(&flag_key(&flag.name, user_id)).await?;
         Ok(json!({
@@ -292,9 +284,13 @@ impl Edge {
         Ok(Value::Object(prefs::effective(&self.prefs.defaults, &next)))
     }
 
-    /// An experiment's definition and this process's exposure counts per variant.
+    /// An experiment's definition and this process's counts per variant:
+    /// `exposures` (requests the variant was injected on), `exposed_users`
+    /// and `conversions` (2xx, once per user and day).
     pub(crate) async fn experiment_view(&self, name: &str) -> Result<Value, EdgeAdminError> {
-        let exp = self.experiment(name)?;
+        self.defs.ensure_loaded().await;
+        let defs = self.defs.current.load_full();
+        let exp = Self::experiment(&defs, name)?;
         let total_weight: f64 = exp.variants.iter().map(|v| v.weight).sum();
         let mut total_exposures = 0u64;
         let variants: Vec<Value> = exp
@@ -308,6 +304,8 @@ impl Edge {
                     "weight": v.weight,
                     "share": v.weight / total_weight,
                     "exposures": exposures,
+                    "exposed_users": v.unique_exposures.sum(),
+                    "conversions": v.conversions.sum(),
                 })
             })
             .collect();
@@ -318,6 +316,9 @@ impl Edge {
             "traffic": exp.traffic,
             "path_prefix": exp.path_prefix,
             "salted": exp.salted,
+            "bucket_version": exp.bucket_version,
+            "hash": defs.doc.experiments.get(&exp.name).map(|d| d.hash),
+            "definition": defs.doc.experiments.get(&exp.name),
             "variants": variants,
             "exposures": total_exposures,
         }))
@@ -330,9 +331,11 @@ impl Edge {
         name: &str,
         user_id: &str,
     ) -> Result<Value, EdgeAdminError> {
-        let exp = self.experiment(name)?;
+        self.defs.ensure_loaded().await;
+        let defs = self.defs.current.load_full();
+        let exp = Self::experiment(&defs, name)?;
         check_user(user_id)?;
-        let deleted = self.kv.delete(&sticky_key(&exp.name, user_id)).await?;
+        let deleted = self.kv.delete(&exp.sticky_key(user_id)).await?;
         Ok(json!({ "experiment": exp.name, "user_id": user_id, "deleted": deleted }))
     }
 

@@ -439,11 +439,9 @@ async fn traffic_share_gates_entry_and_only_grows_with_it() {
     let kv: Arc<dyn Kv> = Arc::new(MemoryKv::new());
     let users: Vec<String> = (0..20_000).map(|i| format!("u{i}")).collect();
     let entered = |edge: &Edge| -> Vec<bool> {
-        let exp = edge.experiment("search").unwrap();
-        users
-            .iter()
-            .map(|u| exp.buckets(u).0 < exp.traffic_cutoff)
-            .collect()
+        let defs = edge.defs.current.load_full();
+        let exp = defs.experiment("search").unwrap();
+        users.iter().map(|u| exp.hashed(u).is_some()).collect()
     };
     let half = entered(&Edge::new(&cfg, kv.clone()).unwrap());
     let share = half.iter().filter(|e| **e).count() as f64 / users.len() as f64;
@@ -867,7 +865,8 @@ fn invalid_config_is_refused_by_new() {
 #[test]
 fn variant_cutoffs_follow_the_weights() {
     let edge = Edge::new(&config(), Arc::new(MemoryKv::new())).unwrap();
-    let exp = edge.experiment("new-checkout").unwrap();
+    let defs = edge.defs.current.load_full();
+    let exp = defs.experiment("new-checkout").unwrap();
     let cutoffs: Vec<u64> = exp.variants.iter().map(|v| v.cutoff).collect();
     assert_eq!(cutoffs, [5_000, 7_500, 10_000]);
     assert_eq!(exp.pick(0).name, "control");
@@ -875,7 +874,7 @@ fn variant_cutoffs_follow_the_weights() {
     assert_eq!(exp.pick(5_000).name, "variant_a");
     assert_eq!(exp.pick(9_999).name, "variant_b");
     assert_eq!(exp.hash_seed, "new-checkout:");
-    assert_eq!(edge.experiment("search").unwrap().hash_seed, "search-2024:");
+    assert_eq!(defs.experiment("search").unwrap().hash_seed, "search-2024:");
 }
 
 #[test]
@@ -1349,4 +1348,109 @@ async fn spaced_out_writes_within_the_window_share_one_commit() {
             "window {window_ms}"
         );
     }
+}
+
+// Live definitions ----------------------------------------------------------
+
+#[tokio::test]
+async fn a_change_on_one_instance_reaches_another_sharing_the_store() {
+    let kv: Arc<dyn Kv> = Arc::new(MemoryKv::new());
+    let a = Edge::new(&config(), kv.clone()).unwrap();
+    let b = Edge::new(&config(), kv.clone()).unwrap();
+    let flags_of = |d: &EdgeDecision| injected(d, "x-feature-flags").unwrap().to_owned();
+    let before = flags_of(&b.decide(&user("ann"), "/", PEER, false).await);
+    assert!(before.contains("newui=?0"), "{before}");
+
+    let changed = std::time::Instant::now();
+    a.change_definition(
+        DefKind::Flag,
+        "newUI",
+        Change::Patch(json!({"default": true})),
+        "admin",
+    )
+    .await
+    .unwrap();
+    // `a` swaps at once; `b` sees it at its next poll of `defs:version`.
+    let on_a = flags_of(&a.decide(&user("ann"), "/", PEER, false).await);
+    assert!(on_a.starts_with("betafeatures=?0, newui,"), "{on_a}");
+    let deadline = changed + Duration::from_secs(5);
+    loop {
+        let now = flags_of(&b.decide(&user("ann"), "/", PEER, false).await);
+        if now == on_a {
+            eprintln!(
+                "change reached the other instance after {:?}",
+                changed.elapsed()
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reached b: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A third instance started later reads the store, not its config.
+    let c = Edge::new(&config(), kv).unwrap();
+    assert_eq!(
+        flags_of(&c.decide(&user("ann"), "/", PEER, false).await),
+        on_a
+    );
+}
+
+#[tokio::test]
+async fn growthbook_hashing_agrees_with_the_sdk_vectors() {
+    // cases.json "run": seed "foo", id "1", two even variations (with full
+    // and 99 % coverage) -> variation 1.
+    for traffic in [1.0, 0.99] {
+        let mut cfg = config();
+        cfg.experiments.clear();
+        cfg.experiments.insert(
+            "key".into(),
+            toml::from_str(&format!(
+                "variants = {{ a = 50, b = 50 }}\nhash = \"growthbook\"\nsalt = \"foo\"\ntraffic = {traffic}"
+            ))
+            .unwrap(),
+        );
+        let edge = Edge::new(&cfg, Arc::new(MemoryKv::new())).unwrap();
+        let d = edge.decide(&user("1"), "/", PEER, false).await;
+        assert_eq!(
+            injected(&d, "x-experiment-key"),
+            Some("b"),
+            "coverage {traffic}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bucket_version_reshuffles_and_ignores_older_sticky_assignments() {
+    let kv: Arc<dyn Kv> = Arc::new(MemoryKv::new());
+    let edge = Edge::new(&config(), kv.clone()).unwrap();
+    let users: Vec<String> = (0..200).map(|i| format!("bv-{i}")).collect();
+    let mut before = Vec::new();
+    for u in &users {
+        let d = edge.decide(&user(u), "/checkout", PEER, false).await;
+        before.push(
+            injected(&d, "x-experiment-new-checkout")
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    edge.settle().await;
+    edge.change_definition(
+        DefKind::Experiment,
+        "new-checkout",
+        Change::Patch(json!({"bucket_version": 1})),
+        "admin",
+    )
+    .await
+    .unwrap();
+    let mut moved = 0;
+    for (u, old) in users.iter().zip(&before) {
+        let d = edge.decide(&user(u), "/checkout", PEER, false).await;
+        if injected(&d, "x-experiment-new-checkout").unwrap() != old {
+            moved += 1;
+        }
+    }
+    // Independent hashes under 50/25/25: about 62.5 % land elsewhere.
+    assert!(moved > 80, "only {moved} of 200 moved");
 }

@@ -270,18 +270,15 @@ impl Gateway {
         // the cache key and Vary see the request, so that variants the origin
         // varies on are cached apart.
         let mut set_cookie = None;
+        let mut edge_decision = None;
         if let Some(edge) = &self.edge {
             edge.strip_injected(&mut parts.headers);
-            let decision = edge
-                .decide(
-                    &parts.headers,
-                    parts.uri.path(),
-                    client.addr.ip(),
-                    client.tls,
-                )
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut decision = edge
+                .decide(&parts.headers, target, client.addr.ip(), client.tls)
                 .await;
             decision.apply(&mut parts.headers);
-            set_cookie = decision.set_cookie;
+            set_cookie = decision.set_cookie.take();
             if let Some(prefs) = self.self_service_path.as_deref() {
                 if parts.uri.path() == prefs {
                     let max = cfg.edge.as_ref().map_or(4096, |e| e.preferences.max_bytes);
@@ -303,14 +300,19 @@ impl Gateway {
                     };
                 }
             }
+            edge_decision = decision.observes().then_some(decision);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let route = self.route_for(path);
         if let Some(edge) = &self.edge {
             edge.counter_registry()
-                .route(route.as_ref().map_or("default", |r| r.name.as_str()))
-                .incr();
+                .count_route(route.as_ref().map_or("default", |r| r.name.as_str()));
         }
+        // Exposures and conversions are recorded once the status is known.
+        // (Cheap clones: the URI shares its bytes, the route is an Arc.)
+        let observed = edge_decision
+            .as_ref()
+            .map(|_| (parts.method.clone(), parts.uri.clone(), route.clone()));
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
@@ -334,6 +336,14 @@ impl Gateway {
         } else {
             self.lookup(ctx).await
         };
+        if let (Some(edge), Some(decision), Some((method, uri, route))) =
+            (&self.edge, &edge_decision, &observed)
+        {
+            let route = route.as_ref().map_or("default", |r| r.name.as_str());
+            let status = answer.response.status();
+            edge.observe(decision, method, uri.path(), route, status)
+                .await;
+        }
         if let Some(cookie) = set_cookie {
             // Per response, never stored: the cookie is this client's alone.
             answer

@@ -57,6 +57,17 @@ impl Entry {
         tags: Vec<Arc<str>>,
     ) -> Entry {
         let headers = StoredHeaders::from_map(&headers);
+        Entry::assemble(status, headers, body, vary, freshness, tags)
+    }
+
+    fn assemble(
+        status: StatusCode,
+        headers: StoredHeaders,
+        body: Bytes,
+        vary: Vec<(HeaderName, Option<String>)>,
+        freshness: Freshness,
+        tags: Vec<Arc<str>>,
+    ) -> Entry {
         let header_bytes = headers.charge();
         // A tag's text (shared with the index), its slot in the entry, and
         // the entry's share of the index: one hash-set slot per tag.
@@ -79,7 +90,31 @@ impl Entry {
         }
     }
 
+    /// The entry for a streamed response: its header block and its body
+    /// copied into one exact-size buffer (one allocation, not two, and no
+    /// slice of a larger read buffer pinned by a long-lived entry).
+    pub(crate) fn from_meta_chunks(meta: EntryMeta, chunks: &[Bytes], body_len: usize) -> Entry {
+        let mut block = StoredHeaders::block_with_room(&meta.headers, body_len);
+        let at = block.len();
+        for c in chunks {
+            block.extend_from_slice(c);
+        }
+        let all = Bytes::from(block);
+        let headers = StoredHeaders {
+            block: all.slice(..at),
+        };
+        Entry::assemble(
+            meta.status,
+            headers,
+            all.slice(at..),
+            meta.vary,
+            meta.freshness,
+            meta.tags,
+        )
+    }
+
     /// The entry for a response whose metadata was known before its body.
+    #[cfg(test)]
     pub(crate) fn from_meta(meta: EntryMeta, body: Bytes) -> Entry {
         Entry::new(
             meta.status,
@@ -151,13 +186,21 @@ impl StoredHeaders {
     /// The compact form; fields beyond what [`StoredHeaders::fits`] allows
     /// are dropped (callers check first).
     pub(crate) fn from_map(h: &HeaderMap) -> StoredHeaders {
+        StoredHeaders {
+            block: Bytes::from(StoredHeaders::block_with_room(h, 0)),
+        }
+    }
+
+    /// The compact form of `h` in a buffer with exactly `room` bytes
+    /// spare after it (for a body that shares the allocation).
+    fn block_with_room(h: &HeaderMap, room: usize) -> Vec<u8> {
         let fields: Vec<(&HeaderName, &http::HeaderValue)> = h
             .iter()
             .filter(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
             .take(MAX_STORED_FIELDS)
             .collect();
         let data: usize = fields.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-        let mut block = Vec::with_capacity(2 + 4 * fields.len() + data);
+        let mut block = Vec::with_capacity(2 + 4 * fields.len() + data + room);
         block.extend_from_slice(&(fields.len() as u16).to_le_bytes());
         for (n, v) in &fields {
             block.extend_from_slice(&(n.as_str().len() as u16).to_le_bytes());
@@ -167,9 +210,7 @@ impl StoredHeaders {
             block.extend_from_slice(n.as_str().as_bytes());
             block.extend_from_slice(v.as_bytes());
         }
-        StoredHeaders {
-            block: Bytes::from(block),
-        }
+        block
     }
 
     /// Each field as (name bytes, value range in the block).

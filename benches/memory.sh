@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Resident memory for 100,000 cached 1 KiB responses, against their payload.
+#
+#   benches/memory.sh [KVGATE_BINARY ...] [-n ENTRIES]
+#
+# Defaults: $CARGO_TARGET_DIR/release/kvgate (else target/release/kvgate),
+# 100000 entries. Needs curl and ../shared/bench's origin.
+#
+# Method: the harness origin on a free loopback port, kvgate in front of it
+# (no config: 256 MiB cache, 64 shards), 8 curl processes that each ask for
+# their share of /static/mem-<i> once on a keep-alive connection (every
+# answer is 1,024 bytes, `Cache-Control: public, max-age=3600`, an ETag).
+# Reported: VmRSS of the kvgate process before and after the fill, RSS /
+# payload, and how many of 1,000 URLs spread over the fill are HITs when
+# asked again (all of them: nothing was evicted).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+origin_bin="$root/../shared/bench/origin/target/release/origin"
+n=100000
+bins=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -n) n="$2"; shift 2 ;;
+    -h|--help) sed -n 2,17p "$0"; exit 0 ;;
+    *) bins+=("$1"); shift ;;
+  esac
+done
+if [[ ${#bins[@]} -eq 0 ]]; then
+  bins=("${CARGO_TARGET_DIR:-$root/target}/release/kvgate")
+fi
+for b in "$origin_bin" "${bins[@]}"; do
+  [[ -x "$b" ]] || { echo "missing $b" >&2; exit 1; }
+done
+
+scratch="$(mktemp -d /tmp/kvgate-memory.XXXXXX)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_ready() {
+  for _ in $(seq 1 100); do
+    curl -sf -o /dev/null "$1" && return 0
+    sleep 0.1
+  done
+  echo "not ready: $1" >&2
+  return 1
+}
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+origin_port=$(free_port)
+"$origin_bin" --port "$origin_port" >"$scratch/origin.log" 2>&1 &
+pids+=($!)
+wait_ready "http://127.0.0.1:$origin_port/health"
+
+parts=8
+echo "| build | entries | RSS before fill | RSS after | after - before | RSS / payload | HITs on a re-read of 1,000 |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for bin in "${bins[@]}"; do
+  port=$(free_port)
+  "$bin" --listen "127.0.0.1:$port" --origin "http://127.0.0.1:$origin_port" \
+    >"$scratch/kvgate.log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  wait_ready "http://127.0.0.1:$port/static/ready"
+  tag="$RANDOM$RANDOM"
+  for p in $(seq 0 $((parts - 1))); do
+    for i in $(seq "$p" "$parts" $((n - 1))); do
+      printf 'url = "http://127.0.0.1:%d/static/mem-%s-%d"\noutput = "/dev/null"\n' "$port" "$tag" "$i"
+    done >"$scratch/fill-$p.cfg"
+  done
+  before=$(rss_kib "$pid")
+  fill=()
+  for p in $(seq 0 $((parts - 1))); do
+    curl -s -K "$scratch/fill-$p.cfg" &
+    fill+=($!)
+  done
+  wait "${fill[@]}"
+  sleep 1
+  after=$(rss_kib "$pid")
+  hits=0
+  for i in $(seq 0 $((n / 1000)) $((n - 1)) | head -1000); do
+    if curl -s -o /dev/null -D - "http://127.0.0.1:$port/static/mem-$tag-$i" | grep -qi '^x-cache: HIT'; then
+      hits=$((hits + 1))
+    fi
+  done
+  payload_kib=$((n * 1024 / 1024))
+  printf '| %s | %d | %.1f MB | %.1f MB | %.1f MB | %.2fx (%.2fx above the empty process) | %d / %d |\n' \
+    "$(basename "$bin")" "$n" "$(echo "$before * 1.024 / 1000" | bc -l)" \
+    "$(echo "$after * 1.024 / 1000" | bc -l)" "$(echo "($after - $before) * 1.024 / 1000" | bc -l)" \
+    "$(echo "$after / $payload_kib" | bc -l)" "$(echo "($after - $before) / $payload_kib" | bc -l)" \
+    "$hits" "$(seq 0 $((n / 1000)) $((n - 1)) | head -1000 | wc -l)"
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+done
