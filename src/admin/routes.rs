@@ -151,9 +151,10 @@ pub(crate) async fn handle(
                 "purge"
             );
             let broadcast = broadcast(gw, &Event::Purge(req.into_targets())).await;
-            Ok(reply::ok(
-                &json!({ "purged": purged, "broadcast": broadcast }),
-            ))
+            Ok(reply::ok(&with_broadcast(
+                json!({ "purged": purged }),
+                broadcast,
+            )))
         }
         Route::Version => bump_version(state, &body).await,
         Route::Entries => entries(state, query),
@@ -252,6 +253,15 @@ async fn broadcast(gw: &Gateway, event: &Event) -> Option<Published> {
     }
 }
 
+/// `reply` with `"broadcast"` added when there was one (with Redis only:
+/// without it the reply stays what it always was).
+fn with_broadcast(mut reply: Value, broadcast: Option<Published>) -> Value {
+    if let (Some(b), Some(map)) = (broadcast, reply.as_object_mut()) {
+        map.insert("broadcast".into(), json!(b));
+    }
+    reply
+}
+
 async fn bump_version(state: &AdminState, body: &[u8]) -> Result<AdminResponse, ApiError> {
     let gw = &state.gateway;
     let req: Option<VersionRequest> = parse_optional_json(body)?;
@@ -260,9 +270,10 @@ async fn bump_version(state: &AdminState, body: &[u8]) -> Result<AdminResponse, 
             let version = gw.bump_version();
             tracing::info!(target: "kvgate::admin", version, "cache version bumped");
             let broadcast = broadcast(gw, &Event::Version { version }).await;
-            Ok(reply::ok(
-                &json!({ "version": version, "broadcast": broadcast }),
-            ))
+            Ok(reply::ok(&with_broadcast(
+                json!({ "version": version }),
+                broadcast,
+            )))
         }
         Some(route) => {
             let version = gw
@@ -273,9 +284,10 @@ async fn bump_version(state: &AdminState, body: &[u8]) -> Result<AdminResponse, 
                 route: route.clone(),
             };
             let broadcast = broadcast(gw, &event).await;
-            Ok(reply::ok(
-                &json!({ "version": version, "route": route, "broadcast": broadcast }),
-            ))
+            Ok(reply::ok(&with_broadcast(
+                json!({ "version": version, "route": route }),
+                broadcast,
+            )))
         }
     }
 }
