@@ -314,6 +314,34 @@ pub struct CacheConfig {
     /// `[[cache.tag_rule]]`: tags given by path prefix.
     #[serde(rename = "tag_rule")]
     pub tag_rules: Vec<TagRuleConfig>,
+    /// `[cache.l2]`: the shared response tier in Redis (needs `[redis]`).
+    pub l2: Option<L2Config>,
+}
+
+/// `[cache.l2]`: misses look in Redis before the origin, so a new or
+/// restarted instance starts warm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L2Config {
+    /// Larger responses are not written to the shared tier.
+    pub max_object_bytes: usize,
+    /// A shared copy lives at most this long (and never past the time its
+    /// freshness and stale windows allow).
+    pub max_ttl_secs: u64,
+}
+
+/// Largest `cache.l2.max_object_bytes`: one Redis value per response.
+pub const MAX_L2_OBJECT_BYTES: usize = 64 * 1024 * 1024;
+/// Largest `cache.l2.max_ttl_secs` (30 days).
+pub const MAX_L2_TTL_SECS: u64 = 30 * 86_400;
+
+impl Default for L2Config {
+    fn default() -> Self {
+        L2Config {
+            max_object_bytes: 1024 * 1024,
+            max_ttl_secs: 3_600,
+        }
+    }
 }
 
 impl Default for CacheConfig {
@@ -333,6 +361,7 @@ impl Default for CacheConfig {
             allow_set_cookie: false,
             tags: TagsConfig::default(),
             tag_rules: Vec::new(),
+            l2: None,
         }
     }
 }
@@ -767,6 +796,31 @@ impl Config {
         // not here: `--redis URL` may supply the section.
         if let Some(redis) = &self.redis {
             redis.validate(src, file)?;
+        }
+        if let Some(l2) = &self.cache.l2 {
+            for (key, ok, hint) in [
+                (
+                    "max_object_bytes",
+                    (1..=MAX_L2_OBJECT_BYTES).contains(&l2.max_object_bytes),
+                    format!("bytes, 1 to {MAX_L2_OBJECT_BYTES}"),
+                ),
+                (
+                    "max_ttl_secs",
+                    (1..=MAX_L2_TTL_SECS).contains(&l2.max_ttl_secs),
+                    format!("seconds, 1 to {MAX_L2_TTL_SECS}"),
+                ),
+            ] {
+                if !ok {
+                    let (line, column) = locate_plain_key(src, "cache.l2", key);
+                    return Err(ConfigError {
+                        file: file.to_string(),
+                        line,
+                        column,
+                        message: format!("cache.l2.{key}: out of range"),
+                        hint: Some(hint),
+                    });
+                }
+            }
         }
         let t = &self.cache.tags;
         for (key, name) in [

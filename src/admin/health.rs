@@ -63,7 +63,12 @@ pub(super) async fn ready(gw: &Gateway, listen: SocketAddr, stopping: bool) -> P
         },
     };
     let origin = origin_reachable(gw).await;
-    let ready = (state == "ok" || state == "none") && origin == "ok";
+    // A shared (Redis) store that fails is reported but does not make the
+    // instance unready: every instance shares it, so failing readiness
+    // would take them all out of rotation, while each still serves from
+    // memory, the origin and default flags. A local store that fails does.
+    let shared_state = gw.redis.is_some();
+    let ready = (state == "ok" || state == "none" || shared_state) && origin == "ok";
     Probe {
         status: if ready {
             StatusCode::OK
@@ -75,6 +80,12 @@ pub(super) async fn ready(gw: &Gateway, listen: SocketAddr, stopping: bool) -> P
             "listen": listen.to_string(),
             "state_store": state,
             "origin": origin,
+            "redis": gw.redis.as_ref().map(|r| r.health()),
+            // Whether purges made elsewhere reach this instance right now.
+            "cluster": gw.cluster.as_ref().map(|c| json!({
+                "following": c.following(),
+                "cache_drops": c.cache_drops(),
+            })),
         }),
     }
 }

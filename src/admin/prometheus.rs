@@ -183,6 +183,26 @@ pub(crate) fn render(gw: &Gateway) -> String {
     if let Some(redis) = &gw.redis {
         render_redis(&mut t, &redis.health());
     }
+    if let Some(cluster) = &gw.cluster {
+        t.single(
+            "kvgate_cluster_following",
+            "gauge",
+            "1 while this instance reads the purge broadcast (purges made elsewhere reach it).",
+            u8::from(cluster.following()),
+        );
+        t.single(
+            "kvgate_cluster_cache_drops_total",
+            "counter",
+            "Times the memory cache was dropped because broadcast events were lost.",
+            cluster.cache_drops(),
+        );
+        t.single(
+            "kvgate_cluster_hits_total",
+            "counter",
+            "Misses answered with a response another instance fetched (lease handoff or L2).",
+            load(&m.cluster_hits),
+        );
+    }
     render_ops(&mut t, &gw.ops);
     render_process(&mut t);
     t.0

@@ -120,6 +120,8 @@ pub struct Gateway {
     pub(crate) state_cache: Option<Arc<crate::kv::cached::CachedKv>>,
     /// Edge counters summed over every instance (Redis and `[edge]`).
     pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
+    /// Purge broadcast and cluster-wide single fetch (with Redis only).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 impl Gateway {
     pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
@@ -154,11 +156,32 @@ impl Gateway {
         let store = Store::new(c.max_bytes, c.max_object_bytes, c.shards);
         let flights = SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs));
         let version = Arc::new(AtomicU64::new(c.version));
+        if c.l2.is_some() && redis.is_none() {
+            tracing::warn!("[cache.l2] is set but [redis] is not: the shared response tier is off");
+        }
+        let cluster = redis.as_ref().map(|r| {
+            Arc::new(crate::cluster::Cluster::new(
+                Arc::clone(r),
+                Duration::from_millis(c.lock_timeout_ms),
+                c.max_object_bytes,
+                c.l2.as_ref(),
+            ))
+        });
         let mut g = Gateway::generation(config, origin, store, flights, state, None, version)?;
         g.redis = redis;
         g.state_cache = state_cache;
         g.shared_counters = shared_counters;
-        Ok(Arc::new(g))
+        g.cluster = cluster;
+        let gateway = Arc::new(g);
+        // Events from other instances go to this first generation, which
+        // `cli::Running` keeps for the life of the process; later
+        // generations share its store, versions and (for the route names
+        // they keep) route bumps, so they see every event applied.
+        if let Some(cluster) = &gateway.cluster {
+            let target: std::sync::Weak<Gateway> = Arc::downgrade(&gateway);
+            cluster.start(target);
+        }
+        Ok(gateway)
     }
 
     /// The next generation for a reloaded `config`: everything rebuilt from
@@ -190,6 +213,9 @@ impl Gateway {
         g.ops = self.ops.clone();
         // Redis connections are kept: `[redis]` changes need a restart.
         g.redis = self.redis.clone();
+        // The cluster (broadcast reader, leases, L2) is kept: its events go
+        // to the first generation, whose store and versions this one shares.
+        g.cluster = self.cluster.clone();
         g.state_cache = state_cache;
         g.shared_counters = match (&self.shared_counters, &self.redis, &g.edge) {
             (Some(c), _, Some(_)) => Some(c.clone()),
@@ -249,6 +275,7 @@ impl Gateway {
             redis: None,
             state_cache: None,
             shared_counters: None,
+            cluster: None,
             config: Arc::new(config),
         })
     }
@@ -269,6 +296,18 @@ impl Gateway {
     /// `cache.version`); never lowers it, which would resurrect old entries.
     pub(crate) fn raise_version_to(&self, to: u64) -> u64 {
         self.version.fetch_max(to, Ordering::Relaxed).max(to)
+    }
+    /// Follows a version bump made on another instance: moves to at least
+    /// its version, and always past our own, so that nothing stored here
+    /// before the bump stays reachable.
+    pub(crate) fn follow_version(&self, to: u64) -> u64 {
+        let before = self
+            .version
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.wrapping_add(1).max(to))
+            })
+            .unwrap_or_else(|v| v);
+        before.wrapping_add(1).max(to)
     }
     /// The version in the keys of requests on `route`.
     pub(crate) fn key_version(&self, route: Option<&RouteConfig>) -> u64 {
