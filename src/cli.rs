@@ -1,9 +1,10 @@
 //! Command line: run the gateway, check a config, or run the demo.
 
+use crate::admin::reload::Reloader;
 use crate::admin::AdminSettings;
 use crate::config::{Config, StateBackend};
 pub use crate::error::{ArgsError, CheckError, StartError};
-use crate::proxy::gateway::Gateway;
+use crate::proxy::gateway::{Gateway, Live};
 use crate::proxy::server;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -35,6 +36,13 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Ask a running gateway's `/healthz` (exit status 0 when it answers
+    /// 200): a container HEALTHCHECK without curl in the image.
+    Health {
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: String,
+    },
     /// Start a small demo origin and the gateway in front of it.
     Demo {
         /// Where the demo gateway listens.
@@ -53,7 +61,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub listen: Option<String>,
     /// Origin URL, e.g. http://127.0.0.1:8000.
-    #[arg(long)]
+    #[arg(long, env = "KVGATE_ORIGIN")]
     pub origin: Option<String>,
     /// TLS certificate chain (PEM) for the main listener.
     #[arg(long, requires = "tls_key")]
@@ -82,65 +90,13 @@ impl RunArgs {
             Some(p) => Config::load(p)?,
             None => Config::default(),
         };
-        if let Some(l) = &self.listen {
-            cfg.server.listen = toml::Spanned::new(0..0, l.clone());
-        }
-        if let Some(o) = &self.origin {
-            crate::config::validate_origin_url(o).map_err(|reason| ArgsError::Origin {
-                url: o.clone(),
-                reason,
-            })?;
-            cfg.origin.url = toml::Spanned::new(0..0, o.clone());
-        }
-        if self.tls_cert.is_some() {
-            cfg.server.tls_cert = self.tls_cert.clone();
-            cfg.server.tls_key = self.tls_key.clone();
-        }
-        if let Some(l) = &self.log_level {
-            crate::config::check_log_filter(l).map_err(|reason| ArgsError::LogLevel {
-                level: l.clone(),
-                reason,
-            })?;
-            cfg.log.level = l.clone();
-        }
-        if let Some(l) = &self.admin_listen {
-            let admin = cfg.admin.get_or_insert_with(Default::default);
-            admin.listen = toml::Spanned::new(0..0, l.clone());
-            admin.listen_addr().map_err(|source| ArgsError::Listen {
-                flag: "--admin-listen",
-                source,
-            })?;
-        }
-        if let Some(url) = &self.redis {
-            crate::config::redis::check_url(url).map_err(|reason| ArgsError::Redis {
-                url: url.clone(),
-                reason,
-            })?;
-            // The flag replaces the servers, not the tuning around them.
-            let redis = match cfg.redis.take() {
-                Some(old) => crate::config::redis::RedisConfig {
-                    url: Some(toml::Spanned::new(0..0, url.clone())),
-                    regions: Vec::new(),
-                    ..old
-                },
-                None => crate::config::redis::RedisConfig::single(url),
-            };
-            cfg.redis = Some(redis);
-            cfg.state.backend = crate::config::StateBackend::Redis;
-        }
-        if let Some(admin) = &mut cfg.admin {
-            // The environment wins over the file, so the file need not hold
-            // the secret. An empty variable counts as unset.
-            if let Some(token) = std::env::var(crate::admin::TOKEN_ENV)
-                .ok()
-                .filter(|t| !t.is_empty())
-            {
-                admin.token = Some(token);
-            }
-        }
-        cfg.listen_addr().map_err(|source| ArgsError::Listen {
-            flag: "--listen",
-            source,
+        cfg.apply(crate::config::Overrides {
+            listen: self.listen.clone(),
+            origin: self.origin.clone(),
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            log_level: self.log_level.clone(),
+            admin_listen: self.admin_listen.clone(),
+            redis: self.redis.clone(),
         })?;
         Ok(cfg)
     }
@@ -166,8 +122,12 @@ pub struct Running {
     pub addr: std::net::SocketAddr,
     /// The admin listener's bound address, when it runs.
     pub admin_addr: Option<std::net::SocketAddr>,
-    /// The state the request path shares (store, edge, versions).
+    /// The gateway as it started (store, edge, versions); after a reload
+    /// [`Running::current`] has the generation in force.
     pub gateway: Arc<Gateway>,
+    /// Weak: once stopped, the last generation (and the state file it
+    /// holds open) goes with `gateway`.
+    live: std::sync::Weak<Live>,
     /// Send `true` to stop accepting and drain in-flight requests.
     pub stop: tokio::sync::watch::Sender<bool>,
     /// Ends once the listeners have drained and edge writes settled.
@@ -180,7 +140,7 @@ pub struct Running {
 struct Prepared {
     addr: std::net::SocketAddr,
     admin: Option<AdminSettings>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: Option<(tokio_rustls::TlsAcceptor, Arc<server::CertResolver>)>,
 }
 
 /// Every check a start makes before binding: addresses, the admin token
@@ -272,6 +232,15 @@ pub fn check(cfg: &Config) -> Result<(), CheckError> {
     })
 }
 
+impl Running {
+    /// The gateway generation in force (replaced by config reloads).
+    pub fn current(&self) -> Arc<Gateway> {
+        self.live
+            .upgrade()
+            .map_or_else(|| self.gateway.clone(), |l| l.load_full())
+    }
+}
+
 /// Binds and starts the gateway on the current runtime.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     // Checked before anything binds: a refused config stops the start.
@@ -281,30 +250,37 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         tls,
     } = preflight(&cfg)?;
     let gw = Gateway::new(cfg)?;
+    let live = Arc::new(Live::new(gw.clone()));
+    let (tls, resolver) = match tls {
+        Some((acceptor, resolver)) => (Some(acceptor), Some(resolver)),
+        None => (None, None),
+    };
+    let reloader = Reloader::new(live.clone(), resolver);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let addr = listener.local_addr().map_err(StartError::LocalAddr)?;
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let admin = match admin_settings {
-        Some(s) => Some(crate::admin::start(s, gw.clone(), addr, stopped.clone()).await?),
+        Some(s) => Some(
+            crate::admin::start(s, live.clone(), reloader.clone(), addr, stopped.clone()).await?,
+        ),
         None => None,
     };
     let admin_addr = admin.as_ref().map(|a| a.addr);
     let reload = match &gw.config.source {
-        Some(path) => Some(
-            crate::admin::reload::spawn_on_sighup(gw.clone(), path, stopped.clone())
+        Some(_) => Some(
+            crate::admin::reload::spawn_on_sighup(reloader, stopped.clone())
                 .map_err(StartError::Signal)?,
         ),
         None => None,
     };
     // Expired entries must not pin memory until the LRU reaches them.
     let sweeper = {
-        let gw = gw.clone();
+        let live = live.clone();
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
-            let keep = Duration::from_secs(gw.config.cache.keep_secs);
-            let grace = Duration::from_secs(gw.config.cache.grace_secs);
+            let gw = live.load_full();
             // One shard per tick, a full pass about every 5 s, each on a
             // blocking thread: a large store must not stall the request path.
             let shards = gw.store.shard_count().max(1);
@@ -315,7 +291,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     _ = tokio::time::sleep(tick) => {}
                     _ = stopped.changed() => break,
                 }
-                let gw = gw.clone();
+                // The settings in force now (a reload may change them).
+                let gw = live.load_full();
+                let keep = Duration::from_secs(gw.config.cache.keep_secs);
+                let grace = Duration::from_secs(gw.config.cache.grace_secs);
                 let shard = next;
                 next = (next + 1) % shards;
                 let _ = tokio::task::spawn_blocking(move || {
@@ -327,9 +306,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         })
     };
     let counter_flusher = gw.shared_counters.clone().map(|shared| {
-        let gw = gw.clone();
+        let live = live.clone();
         let mut stopped = stopped.clone();
+        let gw = gw.clone();
         tokio::spawn(async move {
+            // [redis] needs a restart (a reload says so): the first
+            // generation's settings hold.
             let every = Duration::from_millis(
                 gw.redis
                     .as_ref()
@@ -340,19 +322,20 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     _ = tokio::time::sleep(every) => {}
                     _ = stopped.changed() => break,
                 }
-                flush_counters(&gw, &shared).await;
+                flush_counters(&live.load_full(), &shared).await;
             }
             // What was counted since the last tick is not lost at shutdown.
-            flush_counters(&gw, &shared).await;
+            flush_counters(&live.load_full(), &shared).await;
         })
     });
     let task = {
-        let gw = gw.clone();
+        let live = live.clone();
         tokio::spawn(async move {
-            server::serve(gw.clone(), listener, tls, async move {
+            server::serve(live.clone(), listener, tls, async move {
                 let _ = stopped.wait_for(|s| *s).await;
             })
             .await;
+            let gw = live.load_full();
             // Queued edge writes (sticky assignments, preference renewals)
             // are committed before the process goes; a hung store gets the
             // same grace as in-flight requests.
@@ -378,9 +361,39 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         addr,
         admin_addr,
         gateway: gw,
+        live: Arc::downgrade(&live),
         stop,
         task,
     })
+}
+
+/// `GET /healthz` on the admin listener at `admin` (HTTP/1.1 over plain
+/// TCP, 2 s in all): Ok when it answers 200.
+pub fn health(admin: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = admin
+        .parse()
+        .map_err(|e| format!("{admin:?} is not an address and port: {e}"))?;
+    let limit = Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, limit)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let io = |e: std::io::Error| format!("{addr}: {e}");
+    stream.set_read_timeout(Some(limit)).map_err(io)?;
+    stream.set_write_timeout(Some(limit)).map_err(io)?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
+    // The status line is all we need; read at most a little more.
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).map_err(io)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    match line.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        Some(status) => Err(format!("{addr}/healthz answered {status}")),
+        None => Err(format!("{addr}/healthz: no HTTP status line")),
+    }
 }
 
 /// Adds this instance's counter growth to the shared totals (a failure is

@@ -46,7 +46,25 @@ pub struct Config {
     /// the state path, the admin token) can still name line and column.
     #[serde(skip)]
     pub(crate) text: Option<Arc<SourceText>>,
+    /// The flags applied over the file.
+    #[serde(skip)]
+    pub(crate) overrides: Overrides,
 }
+
+/// Command-line values that win over the file, kept with the config so
+/// that a reload applies them again.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Overrides {
+    pub(crate) listen: Option<String>,
+    pub(crate) origin: Option<String>,
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    pub(crate) log_level: Option<String>,
+    pub(crate) admin_listen: Option<String>,
+    pub(crate) redis: Option<String>,
+}
+
+/// The environment variable that holds the admin token (wins over the config).
+pub(crate) const ADMIN_TOKEN_ENV: &str = "KVGATE_ADMIN_TOKEN";
 
 /// A config file's name and text, kept for locating later errors.
 #[derive(Debug)]
@@ -296,6 +314,34 @@ pub struct CacheConfig {
     /// `[[cache.tag_rule]]`: tags given by path prefix.
     #[serde(rename = "tag_rule")]
     pub tag_rules: Vec<TagRuleConfig>,
+    /// `[cache.l2]`: the shared response tier in Redis (needs `[redis]`).
+    pub l2: Option<L2Config>,
+}
+
+/// `[cache.l2]`: misses look in Redis before the origin, so a new or
+/// restarted instance starts warm.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct L2Config {
+    /// Larger responses are not written to the shared tier.
+    pub max_object_bytes: usize,
+    /// A shared copy lives at most this long (and never past the time its
+    /// freshness and stale windows allow).
+    pub max_ttl_secs: u64,
+}
+
+/// Largest `cache.l2.max_object_bytes`: one Redis value per response.
+pub const MAX_L2_OBJECT_BYTES: usize = 64 * 1024 * 1024;
+/// Largest `cache.l2.max_ttl_secs` (30 days).
+pub const MAX_L2_TTL_SECS: u64 = 30 * 86_400;
+
+impl Default for L2Config {
+    fn default() -> Self {
+        L2Config {
+            max_object_bytes: 1024 * 1024,
+            max_ttl_secs: 3_600,
+        }
+    }
 }
 
 impl Default for CacheConfig {
@@ -315,6 +361,7 @@ impl Default for CacheConfig {
             allow_set_cookie: false,
             tags: TagsConfig::default(),
             tag_rules: Vec::new(),
+            l2: None,
         }
     }
 }
@@ -500,6 +547,86 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Applies command-line values and the environment's admin token over
+    /// the file's, and remembers them for reloads.
+    pub(crate) fn apply(&mut self, o: Overrides) -> Result<(), crate::error::ArgsError> {
+        use crate::error::ArgsError;
+        let cfg = self;
+        if let Some(l) = &o.listen {
+            cfg.server.listen = Spanned::new(0..0, l.clone());
+        }
+        if let Some(u) = &o.origin {
+            validate_origin_url(u).map_err(|reason| ArgsError::Origin {
+                url: u.clone(),
+                reason,
+            })?;
+            cfg.origin.url = Spanned::new(0..0, u.clone());
+        }
+        if let Some((c, k)) = &o.tls {
+            cfg.server.tls_cert = Some(c.clone());
+            cfg.server.tls_key = Some(k.clone());
+        }
+        if let Some(l) = &o.log_level {
+            check_log_filter(l).map_err(|reason| ArgsError::LogLevel {
+                level: l.clone(),
+                reason,
+            })?;
+            cfg.log.level = l.clone();
+        }
+        if let Some(l) = &o.admin_listen {
+            let admin = cfg.admin.get_or_insert_with(Default::default);
+            admin.listen = Spanned::new(0..0, l.clone());
+            admin.listen_addr().map_err(|source| ArgsError::Listen {
+                flag: "--admin-listen",
+                source,
+            })?;
+        }
+        if let Some(url) = &o.redis {
+            redis::check_url(url).map_err(|reason| ArgsError::Redis {
+                url: url.clone(),
+                reason,
+            })?;
+            // The flag replaces the servers, not the tuning around them.
+            let r = match cfg.redis.take() {
+                Some(old) => redis::RedisConfig {
+                    url: Some(Spanned::new(0..0, url.clone())),
+                    regions: Vec::new(),
+                    ..old
+                },
+                None => redis::RedisConfig::single(url),
+            };
+            cfg.redis = Some(r);
+            cfg.state.backend = StateBackend::Redis;
+        }
+        if let Some(admin) = &mut cfg.admin {
+            // The environment wins over the file, so the file need not hold
+            // the secret. An empty variable counts as unset.
+            if let Some(token) = std::env::var(ADMIN_TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty())
+            {
+                admin.token = Some(token);
+            }
+        }
+        cfg.listen_addr().map_err(|source| ArgsError::Listen {
+            flag: "--listen",
+            source,
+        })?;
+        cfg.overrides = o;
+        Ok(())
+    }
+
+    /// The file this config came from, read again, with the same flags on
+    /// top: what a reload swaps in (after the start checks).
+    pub(crate) fn reread(&self) -> Result<Config, crate::error::ArgsError> {
+        let mut next = match &self.source {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        next.apply(self.overrides.clone())?;
+        Ok(next)
+    }
+
     /// Where `key` (dotted) is written: file, line and column (line 0 when
     /// it is not written in the file or there is no file).
     pub(crate) fn position(&self, key: &str) -> (String, usize, usize) {
@@ -669,6 +796,31 @@ impl Config {
         // not here: `--redis URL` may supply the section.
         if let Some(redis) = &self.redis {
             redis.validate(src, file)?;
+        }
+        if let Some(l2) = &self.cache.l2 {
+            for (key, ok, hint) in [
+                (
+                    "max_object_bytes",
+                    (1..=MAX_L2_OBJECT_BYTES).contains(&l2.max_object_bytes),
+                    format!("bytes, 1 to {MAX_L2_OBJECT_BYTES}"),
+                ),
+                (
+                    "max_ttl_secs",
+                    (1..=MAX_L2_TTL_SECS).contains(&l2.max_ttl_secs),
+                    format!("seconds, 1 to {MAX_L2_TTL_SECS}"),
+                ),
+            ] {
+                if !ok {
+                    let (line, column) = locate_plain_key(src, "cache.l2", key);
+                    return Err(ConfigError {
+                        file: file.to_string(),
+                        line,
+                        column,
+                        message: format!("cache.l2.{key}: out of range"),
+                        hint: Some(hint),
+                    });
+                }
+            }
         }
         let t = &self.cache.tags;
         for (key, name) in [

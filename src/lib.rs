@@ -19,6 +19,7 @@
 mod admin;
 pub mod cache;
 pub mod cli;
+mod cluster;
 pub mod config;
 pub mod demo;
 pub mod edge;

@@ -47,6 +47,7 @@ fn main() -> ExitCode {
                 Err(e) => Err(e.into()),
             }
         }
+        Some(Command::Health { admin }) => cli::health(&admin).map_err(Into::into),
         Some(Command::Demo { listen }) => runtime
             .block_on(kvgate::demo::run(&listen))
             .map_err(Into::into),

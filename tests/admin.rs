@@ -85,7 +85,6 @@ async fn healthz_needs_no_token_everything_else_does() {
             (Method::POST, "/purge", r#"{"urls":["/a"]}"#),
             (Method::POST, "/version", ""),
             (Method::GET, "/metrics", ""),
-            (Method::GET, "/readyz", ""),
             (Method::GET, "/no-such-route", ""),
         ] {
             let r = send(method, &admin_url(&gw, path), &headers, body).await;

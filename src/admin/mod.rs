@@ -1,6 +1,7 @@
 //! The admin listener: a second HTTP port for operators, JSON in and out.
 //!
-//! Every route but `/healthz` needs `Authorization: Bearer <token>`, checked
+//! Every route but `/healthz` and `/readyz` (a load balancer's probe cannot
+//! send a token; both answer GET and HEAD) needs `Authorization: Bearer <token>`, checked
 //! before anything else happens (an unauthenticated client learns nothing,
 //! not even which routes exist). Without a configured token the listener
 //! only starts on a loopback address, and then every authenticated route
@@ -12,6 +13,7 @@
 
 pub(crate) mod auth;
 mod flags;
+mod health;
 pub(crate) mod prometheus;
 pub(crate) mod purge;
 pub(crate) mod reload;
@@ -24,13 +26,14 @@ pub(crate) mod ui;
 
 use crate::config::AdminConfig;
 use crate::error::AdminError;
-use crate::proxy::gateway::Gateway;
+use crate::proxy::gateway::{Gateway, Live};
 use auth::Token;
-use http::{Method, Request};
+use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use reload::Reloader;
 use reply::{AdminResponse, ApiError};
 use routes::Route;
 use std::convert::Infallible;
@@ -41,7 +44,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 /// The environment variable that holds the admin token (wins over the config).
-pub(crate) const TOKEN_ENV: &str = "KVGATE_ADMIN_TOKEN";
+pub(crate) const TOKEN_ENV: &str = crate::config::ADMIN_TOKEN_ENV;
 
 /// Admin connections at once; operators and scrapers need few.
 const MAX_CONNECTIONS: usize = 256;
@@ -76,16 +79,21 @@ impl AdminSettings {
 }
 
 /// What every admin request can see.
+#[derive(Clone)]
 pub(crate) struct AdminState {
+    /// The generation in force when the request came in.
     pub gateway: Arc<Gateway>,
+    live: Arc<Live>,
+    reloader: Arc<Reloader>,
     /// The gateway's own (main) listener address, for `/readyz`.
     pub gateway_addr: SocketAddr,
     /// Becomes true when the gateway starts shutting down.
     pub stopping: watch::Receiver<bool>,
     token: Option<Token>,
     max_body_bytes: usize,
-    /// Dashboard sessions and sign-in throttling (`/ui/`).
-    ui: ui::UiState,
+    /// Dashboard sessions and sign-in throttling (`/ui/`), shared by the
+    /// per-request copies of this state.
+    ui: Arc<ui::UiState>,
 }
 
 /// A bound, running admin listener.
@@ -97,7 +105,8 @@ pub(crate) struct AdminListener {
 /// Binds the admin listener and serves it until `stopping` turns true.
 pub(crate) async fn start(
     settings: AdminSettings,
-    gateway: Arc<Gateway>,
+    live: Arc<Live>,
+    reloader: Arc<Reloader>,
     gateway_addr: SocketAddr,
     stopping: watch::Receiver<bool>,
 ) -> Result<AdminListener, AdminError> {
@@ -109,12 +118,14 @@ pub(crate) async fn start(
         })?;
     let addr = listener.local_addr().map_err(AdminError::LocalAddr)?;
     let state = Arc::new(AdminState {
-        gateway,
+        gateway: live.load_full(),
+        live,
+        reloader,
         gateway_addr,
         stopping: stopping.clone(),
         token: settings.token,
         max_body_bytes: settings.max_body_bytes,
-        ui: ui::UiState::default(),
+        ui: Arc::default(),
     });
     let task = tokio::spawn(serve(state, listener, stopping));
     Ok(AdminListener { addr, task })
@@ -144,7 +155,12 @@ async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stopping: watc
         };
         let state = state.clone();
         let service = service_fn(move |req| {
-            let state = state.clone();
+            // Each admin request sees the generation in force (admin
+            // traffic is light: a copy of the state per request is fine).
+            let state = AdminState {
+                gateway: state.live.load_full(),
+                ..(*state).clone()
+            };
             async move { Ok::<_, Infallible>(answer(&state, req).await) }
         });
         let conn = builder
@@ -169,14 +185,21 @@ async fn answer(state: &AdminState, req: Request<Incoming>) -> AdminResponse {
         .unwrap_or_else(ApiError::into_response)
 }
 
-/// Health, then authentication, then the route, the method, the body.
+/// Probes, then authentication, then the route, the method, the body.
 async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminResponse, ApiError> {
     let (parts, body) = req.into_parts();
-    if parts.uri.path() == "/healthz" {
-        if parts.method != Method::GET {
-            return Err(ApiError::method_not_allowed(&[Method::GET]));
+    let path = parts.uri.path();
+    if path == "/healthz" || path == "/readyz" {
+        if parts.method != Method::GET && parts.method != Method::HEAD {
+            return Err(ApiError::method_not_allowed(&[Method::GET, Method::HEAD]));
         }
-        return Ok(reply::ok(&serde_json::json!({ "status": "ok" })));
+        let probe = if path == "/healthz" {
+            health::alive()
+        } else {
+            let stopping = *state.stopping.borrow();
+            health::ready(&state.gateway, state.gateway_addr, stopping).await
+        };
+        return Ok(probe.response(parts.method == Method::HEAD));
     }
     if ui::is_ui_path(parts.uri.path()) {
         return ui::answer(state, &parts, body).await;
@@ -184,6 +207,22 @@ async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminRes
     if let Err(refusal) = auth::check(state.token.as_ref(), &parts.headers) {
         // A browser signed in to the dashboard shows a session cookie instead.
         ui::session_instead_of_bearer(state, &parts, refusal)?;
+    }
+    if path == "/reload" {
+        if parts.method != Method::POST {
+            return Err(ApiError::method_not_allowed(&[Method::POST]));
+        }
+        return Ok(match state.reloader.reload().await {
+            Ok(applied) => reply::ok(&serde_json::json!({
+                "status": "reloaded",
+                "version": applied.version,
+                "needs_restart": applied.needs_restart,
+            })),
+            Err(e) => reply::json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &serde_json::json!({ "status": "refused", "error": e.chain() }),
+            ),
+        });
     }
     let segments = request::path_segments(parts.uri.path())?;
     let route = Route::parse(&segments)

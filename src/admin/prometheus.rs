@@ -3,6 +3,7 @@
 use crate::cache::result::CacheResult;
 use crate::cache::storage::Storage;
 use crate::edge::CountersSnapshot;
+use crate::metrics::ops::Ops;
 use crate::metrics::ORIGIN_BUCKETS;
 use crate::proxy::gateway::Gateway;
 use std::fmt::Write;
@@ -182,7 +183,123 @@ pub(crate) fn render(gw: &Gateway) -> String {
     if let Some(redis) = &gw.redis {
         render_redis(&mut t, &redis.health());
     }
+    if let Some(cluster) = &gw.cluster {
+        t.single(
+            "kvgate_cluster_following",
+            "gauge",
+            "1 while this instance reads the purge broadcast (purges made elsewhere reach it).",
+            u8::from(cluster.following()),
+        );
+        t.single(
+            "kvgate_cluster_cache_drops_total",
+            "counter",
+            "Times the memory cache was dropped because broadcast events were lost.",
+            cluster.cache_drops(),
+        );
+        t.single(
+            "kvgate_cluster_hits_total",
+            "counter",
+            "Misses answered with a response another instance fetched (lease handoff or L2).",
+            load(&m.cluster_hits),
+        );
+    }
+    render_ops(&mut t, &gw.ops);
+    render_process(&mut t);
     t.0
+}
+
+fn render_ops(t: &mut Text, ops: &Ops) {
+    t.help(
+        "kvgate_reloads_total",
+        "counter",
+        "Config reloads (SIGHUP, POST /reload) by result.",
+    );
+    t.sample(
+        "kvgate_reloads_total",
+        &[("result", "ok")],
+        Ops::get(&ops.reloads_ok),
+    );
+    t.sample(
+        "kvgate_reloads_total",
+        &[("result", "refused")],
+        Ops::get(&ops.reloads_failed),
+    );
+    t.single(
+        "kvgate_connections_accepted_total",
+        "counter",
+        "Connections accepted on the main listener.",
+        Ops::get(&ops.connections_accepted),
+    );
+    t.single(
+        "kvgate_connections_rejected_total",
+        "counter",
+        "Connections closed at once because server.max_connections were open.",
+        Ops::get(&ops.connections_rejected),
+    );
+    t.single(
+        "kvgate_connections_open",
+        "gauge",
+        "Connections open on the main listener.",
+        Ops::get(&ops.connections_open),
+    );
+    t.single(
+        "kvgate_state_store_errors_total",
+        "counter",
+        "State-store probes (/readyz) that failed or timed out.",
+        Ops::get(&ops.state_errors),
+    );
+    t.help("kvgate_build_info", "gauge", "The running build (value 1).");
+    t.sample(
+        "kvgate_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
+    );
+}
+
+/// Process metrics from /proc (Linux; absent elsewhere).
+fn render_process(t: &mut Text) {
+    let page = 4096;
+    if let Some(rss_pages) = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+    {
+        t.single(
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            rss_pages * page,
+        );
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        t.single(
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            fds.count(),
+        );
+    }
+    if let Some(start) = process_start_seconds() {
+        t.single(
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since the Unix epoch, in seconds.",
+            start,
+        );
+    }
+}
+
+/// Boot time (/proc/stat `btime`) plus the process's start in clock ticks
+/// (/proc/self/stat field 22), assuming the usual 100 ticks per second.
+fn process_start_seconds() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')')?.1;
+    let ticks: u64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    Some(btime + ticks / 100)
 }
 
 fn render_redis(t: &mut Text, regions: &[crate::redis::RegionHealth]) {

@@ -7,6 +7,7 @@
 //! purging them too frees their memory at once.
 
 use crate::cache::storage::Storage;
+use crate::cluster::Purge;
 use crate::protocol::path::normalize_target;
 
 /// What one `POST /purge` asks for.
@@ -61,29 +62,29 @@ impl PurgeRequest {
     /// URLs and prefixes are matched in the normal form keys are in, so
     /// `/a/../b` purges what requests for `/b` stored (see `validate`).
     pub(crate) fn apply(&self, store: &dyn Storage) -> usize {
-        let mut purged = 0;
-        for url in &self.urls {
-            if let Ok(url) = normalize_target(url) {
-                purged += purge_url(store, &url, self.soft);
-            }
-        }
-        for prefix in &self.prefixes {
-            if let Ok(prefix) = normalize_target(prefix) {
-                purged += store.purge_prefix(&prefix, self.soft);
-            }
-        }
-        for tag in &self.tags {
-            // An unknown tag simply matches nothing.
-            purged += store.purge_tag(tag, self.soft);
-        }
-        purged
+        self.targets().apply(store)
     }
-}
 
-/// Every stored key of exactly this path and query, on any scheme, host
-/// and version, purged; returns the variants touched.
-pub(crate) fn purge_url(store: &dyn Storage, path_and_query: &str, soft: bool) -> usize {
-    store.purge_path(path_and_query, soft)
+    /// The targets as the cluster broadcast carries them (and applies them:
+    /// one implementation for local and remote purges).
+    fn targets(&self) -> Purge {
+        Purge {
+            urls: self.urls.clone(),
+            prefixes: self.prefixes.clone(),
+            tags: self.tags.clone(),
+            soft: self.soft,
+        }
+    }
+
+    /// The targets, for the broadcast.
+    pub(crate) fn into_targets(self) -> Purge {
+        Purge {
+            urls: self.urls,
+            prefixes: self.prefixes,
+            tags: self.tags,
+            soft: self.soft,
+        }
+    }
 }
 
 /// Listing cursors are `MemoryStorage::list`'s sort keys, hex-encoded so
@@ -138,10 +139,10 @@ mod tests {
         ] {
             s.insert(CacheKey::new(v, tls, host, path), entry());
         }
-        assert_eq!(purge_url(&s, "/p?x=1", false), 3);
+        assert_eq!(s.purge_path("/p?x=1", false), 3);
         assert_eq!(s.usage().1, 2);
-        assert_eq!(purge_url(&s, "/p?x=1", false), 0);
-        assert_eq!(purge_url(&s, "/p", true), 1);
+        assert_eq!(s.purge_path("/p?x=1", false), 0);
+        assert_eq!(s.purge_path("/p", true), 1);
         assert_eq!(s.usage().1, 2);
     }
 

@@ -8,7 +8,9 @@ use super::purge::{decode_cursor, encode_cursor, PurgeRequest};
 use super::reply::{self, AdminResponse, ApiError};
 use super::request::{parse_json, parse_optional_json, query_pairs};
 use super::AdminState;
+use crate::cluster::{Event, Published};
 use crate::edge::{DefKind, Edge};
+use crate::proxy::gateway::Gateway;
 use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Value};
@@ -22,8 +24,6 @@ const MAX_LIMIT: usize = 1000;
 /// A matched admin route, path parameters decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Route {
-    Healthz,
-    Readyz,
     Metrics,
     Stats,
     Purge,
@@ -64,8 +64,6 @@ impl Route {
         let s: Vec<&str> = segments.iter().map(String::as_str).collect();
         let id = |x: &str| (!x.is_empty()).then(|| x.to_string());
         Some(match s.as_slice() {
-            ["healthz"] => Route::Healthz,
-            ["readyz"] => Route::Readyz,
             ["metrics"] => Route::Metrics,
             ["stats"] => Route::Stats,
             ["purge"] => Route::Purge,
@@ -124,8 +122,6 @@ pub(crate) async fn handle(
 ) -> Result<AdminResponse, ApiError> {
     let gw = &state.gateway;
     match route {
-        Route::Healthz => Ok(reply::ok(&json!({ "status": "ok" }))),
-        Route::Readyz => readyz(state),
         Route::Metrics => Ok(reply::text(
             prometheus::CONTENT_TYPE,
             prometheus::render(gw),
@@ -148,9 +144,13 @@ pub(crate) async fn handle(
                 purged,
                 "purge"
             );
-            Ok(reply::ok(&json!({ "purged": purged })))
+            let broadcast = broadcast(gw, &Event::Purge(req.into_targets())).await;
+            Ok(reply::ok(&with_broadcast(
+                json!({ "purged": purged }),
+                broadcast,
+            )))
         }
-        Route::Version => bump_version(state, &body),
+        Route::Version => bump_version(state, &body).await,
         Route::Entries => entries(state, query),
         Route::Counters => {
             let local = edge(state)?.counters().await?;
@@ -211,43 +211,56 @@ fn edge(state: &AdminState) -> Result<&Edge, ApiError> {
 /// Ready while the gateway's listener accepts connections. The origin is
 /// deliberately not probed: a gateway with a down origin still serves
 /// cached and stale content, and probes must not add load to the origin.
-fn readyz(state: &AdminState) -> Result<AdminResponse, ApiError> {
-    if *state.stopping.borrow() {
-        return Err(ApiError::new(
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            "shutting down",
-        ));
-    }
-    Ok(reply::ok(&json!({
-        "status": "ready",
-        "listen": state.gateway_addr.to_string(),
-        // Informational: the gateway serves (from memory, the origin and
-        // default flags) whatever state Redis is in.
-        "redis": state.gateway.redis.as_ref().map(|r| r.health()),
-    })))
-}
-
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VersionRequest {
     route: Option<String>,
 }
 
-fn bump_version(state: &AdminState, body: &[u8]) -> Result<AdminResponse, ApiError> {
+/// Sends an event already applied here to the other instances (with
+/// Redis); the reply shows which regions took it.
+async fn broadcast(gw: &Gateway, event: &Event) -> Option<Published> {
+    match &gw.cluster {
+        Some(cluster) => Some(cluster.publish(event).await),
+        None => None,
+    }
+}
+
+/// `reply` with `"broadcast"` added when there was one (with Redis only:
+/// without it the reply stays what it always was).
+fn with_broadcast(mut reply: Value, broadcast: Option<Published>) -> Value {
+    if let (Some(b), Some(map)) = (broadcast, reply.as_object_mut()) {
+        map.insert("broadcast".into(), json!(b));
+    }
+    reply
+}
+
+async fn bump_version(state: &AdminState, body: &[u8]) -> Result<AdminResponse, ApiError> {
     let gw = &state.gateway;
     let req: Option<VersionRequest> = parse_optional_json(body)?;
     match req.and_then(|r| r.route) {
         None => {
             let version = gw.bump_version();
             tracing::info!(target: "kvgate::admin", version, "cache version bumped");
-            Ok(reply::ok(&json!({ "version": version })))
+            let broadcast = broadcast(gw, &Event::Version { version }).await;
+            Ok(reply::ok(&with_broadcast(
+                json!({ "version": version }),
+                broadcast,
+            )))
         }
         Some(route) => {
             let version = gw
                 .bump_route_version(&route)
                 .ok_or_else(|| ApiError::not_found(format!("no route named {route:?}")))?;
             tracing::info!(target: "kvgate::admin", %route, version, "route cache version bumped");
-            Ok(reply::ok(&json!({ "version": version, "route": route })))
+            let event = Event::RouteVersion {
+                route: route.clone(),
+            };
+            let broadcast = broadcast(gw, &event).await;
+            Ok(reply::ok(&with_broadcast(
+                json!({ "version": version, "route": route }),
+                broadcast,
+            )))
         }
     }
 }

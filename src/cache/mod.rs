@@ -12,6 +12,7 @@ pub(crate) mod shared_body;
 pub(crate) mod single_flight;
 pub(crate) mod storage;
 pub(crate) mod tags;
+pub(crate) mod tier;
 
 // What the benchmarks and tests reach: the key, the stored entry and the
 // storage seam, the freshness policy, and Cache-Control parsing.

@@ -9,6 +9,8 @@ mod striped;
 
 pub(crate) use striped::StripedCounter;
 
+pub(crate) mod ops;
+
 use crate::cache::result::CacheResult;
 use http::StatusCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,8 @@ pub(crate) struct Metrics {
     pub origin_requests: AtomicU64,
     pub origin_errors: AtomicU64,
     pub background_refreshes: AtomicU64,
+    /// Misses answered with a response another instance fetched (cluster).
+    pub cluster_hits: AtomicU64,
     /// Purge requests served by the admin API, and the entries they touched
     /// (removed, or marked stale by a soft purge).
     pub purges: AtomicU64,

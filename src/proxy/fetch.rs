@@ -14,6 +14,7 @@ use crate::cache::filters;
 use crate::cache::policy::{self, Freshness};
 use crate::cache::single_flight::{self, SharedResponse};
 use crate::cache::storage::{Entry, EntryMeta, Storage};
+use crate::cluster::lease::Lease;
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode};
@@ -32,6 +33,7 @@ impl Gateway {
         stored: Option<Arc<Entry>>,
         may_store: bool,
         guard: Option<single_flight::FlightGuard>,
+        lease: Option<Lease>,
     ) -> Answer {
         let may_store = may_store && !ctx.req_cc.no_store && ctx.method == Method::GET;
         let mut headers = ctx.origin_headers(&self.labels.via);
@@ -158,12 +160,20 @@ impl Gateway {
                 );
                 let old = stored.clone();
                 let mut guard = guard;
+                // The cluster lease's holder hands what it stored to the
+                // other instances (looked up with this request's headers).
+                let mut lease =
+                    lease.map(|l| (l, self.clone(), ctx.key.clone(), ctx.headers.clone()));
                 let capture = Capture {
                     shared: Some(shared),
                     miss,
                     on_complete: Box::new(move |end| {
                         match end {
-                            CaptureEnd::Stored => {}
+                            CaptureEnd::Stored => {
+                                if let Some((lease, gw, key, headers)) = lease.take() {
+                                    lease.complete(gw.store.lookup(&key, &headers));
+                                }
+                            }
                             CaptureEnd::TooLarge => {
                                 // Nobody could share it: later requests go
                                 // straight to the origin for a while.

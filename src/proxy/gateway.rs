@@ -17,8 +17,10 @@
 //! origin request per key at a time.
 
 use super::body::Body;
-use super::headers::{remove_hop_by_hop, strip_client_forwarding, ClientInfo};
-use super::origin::{BoxError, OriginClient, Upstream};
+use super::headers::{
+    remove_hop_by_hop, request_id, strip_client_forwarding, ClientInfo, X_REQUEST_ID,
+};
+use super::origin::{BoxError, OriginClient, Upstream, ORIGIN_TIME};
 use super::request::{authority, normalize_request_target, Ctx};
 use super::respond::{self, Answer, CacheResult, CacheStatus, Forward, Labels};
 use super::self_service;
@@ -39,16 +41,59 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use tracing::Instrument;
 
-/// Everything the request path needs, shared by all connections.
+/// What the access line says about the request, read before it is consumed.
+struct AccessFields {
+    method: Method,
+    host: String,
+    path: String,
+    user_agent: String,
+}
+
+impl AccessFields {
+    fn of<B>(req: &Request<B>) -> AccessFields {
+        let text = |name| {
+            req.headers()
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default()
+        };
+        AccessFields {
+            method: req.method().clone(),
+            host: req
+                .uri()
+                .authority()
+                .map_or_else(|| text(header::HOST), |a| a.to_string()),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            user_agent: text(header::USER_AGENT),
+        }
+    }
+}
+
+/// The gateway in force: replaced as a whole by a config reload
+/// (`admin::reload`). A request loads it once, when it starts, and keeps
+/// that generation to its end.
+pub(crate) type Live = arc_swap::ArcSwap<Gateway>;
+
+/// Everything the request path needs, shared by all connections: one
+/// generation of the configuration (routes, rules, origin, edge) over the
+/// state that outlives reloads (store, single flights, metrics, versions,
+/// the edge's state store), which a reloaded generation shares.
 pub struct Gateway {
     pub(crate) config: Arc<Config>,
-    /// The response store.
+    /// The response store (shared by every generation).
     pub store: Store,
     pub(crate) flights: Arc<SingleFlight>,
     /// Where misses and passes go (the origin over HTTP, or a test's).
     pub(crate) origin: Box<dyn Upstream>,
-    pub(crate) metrics: Metrics,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Reloads, connections, probes (off the hit path).
+    pub(crate) ops: Arc<crate::metrics::ops::Ops>,
     pub(crate) labels: Labels,
     /// Route rules, shared with every request that matches them.
     pub(super) routes: Vec<Arc<RouteConfig>>,
@@ -59,11 +104,14 @@ pub struct Gateway {
     /// Where stored responses get their tags (origin headers, config rules).
     pub(crate) tags: Tagger,
     /// The global cache namespace version (bumped by the admin API).
-    pub(super) version: AtomicU64,
+    pub(super) version: Arc<AtomicU64>,
     /// Bumps per route name: a key's version is the global version plus its
     /// route's bumps, so either bump moves every key of the route to a
-    /// version it has never had.
-    pub(super) route_versions: HashMap<String, AtomicU64>,
+    /// version it has never had. A reload keeps the bumps of routes whose
+    /// name it keeps.
+    pub(super) route_versions: HashMap<String, Arc<AtomicU64>>,
+    /// The edge's state store, opened once: a reload builds its edge on it.
+    pub(crate) state: Option<Arc<dyn crate::kv::Kv>>,
     /// The Redis regions, when `[redis]` (or `--redis`) is configured.
     pub(crate) redis: Option<Arc<crate::redis::Redis>>,
     /// The local copy of hot edge-state reads (Redis backend only); the
@@ -72,6 +120,8 @@ pub struct Gateway {
     pub(crate) state_cache: Option<Arc<crate::kv::cached::CachedKv>>,
     /// Edge counters summed over every instance (Redis and `[edge]`).
     pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
+    /// Purge broadcast and cluster-wide single fetch (with Redis only).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 impl Gateway {
     pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
@@ -89,31 +139,128 @@ impl Gateway {
             Some(r) => Some(crate::redis::Redis::connect(r, &config.environment())?),
             None => None,
         };
-        let (edge, state_cache) = match &config.edge {
-            Some(e) => {
-                let state = crate::kv::open(&config.state, redis.as_ref())?;
-                (Some(Edge::new(e, state.kv)?), state.local_cache)
+        let (state, state_cache) = match &config.edge {
+            Some(_) => {
+                let opened = crate::kv::open(&config.state, redis.as_ref())?;
+                (Some(opened.kv), opened.local_cache)
             }
             None => (None, None),
         };
-        let shared_counters = match (&redis, &edge) {
+        let shared_counters = match (&redis, &config.edge) {
             (Some(r), Some(_)) => Some(Arc::new(crate::redis::counters::SharedCounters::new(
                 Arc::clone(r),
             ))),
             _ => None,
         };
         let c = &config.cache;
-        let tags = Tagger::new(c)?;
+        let store = Store::new(c.max_bytes, c.max_object_bytes, c.shards);
+        let flights = SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs));
+        let version = Arc::new(AtomicU64::new(c.version));
+        if c.l2.is_some() && redis.is_none() {
+            tracing::warn!("[cache.l2] is set but [redis] is not: the shared response tier is off");
+        }
+        let cluster = redis.as_ref().map(|r| {
+            Arc::new(crate::cluster::Cluster::new(
+                Arc::clone(r),
+                Duration::from_millis(c.lock_timeout_ms),
+                c.max_object_bytes,
+                c.l2.as_ref(),
+            ))
+        });
+        let mut g = Gateway::generation(config, origin, store, flights, state, None, version)?;
+        g.redis = redis;
+        g.state_cache = state_cache;
+        g.shared_counters = shared_counters;
+        g.cluster = cluster;
+        let gateway = Arc::new(g);
+        // Events from other instances go to this first generation, which
+        // `cli::Running` keeps for the life of the process; later
+        // generations share its store, versions and (for the route names
+        // they keep) route bumps, so they see every event applied.
+        if let Some(cluster) = &gateway.cluster {
+            let target: std::sync::Weak<Gateway> = Arc::downgrade(&gateway);
+            cluster.start(target);
+        }
+        Ok(gateway)
+    }
+
+    /// The next generation for a reloaded `config`: everything rebuilt from
+    /// it but the store, the single flights, the metrics, the versions, the
+    /// state store and the edge's counters, which it shares with `self`.
+    /// `config` must have passed the same checks as at start.
+    pub(crate) fn reloaded(&self, config: Config) -> Result<Arc<Gateway>, GatewayError> {
+        let origin = OriginClient::new(&config.origin)?;
+        // An edge turned on by the reload needs a state store; one opened
+        // before is kept (a durable file is locked by the first open).
+        let (state, state_cache) = match (&self.state, &config.edge) {
+            (Some(kv), _) => (Some(kv.clone()), self.state_cache.clone()),
+            (None, Some(_)) => {
+                let opened = crate::kv::open(&config.state, self.redis.as_ref())?;
+                (Some(opened.kv), opened.local_cache)
+            }
+            (None, None) => (None, None),
+        };
+        let mut g = Gateway::generation(
+            config,
+            Box::new(origin),
+            self.store.clone(),
+            self.flights.clone(),
+            state,
+            self.edge.as_ref(),
+            self.version.clone(),
+        )?;
+        g.metrics = self.metrics.clone();
+        g.ops = self.ops.clone();
+        // Redis connections are kept: `[redis]` changes need a restart.
+        g.redis = self.redis.clone();
+        // The cluster (broadcast reader, leases, L2) is kept: its events go
+        // to the first generation, whose store and versions this one shares.
+        g.cluster = self.cluster.clone();
+        g.state_cache = state_cache;
+        g.shared_counters = match (&self.shared_counters, &self.redis, &g.edge) {
+            (Some(c), _, Some(_)) => Some(c.clone()),
+            (None, Some(r), Some(_)) => Some(Arc::new(
+                crate::redis::counters::SharedCounters::new(Arc::clone(r)),
+            )),
+            _ => None,
+        };
+        for (name, bumps) in &mut g.route_versions {
+            if let Some(old) = self.route_versions.get(name) {
+                *bumps = old.clone();
+            }
+        }
+        Ok(Arc::new(g))
+    }
+
+    /// One generation: what `config` decides, over the given shared state.
+    fn generation(
+        config: Config,
+        origin: Box<dyn Upstream>,
+        store: Store,
+        flights: Arc<SingleFlight>,
+        state: Option<Arc<dyn crate::kv::Kv>>,
+        previous_edge: Option<&Edge>,
+        version: Arc<AtomicU64>,
+    ) -> Result<Gateway, GatewayError> {
+        let edge = match (&config.edge, &state) {
+            (Some(e), Some(kv)) => Some(match previous_edge {
+                Some(old) => Edge::with_counters(e, kv.clone(), old.counter_registry().clone())?,
+                None => Edge::new(e, kv.clone())?,
+            }),
+            _ => None,
+        };
+        let tags = Tagger::new(&config.cache)?;
         let route_versions = config
             .routes
             .iter()
-            .map(|r| (r.name.clone(), AtomicU64::new(0)))
+            .map(|r| (r.name.clone(), Arc::new(AtomicU64::new(0))))
             .collect();
-        Ok(Arc::new(Gateway {
-            store: Store::new(c.max_bytes, c.max_object_bytes, c.shards),
-            flights: SingleFlight::new(Duration::from_secs(c.hit_for_miss_secs)),
+        Ok(Gateway {
+            store,
+            flights,
             origin,
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
+            ops: Arc::default(),
             labels: Labels::new(&config.server.name),
             edge,
             routes: config.routes.iter().cloned().map(Arc::new).collect(),
@@ -122,13 +269,15 @@ impl Gateway {
                 .as_ref()
                 .and_then(|e| e.preferences.self_service_path.clone()),
             tags,
-            version: AtomicU64::new(c.version),
+            version,
             route_versions,
-            redis,
-            state_cache,
-            shared_counters,
+            state,
+            redis: None,
+            state_cache: None,
+            shared_counters: None,
+            cluster: None,
             config: Arc::new(config),
-        }))
+        })
     }
     /// The global cache namespace version (bumped by the admin API).
     pub fn version(&self) -> u64 {
@@ -148,6 +297,18 @@ impl Gateway {
     pub(crate) fn raise_version_to(&self, to: u64) -> u64 {
         self.version.fetch_max(to, Ordering::Relaxed).max(to)
     }
+    /// Follows a version bump made on another instance: moves to at least
+    /// its version, and always past our own, so that nothing stored here
+    /// before the bump stays reachable.
+    pub(crate) fn follow_version(&self, to: u64) -> u64 {
+        let before = self
+            .version
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.wrapping_add(1).max(to))
+            })
+            .unwrap_or_else(|v| v);
+        before.wrapping_add(1).max(to)
+    }
     /// The version in the keys of requests on `route`.
     pub(crate) fn key_version(&self, route: Option<&RouteConfig>) -> u64 {
         let bumps = route
@@ -165,7 +326,7 @@ impl Gateway {
     /// Serves one client request.
     pub(crate) async fn handle<B>(
         self: &Arc<Self>,
-        req: Request<B>,
+        mut req: Request<B>,
         client: ClientInfo,
     ) -> Response<Body>
     where
@@ -173,33 +334,55 @@ impl Gateway {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
+        let request_id = request_id(req.headers());
+        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // Only the access log needs these; the hit path should not pay for them.
         let logged = (self.config.log.access
             && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO))
-        .then(|| {
-            (
-                req.method().clone(),
-                req.uri()
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_string(),
-            )
-        });
-        let Answer {
-            response: resp,
-            result,
-        } = self.answer(req, client).await;
+        .then(|| AccessFields::of(&req));
+        // Every line logged while serving the request carries its id (an
+        // error-level span is on whenever anything is logged at all).
+        let span = tracing::error_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or_default()
+        );
+        let answering = self.answer(req, client).instrument(span);
+        let (
+            Answer {
+                response: mut resp,
+                result,
+            },
+            origin_time,
+        ) = if logged.is_some() {
+            let origin_time = std::cell::Cell::new(None);
+            ORIGIN_TIME
+                .scope(origin_time, async {
+                    let answer = answering.await;
+                    (answer, ORIGIN_TIME.with(|t| t.get()))
+                })
+                .await
+        } else {
+            (answering.await, None)
+        };
         self.metrics.record(Some(result), resp.status());
-        if let Some((method, path)) = logged {
+        if let Some(f) = logged {
+            use http_body::Body as _;
             tracing::info!(
                 target: "kvgate::access",
-                method = %method,
-                path = %path,
+                request_id = request_id.to_str().unwrap_or_default(),
+                client = %client.addr,
+                method = %f.method,
+                host = %f.host,
+                path = %f.path,
                 status = resp.status().as_u16(),
                 cache = result.as_str(),
+                bytes = resp.body().size_hint().exact(),
+                origin_micros = origin_time.map(|d| d.as_micros() as u64),
                 micros = started.elapsed().as_micros() as u64,
+                user_agent = %f.user_agent,
             );
         }
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
         resp
     }
     /// Phases 1 to 7 for one request (see the module docs).

@@ -5,6 +5,77 @@
 pub(crate) use crate::protocol::headers::remove_hop_by_hop;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+/// The request's id: the client's when valid, else one kvgate makes. It
+/// goes to the origin, back on the response, and into the request's logs.
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest request id kept from a client.
+const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// An id worth keeping: 1 to 128 bytes of letters, digits and `-_.:+/=@`
+/// (UUIDs, hex, base64), nothing that could break a log line or a header.
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_REQUEST_ID_BYTES
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:+/=@".contains(c))
+}
+
+/// The client's `X-Request-Id` when there is exactly one and it is valid,
+/// else a new one.
+pub(crate) fn request_id(h: &HeaderMap) -> HeaderValue {
+    let mut sent = h.get_all(&X_REQUEST_ID).iter();
+    match (sent.next(), sent.next()) {
+        (Some(v), None) if valid_request_id(v) => v.clone(),
+        _ => new_request_id(),
+    }
+}
+
+/// 24 hex digits: a random 64-bit prefix drawn once per thread, then that
+/// thread's counter. Unique within a process (and, with the random prefix,
+/// across restarts and instances in practice), and no system call per
+/// request.
+fn new_request_id() -> HeaderValue {
+    use std::cell::Cell;
+    thread_local! {
+        static NEXT: Cell<(u64, u32)> = Cell::new((thread_prefix(), 0));
+    }
+    let (prefix, n) = NEXT.with(|c| {
+        let (p, n) = c.get();
+        // A wrapped counter takes a new prefix rather than repeat an id.
+        let next = if n == u32::MAX {
+            (thread_prefix(), 0)
+        } else {
+            (p, n + 1)
+        };
+        c.set(next);
+        (p, n)
+    });
+    let mut buf = [0u8; 24];
+    let hex = b"0123456789abcdef";
+    for (i, b) in buf[..16].iter_mut().enumerate() {
+        *b = hex[((prefix >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    for (i, b) in buf[16..].iter_mut().enumerate() {
+        *b = hex[((n >> (28 - 4 * i)) & 0xf) as usize];
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+}
+
+fn thread_prefix() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No entropy: fall back on the clock and the thread, still distinct.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        return t ^ (std::process::id() as u64) << 32;
+    }
+    u64::from_le_bytes(b)
+}
+
 /// What the gateway knows about the client connection.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ClientInfo {
@@ -157,5 +228,33 @@ mod tests {
                 assert!(v.is_none() || v == Some("api.example"), "{n}: {v:?}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod request_id_tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_client_id_is_kept_anything_else_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_X.y:z"));
+        assert_eq!(request_id(&h), "abc-123_X.y:z");
+        for bad in ["", "a b", "a\"b", "<script>", &"x".repeat(129)] {
+            h.insert(&X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let id = request_id(&h);
+            assert_ne!(id, bad);
+            assert_eq!(id.len(), 24, "{bad:?} -> {id:?}");
+        }
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("one"));
+        h.append(&X_REQUEST_ID, HeaderValue::from_static("two"));
+        assert_eq!(request_id(&h).len(), 24, "two ids: neither is believed");
+    }
+
+    #[test]
+    fn generated_ids_differ() {
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| new_request_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        assert!(ids.iter().all(valid_request_id));
     }
 }

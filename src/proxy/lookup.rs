@@ -9,8 +9,10 @@ use super::request::Ctx;
 use super::respond::{Answer, CacheResult, CacheStatus, Detail};
 use crate::cache::directives::RequestDirectives;
 use crate::cache::policy::{self, Usability};
+use crate::cache::shared_body::SharedBody;
 use crate::cache::single_flight::{self, Join, Outcome, SharedResponse};
 use crate::cache::storage::{Entry, Storage};
+use crate::cluster::Miss;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body::Body as _;
@@ -59,16 +61,32 @@ impl Gateway {
         }
         if head {
             // A HEAD is answered from a stored GET; without one it passes.
-            return self.fetch(&ctx, None, false, None).await;
+            return self.fetch(&ctx, None, false, None, None).await;
         }
         if ctx.limits_storage_itself() {
             // Its answer may not be shareable for reasons of its own; others
             // must neither wait on it nor be marked hit-for-miss by it.
-            return self.fetch(&ctx, stored, true, None).await;
+            return self.fetch(&ctx, stored, true, None, None).await;
         }
         match self.flights.join(&ctx.key) {
-            Join::Leader(guard) => self.fetch(&ctx, stored, true, Some(guard)).await,
-            Join::Bypass => self.fetch(&ctx, stored, true, None).await,
+            Join::Leader(guard) => match (&self.cluster, &stored) {
+                // Nothing stored here: the cluster may have it, or another
+                // instance may be fetching it (revalidations stay local).
+                (Some(cluster), None) => {
+                    match cluster
+                        .before_fetch(&ctx.key, &ctx.headers, &ctx.req_cc)
+                        .await
+                    {
+                        Miss::Found(entry) => self.serve_from_cluster(&ctx, entry, guard),
+                        Miss::Lead(lease) => {
+                            self.fetch(&ctx, None, true, Some(guard), Some(lease)).await
+                        }
+                        Miss::Alone => self.fetch(&ctx, None, true, Some(guard), None).await,
+                    }
+                }
+                _ => self.fetch(&ctx, stored, true, Some(guard), None).await,
+            },
+            Join::Bypass => self.fetch(&ctx, stored, true, None, None).await,
             Join::Waiter(rx) => {
                 let lock_timeout = Duration::from_millis(self.config.cache.lock_timeout_ms);
                 match single_flight::wait(rx, lock_timeout).await {
@@ -80,11 +98,33 @@ impl Gateway {
                     _ => {
                         // Not shareable: fetch alone (and store, if we can).
                         let stored = self.store.lookup(&ctx.key, &ctx.headers).or(stored);
-                        self.fetch(&ctx, stored, true, None).await
+                        self.fetch(&ctx, stored, true, None, None).await
                     }
                 }
             }
         }
+    }
+    /// A response another instance fetched: stored here, shared with this
+    /// instance's waiters, served.
+    fn serve_from_cluster(
+        &self,
+        ctx: &Ctx,
+        entry: Arc<Entry>,
+        guard: single_flight::FlightGuard,
+    ) -> Answer {
+        self.store.insert(ctx.key.clone(), entry.clone());
+        guard.publish(Arc::new(SharedResponse {
+            status: entry.status,
+            headers: entry.headers.to_map(),
+            vary: entry.vary.clone(),
+            body: SharedBody::complete(entry.body.clone()),
+            freshness: entry.freshness.clone(),
+            content_length: Some(entry.body.len() as u64),
+        }));
+        drop(guard);
+        self.metrics.cluster_hits.fetch_add(1, Ordering::Relaxed);
+        let status = CacheStatus::hit(CacheResult::Hit).detail(Detail::Coalesced);
+        self.serve_stored(&entry, ctx, SystemTime::now(), status)
     }
     /// A coalesced waiter's answer: the leader's head, its body as it streams.
     pub(super) fn serve_shared(&self, ctx: &Ctx, r: &SharedResponse) -> Answer {
@@ -128,7 +168,7 @@ impl Gateway {
             client: ctx.client,
         };
         tokio::spawn(async move {
-            let answer = gw.fetch(&ctx, Some(stored), true, Some(guard)).await;
+            let answer = gw.fetch(&ctx, Some(stored), true, Some(guard), None).await;
             // Drain the body so the capture completes and the store updates.
             let mut body = answer.response.into_body();
             while let Some(frame) =

@@ -1,6 +1,7 @@
 //! The listener and the request path, one file per phase (see `gateway`).
 
 pub(crate) mod body;
+mod cluster;
 mod fetch;
 pub(crate) mod gateway;
 pub(crate) mod headers;

@@ -11,6 +11,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
 
+tokio::task_local! {
+    /// Time spent waiting for origin response heads during one client
+    /// request, for its access line. Set only while the access log is on
+    /// (`Gateway::handle` scopes it); background refreshes have none.
+    pub(crate) static ORIGIN_TIME: std::cell::Cell<Option<Duration>>;
+}
+
 /// Why the origin did not answer.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum OriginError {
@@ -132,7 +139,11 @@ impl OriginClient {
             req.headers_mut().insert(HOST, self.host_header.clone());
         }
         *req.version_mut() = http::Version::HTTP_11;
-        match tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await {
+        let sent = std::time::Instant::now();
+        let answered =
+            tokio::time::timeout(self.first_byte_timeout, self.client.request(req)).await;
+        let _ = ORIGIN_TIME.try_with(|t| t.set(Some(t.get().unwrap_or_default() + sent.elapsed())));
+        match answered {
             Err(_) => Err(OriginError::Timeout(self.first_byte_timeout)),
             Ok(Err(e)) if e.is_connect() => Err(OriginError::Connect(error_chain(&e))),
             Ok(Err(e)) => Err(OriginError::Request(error_chain(&e))),

@@ -6,9 +6,10 @@
 //! no request in flight for `idle_timeout_ms` closes the connection.
 
 use super::body::Body;
-use super::gateway::Gateway;
+use super::gateway::Live;
 use super::headers::ClientInfo;
 use crate::error::TlsError;
+use crate::metrics::ops::Ops;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -25,8 +26,34 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-/// Builds a TLS acceptor from PEM files (certificate chain, private key).
-pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+/// The main listener's certificate, replaceable by a config reload: new
+/// handshakes get the certificate in force when they start.
+#[derive(Debug)]
+pub(crate) struct CertResolver {
+    current: arc_swap::ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for CertResolver {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+impl CertResolver {
+    /// Serves `cert` from the next handshake on.
+    pub(crate) fn set(&self, cert: rustls::sign::CertifiedKey) {
+        self.current.store(Arc::new(cert));
+    }
+}
+
+/// A certificate chain and its private key from PEM files, checked to match.
+pub(crate) fn certified_key(
+    cert: &Path,
+    key: &Path,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
     let read = |path: &Path, source| TlsError::Read {
         path: path.to_path_buf(),
         source,
@@ -44,13 +71,26 @@ pub(crate) fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsEr
     ))
     .map_err(|e| read(key, e))?
     .ok_or_else(|| TlsError::NoKey(key.to_path_buf()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    Ok(rustls::sign::CertifiedKey::from_der(certs, key, &provider)?)
+}
+
+/// Builds a TLS acceptor from PEM files (certificate chain, private key),
+/// and the handle that replaces its certificate.
+pub(crate) fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+) -> Result<(TlsAcceptor, Arc<CertResolver>), TlsError> {
+    let resolver = Arc::new(CertResolver {
+        current: arc_swap::ArcSwap::from_pointee(certified_key(cert, key)?),
+    });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_cert_resolver(resolver.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(cfg)))
+    Ok((TlsAcceptor::from(Arc::new(cfg)), resolver))
 }
 
 /// The next connection; accept errors (EMFILE and friends) are logged and
@@ -67,6 +107,22 @@ pub(crate) async fn accept(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<Ops>);
+
+impl OpenConnection {
+    fn new(ops: &Arc<Ops>) -> OpenConnection {
+        ops.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(ops.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -179,12 +235,15 @@ impl http_body::Body for Tracked {
 /// Accepts connections until `shutdown` resolves, then lets in-flight
 /// requests finish for up to the configured grace period.
 pub(crate) async fn serve(
-    gw: Arc<Gateway>,
+    gw: Arc<Live>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let cfg = gw.config.server.clone();
+    // Read once: a reload cannot change the listener's limits (it says so).
+    let cfg = gw.load().config.server.clone();
+    // Shared by every generation; counted once per connection.
+    let ops = gw.load().ops.clone();
     // Semaphore::new panics past MAX_PERMITS, and draining waits for all
     // permits with a u32 count: keep the cap within both.
     let cap = cfg
@@ -222,10 +281,13 @@ pub(crate) async fn serve(
             accepted = accept(&listener, "gateway") => accepted,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            Ops::count(&ops.connections_rejected);
             tracing::warn!(%addr, "connection limit reached; closing new connection");
             drop(stream);
             continue;
         };
+        Ops::count(&ops.connections_accepted);
+        let open = OpenConnection::new(&ops);
         let _ = stream.set_nodelay(true);
         let client = ClientInfo {
             addr,
@@ -249,6 +311,7 @@ pub(crate) async fn serve(
                 }
             }
             drop(permit);
+            drop(open);
         });
     }
     drop(listener);
@@ -270,7 +333,7 @@ pub(crate) async fn serve(
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    gw: Arc<Gateway>,
+    gw: Arc<Live>,
     client: ClientInfo,
     limits: Limits,
     mut phase: watch::Receiver<Phase>,
@@ -282,8 +345,14 @@ async fn serve_connection<I>(
         let activity = activity.clone();
         service_fn(move |req| {
             let guard = activity.begin();
-            let gw = gw.clone();
+            let live = gw.clone();
             async move {
+                // The generation in force when the request starts serves it
+                // to its end, whatever a reload swaps in meanwhile. `load`
+                // takes a thread-local debt slot, no shared write; the guard
+                // is Send and held across the awaits (past a few suspended
+                // requests per thread arc-swap falls back to a refcount).
+                let gw = live.load();
                 let resp = gw.handle(req, client).await;
                 Ok::<_, Infallible>(resp.map(|inner| Tracked {
                     inner,
