@@ -696,7 +696,8 @@ impl Edge {
                 .await;
         }
         for exp in &defs.experiments {
-            if !exp.goals.iter().any(|g| g.matches(method, path)) {
+            // A paused or stopped experiment records nothing.
+            if !exp.status.is_running() || !exp.goals.iter().any(|g| g.matches(method, path)) {
                 continue;
             }
             if !self
