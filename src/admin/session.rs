@@ -13,11 +13,11 @@
 //! one is created, and when the table is full the one closest to expiry
 //! makes room.
 
+use super::auth::{constant_time_eq, digest};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use http::header::{HeaderMap, COOKIE};
 use http::Method;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,19 +37,6 @@ const SECRET_BYTES: usize = 32;
 const MAX_PRESENTED: usize = 128;
 
 type Digest32 = [u8; 32];
-
-fn digest(bytes: &[u8]) -> Digest32 {
-    Sha256::digest(bytes).into()
-}
-
-/// Compares without branching on the data (see `auth`).
-fn constant_time_eq(a: &Digest32, b: &Digest32) -> bool {
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b.iter()) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
-}
 
 struct Session {
     csrf: Digest32,
