@@ -18,6 +18,14 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Removes the hop-by-hop fields and every field `Connection` names.
 pub(crate) fn remove_hop_by_hop(h: &mut HeaderMap) {
+    // One pass over the names present (most requests carry none of these)
+    // instead of nine hash lookups on every request.
+    let present = h.keys().any(|n| {
+        HOP_BY_HOP.contains(n) || n.as_str() == "keep-alive" || n.as_str() == "proxy-connection"
+    });
+    if !present {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

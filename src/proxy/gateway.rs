@@ -41,7 +41,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tracing::Instrument;
 
 /// What the access line says about the request, read before it is consumed.
 struct AccessFields {
@@ -340,48 +339,46 @@ impl Gateway {
         let logged = (self.config.log.access
             && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO))
         .then(|| AccessFields::of(&req));
-        // Every line logged while serving the request carries its id (an
-        // error-level span is on whenever anything is logged at all).
-        let span = tracing::error_span!(
-            "request",
-            request_id = request_id.to_str().unwrap_or_default()
-        );
-        let answering = self.answer(req, client).instrument(span);
-        let (
-            Answer {
-                response: mut resp,
-                result,
-            },
-            origin_time,
-        ) = if logged.is_some() {
-            let origin_time = std::cell::Cell::new(None);
-            ORIGIN_TIME
-                .scope(origin_time, async {
-                    let answer = answering.await;
-                    (answer, ORIGIN_TIME.with(|t| t.get()))
-                })
-                .await
-        } else {
-            (answering.await, None)
+        // Every line logged while serving the request carries its id (the
+        // log formatter reads it from the task).
+        let serving = async {
+            let (
+                Answer {
+                    response: resp,
+                    result,
+                },
+                origin_time,
+            ) = if logged.is_some() {
+                let origin_time = std::cell::Cell::new(None);
+                ORIGIN_TIME
+                    .scope(origin_time, async {
+                        let answer = self.answer(req, client).await;
+                        (answer, ORIGIN_TIME.with(|t| t.get()))
+                    })
+                    .await
+            } else {
+                (self.answer(req, client).await, None)
+            };
+            self.metrics.record(Some(result), resp.status());
+            if let Some(f) = logged {
+                use http_body::Body as _;
+                tracing::info!(
+                    target: "kvgate::access",
+                    client = %client.addr,
+                    method = %f.method,
+                    host = %f.host,
+                    path = %f.path,
+                    status = resp.status().as_u16(),
+                    cache = result.as_str(),
+                    bytes = resp.body().size_hint().exact(),
+                    origin_micros = origin_time.map(|d| d.as_micros() as u64),
+                    micros = started.elapsed().as_micros() as u64,
+                    user_agent = %f.user_agent,
+                );
+            }
+            resp
         };
-        self.metrics.record(Some(result), resp.status());
-        if let Some(f) = logged {
-            use http_body::Body as _;
-            tracing::info!(
-                target: "kvgate::access",
-                request_id = request_id.to_str().unwrap_or_default(),
-                client = %client.addr,
-                method = %f.method,
-                host = %f.host,
-                path = %f.path,
-                status = resp.status().as_u16(),
-                cache = result.as_str(),
-                bytes = resp.body().size_hint().exact(),
-                origin_micros = origin_time.map(|d| d.as_micros() as u64),
-                micros = started.elapsed().as_micros() as u64,
-                user_agent = %f.user_agent,
-            );
-        }
+        let mut resp = crate::logging::with_request_id(request_id.clone(), serving).await;
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         resp
     }

@@ -345,14 +345,13 @@ async fn serve_connection<I>(
         let activity = activity.clone();
         service_fn(move |req| {
             let guard = activity.begin();
-            let live = gw.clone();
+            // The generation in force when the request starts serves it to
+            // its end, whatever a reload swaps in meanwhile. `load` takes a
+            // thread-local debt slot, no shared write; the guard is Send and
+            // held across the awaits (past a few suspended requests per
+            // thread arc-swap falls back to a refcount).
+            let gw = gw.load();
             async move {
-                // The generation in force when the request starts serves it
-                // to its end, whatever a reload swaps in meanwhile. `load`
-                // takes a thread-local debt slot, no shared write; the guard
-                // is Send and held across the awaits (past a few suspended
-                // requests per thread arc-swap falls back to a refcount).
-                let gw = live.load();
                 let resp = gw.handle(req, client).await;
                 Ok::<_, Infallible>(resp.map(|inner| Tracked {
                     inner,

@@ -184,6 +184,21 @@ impl Table {
     }
 }
 
+impl Drop for Table {
+    /// Dropping an `ArcSwap` walks every thread's debt list, empty or not;
+    /// a table has one per KiB of budget (262,144 for 256 MiB), most of
+    /// them empty. An empty bucket holds no reference and no reader is left
+    /// to owe it one, so it is forgotten rather than dropped: dropping a
+    /// table costs its keys, not its size.
+    fn drop(&mut self) {
+        for bucket in std::mem::take(&mut self.buckets).into_vec() {
+            if bucket.load().is_none() {
+                std::mem::forget(bucket);
+            }
+        }
+    }
+}
+
 /// The writer's side of a shard: the CLOCK ring and the bytes charged.
 /// Reached only through the shard's mutex, so writers are serialised.
 pub(super) struct Clock {

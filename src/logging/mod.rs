@@ -2,7 +2,10 @@
 //! replaceable while running so that a config reload applies them.
 //!
 //! Lines go to stderr, with ANSI colour only when stderr is a terminal
-//! (never in files or journald).
+//! (never in files or journald). Every line logged while a request is
+//! served carries its id (`line::REQUEST_ID`, a task-local rather than a
+//! span per request: a span costs a registry slot and a formatted field on
+//! every request, logged or not).
 
 use crate::config::{LogConfig, LogFormat};
 use std::io::IsTerminal;
@@ -10,6 +13,12 @@ use std::sync::OnceLock;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
+
+mod line;
+
+pub(crate) use line::with_request_id;
+use line::{JsonLine, TextLine};
+use tracing_subscriber::fmt::format::JsonFields;
 
 type FilterLayer = reload::Layer<EnvFilter, Registry>;
 type Filtered = tracing_subscriber::layer::Layered<FilterLayer, Registry>;
@@ -26,22 +35,21 @@ struct Handles {
 static HANDLES: OnceLock<Handles> = OnceLock::new();
 
 fn format_layer(format: LogFormat) -> FormatLayer {
-    let ansi = std::io::stderr().is_terminal();
     match format {
         LogFormat::Text => Box::new(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(ansi)
-                .with_target(false),
+                .with_ansi(false)
+                .event_format(TextLine {
+                    ansi: std::io::stderr().is_terminal(),
+                }),
         ),
         LogFormat::Json => Box::new(
             tracing_subscriber::fmt::layer()
-                .json()
                 .with_writer(std::io::stderr)
-                .flatten_event(true)
-                .with_current_span(true)
-                .with_span_list(false)
-                .with_target(true),
+                .with_ansi(false)
+                .fmt_fields(JsonFields::new())
+                .event_format(JsonLine),
         ),
     }
 }
