@@ -11,7 +11,7 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/kvgate --create-home kvgate
 COPY --from=build /src/target/release/kvgate /usr/local/bin/kvgate
 # Listens on 0.0.0.0:8080 (gateway) and 0.0.0.0:9090 (admin, token from
 # KVGATE_ADMIN_TOKEN, required); the origin comes from KVGATE_ORIGIN.
-COPY deploy/container.toml /etc/kvgate/kvgate.toml
+COPY config/container.toml /etc/kvgate/kvgate.toml
 USER kvgate
 WORKDIR /var/lib/kvgate
 # Edge state (redb) survives the container.

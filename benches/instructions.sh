@@ -4,6 +4,10 @@
 # keep-alive connection.
 #
 #   benches/instructions.sh [KVGATE_BINARY ...]
+#   KVGATE_ARGS="--config benches/edge-on.toml" benches/instructions.sh
+#
+# KVGATE_ARGS (optional) is added to every gateway's command line, e.g. to
+# count the edge layer's share.
 #
 # Method: for N = 500 and N = 2500, start kvgate under callgrind in front of
 # the harness origin, warm /static/hot-1, send N requests for it on one
@@ -57,7 +61,7 @@ total_for() { # BINARY N -> instructions
   port=$(free_port)
   out="$scratch/callgrind.$n.out"
   valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$bin" --listen "127.0.0.1:$port" --origin "http://127.0.0.1:$origin_port" \
+    "$bin" ${KVGATE_ARGS:-} --listen "127.0.0.1:$port" --origin "http://127.0.0.1:$origin_port" \
     --log-level warn >"$scratch/kvgate.$n.log" 2>&1 &
   pid=$!
   pids+=("$pid")
