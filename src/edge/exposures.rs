@@ -217,9 +217,10 @@ impl EventLog {
     }
 
     /// Queues an event without waiting; a full queue drops it (counted).
-    pub(crate) fn push(&self, event: Event) {
+    /// The event is built only when a file is being written.
+    pub(crate) fn push(&self, event: impl FnOnce() -> Event) {
         if let Some(tx) = &self.sender {
-            match tx.try_send(event) {
+            match tx.try_send(event()) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -394,7 +395,7 @@ mod tests {
         };
         let log = EventLog::new(&cfg);
         for i in 0..200 {
-            log.push(event(i));
+            log.push(|| event(i));
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while log.written.load(Ordering::Relaxed) < 200 && std::time::Instant::now() < deadline {
@@ -435,7 +436,7 @@ mod tests {
         };
         let log = EventLog::new(&cfg);
         for i in 0..1000 {
-            log.push(event(i));
+            log.push(|| event(i));
         }
         assert!(log.dropped.load(Ordering::Relaxed) > 0);
     }

@@ -686,7 +686,7 @@ impl Edge {
             variant.unique_exposures.incr();
             self.daily
                 .record(Outcome::Exposure, &exp.key_name, &variant.name, day);
-            self.events.push(event("exposure", exp, &variant.name));
+            self.events.push(|| event("exposure", exp, &variant.name));
             self.writes
                 .push(Write::Put {
                     key: exposed_key(exp, &variant.name, user),
@@ -720,11 +720,13 @@ impl Edge {
                 self.daily
                     .record(Outcome::Conversion, &exp.key_name, &variant.name, day);
             }
-            self.events.push(event(
-                "conversion",
-                exp,
-                variant.map_or("", |v| v.name.as_str()),
-            ));
+            self.events.push(|| {
+                event(
+                    "conversion",
+                    exp,
+                    variant.map_or("", |v| v.name.as_str()),
+                )
+            });
             self.writes
                 .push(Write::Put {
                     key: converted_key(exp, user),
