@@ -400,13 +400,9 @@ pub(crate) mod conformance {
     }
 
     pub(crate) async fn ttl_expiry(kv: &dyn Kv) {
-        kv.put(
-            "t:short",
-            Bytes::from_static(b"x"),
-            PutOptions::ttl(Duration::from_millis(40)),
-        )
-        .await
-        .unwrap();
+        // The long-lived entry first: a durable put can take tens of ms on
+        // a loaded machine, and the short one must still be live when read
+        // right after its own put.
         kv.put(
             "t:long",
             Bytes::from_static(b"y"),
@@ -414,8 +410,15 @@ pub(crate) mod conformance {
         )
         .await
         .unwrap();
+        kv.put(
+            "t:short",
+            Bytes::from_static(b"x"),
+            PutOptions::ttl(Duration::from_millis(250)),
+        )
+        .await
+        .unwrap();
         assert!(kv.get("t:short").await.unwrap().is_some());
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(kv.get("t:short").await.unwrap(), None);
         let page = kv.list("t:", None, 10).await.unwrap();
         let names: Vec<_> = page.keys.iter().map(|k| k.name.as_str()).collect();
