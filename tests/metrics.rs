@@ -310,3 +310,40 @@ async fn only_a_valid_traceparent_reaches_the_origin() {
     get(&gw.url("/none")).await;
     assert_eq!(sent("/none"), (None, None));
 }
+
+#[tokio::test]
+async fn readiness_probes_time_the_state_store() {
+    let origin = Origin::start(|_, _| Reply::ok("x")).await;
+    let parsed = kvgate::config::Config::parse(
+        "[state]\nbackend = \"memory\"\n\n[edge]\n[edge.flags.newUI]\ndefault = false\n",
+        "t.toml",
+    )
+    .expect("edge config");
+    let gw = Gateway::start(&origin.url(), |c| {
+        c.edge = parsed.edge;
+        c.state = parsed.state;
+        c.admin = Some(kvgate::config::AdminConfig {
+            listen: toml::Spanned::new(0..0, "127.0.0.1:0".into()),
+            token: Some(TOKEN.into()),
+            max_body_bytes: 4096,
+        });
+    })
+    .await;
+    let before = scrape(&gw, None).await.text();
+    assert!(
+        !before.contains("kvgate_state_store_probe_seconds"),
+        "no probe yet: {before}"
+    );
+    let ready = get(&format!(
+        "http://{}/readyz",
+        gw.running.admin_addr.expect("admin runs")
+    ))
+    .await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let t = scrape(&gw, None).await.text();
+    check_well_formed(&t, false);
+    let took = value(&t, "kvgate_state_store_probe_seconds");
+    assert!(took > 0.0 && took < 2.0, "{took}");
+    assert_eq!(value(&t, "kvgate_state_store_errors_total"), 0.0);
+    assert!(t.contains("kvgate_edge_flag_evaluations_total"), "{t}");
+}
