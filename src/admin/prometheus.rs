@@ -99,14 +99,19 @@ impl Collector for GatewayCollector {
     fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
         let mut t = Out(encoder);
         render_gateway(&mut t, &self.0)?;
-        if let Some(edge) = &self.0.edge {
-            render_edge(&mut t, &edge.counter_registry().snapshot())?;
+        let edge_counters = self
+            .0
+            .edge
+            .as_ref()
+            .map(|e| e.counter_registry().snapshot());
+        if let (Some(edge), Some(counters)) = (&self.0.edge, &edge_counters) {
+            render_edge(&mut t, counters)?;
             render_outcomes(&mut t, edge.outcome_counts())?;
         }
         if let Some(redis) = &self.0.redis {
             render_redis(&mut t, &redis.health())?;
         }
-        render_ops(&mut t, &self.0.ops)?;
+        render_ops(&mut t, &self.0.ops, edge_counters.as_ref())?;
         render_process(&mut t)
     }
 }
@@ -344,7 +349,7 @@ fn render_gateway(t: &mut Out, gw: &Gateway) -> fmt::Result {
     Ok(())
 }
 
-fn render_ops(t: &mut Out, ops: &Ops) -> fmt::Result {
+fn render_ops(t: &mut Out, ops: &Ops, edge: Option<&CountersSnapshot>) -> fmt::Result {
     t.counters(
         "kvgate_reloads_total",
         "Config reloads (SIGHUP, POST /reload) by result.",
@@ -368,10 +373,15 @@ fn render_ops(t: &mut Out, ops: &Ops) -> fmt::Result {
         "Connections open on the main listener.",
         Ops::get(&ops.connections_open),
     )?;
-    t.counter(
+    let (reads, writes) = edge.map_or((0, 0), |c| (c.state_read_errors, c.state_write_errors));
+    t.counters(
         "kvgate_state_store_errors_total",
-        "State-store probes (/readyz) that failed or timed out.",
-        Ops::get(&ops.state_errors),
+        "State-store operations that failed: probe (/readyz, failed or timed out), read (for a request, which used its fallback), write (queued edge writes whose commit failed).",
+        [
+            ([("op", "probe")], Ops::get(&ops.state_errors)),
+            ([("op", "read")], reads),
+            ([("op", "write")], writes),
+        ],
     )?;
     if let Some(us) = ops.state_probe_micros() {
         t.gauge(
