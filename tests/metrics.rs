@@ -344,6 +344,6 @@ async fn readiness_probes_time_the_state_store() {
     check_well_formed(&t, false);
     let took = value(&t, "kvgate_state_store_probe_seconds");
     assert!(took > 0.0 && took < 2.0, "{took}");
-    assert_eq!(value(&t, "kvgate_state_store_errors_total"), 0.0);
+    assert_eq!(value(&t, "kvgate_state_store_errors_total{op=\"probe\"}"), 0.0);
     assert!(t.contains("kvgate_edge_flag_evaluations_total"), "{t}");
 }
