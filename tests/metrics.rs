@@ -344,6 +344,57 @@ async fn readiness_probes_time_the_state_store() {
     check_well_formed(&t, false);
     let took = value(&t, "kvgate_state_store_probe_seconds");
     assert!(took > 0.0 && took < 2.0, "{took}");
-    assert_eq!(value(&t, "kvgate_state_store_errors_total{op=\"probe\"}"), 0.0);
+    assert_eq!(
+        value(&t, "kvgate_state_store_errors_total{op=\"probe\"}"),
+        0.0
+    );
     assert!(t.contains("kvgate_edge_flag_evaluations_total"), "{t}");
+}
+
+#[tokio::test]
+async fn connections_open_accepted_and_rejected_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start(|_, _| Reply::ok("ok")).await;
+    let gw = Gateway::start(&origin.url(), |c| {
+        c.server.max_connections = 1;
+        c.admin = Some(kvgate::config::AdminConfig {
+            listen: toml::Spanned::new(0..0, "127.0.0.1:0".into()),
+            token: Some(TOKEN.into()),
+            max_body_bytes: 4096,
+        });
+    })
+    .await;
+    // One keep-alive connection holds the only slot...
+    let mut first = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .expect("connect");
+    first
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 256];
+    let n = first.read(&mut buf).await.expect("first answered");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // ...so the next one is closed at once.
+    let mut second = tokio::net::TcpStream::connect(gw.running.addr)
+        .await
+        .expect("connect");
+    let _ = second.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3), second.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    let t = scrape(&gw, None).await.text();
+    assert_eq!(value(&t, "kvgate_connections_open"), 1.0);
+    assert_eq!(value(&t, "kvgate_connections_accepted_total"), 1.0);
+    assert_eq!(value(&t, "kvgate_connections_rejected_total"), 1.0);
+    // Closed: no longer open.
+    drop(first);
+    let mut open = 1.0;
+    for _ in 0..50 {
+        open = value(&scrape(&gw, None).await.text(), "kvgate_connections_open");
+        if open == 0.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(open, 0.0);
 }
