@@ -355,13 +355,13 @@ impl Gateway {
         let logged = (self.config.log.access
             && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO))
         .then(|| AccessFields::of(&req));
-        // Every line logged while serving the request carries its id (an
-        // error-level span is on whenever anything is logged at all).
         // With tracing on: the request's span, its context set for the origin.
         let traced = self.tracer.as_ref().map(|t| {
             let f = AccessFields::of(&req);
             t.start(f.method, f.host, f.path, req.headers_mut())
         });
+        // Every line logged while serving the request carries its id (an
+        // error-level span is on whenever anything is logged at all).
         let span = tracing::error_span!(
             "request",
             request_id = request_id.to_str().unwrap_or_default()
