@@ -44,9 +44,12 @@ pub(crate) struct CountersSnapshot {
     pub(crate) exposures: BTreeMap<String, BTreeMap<String, u64>>,
     /// State writes dropped because the edge's write queue was full.
     pub(crate) dropped_writes: u64,
-    /// State-store reads for requests that failed.
+    /// State-store reads for requests that failed (in `/metrics` only:
+    /// `/counters` keeps its shape).
+    #[serde(skip)]
     pub(crate) state_read_errors: u64,
-    /// Queued state writes whose commit failed.
+    /// Queued state writes whose commit failed (likewise).
+    #[serde(skip)]
     pub(crate) state_write_errors: u64,
 }
 
