@@ -349,6 +349,7 @@ async fn readiness_probes_time_the_state_store() {
         0.0
     );
     assert!(t.contains("kvgate_edge_flag_evaluations_total"), "{t}");
+    assert_eq!(value(&t, "kvgate_edge_state_writes_dropped_total"), 0.0);
 }
 
 #[tokio::test]

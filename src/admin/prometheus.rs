@@ -517,6 +517,11 @@ fn render_edge(t: &mut Out, c: &CountersSnapshot) -> fmt::Result {
             .iter()
             .map(|(flag, n)| ([("flag", flag.as_str())], *n)),
     )?;
+    t.counter(
+        "kvgate_edge_state_writes_dropped_total",
+        "Edge state writes (sticky assignments, preference renewals) dropped because the write queue was full; each is redone by the user's next request.",
+        c.dropped_writes,
+    )?;
     t.counters(
         "kvgate_edge_exposures_total",
         "Experiment exposures per experiment and variant.",
