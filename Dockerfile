@@ -1,7 +1,7 @@
 # Build the release binary, then run it on a slim image as a non-root user.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --locked --bin kvgate

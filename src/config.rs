@@ -39,6 +39,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[redis]`: shared state for several instances (or `--redis URL`).
     pub redis: Option<redis::RedisConfig>,
+    /// `[tracing]`: one OpenTelemetry span per request, exported over OTLP.
+    pub tracing: TracingConfig,
     /// The file this config was read from, for reloads (SIGHUP).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -400,6 +402,46 @@ impl Default for LogConfig {
     }
 }
 
+/// OpenTelemetry export (`[tracing]`). Off unless `otlp_endpoint` is set;
+/// without it a valid incoming `traceparent` is still passed to the origin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// An OTLP/HTTP collector: `http://host:4318` (spans go to
+    /// `/v1/traces`), or the full traces URL when it has a path.
+    pub otlp_endpoint: Option<Spanned<String>>,
+    /// The spans' `service.name`.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            service_name: "kvgate".into(),
+        }
+    }
+}
+
+/// The URL spans are posted to: `http://` only (the exporter has no TLS
+/// client), `/v1/traces` when the URL has no path.
+pub(crate) fn otlp_traces_url(endpoint: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = endpoint.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("the URL must start with http:// (OTLP over HTTP, no TLS)".into());
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("the URL has no host".into());
+    };
+    let path = match uri.path_and_query().map_or("/", |p| p.as_str()) {
+        "" | "/" => "/v1/traces",
+        p => p,
+    };
+    format!("http://{authority}{path}")
+        .parse()
+        .map_err(|e| format!("not a URL: {e}"))
+}
+
 /// Levels a log filter directive may name (what `tracing` accepts).
 const LOG_LEVELS: [&str; 12] = [
     "off", "error", "warn", "info", "debug", "trace", "0", "1", "2", "3", "4", "5",
@@ -751,6 +793,24 @@ impl Config {
                 "one of trace, debug, info, warn, error, off, or target=level pairs such as \"info,kvgate=debug\"",
             ));
         }
+        if let Some(endpoint) = &self.tracing.otlp_endpoint {
+            otlp_traces_url(endpoint.get_ref()).map_err(|m| {
+                err(
+                    endpoint.span(),
+                    "tracing.otlp_endpoint",
+                    m,
+                    "an OTLP/HTTP collector, e.g. \"http://127.0.0.1:4318\"",
+                )
+            })?;
+        }
+        if self.tracing.service_name.is_empty() || self.tracing.service_name.len() > 256 {
+            return Err(err(
+                0..0,
+                "tracing.service_name",
+                "must be 1 to 256 characters".into(),
+                "e.g. \"kvgate\"",
+            ));
+        }
         if !(0.0..=1.0).contains(&self.cache.heuristic_fraction) {
             return Err(err(
                 0..0,
@@ -1026,6 +1086,27 @@ pub(crate) fn validate_origin_url(url: &str) -> Result<http::Uri, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracing_endpoint_is_checked_and_located() {
+        let c = Config::parse("[tracing]\notlp_endpoint = \"http://c:4318\"\n", "k.toml").unwrap();
+        let url = otlp_traces_url(c.tracing.otlp_endpoint.unwrap().get_ref()).unwrap();
+        assert_eq!(url, "http://c:4318/v1/traces");
+        assert_eq!(
+            otlp_traces_url("http://c:4318/otlp/v1/traces").unwrap(),
+            "http://c:4318/otlp/v1/traces"
+        );
+        assert_eq!(
+            Config::parse("", "k.toml").unwrap().tracing.service_name,
+            "kvgate"
+        );
+        for bad in ["https://c:4318", "c:4318", "http://"] {
+            let src = format!("[log]\nlevel = \"info\"\n[tracing]\notlp_endpoint = {bad:?}\n");
+            let e = Config::parse(&src, "k.toml").unwrap_err();
+            assert_eq!((e.line, e.column), (4, 17), "{bad}: {e:?}");
+            assert!(e.message.starts_with("tracing.otlp_endpoint: "), "{e:?}");
+        }
+    }
 
     #[test]
     fn defaults_parse_from_empty() {

@@ -214,6 +214,20 @@ pub enum GatewayError {
         #[source]
         source: Box<redis::RedisError>,
     },
+    /// `[tracing]` could not start its exporter.
+    #[error(transparent)]
+    Tracing(#[from] TracingError),
+}
+
+/// Why request tracing (`[tracing]`) could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TracingError {
+    /// The OTLP endpoint is not a URL the exporter can post to.
+    #[error("tracing.otlp_endpoint: {0}")]
+    Endpoint(String),
+    /// Built outside a Tokio runtime: the exporter needs one.
+    #[error("tracing needs a Tokio runtime to export from")]
+    NoRuntime,
 }
 
 /// Why the origin client could not be set up.

@@ -30,6 +30,7 @@ mod metrics;
 mod protocol;
 mod proxy;
 mod redis;
+mod telemetry;
 
 pub use proxy::gateway::Gateway;
 pub use proxy::respond::{CacheResult, Labels};

@@ -326,6 +326,13 @@ async fn redis_down_or_frozen_never_holds_requests_and_state_comes_back() {
         metrics.contains(r#"kvgate_redis_region_state{region="default",state="down"} 1"#),
         "{metrics}"
     );
+    // The requests' failed state reads are counted.
+    let read_errors: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"kvgate_state_store_errors_total{op="read"} "#))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(read_errors >= 20, "{metrics}");
     let ready = admin_ok(&gw, Method::GET, "/readyz", "").await;
     assert_eq!(ready["redis"][0]["health"], "down");
     // An admin write fails cleanly rather than hanging.

@@ -32,6 +32,13 @@ impl Probe {
     }
 }
 
+/// `f`'s output and how long it took.
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time::Duration) {
+    let start = std::time::Instant::now();
+    let out = f.await;
+    (out, start.elapsed())
+}
+
 /// The process is up and its admin listener answers.
 pub(super) fn alive() -> Probe {
     Probe {
@@ -50,9 +57,14 @@ pub(super) async fn ready(gw: &Gateway, listen: SocketAddr, stopping: bool) -> P
     }
     let state = match &gw.state {
         None => "none".to_string(),
-        Some(kv) => match tokio::time::timeout(PROBE_TIMEOUT, kv.get("kvgate-readyz")).await {
-            Ok(Ok(_)) => "ok".to_string(),
-            Ok(Err(e)) => {
+        Some(kv) => match tokio::time::timeout(PROBE_TIMEOUT, timed(kv.get("kvgate-readyz"))).await
+        {
+            Ok((Ok(_), took)) => {
+                gw.ops.state_probe_answered(took);
+                "ok".to_string()
+            }
+            Ok((Err(e), took)) => {
+                gw.ops.state_probe_answered(took);
                 Ops::count(&gw.ops.state_errors);
                 format!("error: {e}")
             }

@@ -235,5 +235,13 @@ async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminRes
     } else {
         bytes::Bytes::new()
     };
-    routes::handle(state, route, &parts.method, parts.uri.query(), body).await
+    routes::handle(
+        state,
+        route,
+        &parts.method,
+        &parts.headers,
+        parts.uri.query(),
+        body,
+    )
+    .await
 }

@@ -117,15 +117,19 @@ pub(crate) async fn handle(
     state: &AdminState,
     route: Route,
     method: &Method,
+    headers: &http::HeaderMap,
     query: Option<&str>,
     body: Bytes,
 ) -> Result<AdminResponse, ApiError> {
     let gw = &state.gateway;
     match route {
-        Route::Metrics => Ok(reply::text(
-            prometheus::CONTENT_TYPE,
-            prometheus::render(gw),
-        )),
+        Route::Metrics => {
+            let format = prometheus::Format::negotiate(headers);
+            Ok(reply::text(
+                format.content_type(),
+                prometheus::render(gw, format),
+            ))
+        }
         Route::Stats => Ok(reply::ok(&super::stats::snapshot(gw))),
         Route::Purge => {
             let req: PurgeRequest = parse_json(&body)?;

@@ -5,7 +5,7 @@
 
 use crate::cache::result::CacheResult;
 use crate::cache::storage::Storage;
-use crate::metrics::ORIGIN_BUCKETS;
+use crate::metrics::LATENCY_BUCKETS;
 use crate::proxy::gateway::Gateway;
 use serde_json::{json, Map, Value};
 use std::sync::atomic::Ordering;
@@ -22,11 +22,12 @@ pub(super) fn snapshot(gw: &Gateway) -> Value {
         requests.insert(r.as_str().to_string(), n.into());
     }
     let hits = m.requests_for(CacheResult::Hit);
-    let (buckets, sum_us) = m.origin_latency();
-    let latency: Vec<Value> = buckets
+    let origin = m.origin_latency();
+    let latency: Vec<Value> = origin
+        .buckets
         .iter()
         .enumerate()
-        .map(|(i, n)| json!({ "le": ORIGIN_BUCKETS.get(i), "count": n }))
+        .map(|(i, n)| json!({ "le": LATENCY_BUCKETS.get(i), "count": n }))
         .collect();
     let (bytes, entries) = gw.store.usage();
     let stats = gw.store.stats();
@@ -35,13 +36,13 @@ pub(super) fn snapshot(gw: &Gateway) -> Value {
         "requests": requests,
         "requests_total": total,
         "hit_ratio": if total == 0 { Value::Null } else { (hits as f64 / total as f64).into() },
-        "responses_5xx": load(&m.responses_5xx),
+        "responses_5xx": m.responses_5xx(),
         "origin": {
             "requests": load(&m.origin_requests),
             "errors": load(&m.origin_errors),
             "latency_buckets": latency,
-            "latency_sum_seconds": sum_us as f64 / 1e6,
-            "latency_count": buckets.iter().sum::<u64>(),
+            "latency_sum_seconds": origin.sum_seconds,
+            "latency_count": origin.count,
         },
         "cache": {
             "bytes": bytes,

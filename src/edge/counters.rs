@@ -20,6 +20,10 @@ pub(crate) struct Counters {
     /// allocation; a new route copies the map (under `registry`'s lock).
     /// Route names come from the configuration, so the map stays small.
     routes: ArcSwap<BTreeMap<String, Arc<StripedCounter>>>,
+    /// State-store reads made for requests that failed (the request used
+    /// its fallback), and queued writes whose commit failed.
+    state_read_errors: StripedCounter,
+    state_write_errors: Arc<StripedCounter>,
 }
 
 #[derive(Default)]
@@ -40,6 +44,13 @@ pub(crate) struct CountersSnapshot {
     pub(crate) exposures: BTreeMap<String, BTreeMap<String, u64>>,
     /// State writes dropped because the edge's write queue was full.
     pub(crate) dropped_writes: u64,
+    /// State-store reads for requests that failed (in `/metrics` only:
+    /// `/counters` keeps its shape).
+    #[serde(skip)]
+    pub(crate) state_read_errors: u64,
+    /// Queued state writes whose commit failed (likewise).
+    #[serde(skip)]
+    pub(crate) state_write_errors: u64,
 }
 
 fn entry(map: &mut BTreeMap<String, Arc<StripedCounter>>, name: &str) -> Arc<StripedCounter> {
@@ -88,6 +99,17 @@ impl Counters {
         entry(variants, variant)
     }
 
+    /// Counts a failed state-store read (rare: an atomic is enough, but
+    /// the striped one is at hand).
+    pub(crate) fn count_state_read_error(&self) {
+        self.state_read_errors.incr();
+    }
+
+    /// Where the write queue counts writes whose commit failed.
+    pub(crate) fn state_write_errors(&self) -> Arc<StripedCounter> {
+        Arc::clone(&self.state_write_errors)
+    }
+
     /// Writes the edge dropped at a full write queue.
     pub(crate) fn dropped_writes(&self) -> Arc<StripedCounter> {
         Arc::clone(&self.lock().dropped_writes)
@@ -107,6 +129,8 @@ impl Counters {
                 .map(|(exp, variants)| (exp.clone(), sums(variants)))
                 .collect(),
             dropped_writes: registry.dropped_writes.sum(),
+            state_read_errors: self.state_read_errors.sum(),
+            state_write_errors: self.state_write_errors.sum(),
         }
     }
 }

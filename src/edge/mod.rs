@@ -374,6 +374,7 @@ impl Edge {
             cfg.write_queue_capacity,
             Duration::from_millis(cfg.write_flush_ms),
             counters.dropped_writes(),
+            counters.state_write_errors(),
         ));
         Ok(Edge {
             kv,
@@ -522,7 +523,7 @@ impl Edge {
                     // visitor is treated as new for this request (nothing is
                     // stored for a new id), and no cookie is sent, so the one
                     // the browser holds still counts once the store is back.
-                    self.warn_kv("the anonymous-id secret", "-", &err);
+                    self.read_failed("the anonymous-id secret", "-", &err);
                     let throwaway = Signer::new(&fallback_secret());
                     (identity::anonymous(headers, &throwaway), true)
                 }
@@ -720,13 +721,8 @@ impl Edge {
                 self.daily
                     .record(Outcome::Conversion, &exp.key_name, &variant.name, day);
             }
-            self.events.push(|| {
-                event(
-                    "conversion",
-                    exp,
-                    variant.map_or("", |v| v.name.as_str()),
-                )
-            });
+            self.events
+                .push(|| event("conversion", exp, variant.map_or("", |v| v.name.as_str())));
             self.writes
                 .push(Write::Put {
                     key: converted_key(exp, user),
@@ -806,6 +802,12 @@ impl Edge {
         }
     }
 
+    /// A state-store read that failed: counted (`/metrics`) and logged.
+    fn read_failed(&self, what: &str, user: &str, err: &dyn std::fmt::Display) {
+        self.counters.count_state_read_error();
+        self.warn_kv(what, user, err);
+    }
+
     fn warn_kv(&self, what: &str, user: &str, err: &dyn std::fmt::Display) {
         if self.warn.allow() {
             tracing::warn!(user_id = user, error = %err, "edge state read for {what} failed; using the fallback");
@@ -838,7 +840,7 @@ impl Edge {
                         }
                     },
                     Some(Err(err)) => {
-                        self.warn_kv("flag overrides", user, &err);
+                        self.read_failed("flag overrides", user, &err);
                         None
                     }
                     Some(Ok(None)) | None => None,
@@ -923,7 +925,7 @@ impl Edge {
             },
             Some(Ok(None)) => !fresh,
             Some(Err(err)) => {
-                self.warn_kv(&format!("experiment {} assignment", exp.name), user, &err);
+                self.read_failed(&format!("experiment {} assignment", exp.name), user, &err);
                 false
             }
             None => !fresh,
@@ -983,7 +985,7 @@ impl Edge {
                 }
             },
             Some(Err(err)) => {
-                self.warn_kv("preferences", user, &err);
+                self.read_failed("preferences", user, &err);
                 self.prefs.default_value.clone()
             }
             Some(Ok(None)) | None => self.prefs.default_value.clone(),

@@ -710,6 +710,18 @@ async fn kv_outage_falls_back_to_defaults_and_the_hash() {
     ] {
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err}");
     }
+    // The failed reads are counted for /metrics.
+    let counted = edge.counter_registry().snapshot();
+    assert!(counted.state_read_errors >= 3, "{counted:?}");
+    assert_eq!(counted.state_write_errors, 0);
+    // A write queued while the store answered and committed once it no
+    // longer does is counted too.
+    flaky.down.store(false, Ordering::SeqCst);
+    edge.decide(&user("gina"), "/checkout", PEER, false).await;
+    flaky.down.store(true, Ordering::SeqCst);
+    edge.settle().await;
+    let counted = edge.counter_registry().snapshot();
+    assert!(counted.state_write_errors >= 1, "{counted:?}");
 }
 
 #[tokio::test]

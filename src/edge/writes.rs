@@ -71,6 +71,8 @@ pub(super) struct WriteQueue {
     /// Cuts the flusher's window short (full batch, settle).
     wake: Notify,
     dropped: Arc<StripedCounter>,
+    /// Writes whose commit to the store failed.
+    failed: Arc<StripedCounter>,
     prefs_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
@@ -86,6 +88,7 @@ impl WriteQueue {
         capacity: usize,
         window: Duration,
         dropped: Arc<StripedCounter>,
+        failed: Arc<StripedCounter>,
     ) -> WriteQueue {
         WriteQueue {
             kv,
@@ -95,6 +98,7 @@ impl WriteQueue {
             idle: Notify::new(),
             wake: Notify::new(),
             dropped,
+            failed,
             prefs_locks: (0..PREFS_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -189,7 +193,9 @@ impl WriteQueue {
                 pending.in_flight = batch.len();
                 batch
             };
+            let writes = batch.len() as u64;
             if let Err(err) = self.commit(batch).await {
+                self.failed.add(writes);
                 tracing::warn!(error = %err, "committing edge state writes failed; they are redone on the users' next requests");
             }
             self.lock().in_flight = 0;

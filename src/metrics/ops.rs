@@ -19,6 +19,14 @@ pub(crate) struct Ops {
     pub connections_open: AtomicU64,
     /// State-store probes (`/readyz`) that failed or timed out.
     pub state_errors: AtomicU64,
+    /// Request spans accepted by the OTLP collector, refused or lost on the
+    /// way (`spans_failed`), and dropped because the export queue was full.
+    pub spans_exported: AtomicU64,
+    pub spans_failed: AtomicU64,
+    pub spans_dropped: AtomicU64,
+    /// Round trip of the last state-store probe that answered, in µs plus
+    /// one (0: none yet).
+    state_probe_us: AtomicU64,
 }
 
 impl Ops {
@@ -28,5 +36,15 @@ impl Ops {
 
     pub(crate) fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn state_probe_answered(&self, took: std::time::Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX - 1);
+        self.state_probe_us.store(us + 1, Ordering::Relaxed);
+    }
+
+    /// The last state-store probe's round trip, if one has answered.
+    pub(crate) fn state_probe_micros(&self) -> Option<u64> {
+        Self::get(&self.state_probe_us).checked_sub(1)
     }
 }

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-const STRIPES: usize = 16;
+pub(super) const STRIPES: usize = 16;
 
 /// 128 bytes covers the adjacent-line prefetcher on x86 and the 128-byte
 /// lines of some ARM cores.
@@ -25,10 +25,16 @@ thread_local! {
     static THREAD_STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
 }
 
+/// The calling thread's stripe (shared by every striped metric).
+pub(super) fn stripe_index() -> usize {
+    THREAD_STRIPE.with(|s| *s)
+}
+
 impl StripedCounter {
     pub(crate) fn add(&self, n: u64) {
-        let stripe = THREAD_STRIPE.with(|s| *s);
-        self.stripes[stripe].0.fetch_add(n, Ordering::Relaxed);
+        self.stripes[stripe_index()]
+            .0
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn incr(&self) {

@@ -121,6 +121,8 @@ pub struct Gateway {
     pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
     /// Purge broadcast and cluster-wide single fetch (with Redis only).
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// One span per request, when `[tracing] otlp_endpoint` is set.
+    pub(crate) tracer: Option<Arc<crate::telemetry::Tracer>>,
 }
 impl Gateway {
     pub(crate) fn new(config: Config) -> Result<Arc<Gateway>, GatewayError> {
@@ -166,7 +168,16 @@ impl Gateway {
                 c.l2.as_ref(),
             ))
         });
-        let mut g = Gateway::generation(config, origin, store, flights, state, None, version)?;
+        let mut g = Gateway::generation(
+            config,
+            origin,
+            store,
+            flights,
+            state,
+            None,
+            version,
+            Arc::default(),
+        )?;
         g.redis = redis;
         g.state_cache = state_cache;
         g.shared_counters = shared_counters;
@@ -207,9 +218,9 @@ impl Gateway {
             state,
             self.edge.as_ref(),
             self.version.clone(),
+            self.ops.clone(),
         )?;
         g.metrics = self.metrics.clone();
-        g.ops = self.ops.clone();
         // Redis connections are kept: `[redis]` changes need a restart.
         g.redis = self.redis.clone();
         // The cluster (broadcast reader, leases, L2) is kept: its events go
@@ -232,6 +243,7 @@ impl Gateway {
     }
 
     /// One generation: what `config` decides, over the given shared state.
+    #[allow(clippy::too_many_arguments)] // each is state a generation shares
     fn generation(
         config: Config,
         origin: Box<dyn Upstream>,
@@ -240,7 +252,9 @@ impl Gateway {
         state: Option<Arc<dyn crate::kv::Kv>>,
         previous_edge: Option<&Edge>,
         version: Arc<AtomicU64>,
+        ops: Arc<crate::metrics::ops::Ops>,
     ) -> Result<Gateway, GatewayError> {
+        let tracer = crate::telemetry::Tracer::from_config(&config.tracing, ops.clone())?;
         let edge = match (&config.edge, &state) {
             (Some(e), Some(kv)) => Some(match previous_edge {
                 Some(old) => Edge::with_counters(e, kv.clone(), old.counter_registry().clone())?,
@@ -259,7 +273,8 @@ impl Gateway {
             flights,
             origin,
             metrics: Arc::new(Metrics::default()),
-            ops: Arc::default(),
+            ops,
+            tracer,
             labels: Labels::new(&config.server.name),
             edge,
             routes: config.routes.iter().cloned().map(Arc::new).collect(),
@@ -339,6 +354,11 @@ impl Gateway {
         let logged = (self.config.log.access
             && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO))
         .then(|| AccessFields::of(&req));
+        // With tracing on: the request's span, its context set for the origin.
+        let traced = self.tracer.as_ref().map(|t| {
+            let f = AccessFields::of(&req);
+            t.start(f.method, f.host, f.path, req.headers_mut())
+        });
         // Every line logged while serving the request carries its id (the
         // log formatter reads it from the task).
         let serving = async {
@@ -359,7 +379,10 @@ impl Gateway {
             } else {
                 (self.answer(req, client).await, None)
             };
-            self.metrics.record(Some(result), resp.status());
+            // The second clock read of the request (the first is `started`):
+            // the latency histogram and the access line share it.
+            let elapsed = started.elapsed();
+            self.metrics.record(result, resp.status(), elapsed);
             if let Some(f) = logged {
                 use http_body::Body as _;
                 tracing::info!(
@@ -372,13 +395,17 @@ impl Gateway {
                     cache = result.as_str(),
                     bytes = resp.body().size_hint().exact(),
                     origin_micros = origin_time.map(|d| d.as_micros() as u64),
-                    micros = started.elapsed().as_micros() as u64,
+                    micros = elapsed.as_micros() as u64,
                     user_agent = %f.user_agent,
                 );
             }
-            resp
+            (resp, result, elapsed)
         };
-        let mut resp = crate::logging::with_request_id(request_id.clone(), serving).await;
+        let (mut resp, result, elapsed) =
+            crate::logging::with_request_id(request_id.clone(), serving).await;
+        if let (Some(tracer), Some(started)) = (&self.tracer, traced) {
+            tracer.finish(started, elapsed, resp.status(), result, &request_id);
+        }
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         resp
     }

@@ -3,6 +3,7 @@
 //! which kvgate writes itself rather than trust from clients.
 
 pub(crate) use crate::protocol::headers::remove_hop_by_hop;
+use crate::protocol::trace_context;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// The request's id: the client's when valid, else one kvgate makes. It
@@ -139,7 +140,9 @@ pub(crate) fn strip_client_forwarding(h: &mut HeaderMap, trusted_peer: bool) {
 /// [`strip_client_forwarding`]: hop-by-hop removed, `Via` appended, the
 /// peer's address appended to `X-Forwarded-For`, `X-Forwarded-Proto` set
 /// from the connection unless a trusted proxy sent one, and
-/// `X-Forwarded-Host` set to the request's authority.
+/// `X-Forwarded-Host` set to the request's authority, and the W3C trace
+/// context (`traceparent`, `tracestate`) passed on only when valid
+/// (checked here, on the way to the origin, so hits never pay for it).
 pub(crate) fn forward_request_headers(
     h: &mut HeaderMap,
     client: ClientInfo,
@@ -147,6 +150,7 @@ pub(crate) fn forward_request_headers(
     via: &HeaderValue,
 ) {
     remove_hop_by_hop(h);
+    trace_context::keep_if_valid(h);
     h.append(header::VIA, via.clone());
     let ip = client.addr.ip().to_string();
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
