@@ -1135,7 +1135,9 @@ pub(crate) fn validate_origin_url(url: &str) -> Result<http::Uri, String> {
 }
 
 /// The CA certificates in a PEM file (at least one).
-pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+pub(crate) fn read_ca_file(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<Result<Vec<_>, _>>()
@@ -1184,7 +1186,11 @@ fn validate_origin(
     } else {
         o.servers.iter().collect()
     };
-    let key = if o.servers.is_empty() { "url" } else { "servers" };
+    let key = if o.servers.is_empty() {
+        "url"
+    } else {
+        "servers"
+    };
     let mut scheme = None;
     let mut seen = std::collections::HashSet::new();
     for u in urls {
@@ -1234,8 +1240,18 @@ fn validate_origin(
     }
     for (k, v, lo, hi) in [
         ("connect_timeout_ms", o.connect_timeout_ms, 1, 600_000),
-        ("first_byte_timeout_ms", o.first_byte_timeout_ms, 1, MAX_CONNECTION_TIMEOUT_MS),
-        ("idle_timeout_ms", o.idle_timeout_ms, 1, MAX_CONNECTION_TIMEOUT_MS),
+        (
+            "first_byte_timeout_ms",
+            o.first_byte_timeout_ms,
+            1,
+            MAX_CONNECTION_TIMEOUT_MS,
+        ),
+        (
+            "idle_timeout_ms",
+            o.idle_timeout_ms,
+            1,
+            MAX_CONNECTION_TIMEOUT_MS,
+        ),
         ("eject_ms", o.eject_ms, 1, MAX_CONNECTION_TIMEOUT_MS),
     ] {
         if !(lo..=hi).contains(&v) {
@@ -1260,8 +1276,18 @@ fn validate_origin(
         for (k, v, lo, hi) in [
             ("interval_ms", h.interval_ms, 10, MAX_CONNECTION_TIMEOUT_MS),
             ("timeout_ms", h.timeout_ms, 1, 600_000),
-            ("healthy_threshold", u64::from(h.healthy_threshold), 1, 1_000),
-            ("unhealthy_threshold", u64::from(h.unhealthy_threshold), 1, 1_000),
+            (
+                "healthy_threshold",
+                u64::from(h.healthy_threshold),
+                1,
+                1_000,
+            ),
+            (
+                "unhealthy_threshold",
+                u64::from(h.unhealthy_threshold),
+                1,
+                1_000,
+            ),
         ] {
             if !(lo..=hi).contains(&v) {
                 return Err(err(
@@ -1457,6 +1483,94 @@ mod tests {
         assert_eq!(at("t.x.y.z"), Some((3, 13)));
         assert_eq!(at("r.1.n"), Some((7, 1)));
         assert_eq!(at("t.missing"), Some((2, 2)));
+    }
+
+    #[test]
+    fn origins_accept_https_several_servers_and_named_origins() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let src = format!(
+            "[origin]\nservers = [\"https://a.internal\", \"https://b.internal:8443\"]\nca_file = {:?}\n\
+             [origin.health]\npath = \"/healthz\"\n\
+             [origins.api]\nurl = \"http://10.0.0.1:8000\"\n\
+             [[route]]\nname = \"api\"\nprefix = \"/api/\"\norigin = \"api\"\n",
+            ca.display().to_string()
+        );
+        let c = Config::parse(&src, "k.toml").unwrap();
+        assert_eq!(
+            c.origin.server_urls(),
+            vec!["https://a.internal", "https://b.internal:8443"]
+        );
+        assert_eq!(c.origin.health.as_ref().unwrap().healthy_threshold, 2);
+        assert_eq!(c.origins["api"].server_urls(), vec!["http://10.0.0.1:8000"]);
+        assert_eq!(c.routes[0].origin.as_ref().unwrap().get_ref(), "api");
+        // Without `servers`, `url` is the one server.
+        let c = Config::parse("[origin]\nurl = \"https://x.example\"\n", "k.toml").unwrap();
+        assert_eq!(c.origin.server_urls(), vec!["https://x.example"]);
+    }
+
+    #[test]
+    fn origin_errors_are_located() {
+        let at = |src: &str| {
+            let e = Config::parse(src, "k.toml").unwrap_err();
+            (e.line, e.message)
+        };
+        let (line, m) = at("[origin]\nurl = \"http://a:1\"\nservers = [\"http://b:1\"]\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.contains("not both"), "{m}");
+        let (line, m) = at("[origin]\nservers = [\n  \"http://a:1\",\n  \"https://b:1\",\n]\n");
+        assert_eq!(line, 4, "{m}");
+        assert!(m.contains("same scheme"), "{m}");
+        let (line, m) = at("[origin]\nservers = [\"http://a:1\", \"http://A:1\"]\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.contains("twice"), "{m}");
+        let (line, m) = at("[origin]\nservers = [\"http://a:1/path\"]\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.starts_with("origin.servers"), "{m}");
+        let (line, m) = at("[origin]\nurl = \"https://a\"\nca_file = \"/no/such/ca.pem\"\n");
+        assert_eq!(line, 3, "{m}");
+        assert!(
+            m.starts_with("origin.ca_file") && m.contains("cannot read"),
+            "{m}"
+        );
+        let (line, m) = at("[origin]\nurl = \"http://a\"\nca_file = \"/etc/hostname\"\n");
+        assert_eq!(line, 3, "{m}");
+        assert!(m.contains("only used by https"), "{m}");
+        let (line, m) = at("[origin.health]\ninterval_ms = 1000\nhealthy_threshold = 0\n");
+        assert_eq!(line, 3, "{m}");
+        assert!(m.starts_with("origin.health.healthy_threshold"), "{m}");
+        let (line, m) = at("[origin.health]\npath = \"healthz\"\n");
+        assert_eq!(line, 2, "{m}");
+        let (line, m) = at("[origins.api]\nconnect_timeout_ms = 5\n");
+        assert_eq!(line, 1, "{m}");
+        assert!(m.contains("names no server"), "{m}");
+        let (line, m) = at("[origins.api]\nurl = \"ftp://x\"\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.starts_with("origins.api.url"), "{m}");
+        let (line, m) = at(
+            "[origins.api]\nurl = \"http://x\"\n[[route]]\nname = \"a\"\nprefix = \"/a/\"\norigin = \"apj\"\n",
+        );
+        assert_eq!(line, 6, "{m}");
+        assert!(m.contains("\"apj\" is not a configured origin"), "{m}");
+        let (line, m) = at("[origin]\neject_ms = 0\n");
+        assert_eq!(line, 2, "{m}");
+    }
+
+    #[test]
+    fn the_origin_flag_replaces_the_servers() {
+        let mut c = Config::parse(
+            "[origin]\nservers = [\"http://a:1\", \"http://b:1\"]\n",
+            "k.toml",
+        )
+        .unwrap();
+        c.apply(Overrides {
+            origin: Some("https://c.example".into()),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(c.origin.server_urls(), vec!["https://c.example"]);
     }
 
     #[test]

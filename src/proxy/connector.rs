@@ -262,10 +262,16 @@ mod tests {
     async fn literals_need_no_resolution_and_names_keep_their_last_answer() {
         let a = Addresses::new("127.0.0.1", 80);
         assert!(!a.is_name());
-        assert_eq!(*a.current().await.unwrap(), vec!["127.0.0.1:80".parse().unwrap()]);
+        assert_eq!(
+            *a.current().await.unwrap(),
+            vec!["127.0.0.1:80".parse().unwrap()]
+        );
         let a = Addresses::new("[::1]", 8080);
         assert!(!a.is_name());
-        assert_eq!(*a.current().await.unwrap(), vec!["[::1]:8080".parse().unwrap()]);
+        assert_eq!(
+            *a.current().await.unwrap(),
+            vec!["[::1]:8080".parse().unwrap()]
+        );
         let a = Addresses::new("localhost", 81);
         assert!(a.is_name());
         let first = a.current().await.expect("localhost resolves");

@@ -2,12 +2,12 @@
 //! over those in rotation, pooled keep-alive connections, connect and
 //! time-to-first-byte timeouts, errors mapped to 502 / 504.
 
+use super::origin_server::{now_ms, Background, Server, ServerSettings};
 use crate::config::OriginConfig;
 use crate::error::OriginSetupError;
 use http::header::HOST;
-use http::{Request, Response, Uri};
-use super::origin_server::{now_ms, Background, Server, ServerSettings};
 use http::uri::Scheme;
+use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -121,7 +121,8 @@ impl OriginClient {
         let tls = if https {
             let ca = match &cfg.ca_file {
                 Some(path) => Some(
-                    crate::config::read_ca_file(path.get_ref()).map_err(OriginSetupError::CaFile)?,
+                    crate::config::read_ca_file(path.get_ref())
+                        .map_err(OriginSetupError::CaFile)?,
                 ),
                 None => None,
             };

@@ -62,7 +62,10 @@ impl Server {
         let addresses = Arc::new(Addresses::new(authority.host(), port));
         let tls = match (&s.tls, https) {
             (Some(cfg), true) => {
-                let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
                 let name = rustls::pki_types::ServerName::try_from(host.to_string())
                     .map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;
                 Some(TlsTarget {
@@ -116,7 +119,10 @@ impl Server {
     /// in a row the server is out for `eject_for`. A server whose ejection
     /// ran out goes out again at its next failure (the streak is kept).
     pub(crate) fn failed(&self, eject_after: u32, eject_for: Duration) {
-        let streak = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let streak = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         if eject_after == 0 || streak < eject_after {
             return;
         }
@@ -197,7 +203,10 @@ pub(crate) struct Background {
 impl Background {
     /// Starts, on the current runtime (if any), the address refresh of
     /// every named server and the health checks when configured.
-    pub(crate) fn start(servers: &[Arc<Server>], health: Option<&OriginHealthConfig>) -> Background {
+    pub(crate) fn start(
+        servers: &[Arc<Server>],
+        health: Option<&OriginHealthConfig>,
+    ) -> Background {
         let (stop, _) = watch::channel(false);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Background { stop };
