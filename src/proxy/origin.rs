@@ -227,10 +227,21 @@ impl OriginClient {
         *req.version_mut() = http::Version::HTTP_11;
         let answered =
             tokio::time::timeout(self.first_byte_timeout, server.client.request(req)).await;
+        // Whether a failure is the server's (its connection), not the
+        // client's (a request body that broke off mid-upload).
+        let mut server_fault = false;
         let result = match answered {
             Err(_) => Err(OriginError::Timeout(self.first_byte_timeout)),
-            Ok(Err(e)) if e.is_connect() => Err(OriginError::Connect(error_chain(&e))),
-            Ok(Err(e)) => Err(OriginError::Request(error_chain(&e))),
+            Ok(Err(e)) if e.is_connect() => {
+                server_fault = true;
+                Err(OriginError::Connect(error_chain(&e)))
+            }
+            Ok(Err(e)) => {
+                server_fault = !std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<hyper::Error>())
+                    .is_some_and(hyper::Error::is_user);
+                Err(OriginError::Request(error_chain(&e)))
+            }
             Ok(Ok(resp))
                 if resp.headers().contains_key(http::header::TRANSFER_ENCODING)
                     && resp.headers().contains_key(http::header::CONTENT_LENGTH) =>
@@ -240,13 +251,12 @@ impl OriginClient {
             Ok(Ok(resp)) => Ok(resp),
         };
         match &result {
-            // A slow answer is the application's business, not the server's
-            // reachability: timeouts do not count towards ejection.
-            Err(OriginError::Connect(_)) | Err(OriginError::Request(_)) => {
-                server.failed(self.eject_after, self.eject_for)
-            }
-            Err(OriginError::Timeout(_)) => {}
             Ok(_) | Err(OriginError::AmbiguousFraming) => server.answered(),
+            Err(_) if server_fault => server.failed(self.eject_after, self.eject_for),
+            // A slow answer is the application's business, not the server's
+            // reachability, and a broken upload is the client's: neither
+            // counts towards ejection.
+            Err(_) => {}
         }
         result
     }

@@ -298,3 +298,57 @@ async fn health_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> Server {
+        let settings = ServerSettings {
+            connect_timeout: Duration::from_secs(1),
+            max_idle: 1,
+            tls: None,
+        };
+        let uri: Uri = "http://127.0.0.1:9".parse().unwrap();
+        Server::new("http://127.0.0.1:9".into(), &uri, &settings).unwrap()
+    }
+
+    #[test]
+    fn failures_in_a_row_eject_and_an_answer_ends_the_streak() {
+        let s = server();
+        let long = Duration::from_secs(60);
+        s.failed(3, long);
+        s.failed(3, long);
+        s.answered();
+        s.failed(3, long);
+        s.failed(3, long);
+        assert!(s.usable(now_ms()), "the answer reset the streak");
+        s.failed(3, long);
+        assert!(!s.usable(now_ms()));
+        assert_eq!(s.state(), "ejected");
+        // Never ejected with 0.
+        let s = server();
+        for _ in 0..10 {
+            s.failed(0, long);
+        }
+        assert!(s.usable(now_ms()));
+    }
+
+    #[test]
+    fn an_expired_ejection_returns_at_its_next_failure() {
+        let s = server();
+        let short = Duration::from_millis(1);
+        for _ in 0..3 {
+            s.failed(3, short);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(s.usable(now_ms()), "the ejection ran out");
+        s.failed(3, Duration::from_secs(60));
+        assert!(
+            !s.usable(now_ms()),
+            "one failure is enough once ejected before"
+        );
+        s.up.store(false, Ordering::Relaxed);
+        assert_eq!(s.state(), "down");
+    }
+}
