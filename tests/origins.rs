@@ -244,7 +244,7 @@ async fn https_origin_is_verified_against_the_configured_ca() {
 #[tokio::test]
 async fn a_killed_server_loses_its_traffic_without_a_5xx() {
     let a = Server::start("a").await;
-    let b = Server::start("b").await;
+    let mut b = Server::start("b").await;
     let mut cfg = Config::default();
     cfg.origin.servers = servers(&[&a, &b]);
     cfg.origin.eject_after_failures = 1;
@@ -281,6 +281,16 @@ async fn a_killed_server_loses_its_traffic_without_a_5xx() {
     assert_eq!(ready["origin"], "ok", "{ready}");
     assert_eq!(ready["origin_servers"][0]["state"], "ejected", "{ready}");
     assert_eq!(ready["origin_servers"][1]["state"], "up", "{ready}");
+
+    // Both down: 502 (and both ejected)...
+    b.kill();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(get(&gw.url("/both-down")).await.status, 502);
+    // ...yet one is still tried, so a server that is back answers at once,
+    // long before its 60 s ejection ends.
+    b.revive().await;
+    let g = get(&gw.url("/b-is-back")).await;
+    assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "b"));
 }
 
 #[tokio::test]
