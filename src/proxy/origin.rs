@@ -137,11 +137,7 @@ impl OriginClient {
         };
         let servers = uris
             .into_iter()
-            .map(|(url, uri)| {
-                Server::new(url.clone(), &uri, &settings)
-                    .map(Arc::new)
-                    .map_err(|reason| OriginSetupError::Url { url, reason })
-            })
+            .map(|(url, uri)| Server::new(url, &uri, &settings).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let background = Background::start(&servers, cfg.health.as_ref());
         Ok(OriginClient {

@@ -9,6 +9,7 @@
 use super::connector::{Addresses, Connector, TlsTarget, RESOLVE_EVERY};
 use super::origin::UpstreamBody;
 use crate::config::OriginHealthConfig;
+use crate::error::OriginSetupError;
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, Scheme};
 use http::{Request, Uri};
@@ -54,8 +55,19 @@ pub(crate) struct ServerSettings {
 }
 
 impl Server {
-    pub(crate) fn new(url: String, uri: &Uri, s: &ServerSettings) -> Result<Server, String> {
-        let authority = uri.authority().cloned().ok_or("the URL has no host")?;
+    pub(crate) fn new(
+        url: String,
+        uri: &Uri,
+        s: &ServerSettings,
+    ) -> Result<Server, OriginSetupError> {
+        let bad_url = |reason: String| OriginSetupError::Url {
+            url: url.clone(),
+            reason,
+        };
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| bad_url("the URL has no host".into()))?;
         let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
         let https = scheme == Scheme::HTTPS;
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
@@ -67,7 +79,7 @@ impl Server {
                     .trim_start_matches('[')
                     .trim_end_matches(']');
                 let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                    .map_err(|e| format!("{host:?} is not a TLS server name: {e}"))?;
+                    .map_err(|e| bad_url(format!("{host:?} is not a TLS server name: {e}")))?;
                 Some(TlsTarget {
                     connector: tokio_rustls::TlsConnector::from(cfg.clone()),
                     name,
@@ -87,8 +99,11 @@ impl Server {
             // reuse it; retrying that is safe (the request never reached it).
             .retry_canceled_requests(true)
             .build(connector);
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| format!("the host is not a valid Host header: {e}"))?;
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|source| OriginSetupError::Host {
+                url: url.clone(),
+                source,
+            })?;
         Ok(Server {
             url,
             scheme,
