@@ -191,7 +191,7 @@ fn check_writable(path: &std::path::Path) -> std::io::Result<()> {
 
 /// The config key a setup error is about.
 fn key_of(cfg: &Config, e: &StartError) -> &'static str {
-    use crate::error::{AdminError, GatewayError, TlsError};
+    use crate::error::{AdminError, GatewayError, OriginSetupError, TlsError};
     let tls_key = |p: &std::path::Path| {
         if cfg.server.tls_key.as_deref() == Some(p) {
             "server.tls_key"
@@ -208,6 +208,10 @@ fn key_of(cfg: &Config, e: &StartError) -> &'static str {
         StartError::Tls(_) => "server.tls_cert",
         StartError::StatePath { .. } | StartError::Gateway(GatewayError::State { .. }) => {
             "state.path"
+        }
+        StartError::Gateway(GatewayError::Origin(OriginSetupError::CaFile(_))) => "origin.ca_file",
+        StartError::Gateway(GatewayError::Origin(_)) if !cfg.origin.servers.is_empty() => {
+            "origin.servers"
         }
         StartError::Gateway(GatewayError::Origin(_)) => "origin.url",
         StartError::Gateway(GatewayError::Edge(_)) => "edge",
@@ -430,7 +434,7 @@ pub async fn shutdown_signal() {
 
 /// Runs the gateway until a shutdown signal, then drains.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
-    let origin = cfg.origin.url.get_ref().clone();
+    let origin = cfg.origin.server_urls().join(" ");
     let running = start(cfg).await?;
     tracing::info!(listen = %running.addr, %origin, "kvgate listening");
     if let Some(admin) = running.admin_addr {

@@ -20,8 +20,10 @@ use toml::Spanned;
 pub struct Config {
     /// `[server]`: the main listener and its limits.
     pub server: ServerConfig,
-    /// `[origin]`: where misses and passes go.
+    /// `[origin]`: where misses and passes go (unless a route names another).
     pub origin: OriginConfig,
+    /// `[origins.NAME]`: further origins, each named by the routes that use it.
+    pub origins: std::collections::BTreeMap<String, OriginConfig>,
     /// `[cache]`: the store and freshness defaults.
     pub cache: CacheConfig,
     /// `[log]`: log level and access lines.
@@ -248,13 +250,20 @@ impl Default for ServerConfig {
     }
 }
 
-/// The origin server (`[origin]`).
+/// An origin (`[origin]`, the default, or `[origins.NAME]`, named by routes).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OriginConfig {
-    /// Base URL: `http://` or `https://`, host and port, no path.
+    /// Base URL of the one server: `http://` or `https://`, host and port,
+    /// no path. Ignored when `servers` is set (setting both is an error).
     pub url: Spanned<String>,
-    /// Time allowed to open a connection.
+    /// Several servers of the same scheme, balanced round robin over those
+    /// that are up.
+    pub servers: Vec<Spanned<String>>,
+    /// PEM file of the CA certificates an `https://` origin is verified
+    /// against instead of the built-in web roots.
+    pub ca_file: Option<Spanned<PathBuf>>,
+    /// Time allowed to open a connection (TCP and TLS handshake).
     pub connect_timeout_ms: u64,
     /// Time from sending the request to the response head.
     pub first_byte_timeout_ms: u64,
@@ -262,19 +271,75 @@ pub struct OriginConfig {
     pub idle_timeout_ms: u64,
     /// Forward the client's Host (true) or send the origin's own (false).
     pub preserve_host: bool,
-    /// Idle origin connections kept for reuse.
+    /// Idle origin connections kept for reuse (per server).
     pub max_idle_per_host: usize,
+    /// Passive ejection: a server whose connections fail this many times in
+    /// a row is taken out of rotation (0: never).
+    pub eject_after_failures: u32,
+    /// How long an ejected server stays out (unless an active health check
+    /// sees it answer again first).
+    pub eject_ms: u64,
+    /// `[origin.health]`: active health checks, off unless present.
+    pub health: Option<OriginHealthConfig>,
 }
+
+/// Most servers one origin may list.
+pub const MAX_ORIGIN_SERVERS: usize = 64;
 
 impl Default for OriginConfig {
     fn default() -> Self {
         OriginConfig {
             url: Spanned::new(0..0, "http://127.0.0.1:8000".into()),
+            servers: Vec::new(),
+            ca_file: None,
             connect_timeout_ms: 2_000,
             first_byte_timeout_ms: 30_000,
             idle_timeout_ms: 30_000,
             preserve_host: false,
             max_idle_per_host: 256,
+            eject_after_failures: 3,
+            eject_ms: 10_000,
+            health: None,
+        }
+    }
+}
+
+impl OriginConfig {
+    /// The server URLs: `servers` when set, else `url`.
+    pub fn server_urls(&self) -> Vec<&str> {
+        if self.servers.is_empty() {
+            vec![self.url.get_ref().as_str()]
+        } else {
+            self.servers.iter().map(|s| s.get_ref().as_str()).collect()
+        }
+    }
+}
+
+/// Active health checks of an origin's servers (`[origin.health]`): one
+/// background task per server sends `GET path` every `interval_ms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginHealthConfig {
+    /// Path (and query) probed; a 2xx or 3xx answer is a success.
+    pub path: Spanned<String>,
+    /// Time between two probes of one server.
+    pub interval_ms: u64,
+    /// A probe without a whole answer within this time failed.
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a server that is down back.
+    pub healthy_threshold: u32,
+    /// Failures in a row that take a server out.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for OriginHealthConfig {
+    fn default() -> Self {
+        OriginHealthConfig {
+            path: Spanned::new(0..0, "/".into()),
+            interval_ms: 5_000,
+            timeout_ms: 2_000,
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
         }
     }
 }
@@ -494,6 +559,10 @@ pub struct RouteConfig {
     /// Overrides `cache.allow_set_cookie` for the route.
     #[serde(default)]
     pub allow_set_cookie: Option<bool>,
+    /// The `[origins.NAME]` this route's misses and passes go to (default:
+    /// `[origin]`).
+    #[serde(default)]
+    pub origin: Option<Spanned<String>>,
 }
 
 /// Builds a located error: span, key, message, hint.
@@ -602,7 +671,9 @@ impl Config {
                 url: u.clone(),
                 reason,
             })?;
+            // The flag replaces the servers, not the tuning around them.
             cfg.origin.url = Spanned::new(0..0, u.clone());
+            cfg.origin.servers.clear();
         }
         if let Some((c, k)) = &o.tls {
             cfg.server.tls_cert = Some(c.clone());
@@ -743,14 +814,30 @@ impl Config {
                 "an IP address and port, e.g. \"127.0.0.1:8080\"",
             ));
         }
-        validate_origin_url(self.origin.url.get_ref()).map_err(|m| {
-            err(
-                self.origin.url.span(),
-                "origin.url",
-                m,
-                "e.g. \"http://127.0.0.1:8000\"",
-            )
-        })?;
+        validate_origin(&self.origin, "origin", false, &err)?;
+        if self.origins.len() > MAX_NAMED_ORIGINS {
+            return Err(err(
+                0..0,
+                "origins",
+                format!("at most {MAX_NAMED_ORIGINS} named origins"),
+                "routes that share servers can share an origin",
+            ));
+        }
+        for (name, o) in &self.origins {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(err(
+                    0..0,
+                    &format!("origins.{name}"),
+                    "an origin name is letters, digits, '-' and '_'".into(),
+                    "e.g. [origins.api]",
+                ));
+            }
+            validate_origin(o, &format!("origins.{name}"), true, &err)?;
+        }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return Err(err(
                 0..0,
@@ -940,6 +1027,21 @@ impl Config {
                 ));
             }
             check_normal_prefix(&r.prefix, &format!("route[{}].prefix", r.name), &err)?;
+            if let Some(o) = &r.origin {
+                if !self.origins.contains_key(o.get_ref()) {
+                    let known: Vec<&str> = self.origins.keys().map(String::as_str).collect();
+                    return Err(err(
+                        o.span(),
+                        &format!("route[{}].origin", r.name),
+                        format!("{:?} is not a configured origin", o.get_ref()),
+                        &if known.is_empty() {
+                            "define it as [origins.NAME] (url or servers), or leave the key out to use [origin]".to_string()
+                        } else {
+                            format!("one of {known:?}, defined as [origins.NAME]")
+                        },
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -1066,21 +1168,198 @@ fn locate_plain_key(src: &str, table: &str, key: &str) -> (usize, usize) {
     (0, 0)
 }
 
-/// Only plain-HTTP origins are supported for now: say so clearly.
+/// Most `[origins.NAME]` sections.
+pub const MAX_NAMED_ORIGINS: usize = 64;
+
+/// An origin server URL: `http://` or `https://`, a host, no user, path or
+/// query (requests keep theirs).
 pub(crate) fn validate_origin_url(url: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err("https origins are not supported yet; put the origin on plain HTTP on a private network".into()),
-        _ => return Err("the URL must start with http://".into()),
+        Some("http") | Some("https") => {}
+        _ => return Err("the URL must start with http:// or https://".into()),
     }
-    if uri.authority().is_none() {
+    let Some(authority) = uri.authority() else {
+        return Err("the URL has no host".into());
+    };
+    if authority.as_str().contains('@') {
+        return Err("the URL must not carry user information".into());
+    }
+    if authority.host().is_empty() {
         return Err("the URL has no host".into());
     }
-    if uri.path() != "/" && !uri.path().is_empty() {
+    if (uri.path() != "/" && !uri.path().is_empty()) || uri.query().is_some() {
         return Err("the origin URL must have no path; requests keep theirs".into());
     }
     Ok(uri)
+}
+
+/// The CA certificates in a PEM file (at least one).
+pub(crate) fn read_ca_file(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", path.display()));
+    }
+    Ok(certs)
+}
+
+/// One origin section (`prefix` is `origin` or `origins.NAME`); a named
+/// one must say where its servers are.
+fn validate_origin(
+    o: &OriginConfig,
+    prefix: &str,
+    named: bool,
+    err: &ErrorAt<'_>,
+) -> Result<(), ConfigError> {
+    let url_written = !o.url.span().is_empty();
+    if url_written && !o.servers.is_empty() {
+        return Err(err(
+            o.url.span(),
+            &format!("{prefix}.url"),
+            "set either url (one server) or servers, not both".into(),
+            "move the url into servers = [...]",
+        ));
+    }
+    if named && !url_written && o.servers.is_empty() {
+        return Err(err(
+            0..0,
+            prefix,
+            "names no server".into(),
+            "set url = \"http://host:port\" or servers = [...]",
+        ));
+    }
+    if o.servers.len() > MAX_ORIGIN_SERVERS {
+        return Err(err(
+            0..0,
+            &format!("{prefix}.servers"),
+            format!("at most {MAX_ORIGIN_SERVERS} servers"),
+            "put a load balancer in front of larger pools",
+        ));
+    }
+    let urls: Vec<&Spanned<String>> = if o.servers.is_empty() {
+        vec![&o.url]
+    } else {
+        o.servers.iter().collect()
+    };
+    let key = if o.servers.is_empty() {
+        "url"
+    } else {
+        "servers"
+    };
+    let mut scheme = None;
+    let mut seen = std::collections::HashSet::new();
+    for u in urls {
+        let uri = validate_origin_url(u.get_ref()).map_err(|m| {
+            err(
+                u.span(),
+                &format!("{prefix}.{key}"),
+                m,
+                "e.g. \"http://127.0.0.1:8000\" or \"https://origin.internal\"",
+            )
+        })?;
+        let this = uri.scheme_str().unwrap_or("http").to_string();
+        if scheme.get_or_insert_with(|| this.clone()) != &this {
+            return Err(err(
+                u.span(),
+                &format!("{prefix}.{key}"),
+                "all servers of one origin must use the same scheme".into(),
+                "make them all http:// or all https://, or define two origins",
+            ));
+        }
+        if !seen.insert(uri.authority().map(|a| a.as_str().to_ascii_lowercase())) {
+            return Err(err(
+                u.span(),
+                &format!("{prefix}.{key}"),
+                format!("{:?} is listed twice", u.get_ref()),
+                "list every server once",
+            ));
+        }
+    }
+    if let Some(ca) = &o.ca_file {
+        if scheme.as_deref() != Some("https") {
+            return Err(err(
+                ca.span(),
+                &format!("{prefix}.ca_file"),
+                "is only used by https:// origins".into(),
+                "remove it, or use https:// servers",
+            ));
+        }
+        read_ca_file(ca.get_ref()).map_err(|m| {
+            err(
+                ca.span(),
+                &format!("{prefix}.ca_file"),
+                m,
+                "a readable PEM file with the CA certificates that signed the origin's",
+            )
+        })?;
+    }
+    for (k, v, lo, hi) in [
+        ("connect_timeout_ms", o.connect_timeout_ms, 1, 600_000),
+        (
+            "first_byte_timeout_ms",
+            o.first_byte_timeout_ms,
+            1,
+            MAX_CONNECTION_TIMEOUT_MS,
+        ),
+        (
+            "idle_timeout_ms",
+            o.idle_timeout_ms,
+            1,
+            MAX_CONNECTION_TIMEOUT_MS,
+        ),
+        ("eject_ms", o.eject_ms, 1, MAX_CONNECTION_TIMEOUT_MS),
+    ] {
+        if !(lo..=hi).contains(&v) {
+            return Err(err(
+                0..0,
+                &format!("{prefix}.{k}"),
+                format!("must be between {lo} and {hi}"),
+                "milliseconds",
+            ));
+        }
+    }
+    if let Some(h) = &o.health {
+        let path = h.path.get_ref();
+        if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(err(
+                h.path.span(),
+                &format!("{prefix}.health.path"),
+                format!("{path:?} is not a path"),
+                "a path such as \"/healthz\"",
+            ));
+        }
+        for (k, v, lo, hi) in [
+            ("interval_ms", h.interval_ms, 10, MAX_CONNECTION_TIMEOUT_MS),
+            ("timeout_ms", h.timeout_ms, 1, 600_000),
+            (
+                "healthy_threshold",
+                u64::from(h.healthy_threshold),
+                1,
+                1_000,
+            ),
+            (
+                "unhealthy_threshold",
+                u64::from(h.unhealthy_threshold),
+                1,
+                1_000,
+            ),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(err(
+                    0..0,
+                    &format!("{prefix}.health.{k}"),
+                    format!("must be between {lo} and {hi}"),
+                    "see [origin.health] in the README",
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1285,6 +1564,94 @@ mod tests {
         assert_eq!(at("t.x.y.z"), Some((3, 13)));
         assert_eq!(at("r.1.n"), Some((7, 1)));
         assert_eq!(at("t.missing"), Some((2, 2)));
+    }
+
+    #[test]
+    fn origins_accept_https_several_servers_and_named_origins() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let src = format!(
+            "[origin]\nservers = [\"https://a.internal\", \"https://b.internal:8443\"]\nca_file = {:?}\n\
+             [origin.health]\npath = \"/healthz\"\n\
+             [origins.api]\nurl = \"http://10.0.0.1:8000\"\n\
+             [[route]]\nname = \"api\"\nprefix = \"/api/\"\norigin = \"api\"\n",
+            ca.display().to_string()
+        );
+        let c = Config::parse(&src, "k.toml").unwrap();
+        assert_eq!(
+            c.origin.server_urls(),
+            vec!["https://a.internal", "https://b.internal:8443"]
+        );
+        assert_eq!(c.origin.health.as_ref().unwrap().healthy_threshold, 2);
+        assert_eq!(c.origins["api"].server_urls(), vec!["http://10.0.0.1:8000"]);
+        assert_eq!(c.routes[0].origin.as_ref().unwrap().get_ref(), "api");
+        // Without `servers`, `url` is the one server.
+        let c = Config::parse("[origin]\nurl = \"https://x.example\"\n", "k.toml").unwrap();
+        assert_eq!(c.origin.server_urls(), vec!["https://x.example"]);
+    }
+
+    #[test]
+    fn origin_errors_are_located() {
+        let at = |src: &str| {
+            let e = Config::parse(src, "k.toml").unwrap_err();
+            (e.line, e.message)
+        };
+        let (line, m) = at("[origin]\nurl = \"http://a:1\"\nservers = [\"http://b:1\"]\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.contains("not both"), "{m}");
+        let (line, m) = at("[origin]\nservers = [\n  \"http://a:1\",\n  \"https://b:1\",\n]\n");
+        assert_eq!(line, 4, "{m}");
+        assert!(m.contains("same scheme"), "{m}");
+        let (line, m) = at("[origin]\nservers = [\"http://a:1\", \"http://A:1\"]\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.contains("twice"), "{m}");
+        let (line, m) = at("[origin]\nservers = [\"http://a:1/path\"]\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.starts_with("origin.servers"), "{m}");
+        let (line, m) = at("[origin]\nurl = \"https://a\"\nca_file = \"/no/such/ca.pem\"\n");
+        assert_eq!(line, 3, "{m}");
+        assert!(
+            m.starts_with("origin.ca_file") && m.contains("cannot read"),
+            "{m}"
+        );
+        let (line, m) = at("[origin]\nurl = \"http://a\"\nca_file = \"/etc/hostname\"\n");
+        assert_eq!(line, 3, "{m}");
+        assert!(m.contains("only used by https"), "{m}");
+        let (line, m) = at("[origin.health]\ninterval_ms = 1000\nhealthy_threshold = 0\n");
+        assert_eq!(line, 3, "{m}");
+        assert!(m.starts_with("origin.health.healthy_threshold"), "{m}");
+        let (line, m) = at("[origin.health]\npath = \"healthz\"\n");
+        assert_eq!(line, 2, "{m}");
+        let (line, m) = at("[origins.api]\nconnect_timeout_ms = 5\n");
+        assert_eq!(line, 1, "{m}");
+        assert!(m.contains("names no server"), "{m}");
+        let (line, m) = at("[origins.api]\nurl = \"ftp://x\"\n");
+        assert_eq!(line, 2, "{m}");
+        assert!(m.starts_with("origins.api.url"), "{m}");
+        let (line, m) = at(
+            "[origins.api]\nurl = \"http://x\"\n[[route]]\nname = \"a\"\nprefix = \"/a/\"\norigin = \"apj\"\n",
+        );
+        assert_eq!(line, 6, "{m}");
+        assert!(m.contains("\"apj\" is not a configured origin"), "{m}");
+        let (line, m) = at("[origin]\neject_ms = 0\n");
+        assert_eq!(line, 2, "{m}");
+    }
+
+    #[test]
+    fn the_origin_flag_replaces_the_servers() {
+        let mut c = Config::parse(
+            "[origin]\nservers = [\"http://a:1\", \"http://b:1\"]\n",
+            "k.toml",
+        )
+        .unwrap();
+        c.apply(Overrides {
+            origin: Some("https://c.example".into()),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(c.origin.server_urls(), vec!["https://c.example"]);
     }
 
     #[test]

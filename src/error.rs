@@ -75,7 +75,7 @@ pub enum ArgsError {
     /// The config file is missing or invalid (the error names file and line).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// `--origin` is not a plain-HTTP origin URL.
+    /// `--origin` is not an `http://` or `https://` origin URL.
     #[error("--origin {url:?}: {reason}")]
     Origin {
         /// The flag's value.
@@ -234,7 +234,7 @@ pub enum TracingError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum OriginSetupError {
-    /// The origin URL is not a plain-HTTP URL without a path.
+    /// The origin URL is not an http(s) URL without a path.
     #[error("origin URL {url:?}: {reason}")]
     Url {
         /// The configured URL.
@@ -251,6 +251,12 @@ pub enum OriginSetupError {
         #[source]
         source: http::header::InvalidHeaderValue,
     },
+    /// The CA file of an https origin cannot be used.
+    #[error("origin CA file: {0}")]
+    CaFile(String),
+    /// rustls refused the client setup for an https origin.
+    #[error("origin TLS setup")]
+    Tls(#[source] rustls::Error),
 }
 
 /// A tag setting that cannot be used (the config loader checks these

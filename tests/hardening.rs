@@ -227,6 +227,7 @@ async fn path_tricks_do_not_dodge_a_bypass_route() {
             stale_while_revalidate_secs: None,
             stale_if_error_secs: None,
             allow_set_cookie: None,
+            origin: None,
         }];
     })
     .await;

@@ -92,6 +92,11 @@ pub(super) async fn ready(gw: &Gateway, listen: SocketAddr, stopping: bool) -> P
             "listen": listen.to_string(),
             "state_store": state,
             "origin": origin,
+            // Each server of the default origin: "up", "ejected" (passive)
+            // or "down" (failed its health checks).
+            "origin_servers": gw.origin.servers().into_iter()
+                .map(|(url, state)| json!({ "url": url, "state": state }))
+                .collect::<Vec<_>>(),
             "redis": gw.redis.as_ref().map(|r| r.health()),
             // Whether purges made elsewhere reach this instance right now.
             "cluster": gw.cluster.as_ref().map(|c| json!({
@@ -102,28 +107,35 @@ pub(super) async fn ready(gw: &Gateway, listen: SocketAddr, stopping: bool) -> P
     }
 }
 
-/// "ok" when a TCP connection to the origin opens within its connect
-/// timeout (no HTTP request: probes must not load the origin).
+/// "ok" when a TCP connection to one of the default origin's servers opens
+/// within its connect timeout (no HTTP request: probes must not load the
+/// origin); else what failed for the last one tried.
 async fn origin_reachable(gw: &Gateway) -> String {
     let cfg = &gw.config.origin;
-    let Ok(uri) = cfg.url.get_ref().parse::<http::Uri>() else {
-        return "the origin URL does not parse".into();
-    };
-    let Some(host) = uri.host() else {
-        return "the origin URL has no host".into();
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
     let limit = Duration::from_millis(cfg.connect_timeout_ms).min(PROBE_TIMEOUT);
-    match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await {
-        Ok(Ok(_)) => "ok".into(),
-        Ok(Err(e)) => format!("cannot connect: {e}"),
-        Err(_) => format!("no connection within {limit:?}"),
+    let mut failure = "the origin has no server".to_string();
+    for url in cfg.server_urls() {
+        let Ok(uri) = url.parse::<http::Uri>() else {
+            failure = format!("{url}: the URL does not parse");
+            continue;
+        };
+        let Some(host) = uri.host() else {
+            failure = format!("{url}: the URL has no host");
+            continue;
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri
+            .port_u16()
+            .unwrap_or(if uri.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
+        match tokio::time::timeout(limit, tokio::net::TcpStream::connect((host, port))).await {
+            Ok(Ok(_)) => return "ok".into(),
+            Ok(Err(e)) => failure = format!("cannot connect to {url}: {e}"),
+            Err(_) => failure = format!("no connection to {url} within {limit:?}"),
+        }
     }
+    failure
 }

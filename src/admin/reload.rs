@@ -123,6 +123,10 @@ impl Reloader {
         let log = next.log.clone();
         let gw = current.reloaded(next)?;
         self.live.store(gw);
+        // The first generation lives as long as the process (see
+        // `cli::Running`): its origins' health checks are stopped here,
+        // not by a drop. Requests still on it finish with its pools.
+        current.retire_origins();
         if let (Some(resolver), Some(cert)) = (&self.tls, cert) {
             resolver.set(cert);
         }

@@ -124,6 +124,7 @@ mod tests {
 
     fn route(ttl: Option<u64>, default_ttl: Option<u64>) -> RouteConfig {
         RouteConfig {
+            origin: None,
             name: "r".into(),
             prefix: toml::Spanned::new(0..0, "/".into()),
             bypass: false,

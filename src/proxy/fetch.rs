@@ -68,7 +68,7 @@ impl Gateway {
         let request_time = SystemTime::now();
         self.metrics.origin_requests.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
-        let result = self.origin.send(req).await;
+        let result = self.origin_for(ctx.route.as_deref()).send(req).await;
         self.metrics.observe_origin(sent.elapsed());
         let now = SystemTime::now();
         let resp = match result {
@@ -121,7 +121,7 @@ impl Gateway {
             },
         )
         .status(status.as_u16());
-        let idle = self.origin.idle_timeout();
+        let idle = self.origin_for(ctx.route.as_deref()).idle_timeout();
         match (verdict, too_big) {
             (Ok(()), false) => {
                 let vary: Vec<_> = policy::vary_fields(&parts.headers)

@@ -90,6 +90,8 @@ pub struct Gateway {
     pub(crate) flights: Arc<SingleFlight>,
     /// Where misses and passes go (the origin over HTTP, or a test's).
     pub(crate) origin: Box<dyn Upstream>,
+    /// `[origins.NAME]`, for the routes that name one.
+    pub(crate) named_origins: HashMap<String, Box<dyn Upstream>>,
     pub(crate) metrics: Arc<Metrics>,
     /// Reloads, connections, probes (off the hit path).
     pub(crate) ops: Arc<crate::metrics::ops::Ops>,
@@ -263,6 +265,14 @@ impl Gateway {
             _ => None,
         };
         let tags = Tagger::new(&config.cache)?;
+        let named_origins = config
+            .origins
+            .iter()
+            .map(|(name, o)| {
+                let client: Box<dyn Upstream> = Box::new(OriginClient::new(o)?);
+                Ok((name.clone(), client))
+            })
+            .collect::<Result<_, GatewayError>>()?;
         let route_versions = config
             .routes
             .iter()
@@ -272,6 +282,7 @@ impl Gateway {
             store,
             flights,
             origin,
+            named_origins,
             metrics: Arc::new(Metrics::default()),
             ops,
             tracer,
@@ -293,6 +304,24 @@ impl Gateway {
             config: Arc::new(config),
         })
     }
+    /// Where a request on `route` goes: the origin it names, else `[origin]`.
+    /// (Names are checked against `[origins]` when the config loads.)
+    pub(super) fn origin_for(&self, route: Option<&RouteConfig>) -> &dyn Upstream {
+        route
+            .and_then(|r| r.origin.as_ref())
+            .and_then(|name| self.named_origins.get(name.get_ref()))
+            .map_or(&*self.origin, |o| &**o)
+    }
+
+    /// Stops this generation's origin background tasks (health checks,
+    /// address refresh): a reload replaced it.
+    pub(crate) fn retire_origins(&self) {
+        self.origin.retire();
+        for o in self.named_origins.values() {
+            o.retire();
+        }
+    }
+
     /// The global cache namespace version (bumped by the admin API).
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Relaxed)

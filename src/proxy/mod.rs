@@ -2,11 +2,13 @@
 
 pub(crate) mod body;
 mod cluster;
+mod connector;
 mod fetch;
 pub(crate) mod gateway;
 pub(crate) mod headers;
 mod lookup;
 pub(crate) mod origin;
+mod origin_server;
 mod pass;
 mod request;
 pub(crate) mod respond;

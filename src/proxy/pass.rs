@@ -39,7 +39,7 @@ impl Gateway {
         *req.headers_mut() = ctx.origin_headers(&self.labels.via);
         self.metrics.origin_requests.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
-        let result = self.origin.send(req).await;
+        let result = self.origin_for(ctx.route.as_deref()).send(req).await;
         self.metrics.observe_origin(sent.elapsed());
         let resp = match result {
             Ok(r) => r,
@@ -80,7 +80,7 @@ impl Gateway {
             parts,
             Body::Origin(Box::new(OriginBody::new(
                 incoming,
-                self.origin.idle_timeout(),
+                self.origin_for(ctx.route.as_deref()).idle_timeout(),
                 None,
             ))),
         );
