@@ -405,9 +405,24 @@ impl Drop for Process {
 }
 
 async fn start_binary(dir: &Path, origin: &str, redis: &str) -> Process {
+    start_binary_with(dir, None, origin, redis).await
+}
+
+/// With `config`, the process reads that file (and reloads it on
+/// `POST /reload`).
+async fn start_binary_with(
+    dir: &Path,
+    config: Option<&Path>,
+    origin: &str,
+    redis: &str,
+) -> Process {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"));
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let child = command
         .current_dir(dir)
         .args(["--listen", &listen, "--origin", origin, "--redis", redis])
         .args(["--admin-listen", &admin, "--log-level", "warn"])
@@ -450,6 +465,39 @@ async fn process_hit(p: &Process, path: &str) -> bool {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test]
+async fn a_reloads_version_raise_reaches_the_other_process() {
+    let redis = RedisServer::start();
+    let origin = Origin::start(|s, n| cached(&format!("{} #{n}", s.path))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("a.toml");
+    std::fs::write(&config, "[cache]\nversion = 1\n").expect("config");
+    let a = start_binary_with(dir.path(), Some(&config), &origin.url(), &redis.url()).await;
+    let b = start_binary(dir.path(), &origin.url(), &redis.url()).await;
+    get(&format!("http://{}/kept", b.listen)).await;
+    assert!(process_hit(&b, "/kept").await);
+
+    // Reloading the same version moves nothing and sends nothing.
+    let r = admin_at(&a.admin, Method::POST, "/reload", "").await;
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(v["status"], "reloaded", "{v}");
+    assert!(v.get("broadcast").is_none(), "{v}");
+    assert!(process_hit(&b, "/kept").await);
+
+    std::fs::write(&config, "[cache]\nversion = 7\n").expect("config");
+    let r = admin_at(&a.admin, Method::POST, "/reload", "").await;
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(v["version"], 7, "{v}");
+    assert_eq!(v["broadcast"]["regions"][0], "default", "{v}");
+    let started = Instant::now();
+    while process_hit(&b, "/kept").await {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "B never followed A's reloaded version"
+        );
+    }
 }
 
 #[tokio::test]
