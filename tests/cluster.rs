@@ -180,6 +180,103 @@ async fn purges_and_version_bumps_reach_the_other_instance() {
     assert_eq!(origin.count("/self"), before + 1);
 }
 
+/// Admin on, two regions `eu` and `us` (this instance in `local`), 200 ms
+/// Redis timeout.
+fn two_regions_toml(eu: &RedisServer, us: &RedisServer, local: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n[redis]\nregion = \"{local}\"\ntimeout_ms = 200\n\
+         [[redis.regions]]\nname = \"eu\"\nurl = \"{}\"\n[[redis.regions]]\nname = \"us\"\nurl = \"{}\"\n",
+        eu.url(),
+        us.url()
+    )
+}
+
+/// Whether `gw` follows the region at `index` of its `/readyz` list.
+async fn follows_region(gw: &Gateway, index: usize) -> bool {
+    readyz(gw).await["cluster"]["regions"][index]["following"] == Value::Bool(true)
+}
+
+#[tokio::test]
+async fn purges_reach_every_instance_through_any_region_and_a_killed_region_catches_up() {
+    let eu = RedisServer::start();
+    let mut us = RedisServer::start();
+    let origin = Origin::start(|s, n| cached(&format!("{} #{n}", s.path))).await;
+    let a = gateway(&origin, &two_regions_toml(&eu, &us, "eu")).await;
+    let b = gateway(&origin, &two_regions_toml(&eu, &us, "us")).await;
+    eventually("both follow both regions", || async {
+        follows_region(&a, 0).await
+            && follows_region(&a, 1).await
+            && follows_region(&b, 0).await
+            && follows_region(&b, 1).await
+    })
+    .await;
+
+    // Both regions up: a purge arrives through both, and is applied once.
+    warm(&b, "/both").await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/both"]}"#).await;
+    assert_eq!(
+        reply["broadcast"]["regions"],
+        serde_json::json!(["eu", "us"])
+    );
+    eventually("B drops /both", || async { !hit(&b, "/both").await }).await;
+
+    // B's own region dies: purges made on A still reach B through eu, and
+    // purges made on B reach A through eu.
+    for gw in [&a, &b] {
+        warm(gw, "/gone").await;
+        warm(gw, "/stays").await;
+    }
+    us.kill();
+    eventually("B notices its region is gone", || async {
+        !following(&b).await && !follows_region(&b, 1).await
+    })
+    .await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/gone"]}"#).await;
+    assert_eq!(
+        reply["broadcast"]["failed"],
+        serde_json::json!(["us"]),
+        "{reply}"
+    );
+    eventually("B drops /gone through eu", || async {
+        !hit(&b, "/gone").await
+    })
+    .await;
+    warm(&a, "/from-b").await;
+    admin_ok(&b, Method::POST, "/purge", r#"{"urls":["/from-b"]}"#).await;
+    eventually("A drops /from-b through eu", || async {
+        !hit(&a, "/from-b").await
+    })
+    .await;
+    assert_eq!(readyz(&a).await["cluster"]["regions"][1]["retry_queued"], 1);
+
+    // us comes back empty: it is given what it missed, and B, which
+    // followed eu all along, keeps its memory cache.
+    us.restart();
+    eventually("A resent what us missed", || async {
+        readyz(&a).await["cluster"]["regions"][1]["retry_queued"] == 0
+            && readyz(&b).await["cluster"]["regions"][1]["retry_queued"] == 0
+    })
+    .await;
+    eventually("B follows us again", || async {
+        following(&b).await && follows_region(&b, 1).await
+    })
+    .await;
+    let replayed = us
+        .command(&["XLEN", "kvgate:production:cluster:events"])
+        .unwrap_or_default();
+    assert_eq!(replayed, ":2\r\n", "the purges made while us was down");
+    assert!(hit(&b, "/stays").await, "B kept what was not purged");
+    assert_eq!(readyz(&b).await["cluster"]["cache_drops"], 0);
+    // And us carries purges again.
+    warm(&b, "/after").await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/after"]}"#).await;
+    assert_eq!(
+        reply["broadcast"]["regions"],
+        serde_json::json!(["eu", "us"])
+    );
+    eventually("B drops /after", || async { !hit(&b, "/after").await }).await;
+}
+
 /// A TCP relay to a Redis server that the test can cut (existing
 /// connections closed, new ones refused by closing at once) and restore:
 /// one instance loses Redis while the others keep it.
