@@ -687,3 +687,59 @@ async fn figures_from_two_processes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_purges_broadcast_and_one_fetch_per_key() {
+    let cluster = common::redis::RedisCluster::start();
+    let origin = Origin::start(|s, n| {
+        let r = cached(&format!("{} #{n}", s.path));
+        if s.path == "/cold" {
+            r.delay(Duration::from_millis(300))
+        } else {
+            r
+        }
+    })
+    .await;
+    let toml = config_with_timeout(&cluster.url(), 2_000, "");
+    let a = gateway(&origin, &toml).await;
+    let b = gateway(&origin, &toml).await;
+    eventually("both follow the stream", || async {
+        following(&a).await && following(&b).await
+    })
+    .await;
+
+    warm(&b, "/page").await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/page"]}"#).await;
+    assert_eq!(reply["broadcast"]["regions"][0], "default", "{reply}");
+    eventually("B drops the purged URL", || async {
+        !hit(&b, "/page").await
+    })
+    .await;
+
+    let mut requests = Vec::new();
+    for i in 0..20 {
+        let url = if i % 2 == 0 {
+            a.url("/cold")
+        } else {
+            b.url("/cold")
+        };
+        requests.push(tokio::spawn(async move {
+            get_with(&url, &[("host", "site.example")]).await
+        }));
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    assert_eq!(origin.count("/cold"), 1);
+
+    // Every key kvgate wrote carries the prefix's hash tag: one slot.
+    let mut keys = String::new();
+    for node in cluster.nodes() {
+        keys.push_str(&node.command(&["KEYS", "*"]).unwrap_or_default());
+    }
+    assert!(
+        keys.contains("{kvgate:production:}cluster:events"),
+        "{keys}"
+    );
+    assert!(!keys.contains("\nkvgate:"), "an untagged key: {keys}");
+}

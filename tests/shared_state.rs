@@ -420,6 +420,56 @@ async fn writes_reach_every_region_and_reads_survive_a_killed_one() {
     stop(in_us).await;
 }
 
+#[tokio::test]
+async fn on_a_redis_cluster_instances_share_state() {
+    let cluster = common::redis::RedisCluster::start();
+    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let redis = format!(
+        "[redis]\nurl = \"{}\"\ncounter_flush_ms = 50\ntimeout_ms = 2000\n",
+        cluster.url()
+    );
+    let a = gateway(&origin, &redis_toml(&redis, (100, 0))).await;
+    let b = gateway(&origin, &redis_toml(&redis, (0, 100))).await;
+
+    assert_eq!(injected(&a, &origin, "alice", EXP_HEADER).await, "control");
+    a.running
+        .gateway
+        .edge
+        .as_ref()
+        .expect("edge")
+        .settle()
+        .await;
+    assert_eq!(injected(&b, &origin, "alice", EXP_HEADER).await, "control");
+
+    assert_eq!(
+        injected(&b, &origin, "carol", FLAGS_HEADER).await,
+        DEFAULT_FLAGS
+    );
+    admin_ok(&a, Method::PUT, "/flags/newUI/users/carol", "true").await;
+    eventually("B injects carol's override", || async {
+        injected(&b, &origin, "carol", FLAGS_HEADER).await == "betafeatures=?0, newui"
+    })
+    .await;
+    admin_ok(
+        &a,
+        Method::PATCH,
+        "/users/carol/preferences",
+        r#"{"theme": "dark"}"#,
+    )
+    .await;
+    eventually("B injects carol's preferences", || async {
+        let prefs = injected(&b, &origin, "carol", PREFS_HEADER).await;
+        serde_json::from_str::<Value>(&prefs).ok() == Some(json!({"theme": "dark"}))
+    })
+    .await;
+    // The listing (a Lua script over the index) works on the cluster too.
+    let view = admin_ok(&b, Method::GET, "/users/carol", "").await;
+    assert_eq!(view["preferences"], json!({"theme": "dark"}), "{view}");
+
+    stop(a).await;
+    stop(b).await;
+}
+
 // The real binary ---------------------------------------------------------------
 
 /// A real `kvgate` process; killed when dropped.

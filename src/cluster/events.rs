@@ -646,12 +646,8 @@ impl Reader {
             source,
         };
         // A connection of its own: XREAD BLOCK holds the connection it runs on.
-        let config = ::redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(region.timeout()))
-            .set_response_timeout(Some(READ_BLOCK + region.timeout()));
         let mut conn = region
-            .client()
-            .get_multiplexed_async_connection_with_config(&config)
+            .dedicated(READ_BLOCK + region.timeout())
             .await
             .map_err(fail)?;
         for (i, kind) in KINDS.into_iter().enumerate() {
