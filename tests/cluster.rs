@@ -275,6 +275,16 @@ async fn purges_reach_every_instance_through_any_region_and_a_killed_region_catc
         serde_json::json!(["eu", "us"])
     );
     eventually("B drops /after", || async { !hit(&b, "/after").await }).await;
+    let addr = b.running.admin_addr.expect("admin").to_string();
+    let metrics = admin_at(&addr, Method::GET, "/metrics", "").await.text();
+    for line in [
+        "kvgate_cluster_region_following{region=\"eu\"} 1",
+        "kvgate_cluster_region_following{region=\"us\"} 1",
+        "kvgate_cluster_retry_queued{region=\"us\"} 0",
+        "kvgate_cluster_cache_drops_total 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 }
 
 /// A TCP relay to a Redis server that the test can cut (existing

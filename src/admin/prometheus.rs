@@ -196,6 +196,37 @@ pub(crate) fn render(gw: &Gateway) -> String {
             "Times the memory cache was dropped because broadcast events were lost.",
             cluster.cache_drops(),
         );
+        let regions = cluster.regions();
+        t.help(
+            "kvgate_cluster_region_following",
+            "gauge",
+            "1 while this instance reads the region's broadcast streams.",
+        );
+        for r in &regions {
+            t.sample(
+                "kvgate_cluster_region_following",
+                &[("region", &r.name)],
+                u8::from(r.following),
+            );
+        }
+        t.help(
+            "kvgate_cluster_retry_queued",
+            "gauge",
+            "Broadcast messages waiting to be resent to a region that failed them.",
+        );
+        for r in &regions {
+            t.sample(
+                "kvgate_cluster_retry_queued",
+                &[("region", &r.name)],
+                r.retry_queued,
+            );
+        }
+        t.single(
+            "kvgate_cluster_state_broadcast_dropped_total",
+            "counter",
+            "Edge state writes not broadcast (queue full): other instances see them after their local copy's TTL.",
+            cluster.state_dropped(),
+        );
         t.single(
             "kvgate_cluster_hits_total",
             "counter",
