@@ -180,6 +180,113 @@ async fn purges_and_version_bumps_reach_the_other_instance() {
     assert_eq!(origin.count("/self"), before + 1);
 }
 
+/// Admin on, two regions `eu` and `us` (this instance in `local`), 200 ms
+/// Redis timeout.
+fn two_regions_toml(eu: &RedisServer, us: &RedisServer, local: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n[redis]\nregion = \"{local}\"\ntimeout_ms = 200\n\
+         [[redis.regions]]\nname = \"eu\"\nurl = \"{}\"\n[[redis.regions]]\nname = \"us\"\nurl = \"{}\"\n",
+        eu.url(),
+        us.url()
+    )
+}
+
+/// Whether `gw` follows the region at `index` of its `/readyz` list.
+async fn follows_region(gw: &Gateway, index: usize) -> bool {
+    readyz(gw).await["cluster"]["regions"][index]["following"] == Value::Bool(true)
+}
+
+#[tokio::test]
+async fn purges_reach_every_instance_through_any_region_and_a_killed_region_catches_up() {
+    let eu = RedisServer::start();
+    let mut us = RedisServer::start();
+    let origin = Origin::start(|s, n| cached(&format!("{} #{n}", s.path))).await;
+    let a = gateway(&origin, &two_regions_toml(&eu, &us, "eu")).await;
+    let b = gateway(&origin, &two_regions_toml(&eu, &us, "us")).await;
+    eventually("both follow both regions", || async {
+        follows_region(&a, 0).await
+            && follows_region(&a, 1).await
+            && follows_region(&b, 0).await
+            && follows_region(&b, 1).await
+    })
+    .await;
+
+    // Both regions up: a purge arrives through both, and is applied once.
+    warm(&b, "/both").await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/both"]}"#).await;
+    assert_eq!(
+        reply["broadcast"]["regions"],
+        serde_json::json!(["eu", "us"])
+    );
+    eventually("B drops /both", || async { !hit(&b, "/both").await }).await;
+
+    // B's own region dies: purges made on A still reach B through eu, and
+    // purges made on B reach A through eu.
+    for gw in [&a, &b] {
+        warm(gw, "/gone").await;
+        warm(gw, "/stays").await;
+    }
+    us.kill();
+    eventually("B notices its region is gone", || async {
+        !following(&b).await && !follows_region(&b, 1).await
+    })
+    .await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/gone"]}"#).await;
+    assert_eq!(
+        reply["broadcast"]["failed"],
+        serde_json::json!(["us"]),
+        "{reply}"
+    );
+    eventually("B drops /gone through eu", || async {
+        !hit(&b, "/gone").await
+    })
+    .await;
+    warm(&a, "/from-b").await;
+    admin_ok(&b, Method::POST, "/purge", r#"{"urls":["/from-b"]}"#).await;
+    eventually("A drops /from-b through eu", || async {
+        !hit(&a, "/from-b").await
+    })
+    .await;
+    assert_eq!(readyz(&a).await["cluster"]["regions"][1]["retry_queued"], 1);
+
+    // us comes back empty: it is given what it missed, and B, which
+    // followed eu all along, keeps its memory cache.
+    us.restart();
+    eventually("A resent what us missed", || async {
+        readyz(&a).await["cluster"]["regions"][1]["retry_queued"] == 0
+            && readyz(&b).await["cluster"]["regions"][1]["retry_queued"] == 0
+    })
+    .await;
+    eventually("B follows us again", || async {
+        following(&b).await && follows_region(&b, 1).await
+    })
+    .await;
+    let replayed = us
+        .command(&["XLEN", "kvgate:production:cluster:events"])
+        .unwrap_or_default();
+    assert_eq!(replayed, ":2\r\n", "the purges made while us was down");
+    assert!(hit(&b, "/stays").await, "B kept what was not purged");
+    assert_eq!(readyz(&b).await["cluster"]["cache_drops"], 0);
+    // And us carries purges again.
+    warm(&b, "/after").await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/after"]}"#).await;
+    assert_eq!(
+        reply["broadcast"]["regions"],
+        serde_json::json!(["eu", "us"])
+    );
+    eventually("B drops /after", || async { !hit(&b, "/after").await }).await;
+    let addr = b.running.admin_addr.expect("admin").to_string();
+    let metrics = admin_at(&addr, Method::GET, "/metrics", "").await.text();
+    for line in [
+        "kvgate_cluster_region_following{region=\"eu\"} 1",
+        "kvgate_cluster_region_following{region=\"us\"} 1",
+        "kvgate_cluster_retry_queued{region=\"us\"} 0",
+        "kvgate_cluster_cache_drops_total 0",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
 /// A TCP relay to a Redis server that the test can cut (existing
 /// connections closed, new ones refused by closing at once) and restore:
 /// one instance loses Redis while the others keep it.
@@ -405,9 +512,24 @@ impl Drop for Process {
 }
 
 async fn start_binary(dir: &Path, origin: &str, redis: &str) -> Process {
+    start_binary_with(dir, None, origin, redis).await
+}
+
+/// With `config`, the process reads that file (and reloads it on
+/// `POST /reload`).
+async fn start_binary_with(
+    dir: &Path,
+    config: Option<&Path>,
+    origin: &str,
+    redis: &str,
+) -> Process {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kvgate"));
+    if let Some(config) = config {
+        command.arg("--config").arg(config);
+    }
+    let child = command
         .current_dir(dir)
         .args(["--listen", &listen, "--origin", origin, "--redis", redis])
         .args(["--admin-listen", &admin, "--log-level", "warn"])
@@ -450,6 +572,39 @@ async fn process_hit(p: &Process, path: &str) -> bool {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test]
+async fn a_reloads_version_raise_reaches_the_other_process() {
+    let redis = RedisServer::start();
+    let origin = Origin::start(|s, n| cached(&format!("{} #{n}", s.path))).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("a.toml");
+    std::fs::write(&config, "[cache]\nversion = 1\n").expect("config");
+    let a = start_binary_with(dir.path(), Some(&config), &origin.url(), &redis.url()).await;
+    let b = start_binary(dir.path(), &origin.url(), &redis.url()).await;
+    get(&format!("http://{}/kept", b.listen)).await;
+    assert!(process_hit(&b, "/kept").await);
+
+    // Reloading the same version moves nothing and sends nothing.
+    let r = admin_at(&a.admin, Method::POST, "/reload", "").await;
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(v["status"], "reloaded", "{v}");
+    assert!(v.get("broadcast").is_none(), "{v}");
+    assert!(process_hit(&b, "/kept").await);
+
+    std::fs::write(&config, "[cache]\nversion = 7\n").expect("config");
+    let r = admin_at(&a.admin, Method::POST, "/reload", "").await;
+    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    assert_eq!(v["version"], 7, "{v}");
+    assert_eq!(v["broadcast"]["regions"][0], "default", "{v}");
+    let started = Instant::now();
+    while process_hit(&b, "/kept").await {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "B never followed A's reloaded version"
+        );
+    }
 }
 
 #[tokio::test]
@@ -541,4 +696,60 @@ async fn figures_from_two_processes() {
             hits[hits.len() - 1]
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_purges_broadcast_and_one_fetch_per_key() {
+    let cluster = common::redis::RedisCluster::start();
+    let origin = Origin::start(|s, n| {
+        let r = cached(&format!("{} #{n}", s.path));
+        if s.path == "/cold" {
+            r.delay(Duration::from_millis(300))
+        } else {
+            r
+        }
+    })
+    .await;
+    let toml = config_with_timeout(&cluster.url(), 2_000, "");
+    let a = gateway(&origin, &toml).await;
+    let b = gateway(&origin, &toml).await;
+    eventually("both follow the stream", || async {
+        following(&a).await && following(&b).await
+    })
+    .await;
+
+    warm(&b, "/page").await;
+    let reply = admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/page"]}"#).await;
+    assert_eq!(reply["broadcast"]["regions"][0], "default", "{reply}");
+    eventually("B drops the purged URL", || async {
+        !hit(&b, "/page").await
+    })
+    .await;
+
+    let mut requests = Vec::new();
+    for i in 0..20 {
+        let url = if i % 2 == 0 {
+            a.url("/cold")
+        } else {
+            b.url("/cold")
+        };
+        requests.push(tokio::spawn(async move {
+            get_with(&url, &[("host", "site.example")]).await
+        }));
+    }
+    for r in requests {
+        assert_eq!(r.await.unwrap().status, 200);
+    }
+    assert_eq!(origin.count("/cold"), 1);
+
+    // Every key kvgate wrote carries the prefix's hash tag: one slot.
+    let mut keys = String::new();
+    for node in cluster.nodes() {
+        keys.push_str(&node.command(&["KEYS", "*"]).unwrap_or_default());
+    }
+    assert!(
+        keys.contains("{kvgate:production:}cluster:events"),
+        "{keys}"
+    );
+    assert!(!keys.contains("\nkvgate:"), "an untagged key: {keys}");
 }

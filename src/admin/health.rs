@@ -102,6 +102,8 @@ pub(super) async fn ready(gw: &Gateway, listen: SocketAddr, stopping: bool) -> P
             "cluster": gw.cluster.as_ref().map(|c| json!({
                 "following": c.following(),
                 "cache_drops": c.cache_drops(),
+                "regions": c.regions(),
+                "state_broadcast_dropped": c.state_dropped(),
             })),
         }),
     }

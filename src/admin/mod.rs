@@ -213,11 +213,17 @@ async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminRes
             return Err(ApiError::method_not_allowed(&[Method::POST]));
         }
         return Ok(match state.reloader.reload().await {
-            Ok(applied) => reply::ok(&serde_json::json!({
-                "status": "reloaded",
-                "version": applied.version,
-                "needs_restart": applied.needs_restart,
-            })),
+            Ok(applied) => {
+                let mut reply = serde_json::json!({
+                    "status": "reloaded",
+                    "version": applied.version,
+                    "needs_restart": applied.needs_restart,
+                });
+                if let (Some(b), Some(map)) = (applied.broadcast, reply.as_object_mut()) {
+                    map.insert("broadcast".into(), serde_json::json!(b));
+                }
+                reply::ok(&reply)
+            }
             Err(e) => reply::json(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 &serde_json::json!({ "status": "refused", "error": e.chain() }),

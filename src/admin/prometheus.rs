@@ -340,6 +340,26 @@ fn render_gateway(t: &mut Out, gw: &Gateway) -> fmt::Result {
             "Times the memory cache was dropped because broadcast events were lost.",
             cluster.cache_drops(),
         )?;
+        let regions = cluster.regions();
+        t.gauges(
+            "kvgate_cluster_region_following",
+            "1 while this instance reads the region's broadcast streams.",
+            regions
+                .iter()
+                .map(|r| ([("region", r.name.as_str())], u64::from(r.following))),
+        )?;
+        t.gauges(
+            "kvgate_cluster_retry_queued",
+            "Broadcast messages waiting to be resent to a region that failed them.",
+            regions
+                .iter()
+                .map(|r| ([("region", r.name.as_str())], r.retry_queued as u64)),
+        )?;
+        t.counter(
+            "kvgate_cluster_state_broadcast_dropped_total",
+            "Edge state writes not broadcast (queue full): other instances see them after their local copy's TTL.",
+            cluster.state_dropped(),
+        )?;
         t.counter(
             "kvgate_cluster_hits_total",
             "Misses answered with a response another instance fetched (lease handoff or L2).",

@@ -56,6 +56,10 @@ pub(crate) struct Applied {
     pub version: Option<u64>,
     /// Settings that changed in the file but take effect only on restart.
     pub needs_restart: Vec<&'static str>,
+    /// With Redis, when the version moved: the regions that took the
+    /// version event to the other instances.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broadcast: Option<crate::cluster::Published>,
 }
 
 /// Swaps reloaded generations into the live gateway, one reload at a time.
@@ -79,7 +83,15 @@ impl Reloader {
     pub(crate) async fn reload(&self) -> Result<Applied, ReloadError> {
         let _one = self.one_at_a_time.lock().await;
         let current = self.live.load_full();
-        let result = self.apply(&current);
+        let mut result = self.apply(&current);
+        if let (Ok(applied), Some(cluster)) = (&mut result, &current.cluster) {
+            // The other instances follow the raised version as they follow
+            // an admin bump (past their own, so nothing older stays).
+            if let Some(version) = applied.version {
+                let event = crate::cluster::Event::Version { version };
+                applied.broadcast = Some(cluster.publish(&event).await);
+            }
+        }
         match &result {
             Ok(applied) => {
                 Ops::count(&current.ops.reloads_ok);
@@ -152,6 +164,7 @@ impl Reloader {
         Ok(Applied {
             version,
             needs_restart,
+            broadcast: None,
         })
     }
 }

@@ -2,7 +2,8 @@
 //! together, on top of the connections in `redis`.
 //!
 //! - [`events`]: purges and version bumps broadcast to every instance's
-//!   memory cache, with catch-up after a disconnect;
+//!   memory cache, and edge state writes to every instance's local copy of
+//!   edge state, over every region, with catch-up after a disconnect;
 //! - [`lease`]: one origin fetch per key across the cluster, the losers
 //!   reading the winner's response back from Redis.
 //!
@@ -32,9 +33,7 @@ const HANDOFF_MAX_BYTES: usize = 1 << 20;
 /// This instance's membership in the cluster.
 pub(crate) struct Cluster {
     redis: Arc<Redis>,
-    channel: Arc<events::Channel>,
-    /// Random per process: tells this instance's events from others'.
-    instance: Arc<str>,
+    broadcast: Arc<events::Broadcast>,
     reader: Arc<events::ReaderState>,
     lease: lease::Settings,
 }
@@ -53,10 +52,13 @@ impl Cluster {
             Some(l2) => l2.max_object_bytes,
             None => HANDOFF_MAX_BYTES,
         };
+        let broadcast = events::Broadcast::new(
+            Arc::clone(&redis),
+            Arc::from(uuid::Uuid::new_v4().simple().to_string()),
+        );
         Cluster {
-            channel: Arc::new(events::Channel::new(&redis)),
-            instance: Arc::from(uuid::Uuid::new_v4().simple().to_string()),
-            reader: Arc::new(events::ReaderState::default()),
+            reader: Arc::clone(&broadcast.reader),
+            broadcast,
             lease: lease::Settings {
                 ttl: LEASE_TTL,
                 wait: wait.min(LEASE_TTL),
@@ -70,18 +72,28 @@ impl Cluster {
 
     /// Starts following the other instances' events into `target`.
     pub(crate) fn start(&self, target: Weak<dyn LocalCache>) {
-        events::spawn_reader(
-            Arc::clone(&self.redis),
-            Arc::clone(&self.channel),
-            Arc::clone(&self.instance),
-            Arc::clone(&self.reader),
-            target,
-        );
+        events::spawn_readers(&self.broadcast, target);
+    }
+
+    /// Edge state writes through `cache` are broadcast, and other
+    /// instances' writes invalidate it.
+    pub(crate) fn share_state(&self, cache: &Arc<crate::kv::cached::CachedKv>) {
+        self.broadcast.share_state(cache);
+    }
+
+    /// Each region's reader and retry queue (for `/readyz`).
+    pub(crate) fn regions(&self) -> Vec<events::RegionFollowing> {
+        self.broadcast.regions()
+    }
+
+    /// State writes not broadcast because the queue was full.
+    pub(crate) fn state_dropped(&self) -> u64 {
+        self.broadcast.state_dropped.load(Ordering::Relaxed)
     }
 
     /// Sends `event` (already applied here) to every other instance.
     pub(crate) async fn publish(&self, event: &Event) -> Published {
-        let published = events::publish(&self.redis, &self.channel, &self.instance, event).await;
+        let published = self.broadcast.publish(event).await;
         if let Some(seq) = published.local_seq {
             // Shared copies of the old generation are out of reach from
             // now on, before this instance's reader sees its own event.

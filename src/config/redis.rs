@@ -45,6 +45,10 @@ pub struct RedisConfig {
     pub counter_shards: u32,
     /// How often local counter deltas are added to the shared totals.
     pub counter_flush_ms: u64,
+    /// Every region is a Redis Cluster and its url one of its nodes (a
+    /// single url may say so itself with `redis+cluster://`). Every kvgate
+    /// key then carries one hash tag, so multi-key scripts stay in one slot.
+    pub cluster: bool,
 }
 
 /// One `[[redis.regions]]` entry.
@@ -71,6 +75,7 @@ impl Default for RedisConfig {
             cache_max_bytes: 16 * 1024 * 1024,
             counter_shards: 8,
             counter_flush_ms: 1_000,
+            cluster: false,
         }
     }
 }
@@ -79,7 +84,21 @@ impl Default for RedisConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct RegionTarget {
     pub(crate) name: String,
+    /// Always `redis://` (a `redis+cluster://` url is turned into one).
     pub(crate) url: String,
+    /// A Redis Cluster, `url` one of its nodes.
+    pub(crate) cluster: bool,
+}
+
+/// The scheme that marks a url as a Redis Cluster node.
+const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// The plain `redis://` url, and whether `url` named a cluster.
+fn split_cluster(url: &str) -> (String, bool) {
+    match url.strip_prefix(CLUSTER_SCHEME) {
+        Some(rest) => (format!("redis://{rest}"), true),
+        None => (url.to_owned(), false),
+    }
 }
 
 impl RedisConfig {
@@ -93,21 +112,22 @@ impl RedisConfig {
 
     /// Regions to connect to, and the index of this instance's own.
     pub(crate) fn targets(&self) -> (Vec<RegionTarget>, usize) {
+        let target = |name: String, url: &str| {
+            let (url, cluster) = split_cluster(url);
+            RegionTarget {
+                name,
+                url,
+                cluster: cluster || self.cluster,
+            }
+        };
         if let Some(url) = &self.url {
             let name = self.region.clone().unwrap_or_else(|| "default".into());
-            let target = RegionTarget {
-                name,
-                url: url.get_ref().clone(),
-            };
-            return (vec![target], 0);
+            return (vec![target(name, url.get_ref())], 0);
         }
         let targets: Vec<RegionTarget> = self
             .regions
             .iter()
-            .map(|r| RegionTarget {
-                name: r.name.clone(),
-                url: r.url.get_ref().clone(),
-            })
+            .map(|r| target(r.name.clone(), r.url.get_ref()))
             .collect();
         let local = self
             .region
@@ -118,10 +138,24 @@ impl RedisConfig {
     }
 
     /// The key prefix in effect: the configured one, else one per environment.
+    ///
+    /// On a Redis Cluster the whole prefix is a hash tag (`{kvgate:production:}`
+    /// unless the configured one has a tag already): every key kvgate writes
+    /// is then in one slot, so the Lua scripts, the atomic pipelines and the
+    /// two-stream `XREAD` that touch several keys are single-slot. The price:
+    /// one master holds all of kvgate's keys (the cluster gives failover,
+    /// not spreading).
     pub(crate) fn effective_key_prefix(&self, environment: &str) -> String {
-        self.key_prefix
+        let prefix = self
+            .key_prefix
             .clone()
-            .unwrap_or_else(|| format!("kvgate:{environment}:"))
+            .unwrap_or_else(|| format!("kvgate:{environment}:"));
+        let cluster = self.targets().0.iter().any(|t| t.cluster);
+        if cluster && !has_hash_tag(&prefix) {
+            format!("{{{prefix}}}")
+        } else {
+            prefix
+        }
     }
 
     pub(crate) fn timeout(&self) -> std::time::Duration {
@@ -291,7 +325,7 @@ impl RedisConfig {
     }
 }
 
-const URL_HINT: &str = "e.g. \"redis://127.0.0.1:6379\" or \"redis://:password@host:6379/0\"";
+const URL_HINT: &str = "e.g. \"redis://127.0.0.1:6379\", \"redis://:password@host:6379/0\" or \"redis+cluster://10.0.0.5:7000\"";
 
 /// Region names appear in logs, metrics labels and keys: keep them plain.
 fn valid_region_name(name: &str) -> bool {
@@ -301,14 +335,23 @@ fn valid_region_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// A URL the redis client accepts, on plain `redis://` (TLS is not built in).
+/// Whether `key` has a Redis Cluster hash tag: a `{` followed later by a
+/// `}` with something between.
+fn has_hash_tag(key: &str) -> bool {
+    key.find('{')
+        .and_then(|open| key[open + 1..].find('}'))
+        .is_some_and(|len| len > 0)
+}
+
+/// A URL the redis client accepts, on plain `redis://` (TLS is not built
+/// in), or `redis+cluster://` for a node of a Redis Cluster.
 pub(crate) fn check_url(url: &str) -> Result<(), String> {
-    if !url.starts_with("redis://") {
+    if !url.starts_with("redis://") && !url.starts_with(CLUSTER_SCHEME) {
         return Err(format!(
-            "{url:?} must start with redis:// (rediss:// and cluster URLs are not supported)"
+            "{url:?} must start with redis:// or {CLUSTER_SCHEME} (rediss:// is not supported)"
         ));
     }
-    ::redis::Client::open(url)
+    ::redis::Client::open(split_cluster(url).0)
         .map(drop)
         .map_err(|e| format!("{url:?} is not a Redis URL: {e}"))
 }
@@ -338,6 +381,35 @@ mod tests {
         assert_eq!((targets[0].name.as_str(), local), ("default", 0));
         assert_eq!(r.timeout_ms, 250);
         assert_eq!(r.effective_key_prefix("preview"), "kvgate:preview:");
+    }
+
+    #[test]
+    fn a_cluster_by_setting_or_by_scheme_tags_the_prefix() {
+        for redis in [
+            "url = \"redis://10.0.0.1:7000\"\ncluster = true\n",
+            "url = \"redis+cluster://10.0.0.1:7000\"\n",
+        ] {
+            let c = Config::parse(&format!("[redis]\n{redis}"), "k.toml").unwrap();
+            let r = c.redis.unwrap();
+            let (targets, _) = r.targets();
+            assert!(targets[0].cluster, "{redis}");
+            assert_eq!(targets[0].url, "redis://10.0.0.1:7000");
+            assert_eq!(r.effective_key_prefix("preview"), "{kvgate:preview:}");
+        }
+        // A prefix with a tag of its own keeps it.
+        let c = Config::parse(
+            "[redis]\nurl = \"redis+cluster://a:1\"\nkey_prefix = \"app:{kv}:\"\n",
+            "k.toml",
+        )
+        .unwrap();
+        assert_eq!(c.redis.unwrap().effective_key_prefix("x"), "app:{kv}:");
+        // Standalone: no tag.
+        let c = Config::parse("[redis]\nurl = \"redis://a:1\"\n", "k.toml").unwrap();
+        assert!(!c.redis.unwrap().targets().0[0].cluster);
+        // Still refused: TLS.
+        let e = Config::parse("[redis]\nurl = \"rediss://a:1\"\n", "k.toml").unwrap_err();
+        assert!(e.to_string().contains("rediss:// is not supported"), "{e}");
+        assert!(e.to_string().contains("k.toml:2"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! change. Each instance polls `defs:version` (one GET) every
 //! [`POLL_INTERVAL`] and reloads the document when it moved, so a change
 //! reaches every instance sharing the store within a second without a
-//! per-request read. While the store has no document the TOML's definitions
+//! per-request read; with Redis, the cluster broadcast of the write wakes
+//! the poll at once. While the store has no document the TOML's definitions
 //! are current; the first change stores them (with the change), and from
 //! then on the store is the truth.
 
@@ -180,10 +181,23 @@ impl DefsStore {
             return;
         };
         let weak: Weak<DefsStore> = Arc::downgrade(store);
+        // With a shared store, a change another instance made wakes the
+        // poller at once (the cluster broadcast), so it does not wait for
+        // its tick; the tick stays for when the broadcast is down.
+        let mut changes = store.kv.changes();
         runtime.spawn(async move {
             let mut warned = false;
             loop {
-                tokio::time::sleep(POLL_INTERVAL).await;
+                let tick = tokio::time::sleep(POLL_INTERVAL);
+                match changes.as_mut() {
+                    Some(rx) => {
+                        tokio::select! {
+                            () = tick => {}
+                            changed = rx.changed() => if changed.is_err() { changes = None },
+                        }
+                    }
+                    None => tick.await,
+                }
                 let Some(store) = weak.upgrade() else { return };
                 match store.poll().await {
                     Ok(_) => warned = false,

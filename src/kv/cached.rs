@@ -6,7 +6,9 @@
 //! second), absent keys included, bounded in entries and in bytes. A local
 //! write drops its keys from the copy, so this instance reads its own
 //! writes; writes made on other instances show after at most `ttl`, or at
-//! once when the cluster layer calls [`CachedKv::invalidate`] for them.
+//! once when the cluster layer calls [`CachedKv::invalidate_remote`] for
+//! them. Every local write is also reported to a [`WriteListener`] (the
+//! cluster layer, which broadcasts the keys to the other instances).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -42,6 +44,13 @@ struct Inner {
     generation: u64,
 }
 
+/// Told of every key this instance wrote (after the write), so the other
+/// instances can drop their copies. Must not block: it runs on the
+/// request that wrote.
+pub(crate) trait WriteListener: Send + Sync {
+    fn written(&self, key: &str);
+}
+
 /// Counters of the local copy.
 #[cfg(test)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,6 +64,11 @@ pub(crate) struct CachedKv {
     inner: Arc<dyn Kv>,
     limits: Limits,
     state: Mutex<Inner>,
+    /// Set once by the cluster layer when it broadcasts writes.
+    listener: std::sync::OnceLock<Arc<dyn WriteListener>>,
+    /// Moved by every invalidation from another instance (see
+    /// [`Kv::changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn charge(key: &str, read: &Option<KvEntry>) -> usize {
@@ -74,7 +88,40 @@ impl CachedKv {
                 bytes: 0,
                 generation: 0,
             }),
+            listener: std::sync::OnceLock::new(),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Reports every later local write to `listener`; false when one was
+    /// set already (it stays).
+    pub(crate) fn set_listener(&self, listener: Arc<dyn WriteListener>) -> bool {
+        self.listener.set(listener).is_ok()
+    }
+
+    /// After a local write of `key`: no read from before it is served
+    /// again here, and the other instances are told.
+    fn wrote(&self, key: &str) {
+        self.invalidate(key);
+        if let Some(listener) = self.listener.get() {
+            listener.written(key);
+        }
+    }
+
+    /// Another instance wrote `keys`: forget them and wake the watchers of
+    /// [`Kv::changes`].
+    pub(crate) fn invalidate_remote<'k>(&self, keys: impl IntoIterator<Item = &'k str>) {
+        for key in keys {
+            self.invalidate(key);
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Writes of other instances may have been missed: forget everything
+    /// and wake the watchers.
+    pub(crate) fn invalidate_all_remote(&self) {
+        self.invalidate_all();
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -95,8 +142,6 @@ impl CachedKv {
     }
 
     /// Forgets everything (after a reconnect, writes may have been missed).
-    // The cluster layer's hook, like `invalidate`.
-    #[allow(dead_code)]
     pub(crate) fn invalidate_all(&self) {
         let mut inner = self.lock();
         inner.generation = inner.generation.wrapping_add(1);
@@ -184,7 +229,7 @@ impl Kv for CachedKv {
             let result = self.inner.put(key, value, opts).await;
             // Dropped after the write (and also when it failed: it may have
             // landed), so no read from before it is served again.
-            self.invalidate(key);
+            self.wrote(key);
             result
         })
     }
@@ -194,7 +239,7 @@ impl Kv for CachedKv {
             let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
             let result = self.inner.put_batch(items).await;
             for key in &keys {
-                self.invalidate(key);
+                self.wrote(key);
             }
             result
         })
@@ -208,7 +253,11 @@ impl Kv for CachedKv {
     ) -> KvFuture<'a, bool> {
         Box::pin(async move {
             let result = self.inner.put_if_absent(key, value, opts).await;
-            self.invalidate(key);
+            match result {
+                // Nothing changed: no other instance needs to know.
+                Ok(false) => self.invalidate(key),
+                _ => self.wrote(key),
+            }
             result
         })
     }
@@ -216,7 +265,10 @@ impl Kv for CachedKv {
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool> {
         Box::pin(async move {
             let result = self.inner.delete(key).await;
-            self.invalidate(key);
+            match result {
+                Ok(false) => self.invalidate(key),
+                _ => self.wrote(key),
+            }
             result
         })
     }
@@ -229,6 +281,10 @@ impl Kv for CachedKv {
     ) -> KvFuture<'a, ListPage> {
         // Listings are admin reads: always from the store.
         self.inner.list(prefix, cursor, limit)
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 }
 
@@ -300,6 +356,62 @@ mod tests {
         assert_eq!(cached.get("absent").await.unwrap().unwrap().value, "mine");
         cached.invalidate_all();
         assert_eq!(cached.stats().entries, 0);
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+    impl WriteListener for Recorder {
+        fn written(&self, key: &str) {
+            self.0.lock().unwrap().push(key.to_owned());
+        }
+    }
+
+    #[tokio::test]
+    async fn local_writes_are_reported_and_remote_ones_wake_the_watchers() {
+        let store = Arc::new(MemoryKv::new());
+        let cached = over(&store, limits(10_000, 100, 1 << 20));
+        let recorder = Arc::new(Recorder::default());
+        assert!(cached.set_listener(recorder.clone()));
+        assert!(!cached.set_listener(Arc::new(Recorder::default())));
+        let v = || Bytes::from_static(b"v");
+        cached.put("a", v(), PutOptions::default()).await.unwrap();
+        assert!(cached
+            .put_if_absent("b", v(), PutOptions::default())
+            .await
+            .unwrap());
+        // Nothing changed: nothing to tell.
+        assert!(!cached
+            .put_if_absent("b", v(), PutOptions::default())
+            .await
+            .unwrap());
+        assert!(!cached.delete("absent").await.unwrap());
+        assert!(cached.delete("a").await.unwrap());
+        cached
+            .put_batch(vec![PutItem {
+                key: "c".into(),
+                value: v(),
+                opts: PutOptions::default(),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(*recorder.0.lock().unwrap(), ["a", "b", "a", "c"]);
+
+        let mut changes = cached.changes().unwrap();
+        assert_eq!(cached.get("c").await.unwrap().unwrap().value, "v");
+        store
+            .put("c", Bytes::from_static(b"w"), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(cached.get("c").await.unwrap().unwrap().value, "v");
+        cached.invalidate_remote(["c"]);
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(cached.get("c").await.unwrap().unwrap().value, "w");
+        cached.invalidate_all_remote();
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(cached.stats().entries, 0);
+        // Remote invalidations are not reported back.
+        assert_eq!(recorder.0.lock().unwrap().len(), 4);
     }
 
     #[tokio::test]

@@ -255,6 +255,13 @@ pub trait Kv: Send + Sync + 'static {
         cursor: Option<&'a str>,
         limit: usize,
     ) -> KvFuture<'a, ListPage>;
+    /// A signal that moves whenever entries may have been changed by
+    /// another instance (the cluster broadcast invalidated them here), so a
+    /// poller can look again at once instead of at its next tick. `None`
+    /// for stores no other instance writes to.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 pub(crate) fn check_key(key: &str) -> Result<(), KvError> {

@@ -90,6 +90,10 @@ impl Kv for Namespaced {
         })
     }
 
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.inner.changes()
+    }
+
     fn list<'a>(
         &'a self,
         prefix: &'a str,

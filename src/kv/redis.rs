@@ -16,8 +16,9 @@
 //! region's queue is not empty, its new writes queue behind the old ones.
 //! Reads ask the local region first and the others when it fails.
 //!
-//! The scripts touch keys they compute from the prefix, so this backend
-//! runs on standalone Redis (or Valkey), not Redis Cluster.
+//! The scripts touch keys they compute from the prefix; on a Redis Cluster
+//! the prefix is a hash tag (`RedisConfig::effective_key_prefix`), so every
+//! key a script touches is in the slot of the keys it declares.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -576,6 +577,21 @@ mod tests {
         conformance::refusals(&kv(&server, "t5:")).await;
         conformance::put_batch(&kv(&server, "t6:")).await;
         conformance::put_if_absent(&kv(&server, "t7:")).await;
+    }
+
+    #[tokio::test]
+    async fn conformance_on_a_redis_cluster() {
+        let cluster = crate::redis::test_server::TestCluster::start();
+        let on = |prefix: &str| kv_on(&[("default", cluster.url())], "default", prefix);
+        conformance::put_get_delete(&on("t1:")).await;
+        conformance::metadata_round_trips(&on("t2:")).await;
+        conformance::ttl_expiry(&on("t3:")).await;
+        conformance::list_prefix_and_cursor(&on("t4:")).await;
+        conformance::refusals(&on("t5:")).await;
+        conformance::put_batch(&on("t6:")).await;
+        conformance::put_if_absent(&on("t7:")).await;
+        // The keys went under the prefix as a hash tag.
+        assert_eq!(on("t8:").shared.base, "{t8:}kv:");
     }
 
     #[tokio::test]

@@ -55,8 +55,17 @@ fn format_layer(format: LogFormat) -> FormatLayer {
 }
 
 /// The filter for `level` (already validated by the config loader).
+/// The Redis client's own records are kept to errors unless the level names
+/// them: its cluster connection logs every failed reconnect attempt (every
+/// 100 ms while a cluster is down), and kvgate logs Redis faults itself,
+/// once per interval per region.
 fn filter(level: &str) -> EnvFilter {
-    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+    let directives = if level.contains("redis") {
+        level.to_owned()
+    } else {
+        format!("{level},redis=error")
+    };
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info,redis=error"))
 }
 
 /// Installs the subscriber once per process; later calls reconfigure it.

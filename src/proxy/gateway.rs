@@ -117,7 +117,6 @@ pub struct Gateway {
     pub(crate) redis: Option<Arc<crate::redis::Redis>>,
     /// The local copy of hot edge-state reads (Redis backend only); the
     /// purge broadcast invalidates it for writes made elsewhere.
-    #[allow(dead_code)] // read by the cluster layer (issue 10, part B)
     pub(crate) state_cache: Option<Arc<crate::kv::cached::CachedKv>>,
     /// Edge counters summed over every instance (Redis and `[edge]`).
     pub(crate) shared_counters: Option<Arc<crate::redis::counters::SharedCounters>>,
@@ -170,6 +169,9 @@ impl Gateway {
                 c.l2.as_ref(),
             ))
         });
+        if let (Some(cluster), Some(cache)) = (&cluster, &state_cache) {
+            cluster.share_state(cache);
+        }
         let mut g = Gateway::generation(
             config,
             origin,
@@ -228,6 +230,10 @@ impl Gateway {
         // The cluster (broadcast reader, leases, L2) is kept: its events go
         // to the first generation, whose store and versions this one shares.
         g.cluster = self.cluster.clone();
+        if let (Some(cluster), Some(cache), None) = (&g.cluster, &state_cache, &self.state) {
+            // A state store opened by this reload.
+            cluster.share_state(cache);
+        }
         g.state_cache = state_cache;
         g.shared_counters = match (&self.shared_counters, &self.redis, &g.edge) {
             (Some(c), _, Some(_)) => Some(c.clone()),

@@ -1,5 +1,7 @@
 //! Connections to the Redis servers several instances share: one per
-//! region, each a lazily connected, self-reconnecting `ConnectionManager`.
+//! region, each a lazily connected, self-reconnecting `ConnectionManager`,
+//! or, for a Redis Cluster (`[redis] cluster` or a `redis+cluster://` url),
+//! a cluster connection made on first use that routes by key slot.
 //!
 //! Every call goes through [`Region::call`], which bounds it by the
 //! configured timeout, keeps the region's health (up, degraded, down and
@@ -19,7 +21,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
 
 use crate::config::redis::RedisConfig;
 
@@ -88,11 +92,74 @@ pub(crate) struct WriteStats {
     pub(crate) queued: AtomicU64,
 }
 
+/// A connection to a region: one server, or a Redis Cluster (commands
+/// routed by key slot; every kvgate key shares one slot, see
+/// `RedisConfig::effective_key_prefix`).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    /// A standalone server's connection that does not reconnect (its
+    /// owner makes a new one).
+    Own(::redis::aio::MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Cmd,
+    ) -> ::redis::RedisFuture<'a, ::redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Own(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Own(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Own(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How a region is reached.
+enum Link {
+    /// A standalone server: a lazily connected, self-reconnecting manager.
+    Single {
+        client: ::redis::Client,
+        conn: ConnectionManager,
+    },
+    /// A Redis Cluster: connected on first use (the cluster may be down at
+    /// start); the connection then follows slot moves and reconnects.
+    Cluster(Box<ClusterLink>),
+}
+
+struct ClusterLink {
+    url: String,
+    client: ClusterClient,
+    conn: tokio::sync::OnceCell<ClusterConnection>,
+}
+
 /// One region: its client, its connection and its health.
 pub(crate) struct Region {
     name: String,
-    client: ::redis::Client,
-    conn: ConnectionManager,
+    link: Link,
     timeout: Duration,
     epoch: Instant,
     consecutive_failures: AtomicU32,
@@ -109,21 +176,34 @@ pub(crate) struct Region {
 }
 
 impl Region {
-    fn connect(name: &str, url: &str, timeout: Duration) -> Result<Region, ::redis::RedisError> {
-        let client = ::redis::Client::open(url)?;
-        // The manager retries a lost connection in the background; the
-        // timeouts bound each attempt, the breaker in `call` bounds callers.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+    fn connect(
+        name: &str,
+        url: &str,
+        cluster: bool,
+        timeout: Duration,
+    ) -> Result<Region, ::redis::RedisError> {
+        let link = if cluster {
+            Link::Cluster(Box::new(ClusterLink {
+                url: url.to_owned(),
+                client: cluster_client(url, timeout)?,
+                conn: tokio::sync::OnceCell::new(),
+            }))
+        } else {
+            let client = ::redis::Client::open(url)?;
+            // The manager retries a lost connection in the background; the
+            // timeouts bound each attempt, the breaker in `call` bounds callers.
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_min_delay(Duration::from_millis(20))
+                .set_max_delay(Duration::from_millis(500));
+            let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+            Link::Single { client, conn }
+        };
         Ok(Region {
             name: name.to_owned(),
-            client,
-            conn,
+            link,
             timeout,
             epoch: Instant::now(),
             consecutive_failures: AtomicU32::new(0),
@@ -141,10 +221,41 @@ impl Region {
         &self.name
     }
 
-    /// The client, for connections of their own (pub/sub needs one).
-    #[allow(dead_code)] // for the cluster layer's subscriptions (part B)
-    pub(crate) fn client(&self) -> &::redis::Client {
-        &self.client
+    /// The shared connection (for a cluster, made on first use).
+    async fn conn(&self) -> ::redis::RedisResult<Conn> {
+        match &self.link {
+            Link::Single { conn, .. } => Ok(Conn::Single(conn.clone())),
+            Link::Cluster(link) => link
+                .conn
+                .get_or_try_init(|| link.client.get_async_connection())
+                .await
+                .cloned()
+                .map(Conn::Cluster),
+        }
+    }
+
+    /// A connection of its own, whose answers may take up to
+    /// `response_timeout` (a blocking `XREAD` holds the connection it runs
+    /// on, so it cannot share the others').
+    pub(crate) async fn dedicated(&self, response_timeout: Duration) -> ::redis::RedisResult<Conn> {
+        match &self.link {
+            Link::Single { client, .. } => {
+                let config = ::redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(response_timeout));
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(Conn::Own)
+            }
+            Link::Cluster(link) => ClusterClient::builder(vec![link.url.as_str()])
+                .connection_timeout(self.timeout)
+                .response_timeout(response_timeout)
+                .build()?
+                .get_async_connection()
+                .await
+                .map(Conn::Cluster),
+        }
     }
 
     /// Counters of state writes to this region (kept by `kv::redis`).
@@ -238,7 +349,7 @@ impl Region {
     /// the region's health; an error answer from a healthy server does not.
     pub(crate) async fn call<T, F, Fut>(&self, op: F) -> Result<T, RedisError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = ::redis::RedisResult<T>>,
     {
         if !self.admit() {
@@ -247,7 +358,11 @@ impl Region {
             });
         }
         let started = Instant::now();
-        match tokio::time::timeout(self.timeout, op(self.conn.clone())).await {
+        let run = async {
+            let conn = self.conn().await?;
+            op(conn).await
+        };
+        match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(value)) => {
                 self.succeeded(started.elapsed());
                 Ok(value)
@@ -332,6 +447,18 @@ impl Region {
     }
 }
 
+/// A cluster client seeded with `url`, every connection and answer bounded
+/// by `timeout`.
+fn cluster_client(url: &str, timeout: Duration) -> ::redis::RedisResult<ClusterClient> {
+    ClusterClient::builder(vec![url])
+        .connection_timeout(timeout)
+        .response_timeout(timeout)
+        .retries(2)
+        .min_retry_wait(20)
+        .max_retry_wait(500)
+        .build()
+}
+
 /// The text of an error and its sources, joined with ": ".
 fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -363,12 +490,13 @@ impl Redis {
         let (targets, local) = cfg.targets();
         let mut regions = Vec::with_capacity(targets.len());
         for t in targets {
-            let region = Region::connect(&t.name, &t.url, cfg.timeout()).map_err(|source| {
-                crate::error::GatewayError::Redis {
-                    region: t.name.clone(),
-                    source: Box::new(source),
-                }
-            })?;
+            let region =
+                Region::connect(&t.name, &t.url, t.cluster, cfg.timeout()).map_err(|source| {
+                    crate::error::GatewayError::Redis {
+                        region: t.name.clone(),
+                        source: Box::new(source),
+                    }
+                })?;
             regions.push(Arc::new(region));
         }
         let redis = Arc::new(Redis {
@@ -508,6 +636,84 @@ pub(crate) mod test_server {
     impl Drop for TestRedis {
         fn drop(&mut self) {
             self.kill();
+        }
+    }
+
+    /// A three-master Redis Cluster (no replicas); killed on drop.
+    pub(crate) struct TestCluster {
+        nodes: Vec<Child>,
+        pub(crate) ports: Vec<u16>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestCluster {
+        pub(crate) fn start() -> TestCluster {
+            let mut cluster = TestCluster {
+                nodes: Vec::new(),
+                ports: Vec::new(),
+                _dir: tempfile::tempdir().expect("tempdir"),
+            };
+            let dir = cluster._dir.path().to_owned();
+            for _ in 0..3 {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free port")
+                    .port();
+                let child = Command::new("redis-server")
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args(["--cluster-enabled", "yes"])
+                    .arg("--cluster-config-file")
+                    .arg(dir.join(format!("nodes-{port}.conf")))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("redis-server must be installed: apt-get install redis-server");
+                cluster.nodes.push(child);
+                cluster.ports.push(port);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let info = |port: u16| -> Option<String> {
+                let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+                let mut conn = client.get_connection().ok()?;
+                ::redis::cmd("CLUSTER").arg("INFO").query(&mut conn).ok()
+            };
+            for &port in &cluster.ports {
+                while info(port).is_none() {
+                    assert!(Instant::now() < deadline, "a cluster node did not start");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let status = Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+                .arg("--cluster-yes")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("redis-cli must be installed");
+            assert!(status.success(), "redis-cli --cluster create failed");
+            for &port in &cluster.ports {
+                while !info(port).is_some_and(|i| i.contains("cluster_state:ok")) {
+                    assert!(Instant::now() < deadline, "the cluster did not form");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            cluster
+        }
+
+        pub(crate) fn url(&self) -> String {
+            format!("redis+cluster://127.0.0.1:{}", self.ports[0])
+        }
+    }
+
+    impl Drop for TestCluster {
+        fn drop(&mut self) {
+            for child in &mut self.nodes {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
     }
 }

@@ -119,3 +119,80 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A three-master Redis Cluster of real `redis-server` processes on free
+/// loopback ports (no replicas, persistence off), killed when dropped.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, joins them with `redis-cli --cluster create`
+    /// and waits until every node reports `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(dir.path().join(format!("nodes-{port}.conf")))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs");
+            nodes.push(RedisServer {
+                child: Some(child),
+                port,
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for node in &nodes {
+            while !node.answers_ping() {
+                assert!(Instant::now() < deadline, "a cluster node did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .arg("--cluster-yes")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(status.success(), "redis-cli --cluster create failed");
+        for node in &nodes {
+            while !node
+                .command(&["CLUSTER", "INFO"])
+                .is_some_and(|i| i.contains("cluster_state:ok"))
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not form in 10 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        RedisCluster { nodes, _dir: dir }
+    }
+
+    /// One node, as a `redis+cluster://` url.
+    pub fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{}", self.nodes[0].port)
+    }
+
+    /// The nodes (to look at where keys went).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
