@@ -442,6 +442,11 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     }
     shutdown_signal().await;
     tracing::info!("shutting down; draining in-flight requests");
+    running
+        .gateway
+        .ops
+        .stopping
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = running.stop.send(true);
     let _ = running.task.await;
     Ok(())

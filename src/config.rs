@@ -229,6 +229,12 @@ pub struct ServerConfig {
     /// Peers (load balancers) whose `X-Forwarded-For` / `-Proto` are kept;
     /// from anyone else those headers are replaced. Empty: trust no one.
     pub trusted_proxies: Vec<crate::protocol::cidr::Cidr>,
+    /// Where the main listener answers the liveness probe itself (GET or
+    /// HEAD, no token), e.g. "/healthz"; unset: every path goes to the origin.
+    pub health_path: Option<Spanned<String>>,
+    /// Where the main listener answers the readiness probe (as the admin
+    /// API's `/readyz`).
+    pub ready_path: Option<Spanned<String>>,
 }
 
 impl Default for ServerConfig {
@@ -246,6 +252,8 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             name: "kvgate".into(),
             trusted_proxies: Vec::new(),
+            health_path: None,
+            ready_path: None,
         }
     }
 }
@@ -813,6 +821,34 @@ impl Config {
                 format!("{e}"),
                 "an IP address and port, e.g. \"127.0.0.1:8080\"",
             ));
+        }
+        for (key, path) in [
+            ("server.health_path", &self.server.health_path),
+            ("server.ready_path", &self.server.ready_path),
+        ] {
+            let Some(path) = path else { continue };
+            let p = path.get_ref();
+            if !p.starts_with('/')
+                || p.contains('?')
+                || crate::protocol::path::normalize(p).ok().as_deref() != Some(p)
+            {
+                return Err(err(
+                    path.span(),
+                    key,
+                    format!("{p:?} is not a path in normal form"),
+                    "an absolute path without dot segments or encodings, e.g. \"/healthz\"",
+                ));
+            }
+        }
+        if let (Some(h), Some(r)) = (&self.server.health_path, &self.server.ready_path) {
+            if h.get_ref() == r.get_ref() {
+                return Err(err(
+                    r.span(),
+                    "server.ready_path",
+                    "the same path as server.health_path".into(),
+                    "e.g. health_path = \"/healthz\", ready_path = \"/readyz\"",
+                ));
+            }
         }
         validate_origin(&self.origin, "origin", false, &err)?;
         if self.origins.len() > MAX_NAMED_ORIGINS {

@@ -90,6 +90,61 @@ async fn probes_answer_get_and_head_without_a_token() {
 }
 
 #[tokio::test]
+async fn the_main_listener_answers_probes_at_configured_paths() {
+    let origin = Origin::start(|_, _| Reply::ok("from origin")).await;
+    let gw = Gateway::start(&origin.url(), |c| {
+        c.server.health_path = Some(toml::Spanned::new(0..0, "/_kvgate/health".into()));
+        c.server.ready_path = Some(toml::Spanned::new(0..0, "/_kvgate/ready".into()));
+    })
+    .await;
+    let alive = get(&gw.url("/_kvgate/health")).await;
+    assert_eq!(alive.status, 200, "{}", alive.text());
+    assert_eq!(json_of(&alive)["status"], "ok");
+    assert_eq!(alive.x_cache(), "BYPASS");
+    assert!(!alive.header("x-request-id").is_empty());
+    let ready = get(&gw.url("/_kvgate/ready")).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(json_of(&ready)["origin"], "ok");
+    let head = send(Method::HEAD, &gw.url("/_kvgate/ready"), &[], "").await;
+    assert_eq!((head.status.as_u16(), head.body.len()), (200, 0));
+    let post = send(Method::POST, &gw.url("/_kvgate/health"), &[], "").await;
+    assert_eq!(post.status, 405);
+    // Nothing of it reached the origin; other paths still do.
+    assert_eq!(
+        origin.count("/_kvgate/health") + origin.count("/_kvgate/ready"),
+        0
+    );
+    assert_eq!(get(&gw.url("/other")).await.text(), "from origin");
+}
+
+#[tokio::test]
+async fn the_main_listeners_ready_path_is_503_when_the_origin_is_down() {
+    let gw = Gateway::start(&refused_url().await, |c| {
+        c.server.ready_path = Some(toml::Spanned::new(0..0, "/ready".into()));
+    })
+    .await;
+    let r = get(&gw.url("/ready")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(json_of(&r)["status"], "not ready");
+}
+
+#[test]
+fn probe_paths_must_be_in_normal_form() {
+    for bad in ["healthz", "/a/../healthz", "/h%7az", "/h?x=1"] {
+        let text = format!("[server]\nhealth_path = \"{bad}\"\n");
+        let err = kvgate::config::Config::parse(&text, "k.toml").expect_err(bad);
+        assert!(
+            err.to_string().contains("server.health_path"),
+            "{bad}: {err}"
+        );
+        assert!(err.to_string().contains("k.toml:2:"), "{bad}: {err}");
+    }
+    let same = "[server]\nhealth_path = \"/h\"\nready_path = \"/h\"\n";
+    let err = kvgate::config::Config::parse(same, "k.toml").expect_err("same path");
+    assert!(err.to_string().contains("server.ready_path"), "{err}");
+}
+
+#[tokio::test]
 async fn readyz_is_503_when_the_origin_cannot_be_reached() {
     let gw = Gateway::start(&refused_url().await, |c| {
         c.admin = Some(kvgate::config::AdminConfig {

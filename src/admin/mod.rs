@@ -13,7 +13,6 @@
 
 pub(crate) mod auth;
 mod flags;
-mod health;
 pub(crate) mod prometheus;
 pub(crate) mod purge;
 pub(crate) mod reload;
@@ -27,6 +26,7 @@ pub(crate) mod ui;
 use crate::config::AdminConfig;
 use crate::error::AdminError;
 use crate::proxy::gateway::{Gateway, Live};
+use crate::proxy::probes;
 use auth::Token;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
@@ -194,12 +194,16 @@ async fn dispatch(state: &AdminState, req: Request<Incoming>) -> Result<AdminRes
             return Err(ApiError::method_not_allowed(&[Method::GET, Method::HEAD]));
         }
         let probe = if path == "/healthz" {
-            health::alive()
+            probes::alive()
         } else {
             let stopping = *state.stopping.borrow();
-            health::ready(&state.gateway, state.gateway_addr, stopping).await
+            probes::ready(&state.gateway, state.gateway_addr, stopping).await
         };
-        return Ok(probe.response(parts.method == Method::HEAD));
+        let mut r = reply::json(probe.status, &probe.body);
+        if parts.method == Method::HEAD {
+            *r.body_mut() = http_body_util::Full::new(bytes::Bytes::new());
+        }
+        return Ok(r);
     }
     if ui::is_ui_path(parts.uri.path()) {
         return ui::answer(state, &parts, body).await;

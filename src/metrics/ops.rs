@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Counters shared by every config generation (a reload keeps them).
 #[derive(Default)]
 pub(crate) struct Ops {
+    /// Set once shutdown began: readiness answers 503 from then on.
+    pub stopping: std::sync::atomic::AtomicBool,
     /// Reloads applied.
     pub reloads_ok: AtomicU64,
     /// Reloads refused (invalid config, unreadable TLS files, ...).

@@ -27,7 +27,23 @@ impl Gateway {
     /// Goes to the origin for a GET/HEAD: a conditional request when a stored
     /// entry has validators, a plain one otherwise. Stores what may be
     /// stored, serves stale on errors where allowed (RFC 5861 4).
-    pub(super) async fn fetch(
+    ///
+    /// Boxed: the origin round trip is a large state machine, and every
+    /// branch of `lookup` that fetches would otherwise carry it inline in
+    /// the request's future (a hit would move it around, and deep debug
+    /// builds overflowed a worker's stack). A miss pays one allocation.
+    pub(super) fn fetch<'a>(
+        self: &'a Arc<Self>,
+        ctx: &'a Ctx,
+        stored: Option<Arc<Entry>>,
+        may_store: bool,
+        guard: Option<single_flight::FlightGuard>,
+        lease: Option<Lease>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'a>> {
+        Box::pin(self.fetch_from_origin(ctx, stored, may_store, guard, lease))
+    }
+
+    async fn fetch_from_origin(
         self: &Arc<Self>,
         ctx: &Ctx,
         stored: Option<Arc<Entry>>,

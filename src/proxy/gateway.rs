@@ -396,6 +396,7 @@ impl Gateway {
         });
         // Every line logged while serving the request carries its id (the
         // log formatter reads it from the task).
+        let answering = self.answer(req, client);
         let serving = async {
             let (
                 Answer {
@@ -407,12 +408,12 @@ impl Gateway {
                 let origin_time = std::cell::Cell::new(None);
                 ORIGIN_TIME
                     .scope(origin_time, async {
-                        let answer = self.answer(req, client).await;
+                        let answer = answering.await;
                         (answer, ORIGIN_TIME.with(|t| t.get()))
                     })
                     .await
             } else {
-                (self.answer(req, client).await, None)
+                (answering.await, None)
             };
             // The second clock read of the request (the first is `started`):
             // the latency histogram and the access line share it.
@@ -453,6 +454,9 @@ impl Gateway {
         let cfg = &self.config;
         if let Some(refusal) = self.guard(&req) {
             return refusal;
+        }
+        if let Some(probe) = self.probe(&req).await {
+            return probe;
         }
         let (mut parts, body) = req.into_parts();
         // Hop-by-hop fields go first: a client must not be able to name an
@@ -543,7 +547,8 @@ impl Gateway {
             || ctx.route.as_ref().is_some_and(|r| r.bypass)
             || !cacheable_method
         {
-            self.pass(ctx, body).await
+            // Boxed for the same reason as `fetch`: hits do not carry it.
+            Box::pin(self.pass(ctx, body)).await
         } else {
             self.lookup(ctx).await
         };
@@ -564,6 +569,55 @@ impl Gateway {
         }
         answer
     }
+    /// The liveness or readiness probe, when the request is a GET or HEAD
+    /// for `[server] health_path` or `ready_path`. Costs nothing when
+    /// neither is configured.
+    async fn probe<B>(&self, req: &Request<B>) -> Option<Answer> {
+        let server = &self.config.server;
+        if server.health_path.is_none() && server.ready_path.is_none() {
+            return None;
+        }
+        let path = req.uri().path();
+        let is =
+            |p: &Option<toml::Spanned<String>>| p.as_ref().is_some_and(|p| p.get_ref() == path);
+        let (health, ready) = (is(&server.health_path), is(&server.ready_path));
+        if !health && !ready {
+            return None;
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut a = self.own(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "probes answer GET and HEAD",
+                CacheResult::Bypass,
+            );
+            a.response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return Some(a);
+        }
+        let probe = if health {
+            super::probes::alive()
+        } else {
+            let stopping = self.ops.stopping.load(Ordering::Relaxed);
+            super::probes::ready(self, server.listen.get_ref(), stopping).await
+        };
+        let body = if req.method() == Method::HEAD {
+            Body::Empty
+        } else {
+            Body::full(Bytes::from(probe.body.to_string()))
+        };
+        let mut r = Response::new(body);
+        *r.status_mut() = probe.status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let status = CacheStatus::forward(CacheResult::Bypass, Forward::Bypass);
+        Some(Answer::marked(r, &self.labels, status))
+    }
+
     /// A response from a stored entry for this request (HEAD: no body).
     pub(super) fn serve_stored(
         &self,

@@ -10,6 +10,7 @@ mod lookup;
 pub(crate) mod origin;
 mod origin_server;
 mod pass;
+pub(crate) mod probes;
 mod request;
 pub(crate) mod respond;
 pub(crate) mod self_service;

@@ -1,35 +1,23 @@
 //! Probes for load balancers and orchestrators, answered without a token:
-//! `/healthz` (the process answers) and `/readyz` (it can serve: not
-//! shutting down, the state store answers, the origin accepts connections).
+//! alive (the process answers) and ready (it can serve: not shutting down,
+//! the state store answers, the origin accepts connections). The admin
+//! listener serves them at `/healthz` and `/readyz`; the main listener at
+//! `[server] health_path` and `ready_path`, when configured.
 
-use super::reply::{self, AdminResponse};
+use super::gateway::Gateway;
 use crate::metrics::ops::Ops;
-use crate::proxy::gateway::Gateway;
-use bytes::Bytes;
 use http::StatusCode;
-use http_body_util::Full;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
+use std::fmt::Display;
 use std::time::Duration;
 
 /// Longest a readiness check waits for the state store or the origin.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A probe's answer.
-pub(super) struct Probe {
-    status: StatusCode,
-    body: Value,
-}
-
-impl Probe {
-    /// The JSON answer; without a body for HEAD.
-    pub(super) fn response(self, head: bool) -> AdminResponse {
-        let mut r = reply::json(self.status, &self.body);
-        if head {
-            *r.body_mut() = Full::new(Bytes::new());
-        }
-        r
-    }
+/// A probe's answer: its status and JSON body.
+pub(crate) struct Probe {
+    pub(crate) status: StatusCode,
+    pub(crate) body: Value,
 }
 
 /// `f`'s output and how long it took.
@@ -39,8 +27,8 @@ async fn timed<T>(f: impl std::future::Future<Output = T>) -> (T, std::time::Dur
     (out, start.elapsed())
 }
 
-/// The process is up and its admin listener answers.
-pub(super) fn alive() -> Probe {
+/// The process is up and answers.
+pub(crate) fn alive() -> Probe {
     Probe {
         status: StatusCode::OK,
         body: json!({ "status": "ok" }),
@@ -48,7 +36,7 @@ pub(super) fn alive() -> Probe {
 }
 
 /// 200 when the gateway can serve, else 503 naming what failed.
-pub(super) async fn ready(gw: &Gateway, listen: SocketAddr, stopping: bool) -> Probe {
+pub(crate) async fn ready(gw: &Gateway, listen: impl Display, stopping: bool) -> Probe {
     if stopping {
         return Probe {
             status: StatusCode::SERVICE_UNAVAILABLE,
