@@ -396,7 +396,11 @@ impl Gateway {
         });
         // Every line logged while serving the request carries its id (the
         // log formatter reads it from the task).
-        let answering = self.answer(req, client);
+        // Boxed once: the request's state machine is kilobytes, and the
+        // wrappers below (the access log's timer, the request id's scope,
+        // hyper's service future) would each move it by value: one
+        // allocation instead of several multi-KiB copies per request.
+        let answering = Box::pin(self.answer(req, client));
         let serving = async {
             let (
                 Answer {
@@ -599,7 +603,14 @@ impl Gateway {
             super::probes::alive()
         } else {
             let stopping = self.ops.stopping.load(Ordering::Relaxed);
-            super::probes::ready(self, server.listen.get_ref(), stopping).await
+            // Boxed: its connects and timeouts would otherwise sit inline in
+            // every request's future (and be copied with it on every hit).
+            Box::pin(super::probes::ready(
+                self,
+                server.listen.get_ref(),
+                stopping,
+            ))
+            .await
         };
         let body = if req.method() == Method::HEAD {
             Body::Empty

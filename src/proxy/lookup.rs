@@ -73,9 +73,9 @@ impl Gateway {
                 // Nothing stored here: the cluster may have it, or another
                 // instance may be fetching it (revalidations stay local).
                 (Some(cluster), None) => {
-                    match cluster
-                        .before_fetch(&ctx.key, &ctx.headers, &ctx.req_cc)
-                        .await
+                    // Boxed: the Redis round trips are a large state
+                    // machine that hits must not carry (and copy) inline.
+                    match Box::pin(cluster.before_fetch(&ctx.key, &ctx.headers, &ctx.req_cc)).await
                     {
                         Miss::Found(entry) => self.serve_from_cluster(&ctx, entry, guard),
                         Miss::Lead(lease) => {
