@@ -30,31 +30,9 @@ for b in "$origin_bin" "${bins[@]}"; do
 done
 command -v valgrind >/dev/null || { echo "valgrind missing" >&2; exit 1; }
 
-scratch="$(mktemp -d /tmp/kvgate-instructions.XXXXXX)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$scratch"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_ready() {
-  for _ in $(seq 1 600); do
-    curl -sf -o /dev/null "$1" && return 0
-    sleep 0.1
-  done
-  echo "not ready: $1" >&2
-  return 1
-}
-
-origin_port=$(free_port)
-"$origin_bin" --port "$origin_port" >"$scratch/origin.log" 2>&1 &
-pids+=($!)
-wait_ready "http://127.0.0.1:$origin_port/health"
+. "$here/lib.sh"
+bench_scratch instructions
+start_origin "$origin_bin"
 
 total_for() { # BINARY N -> instructions
   local bin="$1" n="$2" port pid out
@@ -65,7 +43,7 @@ total_for() { # BINARY N -> instructions
     --log-level warn >"$scratch/kvgate.$n.log" 2>&1 &
   pid=$!
   pids+=("$pid")
-  wait_ready "http://127.0.0.1:$port/static/hot-1"
+  wait_ready "http://127.0.0.1:$port/static/hot-1" 600
   for _ in $(seq 1 "$n"); do
     printf 'url = "http://127.0.0.1:%d/static/hot-1"\noutput = "/dev/null"\n' "$port"
   done >"$scratch/run.cfg"

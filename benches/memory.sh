@@ -34,32 +34,11 @@ for b in "$origin_bin" "${bins[@]}"; do
   [[ -x "$b" ]] || { echo "missing $b" >&2; exit 1; }
 done
 
-scratch="$(mktemp -d /tmp/kvgate-memory.XXXXXX)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$scratch"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_ready() {
-  for _ in $(seq 1 100); do
-    curl -sf -o /dev/null "$1" && return 0
-    sleep 0.1
-  done
-  echo "not ready: $1" >&2
-  return 1
-}
+. "$here/lib.sh"
+bench_scratch memory
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
-origin_port=$(free_port)
-"$origin_bin" --port "$origin_port" >"$scratch/origin.log" 2>&1 &
-pids+=($!)
-wait_ready "http://127.0.0.1:$origin_port/health"
+start_origin "$origin_bin"
 
 parts=8
 echo "| build | entries | RSS before fill | RSS after | after - before | RSS / payload | HITs on a re-read of 1,000 |"

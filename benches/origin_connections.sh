@@ -15,15 +15,8 @@ set -euo pipefail
 bin="$1"
 n="${2:-300}"
 [[ -x "$bin" ]] || { echo "missing $bin" >&2; exit 1; }
-scratch="$(mktemp -d /tmp/kvgate-origin-conn.XXXXXX)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$scratch"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+bench_scratch origin-conn
 oport="$(free_port)"
 gport="$(free_port)"
 mkdir -p "$scratch/www"

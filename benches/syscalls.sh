@@ -48,27 +48,8 @@ for b in "$origin_bin" "${bins[@]}"; do
 done
 command -v strace >/dev/null || { echo "strace missing" >&2; exit 1; }
 
-scratch="$(mktemp -d /tmp/kvgate-syscalls.XXXXXX)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$scratch"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-wait_ready() { # URL
-  for _ in $(seq 1 100); do
-    curl -sf -o /dev/null "$1" && return 0
-    sleep 0.1
-  done
-  echo "not ready: $1" >&2
-  return 1
-}
+. "$here/lib.sh"
+bench_scratch syscalls
 
 # Every thread of a process tree: the pid, its threads, its children's.
 tree_pids() { # PID
