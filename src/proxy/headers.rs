@@ -10,6 +10,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 /// goes to the origin, back on the response, and into the request's logs.
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+// Named once as constants: `HeaderName::from_static` at a call site
+// validates the name on every call, and a `&str` key is parsed per lookup.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Longest request id kept from a client.
 const MAX_REQUEST_ID_BYTES: usize = 128;
 
@@ -112,6 +118,12 @@ const CLIENT_FORWARDING: [&str; 19] = [
     "true-client-ip",
 ];
 
+/// Every forwarding name starts with `x`, `f` or `t`: most fields (`host`,
+/// `accept`, `user-agent`) are ruled out by their first byte.
+fn may_be_forwarding(name: &str) -> bool {
+    matches!(name.as_bytes().first(), Some(b'x' | b'f' | b't'))
+}
+
 /// Removes what a client may not tell the origin about the request's
 /// routing (see [`CLIENT_FORWARDING`]). A trusted peer (a load balancer in
 /// `server.trusted_proxies`) keeps its `X-Forwarded-For` and
@@ -121,9 +133,10 @@ pub(crate) fn strip_client_forwarding(h: &mut HeaderMap, trusted_peer: bool) {
     // instead of a hash lookup per name on every request.
     let untrusted_only =
         |n: &str| !trusted_peer && (n == "x-forwarded-for" || n == "x-forwarded-proto");
-    let present = h
-        .keys()
-        .any(|n| CLIENT_FORWARDING.contains(&n.as_str()) || untrusted_only(n.as_str()));
+    let present = h.keys().any(|n| {
+        let n = n.as_str();
+        may_be_forwarding(n) && (CLIENT_FORWARDING.contains(&n) || untrusted_only(n))
+    });
     if !present {
         return;
     }
@@ -131,8 +144,8 @@ pub(crate) fn strip_client_forwarding(h: &mut HeaderMap, trusted_peer: bool) {
         h.remove(n);
     }
     if !trusted_peer {
-        h.remove("x-forwarded-for");
-        h.remove("x-forwarded-proto");
+        h.remove(&X_FORWARDED_FOR);
+        h.remove(&X_FORWARDED_PROTO);
     }
 }
 
@@ -152,26 +165,42 @@ pub(crate) fn forward_request_headers(
     remove_hop_by_hop(h);
     trace_context::keep_if_valid(h);
     h.append(header::VIA, via.clone());
-    let ip = client.addr.ip().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+    // Built in a stack buffer: an IP's text, and a previous chain only when
+    // a trusted proxy sent one (no `format!` and `to_string` per miss).
+    let mut ip = [0u8; 64];
+    let ip = {
+        use std::io::Write as _;
+        let mut w = &mut ip[..];
+        let room = w.len();
+        let _ = write!(w, "{}", client.addr.ip());
+        let written = room - w.len();
+        &ip[..written]
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let mut chain = Vec::with_capacity(prev.len() + 2 + ip.len());
+            chain.extend_from_slice(prev.as_bytes());
+            chain.extend_from_slice(b", ");
+            chain.extend_from_slice(ip);
+            HeaderValue::from_bytes(&chain)
+        }
+        _ => HeaderValue::from_bytes(ip),
+    };
+    if let Ok(v) = xff {
+        h.insert(X_FORWARDED_FOR, v);
     }
-    if !h.contains_key("x-forwarded-proto") {
+    if !h.contains_key(&X_FORWARDED_PROTO) {
         h.insert(
-            HeaderName::from_static("x-forwarded-proto"),
+            X_FORWARDED_PROTO,
             HeaderValue::from_static(if client.tls { "https" } else { "http" }),
         );
     }
     match HeaderValue::from_str(authority) {
         Ok(v) if !authority.is_empty() => {
-            h.insert(HeaderName::from_static("x-forwarded-host"), v);
+            h.insert(X_FORWARDED_HOST, v);
         }
         _ => {
-            h.remove("x-forwarded-host");
+            h.remove(&X_FORWARDED_HOST);
         }
     }
 }
@@ -179,6 +208,17 @@ pub(crate) fn forward_request_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_byte_filter_passes_every_forwarding_name() {
+        for n in CLIENT_FORWARDING
+            .iter()
+            .chain(&["x-forwarded-for", "x-forwarded-proto"])
+        {
+            assert!(may_be_forwarding(n), "{n}");
+        }
+        assert!(!may_be_forwarding("host") && !may_be_forwarding("accept"));
+    }
 
     #[test]
     fn rfc9110_7_6_3_via_and_forwarded_for_are_appended() {
