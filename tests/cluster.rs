@@ -8,7 +8,6 @@ mod common;
 use common::redis::{free_port, RedisServer};
 use common::*;
 use http::Method;
-use kvgate::config::Config;
 use serde_json::Value;
 use std::future::Future;
 use std::path::Path;
@@ -33,17 +32,6 @@ fn config_with_timeout(redis_url: &str, timeout_ms: u64, extra: &str) -> String 
     )
 }
 
-async fn gateway(origin: &Origin, toml: &str) -> Gateway {
-    let parsed = Config::parse(toml, "t.toml").expect("test config parses");
-    Gateway::start(&origin.url(), |c| {
-        c.admin = parsed.admin;
-        c.redis = parsed.redis;
-        c.routes = parsed.routes;
-        c.cache.l2 = parsed.cache.l2;
-    })
-    .await
-}
-
 async fn admin_at(addr: &str, method: Method, path: &str, body: &str) -> Got {
     let auth = format!("Bearer {TOKEN}");
     send(
@@ -59,29 +47,16 @@ async fn admin_at(addr: &str, method: Method, path: &str, body: &str) -> Got {
 }
 
 async fn admin_ok(gw: &Gateway, method: Method, path: &str, body: &str) -> Value {
-    let addr = gw
-        .running
-        .admin_addr
-        .expect("admin listener runs")
-        .to_string();
-    let r = admin_at(&addr, method.clone(), path, body).await;
-    assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
-    serde_json::from_slice(&r.body).expect("JSON")
+    gw.admin_ok(TOKEN, method, path, body).await
 }
 
 /// Polls `check` every 5 ms for up to 10 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    for _ in 0..2000 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("timed out waiting for: {what}");
+    common::eventually(what, 2000, Duration::from_millis(5), check).await
 }
 
 async fn readyz(gw: &Gateway) -> Value {
@@ -123,8 +98,8 @@ async fn purges_and_version_bumps_reach_the_other_instance() {
         &redis.url(),
         "[[route]]\nname = \"api\"\nprefix = \"/api/\"\n",
     );
-    let a = gateway(&origin, &toml).await;
-    let b = gateway(&origin, &toml).await;
+    let a = Gateway::from_toml(&origin, &toml).await;
+    let b = Gateway::from_toml(&origin, &toml).await;
     eventually("both follow the stream", || async {
         following(&a).await && following(&b).await
     })
@@ -201,8 +176,8 @@ async fn purges_reach_every_instance_through_any_region_and_a_killed_region_catc
     let eu = RedisServer::start();
     let mut us = RedisServer::start();
     let origin = Origin::start(|s, n| cached(&format!("{} #{n}", s.path))).await;
-    let a = gateway(&origin, &two_regions_toml(&eu, &us, "eu")).await;
-    let b = gateway(&origin, &two_regions_toml(&eu, &us, "us")).await;
+    let a = Gateway::from_toml(&origin, &two_regions_toml(&eu, &us, "eu")).await;
+    let b = Gateway::from_toml(&origin, &two_regions_toml(&eu, &us, "us")).await;
     eventually("both follow both regions", || async {
         follows_region(&a, 0).await
             && follows_region(&a, 1).await
@@ -342,8 +317,8 @@ async fn an_instance_cut_off_catches_up_on_purges_made_meanwhile() {
     let redis = RedisServer::start();
     let relay = Relay::start(redis.port).await;
     let origin = Origin::start(|s, n| cached(&format!("{} #{n}", s.path))).await;
-    let a = gateway(&origin, &config_toml(&redis.url(), "")).await;
-    let b = gateway(&origin, &config_toml(&relay.url(), "")).await;
+    let a = Gateway::from_toml(&origin, &config_toml(&redis.url(), "")).await;
+    let b = Gateway::from_toml(&origin, &config_toml(&relay.url(), "")).await;
     eventually("both follow the stream", || async {
         following(&a).await && following(&b).await
     })
@@ -389,8 +364,8 @@ async fn one_origin_fetch_for_a_cold_url_over_two_instances() {
     // A loaded test machine must not turn a slow Redis answer into a second
     // fetch: this test is about the lease, the fault tests about timeouts.
     let toml = config_with_timeout(&redis.url(), 2_000, "");
-    let a = gateway(&origin, &toml).await;
-    let b = gateway(&origin, &toml).await;
+    let a = Gateway::from_toml(&origin, &toml).await;
+    let b = Gateway::from_toml(&origin, &toml).await;
     eventually("both follow the stream", || async {
         following(&a).await && following(&b).await
     })
@@ -431,7 +406,7 @@ async fn with_l2_a_new_instance_starts_warm_and_purges_reach_the_shared_copy() {
         2_000,
         "[cache.l2]\nmax_object_bytes = 65536\n",
     );
-    let a = gateway(&origin, &toml).await;
+    let a = Gateway::from_toml(&origin, &toml).await;
     eventually("A follows", || async { following(&a).await }).await;
     let host = [("host", "site.example")];
     assert_eq!(get_with(&a.url("/warm"), &host).await.text(), "/warm #1");
@@ -442,7 +417,7 @@ async fn with_l2_a_new_instance_starts_warm_and_purges_reach_the_shared_copy() {
     })
     .await;
 
-    let fresh = gateway(&origin, &toml).await;
+    let fresh = Gateway::from_toml(&origin, &toml).await;
     eventually("the new instance follows", || async {
         following(&fresh).await
     })
@@ -458,7 +433,7 @@ async fn with_l2_a_new_instance_starts_warm_and_purges_reach_the_shared_copy() {
     // A purge moves the shared tier's generation: no instance reads the
     // purged copy back.
     admin_ok(&a, Method::POST, "/purge", r#"{"urls":["/warm"]}"#).await;
-    let late = gateway(&origin, &toml).await;
+    let late = Gateway::from_toml(&origin, &toml).await;
     eventually("the late instance follows", || async {
         following(&late).await
     })
@@ -470,7 +445,7 @@ async fn with_l2_a_new_instance_starts_warm_and_purges_reach_the_shared_copy() {
 async fn redis_down_never_holds_a_request_past_the_timeout() {
     let mut redis = RedisServer::start();
     let origin = Origin::start(|s, n| cached(&format!("{} #{n}", s.path))).await;
-    let gw = gateway(&origin, &config_toml(&redis.url(), "")).await;
+    let gw = Gateway::from_toml(&origin, &config_toml(&redis.url(), "")).await;
     eventually("follows the stream", || async { following(&gw).await }).await;
     warm(&gw, "/warm").await;
     redis.kill();
@@ -711,8 +686,8 @@ async fn on_a_redis_cluster_purges_broadcast_and_one_fetch_per_key() {
     })
     .await;
     let toml = config_with_timeout(&cluster.url(), 2_000, "");
-    let a = gateway(&origin, &toml).await;
-    let b = gateway(&origin, &toml).await;
+    let a = Gateway::from_toml(&origin, &toml).await;
+    let b = Gateway::from_toml(&origin, &toml).await;
     eventually("both follow the stream", || async {
         following(&a).await && following(&b).await
     })

@@ -6,7 +6,6 @@
 mod common;
 use common::*;
 use http::Method;
-use kvgate::config::Config;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,29 +20,8 @@ fn toml(extra: &str) -> String {
     )
 }
 
-async fn gateway(origin: &Origin, text: &str) -> Gateway {
-    let parsed = Config::parse(text, "t").expect("test config parses");
-    Gateway::start(&origin.url(), |c| {
-        c.edge = parsed.edge;
-        c.state = parsed.state;
-        c.admin = parsed.admin;
-    })
-    .await
-}
-
 async fn admin(gw: &Gateway, method: Method, path: &str, body: &str) -> Got {
-    let addr = gw.running.admin_addr.expect("admin listener");
-    let auth = format!("Bearer {TOKEN}");
-    send(
-        method,
-        &format!("http://{addr}{path}"),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        body,
-    )
-    .await
+    gw.admin(TOKEN, method, path, body).await
 }
 
 async fn admin_ok(gw: &Gateway, method: Method, path: &str, body: &str) -> Value {
@@ -61,14 +39,10 @@ fn seen(origin: &Origin, path: &str, name: &str) -> Option<String> {
         .map(|v| v.to_str().expect("ASCII").to_string())
 }
 
-fn no_store(body: &str) -> Reply {
-    Reply::ok(body).header("cache-control", "no-store")
-}
-
 #[tokio::test]
 async fn flags_created_through_the_api_target_by_header_cookie_and_query() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = gateway(&origin, &toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &toml("")).await;
     assert_eq!(
         admin_ok(&gw, Method::GET, "/flags", "").await,
         json!({"flags": {}})
@@ -163,8 +137,8 @@ async fn flags_created_through_the_api_target_by_header_cookie_and_query() {
 
 #[tokio::test]
 async fn invalid_changes_are_refused_with_their_reason_and_change_nothing() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = gateway(&origin, &toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &toml("")).await;
     admin_ok(&gw, Method::PUT, "/flags/on", r#"{"default": true}"#).await;
     let before = admin_ok(&gw, Method::GET, "/flags", "").await;
     let cases = [
@@ -230,8 +204,8 @@ async fn invalid_changes_are_refused_with_their_reason_and_change_nothing() {
 
 #[tokio::test]
 async fn a_rollout_raised_from_10_to_50_percent_keeps_everyone_who_was_in() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = gateway(&origin, &toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &toml("")).await;
     let rollout =
         |p: u32| format!(r#"{{"default": false, "rules": [{{"value": true, "percent": {p}}}]}}"#);
     admin_ok(&gw, Method::PUT, "/flags/newCheckout", &rollout(10)).await;
@@ -290,7 +264,7 @@ async fn a_rollout_raised_from_10_to_50_percent_keeps_everyone_who_was_in() {
 
 #[tokio::test]
 async fn definitions_survive_a_restart_and_the_store_wins_over_the_config() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.redb");
     let text = toml("[edge.flags.seeded]\ndefault = false\n").replace(
@@ -300,7 +274,7 @@ async fn definitions_survive_a_restart_and_the_store_wins_over_the_config() {
             state.display().to_string()
         ),
     );
-    let gw = gateway(&origin, &text).await;
+    let gw = Gateway::from_toml(&origin, &text).await;
     get_with(&gw.url("/1"), &[("x-user-id", "u")]).await;
     assert_eq!(seen(&origin, "/1", FLAGS).as_deref(), Some("seeded=?0"));
     admin_ok(&gw, Method::PATCH, "/flags/seeded", r#"{"default": true}"#).await;
@@ -313,7 +287,7 @@ async fn definitions_survive_a_restart_and_the_store_wins_over_the_config() {
     running.task.await.expect("stopped");
     drop(running.gateway);
 
-    let gw = gateway(&origin, &text).await;
+    let gw = Gateway::from_toml(&origin, &text).await;
     get_with(&gw.url("/2"), &[("x-user-id", "u")]).await;
     assert_eq!(
         seen(&origin, "/2", FLAGS).as_deref(),
@@ -329,10 +303,10 @@ fn converts(user: usize, variant: &str) -> bool {
 
 #[tokio::test]
 async fn exposures_once_per_user_and_day_and_results_from_real_traffic() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("exposures.jsonl");
-    let gw = gateway(
+    let gw = Gateway::from_toml(
         &origin,
         &toml(&format!(
             "[edge.exposures]\npath = {:?}\n",
@@ -480,8 +454,8 @@ async fn exposures_once_per_user_and_day_and_results_from_real_traffic() {
 
 #[tokio::test]
 async fn an_anonymous_user_who_logs_in_keeps_the_variant() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = gateway(
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(
         &origin,
         &toml("").replace(
             "[edge.identity]\n",
@@ -564,8 +538,8 @@ async fn an_anonymous_user_who_logs_in_keeps_the_variant() {
 
 #[tokio::test]
 async fn a_paused_experiment_withholds_its_header_and_resumes_with_the_same_variants() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = gateway(&origin, &toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &toml("")).await;
     admin_ok(
         &gw,
         Method::PUT,

@@ -6,7 +6,6 @@ mod common;
 use common::redis::RedisServer;
 use common::*;
 use http::Method;
-use kvgate::config::Config;
 use serde_json::{json, Value};
 use std::future::Future;
 use std::path::Path;
@@ -56,30 +55,8 @@ fn one_region(server: &RedisServer) -> String {
     )
 }
 
-async fn gateway(origin: &Origin, toml: &str) -> Gateway {
-    let parsed = Config::parse(toml, "t.toml").expect("test config parses");
-    Gateway::start(&origin.url(), |c| {
-        c.edge = parsed.edge;
-        c.state = parsed.state;
-        c.admin = parsed.admin;
-        c.redis = parsed.redis;
-    })
-    .await
-}
-
 async fn admin(gw: &Gateway, method: Method, path: &str, body: &str) -> Got {
-    let addr = gw.running.admin_addr.expect("admin listener runs");
-    let auth = format!("Bearer {TOKEN}");
-    send(
-        method,
-        &format!("http://{addr}{path}"),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        body,
-    )
-    .await
+    gw.admin(TOKEN, method, path, body).await
 }
 
 async fn admin_ok(gw: &Gateway, method: Method, path: &str, body: &str) -> Value {
@@ -106,31 +83,12 @@ fn seen_header(origin: &Origin, path: &str, name: &str) -> String {
 }
 
 /// Polls `check` every 20 ms for up to 10 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-fn no_store(body: &str) -> Reply {
-    Reply::ok(body).header("cache-control", "no-store")
-}
-
-async fn stop(gw: Gateway) {
-    let Gateway { running } = gw;
-    if let Some(edge) = &running.gateway.edge {
-        edge.settle().await;
-    }
-    running.stop.send(true).expect("gateway still running");
-    running.task.await.expect("gateway task");
+    common::eventually(what, 500, Duration::from_millis(20), check).await
 }
 
 /// A request as `user` to a fresh path (so the origin sees it), returning
@@ -145,11 +103,11 @@ async fn injected(gw: &Gateway, origin: &Origin, user: &str, header: &str) -> St
 #[tokio::test]
 async fn two_instances_share_sticky_variants_overrides_and_preferences() {
     let redis = RedisServer::start();
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     // Different weights: whatever an instance assigns first, the other
     // could only inject it by reading the sticky assignment from Redis.
-    let a = gateway(&origin, &redis_toml(&one_region(&redis), (100, 0))).await;
-    let b = gateway(&origin, &redis_toml(&one_region(&redis), (0, 100))).await;
+    let a = Gateway::from_toml(&origin, &redis_toml(&one_region(&redis), (100, 0))).await;
+    let b = Gateway::from_toml(&origin, &redis_toml(&one_region(&redis), (0, 100))).await;
 
     assert_eq!(injected(&a, &origin, "alice", EXP_HEADER).await, "control");
     assert_eq!(injected(&b, &origin, "bob", EXP_HEADER).await, "variant_a");
@@ -209,16 +167,16 @@ async fn two_instances_share_sticky_variants_overrides_and_preferences() {
         .expect("redis answers");
     assert!(keys.contains("flag:newUI:user:carol"), "{keys}");
 
-    stop(a).await;
-    stop(b).await;
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]
 async fn counters_add_up_over_instances() {
     let redis = RedisServer::start();
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let a = gateway(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
-    let b = gateway(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let a = Gateway::from_toml(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
+    let b = Gateway::from_toml(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
     for i in 0..7 {
         get_as(&a, &format!("/c/a{i}"), &format!("u{i}")).await;
     }
@@ -245,16 +203,16 @@ async fn counters_add_up_over_instances() {
         .command(&["KEYS", "kvgate:production:counter:flag_evaluations:newUI:*"])
         .expect("redis answers");
     assert!(keys.starts_with('*') && !keys.starts_with("*0"), "{keys}");
-    stop(a).await;
-    stop(b).await;
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]
 async fn instances_starting_together_sign_ids_with_one_secret() {
     let redis = RedisServer::start();
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let a = gateway(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
-    let b = gateway(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let a = Gateway::from_toml(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
+    let b = Gateway::from_toml(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
     // Both generate a secret at once (first anonymous visitor on each);
     // create-if-absent keeps one, and each accepts the other's cookies.
     let (url_a, url_b) = (a.url("/anon-a"), b.url("/anon-b"));
@@ -274,15 +232,15 @@ async fn instances_starting_together_sign_ids_with_one_secret() {
             "the other instance accepted {cookie}"
         );
     }
-    stop(a).await;
-    stop(b).await;
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]
 async fn redis_down_or_frozen_never_holds_requests_and_state_comes_back() {
     let mut redis = RedisServer::start();
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = gateway(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &redis_toml(&one_region(&redis), (50, 50))).await;
     admin_ok(&gw, Method::PUT, "/flags/newUI/users/dave", "true").await;
     assert_eq!(
         injected(&gw, &origin, "dave", FLAGS_HEADER).await,
@@ -355,7 +313,7 @@ async fn redis_down_or_frozen_never_holds_requests_and_state_comes_back() {
     .await;
     let ready = admin_ok(&gw, Method::GET, "/readyz", "").await;
     assert_eq!(ready["redis"][0]["health"], "up");
-    stop(gw).await;
+    gw.stop().await;
 }
 
 #[tokio::test]
@@ -371,9 +329,9 @@ async fn writes_reach_every_region_and_reads_survive_a_killed_one() {
             us.url()
         )
     };
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let in_eu = gateway(&origin, &redis_toml(&regions("eu"), (50, 50))).await;
-    let in_us = gateway(&origin, &redis_toml(&regions("us"), (50, 50))).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let in_eu = Gateway::from_toml(&origin, &redis_toml(&regions("eu"), (50, 50))).await;
+    let in_us = Gateway::from_toml(&origin, &redis_toml(&regions("us"), (50, 50))).await;
 
     admin_ok(&in_eu, Method::PUT, "/flags/newUI/users/erin", "true").await;
     for server in [&eu, &us] {
@@ -423,20 +381,20 @@ async fn writes_reach_every_region_and_reads_survive_a_killed_one() {
         "the missed write was counted: {metrics}"
     );
     eu.kill();
-    stop(in_eu).await;
-    stop(in_us).await;
+    in_eu.stop().await;
+    in_us.stop().await;
 }
 
 #[tokio::test]
 async fn on_a_redis_cluster_instances_share_state() {
     let cluster = common::redis::RedisCluster::start();
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let redis = format!(
         "[redis]\nurl = \"{}\"\ncounter_flush_ms = 50\ntimeout_ms = 2000\n",
         cluster.url()
     );
-    let a = gateway(&origin, &redis_toml(&redis, (100, 0))).await;
-    let b = gateway(&origin, &redis_toml(&redis, (0, 100))).await;
+    let a = Gateway::from_toml(&origin, &redis_toml(&redis, (100, 0))).await;
+    let b = Gateway::from_toml(&origin, &redis_toml(&redis, (0, 100))).await;
 
     assert_eq!(injected(&a, &origin, "alice", EXP_HEADER).await, "control");
     a.running
@@ -473,8 +431,8 @@ async fn on_a_redis_cluster_instances_share_state() {
     let view = admin_ok(&b, Method::GET, "/users/carol", "").await;
     assert_eq!(view["preferences"], json!({"theme": "dark"}), "{view}");
 
-    stop(a).await;
-    stop(b).await;
+    a.stop().await;
+    b.stop().await;
 }
 
 // The real binary ---------------------------------------------------------------
@@ -531,7 +489,7 @@ async fn start_binary(dir: &Path, config: &Path, origin: &str, redis: &str) -> P
 #[tokio::test]
 async fn two_processes_run_from_one_directory_on_one_redis() {
     let redis = RedisServer::start();
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // The default [state] path is a redb file in the working directory;
     // with --redis nothing opens it, so both processes start.
@@ -609,7 +567,7 @@ fn sorted_figure(mut d: Vec<Duration>) -> (Duration, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_through_one_process_reach_the_other_well_under_the_local_copys_ttl() {
     let redis = RedisServer::start();
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("kvgate.toml");
     // The default [redis] cache_ttl_ms (1 s): anything well under it is

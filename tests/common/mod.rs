@@ -30,6 +30,11 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// A 200 the gateway must not store: every request reaches the origin.
+    pub fn no_store(body: &str) -> Reply {
+        Reply::ok(body).header("cache-control", "no-store")
+    }
+
     pub fn ok(body: &str) -> Reply {
         Reply {
             status: StatusCode::OK,
@@ -176,9 +181,80 @@ impl Gateway {
         Gateway { running }
     }
 
+    /// A gateway configured by a test's TOML: the sections the edge,
+    /// state and cluster suites set (edge, state, admin, redis, routes,
+    /// `cache.l2`) are taken from it; the rest stays the test default.
+    pub async fn from_toml(origin: &Origin, toml: &str) -> Gateway {
+        let parsed = Config::parse(toml, "t.toml").expect("test config parses");
+        Gateway::start(&origin.url(), |c| {
+            c.edge = parsed.edge;
+            c.state = parsed.state;
+            c.admin = parsed.admin;
+            c.redis = parsed.redis;
+            c.routes = parsed.routes;
+            c.cache.l2 = parsed.cache.l2;
+        })
+        .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.running.addr, path)
     }
+
+    /// A call to the admin API with `token` as the bearer token.
+    pub async fn admin(&self, token: &str, method: Method, path: &str, body: &str) -> Got {
+        let addr = self.running.admin_addr.expect("admin listener runs");
+        let auth = format!("Bearer {token}");
+        send(
+            method,
+            &format!("http://{addr}{path}"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    }
+
+    /// An admin call that must answer 200 with JSON.
+    pub async fn admin_ok(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: &str,
+    ) -> serde_json::Value {
+        let r = self.admin(token, method.clone(), path, body).await;
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
+        serde_json::from_slice(&r.body).expect("JSON")
+    }
+
+    /// Stops the gateway after its queued edge-state writes are committed.
+    pub async fn stop(self) {
+        let Gateway { running } = self;
+        if let Some(edge) = &running.gateway.edge {
+            edge.settle().await;
+        }
+        running.stop.send(true).expect("gateway still running");
+        running.task.await.expect("gateway task");
+    }
+}
+
+/// Polls `check` every `every` until it holds; panics naming `what` after
+/// `tries` attempts.
+pub async fn eventually<F, Fut>(what: &str, tries: usize, every: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..tries {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+    panic!("timed out waiting for: {what}");
 }
 
 /// A response, whole.
