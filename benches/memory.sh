@@ -11,8 +11,11 @@
 # their share of /static/mem-<i> once on a keep-alive connection (every
 # answer is 1,024 bytes, `Cache-Control: public, max-age=3600`, an ETag).
 # Reported: VmRSS of the kvgate process before and after the fill, RSS /
-# payload, and how many of 1,000 URLs spread over the fill are HITs when
-# asked again (all of them: nothing was evicted).
+# payload, the growth per entry against what the store charges per entry
+# (`kvgate_cache_bytes` / `kvgate_cache_entries` from the admin listener's
+# /metrics: the budget holds only if the charge covers the growth), and how
+# many of 1,000 URLs spread over the fill are HITs when asked again (all of
+# them: nothing was evicted).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,11 +44,13 @@ rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 start_origin "$origin_bin"
 
 parts=8
-echo "| build | entries | RSS before fill | RSS after | after - before | RSS / payload | HITs on a re-read of 1,000 |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| build | entries | RSS before fill | RSS after | after - before | RSS / payload | growth / charged per entry | HITs on a re-read of 1,000 |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for bin in "${bins[@]}"; do
   port=$(free_port)
-  "$bin" --listen "127.0.0.1:$port" --origin "http://127.0.0.1:$origin_port" \
+  admin_port=$(free_port)
+  KVGATE_ADMIN_TOKEN=memory-bench "$bin" --listen "127.0.0.1:$port" \
+    --origin "http://127.0.0.1:$origin_port" --admin-listen "127.0.0.1:$admin_port" \
     >"$scratch/kvgate.log" 2>&1 &
   pid=$!
   pids+=("$pid")
@@ -71,11 +76,15 @@ for bin in "${bins[@]}"; do
       hits=$((hits + 1))
     fi
   done
+  metrics=$(curl -s -H "Authorization: Bearer memory-bench" "http://127.0.0.1:$admin_port/metrics")
+  charged=$(awk '$1 == "kvgate_cache_bytes" {print $2}' <<<"$metrics")
+  stored=$(awk '$1 == "kvgate_cache_entries" {print $2}' <<<"$metrics")
   payload_kib=$((n * 1024 / 1024))
-  printf '| %s | %d | %.1f MB | %.1f MB | %.1f MB | %.2fx (%.2fx above the empty process) | %d / %d |\n' \
+  printf '| %s | %d | %.1f MB | %.1f MB | %.1f MB | %.2fx (%.2fx above the empty process) | %.0f / %.0f B | %d / %d |\n' \
     "$(basename "$bin")" "$n" "$(echo "$before * 1.024 / 1000" | bc -l)" \
     "$(echo "$after * 1.024 / 1000" | bc -l)" "$(echo "($after - $before) * 1.024 / 1000" | bc -l)" \
     "$(echo "$after / $payload_kib" | bc -l)" "$(echo "($after - $before) / $payload_kib" | bc -l)" \
+    "$(echo "($after - $before) * 1024 / $n" | bc -l)" "$(echo "${charged:-0} / ${stored:-1}" | bc -l)" \
     "$hits" "$(seq 0 $((n / 1000)) $((n - 1)) | head -1000 | wc -l)"
   kill "$pid"
   wait "$pid" 2>/dev/null || true

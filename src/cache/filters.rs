@@ -83,15 +83,17 @@ pub(crate) fn freshness(
         .stale_if_error
         .or(route.and_then(|r| r.stale_if_error_secs))
         .unwrap_or(0);
-    Freshness {
-        lifetime,
-        corrected_initial_age: policy::corrected_initial_age(h, request_time, response_time),
+    let mut f = Freshness::plain(lifetime, response_time);
+    f.set_corrected_initial_age(policy::corrected_initial_age(
+        h,
+        request_time,
         response_time,
-        no_cache: cc.no_cache || !cc.no_cache_fields.is_empty(),
-        forbids_stale: cc.forbids_stale(),
-        stale_while_revalidate: Duration::from_secs(swr),
-        stale_if_error: Duration::from_secs(sie),
-    }
+    ));
+    f.no_cache = cc.no_cache || !cc.no_cache_fields.is_empty();
+    f.forbids_stale = cc.forbids_stale();
+    f.set_stale_while_revalidate(Duration::from_secs(swr));
+    f.set_stale_if_error(Duration::from_secs(sie));
+    f
 }
 
 /// Stale-if-error (RFC 5861 4): the stored response's own window, the
@@ -188,7 +190,7 @@ mod tests {
             now,
             now,
         );
-        assert_eq!(forced.lifetime, Duration::from_secs(100));
+        assert_eq!(forced.lifetime(), Duration::from_secs(100));
         let filled = freshness(
             &c,
             Some(&route(None, Some(100))),
@@ -199,11 +201,11 @@ mod tests {
             now,
         );
         assert_eq!(
-            filled.lifetime,
+            filled.lifetime(),
             Duration::from_secs(5),
             "the origin said max-age"
         );
-        assert_eq!(filled.stale_while_revalidate, Duration::from_secs(7));
+        assert_eq!(filled.stale_while_revalidate(), Duration::from_secs(7));
     }
 
     #[test]

@@ -304,15 +304,32 @@ pub(crate) fn corrected_initial_age(
 }
 
 /// The facts about a stored response that decide how it may be used.
+///
+/// Kept in every stored entry, so compact (40 bytes, not the 88 of four
+/// `Duration`s and a `SystemTime`): times and ages as nanoseconds (the
+/// precision `SystemTime` and the age arithmetic have), the RFC 5861
+/// windows as whole seconds (they are delta-seconds; a fraction rounds up).
+/// Each saturates rather than wraps: at 584 years for nanoseconds, 136 for
+/// seconds, far past any delta-seconds a cache honours (2^31 s).
 #[derive(Debug, Clone)]
 pub struct Freshness {
-    pub(crate) lifetime: Duration,
-    pub(crate) corrected_initial_age: Duration,
-    pub(crate) response_time: SystemTime,
+    lifetime_ns: u64,
+    corrected_initial_age_ns: u64,
+    /// Since the Unix epoch; a time before it counts as the epoch.
+    response_time_ns: u64,
+    stale_while_revalidate_s: u32,
+    stale_if_error_s: u32,
     pub(crate) no_cache: bool,
     pub(crate) forbids_stale: bool,
-    pub(crate) stale_while_revalidate: Duration,
-    pub(crate) stale_if_error: Duration,
+}
+
+fn to_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn to_secs_up(d: Duration) -> u32 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 impl Freshness {
@@ -320,31 +337,74 @@ impl Freshness {
     /// directives that restrict or extend its use.
     pub fn plain(lifetime: Duration, response_time: SystemTime) -> Freshness {
         Freshness {
-            lifetime,
-            corrected_initial_age: Duration::ZERO,
-            response_time,
+            lifetime_ns: to_ns(lifetime),
+            corrected_initial_age_ns: 0,
+            response_time_ns: response_time
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, to_ns),
+            stale_while_revalidate_s: 0,
+            stale_if_error_s: 0,
             no_cache: false,
             forbids_stale: false,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
         }
+    }
+
+    /// The freshness lifetime (9111 4.2.1).
+    pub(crate) fn lifetime(&self) -> Duration {
+        Duration::from_nanos(self.lifetime_ns)
+    }
+
+    pub(crate) fn set_lifetime(&mut self, d: Duration) {
+        self.lifetime_ns = to_ns(d);
+    }
+
+    /// corrected_initial_age (9111 4.2.3).
+    pub(crate) fn corrected_initial_age(&self) -> Duration {
+        Duration::from_nanos(self.corrected_initial_age_ns)
+    }
+
+    pub(crate) fn set_corrected_initial_age(&mut self, d: Duration) {
+        self.corrected_initial_age_ns = to_ns(d);
+    }
+
+    /// When the response was received.
+    pub(crate) fn response_time(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.response_time_ns)
+    }
+
+    /// RFC 5861 3's window.
+    pub(crate) fn stale_while_revalidate(&self) -> Duration {
+        Duration::from_secs(u64::from(self.stale_while_revalidate_s))
+    }
+
+    pub(crate) fn set_stale_while_revalidate(&mut self, d: Duration) {
+        self.stale_while_revalidate_s = to_secs_up(d);
+    }
+
+    /// RFC 5861 4's window.
+    pub(crate) fn stale_if_error(&self) -> Duration {
+        Duration::from_secs(u64::from(self.stale_if_error_s))
+    }
+
+    pub(crate) fn set_stale_if_error(&mut self, d: Duration) {
+        self.stale_if_error_s = to_secs_up(d);
     }
 
     /// current_age (9111 4.2.3).
     pub(crate) fn current_age(&self, now: SystemTime) -> Duration {
-        self.corrected_initial_age + now.duration_since(self.response_time).unwrap_or_default()
+        self.corrected_initial_age() + now.duration_since(self.response_time()).unwrap_or_default()
     }
 
     /// How long past its lifetime the response is at `now`; zero when fresh.
     pub(crate) fn staleness(&self, now: SystemTime) -> Duration {
-        self.current_age(now).saturating_sub(self.lifetime)
+        self.current_age(now).saturating_sub(self.lifetime())
     }
 
     /// Whether the response is fresh at `now` (the tests' shorthand; the
     /// request path asks `usability`).
     #[cfg(test)]
     pub(crate) fn is_fresh(&self, now: SystemTime) -> bool {
-        self.current_age(now) < self.lifetime
+        self.current_age(now) < self.lifetime()
     }
 
     /// Whether stale-if-error (RFC 5861, or configured grace) still covers it.
@@ -359,7 +419,8 @@ impl Freshness {
         if self.forbids_stale || self.no_cache {
             return false;
         }
-        let window = request_allows.map_or(self.stale_if_error, |r| r.max(self.stale_if_error));
+        let sie = self.stale_if_error();
+        let window = request_allows.map_or(sie, |r| r.max(sie));
         self.staleness(now) <= window
     }
 }
@@ -389,8 +450,9 @@ pub fn usability(f: &Freshness, req: &RequestDirectives, now: SystemTime) -> Usa
             return Usability::MustValidate;
         }
     }
-    let fresh_for = f.lifetime.saturating_sub(age);
-    if age < f.lifetime {
+    let lifetime = f.lifetime();
+    let fresh_for = lifetime.saturating_sub(age);
+    if age < lifetime {
         if let Some(min_fresh) = req.min_fresh {
             if fresh_for < Duration::from_secs(min_fresh) {
                 return Usability::MustValidate;
@@ -401,13 +463,13 @@ pub fn usability(f: &Freshness, req: &RequestDirectives, now: SystemTime) -> Usa
     if f.forbids_stale {
         return Usability::MustValidate;
     }
-    let staleness = age - f.lifetime;
+    let staleness = age - lifetime;
     if let Some(max_stale) = req.max_stale {
         if max_stale.is_none_or(|m| staleness <= Duration::from_secs(m)) {
             return Usability::StaleAllowed;
         }
     }
-    if req.min_fresh.is_none() && req.max_age.is_none() && staleness < f.stale_while_revalidate {
+    if req.min_fresh.is_none() && req.max_age.is_none() && staleness < f.stale_while_revalidate() {
         return Usability::StaleWhileRevalidate;
     }
     Usability::MustValidate
@@ -889,7 +951,7 @@ mod tests {
 
     fn fresh(lifetime: u64, age: u64) -> Freshness {
         let mut f = Freshness::plain(Duration::from_secs(lifetime), SystemTime::now());
-        f.corrected_initial_age = Duration::from_secs(age);
+        f.set_corrected_initial_age(Duration::from_secs(age));
         f
     }
 
@@ -948,10 +1010,10 @@ mod tests {
     fn rfc5861_3_stale_while_revalidate_window() {
         let now = SystemTime::now();
         let mut f = fresh(1, 5);
-        f.stale_while_revalidate = Duration::from_secs(30);
+        f.set_stale_while_revalidate(Duration::from_secs(30));
         let req = RequestDirectives::default();
         assert_eq!(usability(&f, &req, now), Usability::StaleWhileRevalidate);
-        f.stale_while_revalidate = Duration::from_secs(2);
+        f.set_stale_while_revalidate(Duration::from_secs(2));
         assert_eq!(usability(&f, &req, now), Usability::MustValidate);
     }
 
@@ -960,7 +1022,7 @@ mod tests {
         let now = SystemTime::now();
         let mut f = fresh(1, 5);
         assert!(!f.can_serve_on_error(now, None));
-        f.stale_if_error = Duration::from_secs(10);
+        f.set_stale_if_error(Duration::from_secs(10));
         assert!(f.can_serve_on_error(now, None));
     }
 
@@ -1359,15 +1421,12 @@ mod tests {
                 let _ = storable(&Method::GET, &req, status, &resp, &cc, POLICY);
                 let lifetime = freshness_lifetime(status, &resp, &cc, now, HEUR);
                 let age = corrected_initial_age(&resp, now, later);
-                let f = Freshness {
-                    lifetime,
-                    corrected_initial_age: age,
-                    response_time: later,
-                    no_cache: cc.no_cache,
-                    forbids_stale: cc.forbids_stale(),
-                    stale_while_revalidate: Duration::from_secs(cc.stale_while_revalidate.unwrap_or(0)),
-                    stale_if_error: Duration::from_secs(cc.stale_if_error.unwrap_or(0)),
-                };
+                let mut f = Freshness::plain(lifetime, later);
+                f.set_corrected_initial_age(age);
+                f.no_cache = cc.no_cache;
+                f.forbids_stale = cc.forbids_stale();
+                f.set_stale_while_revalidate(Duration::from_secs(cc.stale_while_revalidate.unwrap_or(0)));
+                f.set_stale_if_error(Duration::from_secs(cc.stale_if_error.unwrap_or(0)));
                 let rd = RequestDirectives::from_headers(&req);
                 let _ = usability(&f, &rd, later + Duration::from_secs(delay));
                 let _ = f.can_serve_on_error(later, Some(Duration::from_secs(delay)));

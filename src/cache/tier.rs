@@ -54,13 +54,13 @@ pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
             .map(|(n, v)| (n.as_str().to_owned(), v.clone()))
             .collect(),
         tags: entry.tags.iter().map(|t| t.to_string()).collect(),
-        lifetime_ms: ms(f.lifetime),
-        corrected_initial_age_ms: ms(f.corrected_initial_age),
-        response_time_ms: f.response_time.duration_since(UNIX_EPOCH).map_or(0, ms),
+        lifetime_ms: ms(f.lifetime()),
+        corrected_initial_age_ms: ms(f.corrected_initial_age()),
+        response_time_ms: f.response_time().duration_since(UNIX_EPOCH).map_or(0, ms),
         no_cache: f.no_cache,
         forbids_stale: f.forbids_stale,
-        stale_while_revalidate_ms: ms(f.stale_while_revalidate),
-        stale_if_error_ms: ms(f.stale_if_error),
+        stale_while_revalidate_ms: ms(f.stale_while_revalidate()),
+        stale_if_error_ms: ms(f.stale_if_error()),
     };
     // Plain data: serialising cannot fail; an empty block decodes as a miss.
     let meta = serde_json::to_vec(&meta).unwrap_or_default();
@@ -94,15 +94,15 @@ pub(crate) fn decode(bytes: &[u8], max_body: usize) -> Option<Entry> {
     for (n, v) in meta.vary {
         vary.push((HeaderName::from_bytes(n.as_bytes()).ok()?, v));
     }
-    let freshness = Freshness {
-        lifetime: Duration::from_millis(meta.lifetime_ms),
-        corrected_initial_age: Duration::from_millis(meta.corrected_initial_age_ms),
-        response_time: UNIX_EPOCH.checked_add(Duration::from_millis(meta.response_time_ms))?,
-        no_cache: meta.no_cache,
-        forbids_stale: meta.forbids_stale,
-        stale_while_revalidate: Duration::from_millis(meta.stale_while_revalidate_ms),
-        stale_if_error: Duration::from_millis(meta.stale_if_error_ms),
-    };
+    let mut freshness = Freshness::plain(
+        Duration::from_millis(meta.lifetime_ms),
+        UNIX_EPOCH.checked_add(Duration::from_millis(meta.response_time_ms))?,
+    );
+    freshness.set_corrected_initial_age(Duration::from_millis(meta.corrected_initial_age_ms));
+    freshness.no_cache = meta.no_cache;
+    freshness.forbids_stale = meta.forbids_stale;
+    freshness.set_stale_while_revalidate(Duration::from_millis(meta.stale_while_revalidate_ms));
+    freshness.set_stale_if_error(Duration::from_millis(meta.stale_if_error_ms));
     Some(Entry::new(
         StatusCode::from_u16(meta.status).ok()?,
         headers,
@@ -118,7 +118,7 @@ pub(crate) fn decode(bytes: &[u8], max_body: usize) -> Option<Entry> {
 /// second, at most `cap`.
 pub(crate) fn keep_for(entry: &Entry, now: SystemTime, cap: Duration) -> Duration {
     let f = &entry.freshness;
-    let usable = f.lifetime + f.stale_while_revalidate.max(f.stale_if_error);
+    let usable = f.lifetime() + f.stale_while_revalidate().max(f.stale_if_error());
     usable
         .saturating_sub(f.current_age(now))
         .clamp(Duration::from_secs(1), cap.max(Duration::from_secs(1)))
@@ -134,7 +134,7 @@ mod tests {
         h.append("x-many", HeaderValue::from_static("a"));
         h.append("x-many", HeaderValue::from_static("b"));
         let mut f = Freshness::plain(Duration::from_secs(60), SystemTime::now());
-        f.stale_if_error = Duration::from_secs(30);
+        f.set_stale_if_error(Duration::from_secs(30));
         Entry::new(
             StatusCode::OK,
             h,
@@ -157,12 +157,15 @@ mod tests {
         assert_eq!(back.headers.to_map(), e.headers.to_map());
         assert_eq!(back.vary, e.vary);
         assert_eq!(back.tags, e.tags);
-        assert_eq!(back.freshness.lifetime, e.freshness.lifetime);
-        assert_eq!(back.freshness.stale_if_error, e.freshness.stale_if_error);
+        assert_eq!(back.freshness.lifetime(), e.freshness.lifetime());
+        assert_eq!(
+            back.freshness.stale_if_error(),
+            e.freshness.stale_if_error()
+        );
         let drift = e
             .freshness
-            .response_time
-            .duration_since(back.freshness.response_time)
+            .response_time()
+            .duration_since(back.freshness.response_time())
             .unwrap_or_default();
         assert!(drift < Duration::from_millis(1));
     }

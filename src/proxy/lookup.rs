@@ -25,32 +25,28 @@ impl Gateway {
     pub(super) async fn lookup(self: &Arc<Self>, ctx: Ctx) -> Answer {
         let now = SystemTime::now();
         let head = ctx.method == Method::HEAD;
-        let stored = self.store.lookup(&ctx.key, &ctx.headers);
-        if let Some(e) = &stored {
-            match policy::usability(&e.freshness, &ctx.req_cc, now) {
-                Usability::Fresh => {
-                    return self.serve_stored(e, &ctx, now, CacheStatus::hit(CacheResult::Hit));
-                }
+        // A usable entry is served where it is stored, without taking a
+        // reference to it (a count every core would write); only one to
+        // revalidate is taken out.
+        let served = self.store.lookup_with(&ctx.key, &ctx.headers, |e| {
+            let status = match policy::usability(&e.freshness, &ctx.req_cc, now) {
+                Usability::Fresh => CacheStatus::hit(CacheResult::Hit),
                 Usability::StaleAllowed => {
-                    return self.serve_stored(
-                        e,
-                        &ctx,
-                        now,
-                        CacheStatus::hit(CacheResult::Stale).detail(Detail::MaxStale),
-                    );
+                    CacheStatus::hit(CacheResult::Stale).detail(Detail::MaxStale)
                 }
                 Usability::StaleWhileRevalidate => {
                     self.refresh_in_background(&ctx, e.clone());
-                    return self.serve_stored(
-                        e,
-                        &ctx,
-                        now,
-                        CacheStatus::hit(CacheResult::Stale).detail(Detail::StaleWhileRevalidate),
-                    );
+                    CacheStatus::hit(CacheResult::Stale).detail(Detail::StaleWhileRevalidate)
                 }
-                Usability::MustValidate => {}
-            }
-        }
+                Usability::MustValidate => return Err(e.clone()),
+            };
+            Ok(self.serve_stored(e, &ctx, now, status))
+        });
+        let stored = match served {
+            Some(Ok(answer)) => return answer,
+            Some(Err(e)) => Some(e),
+            None => None,
+        };
         if ctx.req_cc.only_if_cached {
             // 9111 5.2.1.7: nothing usable stored.
             return self.own(

@@ -9,9 +9,23 @@ use http::StatusCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-/// Fixed bookkeeping cost charged per entry besides its headers and body:
-/// the `Arc<Entry>` allocation and its slot in the key's variant list.
-const ENTRY_OVERHEAD: usize = 320;
+/// The heap an allocation of `n` bytes takes with glibc's malloc on 64-bit:
+/// an 8-byte chunk header, rounded up to 16, at least 32.
+pub(super) const fn heap_chunk(n: usize) -> usize {
+    let chunk = (n + 8 + 15) & !15;
+    if chunk < 32 {
+        32
+    } else {
+        chunk
+    }
+}
+
+/// The `Arc<Entry>` allocation (its place in the key's slot is the key's).
+const ENTRY_OVERHEAD: usize = heap_chunk(std::mem::size_of::<Entry>() + 16);
+/// What a buffer of headers or body costs beyond its length: the shared
+/// count `Bytes` allocates when the buffer is first cloned (24 bytes) and
+/// the buffer's own chunk header and rounding (at most 8 + 15).
+const BLOCK_OVERHEAD: usize = heap_chunk(24) + 8 + 15;
 /// Cost of one Vary field in an entry's secondary key, besides its bytes.
 const VARY_FIELD_OVERHEAD: usize = 64;
 
@@ -57,13 +71,16 @@ impl Entry {
         tags: Vec<Arc<str>>,
     ) -> Entry {
         let headers = StoredHeaders::from_map(&headers);
-        Entry::assemble(status, headers, body, vary, freshness, tags)
+        Entry::assemble(status, headers, body, 2, vary, freshness, tags)
     }
 
+    /// The entry and its charge; `blocks` is how many buffers its headers
+    /// and body take (one when they share it).
     fn assemble(
         status: StatusCode,
         headers: StoredHeaders,
         body: Bytes,
+        blocks: usize,
         vary: Vec<(HeaderName, Option<String>)>,
         freshness: Freshness,
         tags: Vec<Arc<str>>,
@@ -78,7 +95,12 @@ impl Entry {
                 n.as_str().len() + v.as_ref().map_or(0, String::len) + VARY_FIELD_OVERHEAD
             })
             .sum();
-        let charge = ENTRY_OVERHEAD + header_bytes + body.len() + tag_bytes + vary_bytes;
+        let charge = ENTRY_OVERHEAD
+            + blocks * BLOCK_OVERHEAD
+            + header_bytes
+            + body.len()
+            + tag_bytes
+            + vary_bytes;
         Entry {
             status,
             headers,
@@ -99,6 +121,9 @@ impl Entry {
         for c in chunks {
             block.extend_from_slice(c);
         }
+        // Exact size: `Bytes::from` keeps the allocation as it is, and the
+        // charge counts its length.
+        debug_assert_eq!(block.len(), block.capacity());
         let all = Bytes::from(block);
         let headers = StoredHeaders {
             block: all.slice(..at),
@@ -107,10 +132,41 @@ impl Entry {
             meta.status,
             headers,
             all.slice(at..),
+            1,
             meta.vary,
             meta.freshness,
             meta.tags,
         )
+    }
+
+    /// An entry as the memory storage keeps a response that streamed in
+    /// (`chunks` are its body): headers and body in one allocation. For
+    /// benchmarks that must measure what the gateway really stores.
+    pub fn streamed(
+        status: StatusCode,
+        headers: HeaderMap,
+        chunks: &[Bytes],
+        freshness: Freshness,
+    ) -> Entry {
+        let meta = EntryMeta {
+            status,
+            headers,
+            vary: Vec::new(),
+            freshness,
+            tags: Vec::new(),
+        };
+        let len = chunks.iter().map(Bytes::len).sum();
+        Entry::from_meta_chunks(meta, chunks, len)
+    }
+
+    /// The response headers as stored, as a map (what a hit serves).
+    pub fn header_map(&self) -> HeaderMap {
+        self.headers.to_map()
+    }
+
+    /// The stored body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
     }
 
     /// The entry for a response whose metadata was known before its body.
@@ -131,7 +187,10 @@ impl Entry {
     /// `keep` past its lifetime.
     pub(crate) fn is_useful(&self, now: SystemTime, keep: Duration, grace: Duration) -> bool {
         let f = &self.freshness;
-        let mut window = f.stale_while_revalidate.max(f.stale_if_error).max(grace);
+        let mut window = f
+            .stale_while_revalidate()
+            .max(f.stale_if_error())
+            .max(grace);
         if self.headers.contains(&http::header::ETAG)
             || self.headers.contains(&http::header::LAST_MODIFIED)
         {
@@ -144,24 +203,26 @@ impl Entry {
     /// stale-while-revalidate / stale-if-error, revalidated before a plain hit.
     pub(crate) fn marked_stale(&self) -> Entry {
         let mut e = self.clone();
-        e.freshness.lifetime = Duration::ZERO;
-        e.freshness.corrected_initial_age = e
-            .freshness
-            .corrected_initial_age
-            .max(Duration::from_secs(1));
+        e.freshness.set_lifetime(Duration::ZERO);
+        let age = e.freshness.corrected_initial_age();
+        e.freshness
+            .set_corrected_initial_age(age.max(Duration::from_secs(1)));
         e
     }
 }
 
 /// Response headers in the compact form an entry keeps: one buffer (a
-/// single allocation, shared by every response built from it) holding a
-/// little index of name and value lengths, then each field's name and value.
-/// A `HeaderMap` costs several times as much per entry, and values parsed by
-/// hyper would pin the connection's read buffer besides.
+/// single allocation, shared by every response built from it) with each
+/// field's name and value. A `HeaderMap` costs several times as much per
+/// entry, and values parsed by hyper would pin the connection's read buffer
+/// besides.
 ///
-/// Layout: `count: u16`, then `count` x (`name_len: u16`, `value_len: u16`),
-/// then the names and values, field after field. Names are stored in
-/// `HeaderName`'s lowercase form.
+/// Layout: `count: u16`, then field after field: `code: u8` (a standard
+/// name's place in [`STANDARD_NAMES`] plus one; 0: the name follows as
+/// `name_len: u16` and its bytes, in `HeaderName`'s lowercase form), then
+/// `value_len: u16` and the value. Standard names as one byte make the
+/// block smaller (`content-type`: 12 bytes to 1) and a hit's `HeaderMap`
+/// cheaper: a coded name is a constant, not text to parse.
 #[derive(Debug, Clone)]
 pub(crate) struct StoredHeaders {
     block: Bytes,
@@ -172,6 +233,120 @@ pub(super) const MAX_ENTRY_EXTRA: usize = 512 * 1024;
 
 /// Fields a stored response keeps at most.
 const MAX_STORED_FIELDS: usize = 256;
+
+/// Names stored as one-byte codes, the most common in responses first (the
+/// encoder looks them up in order). At most 255.
+static STANDARD_NAMES: [HeaderName; 68] = {
+    use http::header::*;
+    [
+        CONTENT_TYPE,
+        CACHE_CONTROL,
+        ETAG,
+        DATE,
+        CONTENT_LENGTH,
+        LAST_MODIFIED,
+        EXPIRES,
+        VARY,
+        CONTENT_ENCODING,
+        SET_COOKIE,
+        SERVER,
+        AGE,
+        ACCEPT_RANGES,
+        ACCESS_CONTROL_ALLOW_ORIGIN,
+        STRICT_TRANSPORT_SECURITY,
+        X_CONTENT_TYPE_OPTIONS,
+        X_FRAME_OPTIONS,
+        CONTENT_SECURITY_POLICY,
+        CONTENT_LANGUAGE,
+        CONTENT_DISPOSITION,
+        CONTENT_LOCATION,
+        CONTENT_RANGE,
+        LINK,
+        LOCATION,
+        PRAGMA,
+        VIA,
+        WARNING,
+        ALT_SVC,
+        CDN_CACHE_CONTROL,
+        REFERRER_POLICY,
+        RETRY_AFTER,
+        ALLOW,
+        ACCESS_CONTROL_ALLOW_CREDENTIALS,
+        ACCESS_CONTROL_ALLOW_HEADERS,
+        ACCESS_CONTROL_ALLOW_METHODS,
+        ACCESS_CONTROL_EXPOSE_HEADERS,
+        ACCESS_CONTROL_MAX_AGE,
+        CONTENT_SECURITY_POLICY_REPORT_ONLY,
+        X_XSS_PROTECTION,
+        X_DNS_PREFETCH_CONTROL,
+        WWW_AUTHENTICATE,
+        PROXY_AUTHENTICATE,
+        REFRESH,
+        TRAILER,
+        TRANSFER_ENCODING,
+        CONNECTION,
+        UPGRADE,
+        PUBLIC_KEY_PINS,
+        PUBLIC_KEY_PINS_REPORT_ONLY,
+        SEC_WEBSOCKET_ACCEPT,
+        SEC_WEBSOCKET_EXTENSIONS,
+        SEC_WEBSOCKET_PROTOCOL,
+        SEC_WEBSOCKET_VERSION,
+        ACCEPT,
+        ACCEPT_CHARSET,
+        ACCEPT_ENCODING,
+        ACCEPT_LANGUAGE,
+        AUTHORIZATION,
+        COOKIE,
+        FORWARDED,
+        HOST,
+        ORIGIN,
+        RANGE,
+        REFERER,
+        TE,
+        USER_AGENT,
+        CACHE_STATUS,
+        IF_NONE_MATCH,
+    ]
+};
+
+/// The one-byte code of a standard name; 0 for any other.
+fn code_of(name: &HeaderName) -> u8 {
+    STANDARD_NAMES
+        .iter()
+        .position(|s| s == name)
+        .map_or(0, |i| (i + 1) as u8)
+}
+
+/// A stored field's name: a standard one by code, or its text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StoredName<'a> {
+    Code(u8),
+    Text(&'a [u8]),
+}
+
+impl StoredName<'_> {
+    fn of(name: &HeaderName) -> StoredName<'_> {
+        match code_of(name) {
+            0 => StoredName::Text(name.as_str().as_bytes()),
+            c => StoredName::Code(c),
+        }
+    }
+
+    fn to_header_name(self) -> Option<HeaderName> {
+        match self {
+            StoredName::Code(c) => STANDARD_NAMES.get(usize::from(c).checked_sub(1)?).cloned(),
+            StoredName::Text(t) => HeaderName::from_bytes(t).ok(),
+        }
+    }
+}
+
+/// What an entry keeps of `h`: the fields that fit the compact form.
+fn storable_fields(h: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &http::HeaderValue)> {
+    h.iter()
+        .filter(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
+        .take(MAX_STORED_FIELDS)
+}
 
 impl StoredHeaders {
     /// Whether every field of `h` fits the compact form (at most 256
@@ -194,56 +369,77 @@ impl StoredHeaders {
     /// The compact form of `h` in a buffer with exactly `room` bytes
     /// spare after it (for a body that shares the allocation).
     fn block_with_room(h: &HeaderMap, room: usize) -> Vec<u8> {
-        let fields: Vec<(&HeaderName, &http::HeaderValue)> = h
-            .iter()
-            .filter(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
-            .take(MAX_STORED_FIELDS)
-            .collect();
-        let data: usize = fields.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
-        let mut block = Vec::with_capacity(2 + 4 * fields.len() + data + room);
-        block.extend_from_slice(&(fields.len() as u16).to_le_bytes());
-        for (n, v) in &fields {
-            block.extend_from_slice(&(n.as_str().len() as u16).to_le_bytes());
-            block.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        // Sized exactly first, so the buffer is allocated once and without
+        // slack: the entry is charged what it holds.
+        let mut count = 0usize;
+        let mut len = 2;
+        for (n, v) in storable_fields(h) {
+            count += 1;
+            len += match StoredName::of(n) {
+                StoredName::Code(_) => 1,
+                StoredName::Text(t) => 3 + t.len(),
+            } + 2
+                + v.len();
         }
-        for (n, v) in &fields {
-            block.extend_from_slice(n.as_str().as_bytes());
+        let mut block = Vec::with_capacity(len + room);
+        block.extend_from_slice(&(count as u16).to_le_bytes());
+        for (n, v) in storable_fields(h) {
+            match StoredName::of(n) {
+                StoredName::Code(c) => block.push(c),
+                StoredName::Text(t) => {
+                    block.push(0);
+                    block.extend_from_slice(&(t.len() as u16).to_le_bytes());
+                    block.extend_from_slice(t);
+                }
+            }
+            block.extend_from_slice(&(v.len() as u16).to_le_bytes());
             block.extend_from_slice(v.as_bytes());
         }
+        debug_assert_eq!(block.len(), len);
         block
     }
 
-    /// Each field as (name bytes, value range in the block).
-    fn fields(&self) -> impl Iterator<Item = (&[u8], std::ops::Range<usize>)> + '_ {
-        let b = &self.block[..];
-        let count = b
+    fn count(&self) -> usize {
+        self.block
             .get(..2)
-            .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize);
-        let mut at = 2 + 4 * count;
-        (0..count).map_while(move |i| {
-            let lens = b.get(2 + 4 * i..2 + 4 * i + 4)?;
-            let name_len = u16::from_le_bytes([lens[0], lens[1]]) as usize;
-            let value_len = u16::from_le_bytes([lens[2], lens[3]]) as usize;
-            let name = b.get(at..at + name_len)?;
-            let value = at + name_len..at + name_len + value_len;
+            .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize)
+    }
+
+    /// Each field as (name, value range in the block).
+    fn fields(&self) -> impl Iterator<Item = (StoredName<'_>, std::ops::Range<usize>)> + '_ {
+        let b = &self.block[..];
+        let u16_at = move |at: usize| b.get(at..at + 2).map(|l| u16::from_le_bytes([l[0], l[1]]));
+        let mut at = 2;
+        (0..self.count()).map_while(move |_| {
+            let code = *b.get(at)?;
+            at += 1;
+            let name = if code == 0 {
+                let len = usize::from(u16_at(at)?);
+                let text = b.get(at + 2..at + 2 + len)?;
+                at += 2 + len;
+                StoredName::Text(text)
+            } else {
+                StoredName::Code(code)
+            };
+            let len = usize::from(u16_at(at)?);
+            let value = at + 2..at + 2 + len;
+            b.get(value.clone())?;
             at = value.end;
             Some((name, value))
         })
     }
 
     fn value(&self, range: std::ops::Range<usize>) -> Option<http::HeaderValue> {
+        // Validated again (a vectorised byte check): http 1 has no safe way
+        // to build a value from bytes it did not check itself.
         http::HeaderValue::from_maybe_shared(self.block.slice(range)).ok()
     }
 
     /// A `HeaderMap` for a response; values share the stored buffer.
     pub(crate) fn to_map(&self) -> HeaderMap {
-        let count = self
-            .block
-            .get(..2)
-            .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize);
-        let mut h = HeaderMap::with_capacity(count + 4);
+        let mut h = HeaderMap::with_capacity(self.count() + 4);
         for (name, range) in self.fields() {
-            if let (Ok(name), Some(v)) = (HeaderName::from_bytes(name), self.value(range)) {
+            if let (Some(name), Some(v)) = (name.to_header_name(), self.value(range)) {
                 h.append(name, v);
             }
         }
@@ -252,19 +448,20 @@ impl StoredHeaders {
 
     /// The first value of a field.
     pub(crate) fn get(&self, name: &HeaderName) -> Option<http::HeaderValue> {
-        let wanted = name.as_str().as_bytes();
+        let wanted = StoredName::of(name);
         let (_, range) = self.fields().find(|(n, _)| *n == wanted)?;
         self.value(range)
     }
 
     pub(crate) fn contains(&self, name: &HeaderName) -> bool {
-        let wanted = name.as_str().as_bytes();
+        let wanted = StoredName::of(name);
         self.fields().any(|(n, _)| n == wanted)
     }
 
-    /// Bytes charged against the store's budget for these headers.
+    /// Bytes charged against the store's budget for these headers: the
+    /// block (what a buffer costs besides is `BLOCK_OVERHEAD`).
     fn charge(&self) -> usize {
-        self.block.len() + 32
+        self.block.len()
     }
 }
 
@@ -286,5 +483,77 @@ mod tests {
         assert!(s.contains(&HeaderName::from_static("x-multi")));
         assert!(!s.contains(&http::header::LAST_MODIFIED));
         assert_eq!(StoredHeaders::from_map(&HeaderMap::new()).to_map().len(), 0);
+    }
+
+    #[test]
+    fn standard_names_are_one_byte_and_others_keep_their_text() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        let coded = StoredHeaders::from_map(&h);
+        // count, code, value length, value
+        assert_eq!(coded.block.len(), 2 + 1 + 2 + "text/plain".len());
+        let mut custom = HeaderMap::new();
+        custom.insert("x-custom-thing", HeaderValue::from_static("v"));
+        custom.append("x-custom-thing", HeaderValue::from_static(""));
+        let s = StoredHeaders::from_map(&custom);
+        assert_eq!(
+            s.block.len(),
+            2 + 2 * (1 + 2 + "x-custom-thing".len() + 2) + 1
+        );
+        assert_eq!(s.to_map(), custom);
+        assert_eq!(
+            s.get(&HeaderName::from_static("x-custom-thing")).unwrap(),
+            "v"
+        );
+        assert!(!s.contains(&http::header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn every_standard_name_round_trips() {
+        assert!(STANDARD_NAMES.len() < 256);
+        let mut h = HeaderMap::new();
+        for (i, n) in STANDARD_NAMES.iter().enumerate() {
+            assert_eq!(code_of(n) as usize, i + 1, "{n} listed twice");
+            h.append(n.clone(), HeaderValue::from(i));
+        }
+        h.append("x-after", HeaderValue::from_static("last"));
+        let s = StoredHeaders::from_map(&h);
+        assert_eq!(s.to_map(), h);
+        assert_eq!(s.get(&http::header::VIA).unwrap(), h[http::header::VIA]);
+    }
+
+    #[test]
+    fn blocks_are_allocated_exactly() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("x-y", HeaderValue::from_static("z"));
+        let b = StoredHeaders::block_with_room(&h, 100);
+        assert_eq!(b.capacity(), b.len() + 100);
+        let e = Entry::streamed(
+            StatusCode::OK,
+            h.clone(),
+            &[Bytes::from_static(b"ab"), Bytes::from_static(b"cd")],
+            Freshness::plain(Duration::from_secs(1), SystemTime::now()),
+        );
+        assert_eq!(e.body(), "abcd");
+        assert_eq!(e.header_map(), h);
+    }
+
+    #[test]
+    fn a_corrupt_block_yields_what_it_can_and_no_panic() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.insert("x-y", HeaderValue::from_static("z"));
+        let full = StoredHeaders::from_map(&h).block;
+        for cut in 0..full.len() {
+            let s = StoredHeaders {
+                block: full.slice(..cut),
+            };
+            assert!(s.to_map().len() < 2, "cut at {cut}");
+        }
+        let bad_code = StoredHeaders {
+            block: Bytes::from_static(&[1, 0, 255, 1, 0, b'v']),
+        };
+        assert!(bad_code.to_map().is_empty());
     }
 }

@@ -14,7 +14,7 @@
 //! in which case its bit is cleared and it goes to the back. That is LRU's
 //! order for keys that are not used, and keeps keys that are.
 
-use super::entry::Entry;
+use super::entry::{heap_chunk, Entry};
 use crate::cache::key::CacheKey;
 use arc_swap::ArcSwapOption;
 use std::collections::VecDeque;
@@ -22,10 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 /// Fixed cost per stored key besides its text and its entries: its slot
-/// (96 bytes with the allocator's header), its place in the ring, and the
-/// husk of a removed slot the ring may hold until the next compaction (at
-/// most one per live key, see `Clock::compact_if_sparse`).
-const KEY_OVERHEAD: usize = 224;
+/// (`Arc<Slot>` with the allocator's header), the husk of a removed slot
+/// the ring may hold until the next compaction (a `Weak` keeps the
+/// allocation: at most one per live key, see `Clock::compact_if_sparse`),
+/// and its place in the ring (8 bytes, twice that while the ring grows).
+const KEY_OVERHEAD: usize = 2 * heap_chunk(std::mem::size_of::<Slot>() + 16) + 16;
 
 /// Budget bytes per hash bucket: the table is sized once from the budget
 /// (one 8-byte bucket per KiB, 0.8 %), so it never resizes under readers.
@@ -36,7 +37,7 @@ const MAX_BUCKETS: usize = 1 << 22;
 /// What a key's presence costs, besides its entries: the text (shared by
 /// the table and every tag-index slot) and its slot.
 pub(super) fn key_charge(key: &CacheKey) -> usize {
-    KEY_OVERHEAD + key.heap_bytes()
+    KEY_OVERHEAD + heap_chunk(key.heap_bytes())
 }
 
 /// Everything a key and its variants are charged.

@@ -334,7 +334,8 @@ impl MemoryStorage {
                             status: e.status.as_u16(),
                             size: e.charge,
                             age_secs: age.as_secs(),
-                            ttl_secs: e.freshness.lifetime.as_secs() as i64 - age.as_secs() as i64,
+                            ttl_secs: e.freshness.lifetime().as_secs() as i64
+                                - age.as_secs() as i64,
                             tags: e.tags.iter().map(|t| t.to_string()).collect(),
                         },
                     ));
@@ -359,8 +360,19 @@ impl Storage for MemoryStorage {
     }
 
     fn lookup(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>> {
+        self.lookup_with(key, req, Arc::clone)
+    }
+
+    fn lookup_with<R>(
+        &self,
+        key: &CacheKey,
+        req: &HeaderMap,
+        f: impl FnOnce(&Arc<Entry>) -> R,
+    ) -> Option<R> {
         // The hit path: no lock, and no shared write but the key's
-        // reference bit when it was clear.
+        // reference bit when it was clear. The entry is lent where it
+        // lies, pinned by the table's arc-swap guards (a per-thread debt
+        // slot, not the slot's or the entry's reference count).
         let hash = key_hash(key);
         self.shard_at(hash)
             .table
@@ -369,7 +381,7 @@ impl Storage for MemoryStorage {
                     .iter()
                     .rev()
                     .find(|e| e.vary.is_empty() || policy::vary_matches(&e.vary, req))
-                    .cloned()
+                    .map(f)
             })
             .flatten()
     }
@@ -763,6 +775,32 @@ mod tests {
         assert!(
             bytes <= 64 * 1024 && entries > 0,
             "{bytes} bytes, {entries} entries"
+        );
+    }
+
+    #[test]
+    fn lookup_with_lends_the_entry_without_a_reference() {
+        let s = MemoryStorage::new(1 << 20, 1 << 20, 1);
+        let stored = entry("x", vec![], &[]);
+        s.insert(key("/a"), stored.clone());
+        let counts = s.lookup_with(&key("/a"), &HeaderMap::new(), |e| {
+            assert!(Arc::ptr_eq(e, &stored));
+            Arc::strong_count(e)
+        });
+        // Ours and the slot's: the lookup took none of its own.
+        assert_eq!(counts, Some(2));
+        assert_eq!(s.lookup_with(&key("/b"), &HeaderMap::new(), |_| ()), None);
+        let lang = HeaderName::from_static("accept-language");
+        s.insert(
+            key("/v"),
+            entry("en", vec![(lang.clone(), Some("en".into()))], &[]),
+        );
+        let mut de = HeaderMap::new();
+        de.insert(lang, http::HeaderValue::from_static("de"));
+        assert_eq!(
+            s.lookup_with(&key("/v"), &de, |_| ()),
+            None,
+            "no variant matches"
         );
     }
 

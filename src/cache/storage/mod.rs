@@ -59,6 +59,22 @@ pub trait Storage: Send + Sync {
     /// (RFC 9111 4.1), newest first. Marks the key recently used.
     fn lookup(&self, key: &CacheKey, req: &HeaderMap) -> Option<Arc<Entry>>;
 
+    /// The hit path: `f` on the variant [`Storage::lookup`] would return,
+    /// and its result. A storage that can lends the entry where it is
+    /// stored, so a hit writes no reference count every core shares (`f`
+    /// clones the `Arc` only if it must keep the entry).
+    fn lookup_with<R>(
+        &self,
+        key: &CacheKey,
+        req: &HeaderMap,
+        f: impl FnOnce(&Arc<Entry>) -> R,
+    ) -> Option<R>
+    where
+        Self: Sized,
+    {
+        self.lookup(key, req).map(|e| f(&e))
+    }
+
     /// Stores a whole entry, replacing the variant with the same secondary
     /// key. An entry too large to store is dropped.
     fn insert(&self, key: CacheKey, entry: Arc<Entry>);
