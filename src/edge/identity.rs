@@ -35,6 +35,8 @@ const MAC_LABEL: &[u8] = b"kvgate anonymous id v1\0";
 /// two compressions instead of three. Ids issued with hyphens (36 bytes)
 /// before still verify.
 const UUID_TEXT_BYTES: usize = uuid::fmt::Simple::LENGTH;
+// 55 bytes and SHA-256's padding (1 + 8 bytes) fill exactly one block.
+const _: () = assert!(MAC_LABEL.len() + UUID_TEXT_BYTES <= 55);
 /// A mac's length in the cookie: 32 bytes in unpadded base64url.
 const MAC_TEXT_BYTES: usize = 43;
 

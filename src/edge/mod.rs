@@ -101,6 +101,10 @@ impl EdgeDecision {
     /// Writes the injected headers into the request, replacing any value
     /// already there.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        // One resize for all of them: a request with few headers would
+        // otherwise grow the map (and rehash it) twice or three times.
+        // Past the map's limit the inserts fail as they would have anyway.
+        let _ = headers.try_reserve(self.inject.len());
         for (name, value) in &self.inject {
             headers.insert(name.clone(), value.clone());
         }
