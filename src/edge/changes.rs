@@ -369,6 +369,7 @@ impl Edge {
         }
         let today = crate::kv::now_ms() / 86_400_000;
         let daily: Vec<Value> = self
+            .outcomes
             .daily
             .rows(&exp.key_name, today)
             .into_iter()

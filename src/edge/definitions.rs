@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::{HeaderName, HeaderValue};
 
 use super::counters::{Counters, StripedCounter};
-use super::exposures::{Outcome, OutcomeCounters};
+use super::exposures::{DailyRow, Outcome, OutcomeCounters};
 use super::rollout::{self, BUCKETS};
 use super::targeting::RequestAttributes;
 use crate::config::edge::targeting::Condition;
@@ -84,6 +84,9 @@ pub(crate) struct VariantRuntime {
     /// Users exposed (2xx, once per user and day) and converted.
     pub(crate) unique_exposures: Arc<StripedCounter>,
     pub(crate) conversions: Arc<StripedCounter>,
+    /// Where its unique exposures and conversions are counted per day
+    /// (`None`: past the row limit, not counted per day).
+    pub(crate) daily: Option<DailyRow>,
 }
 
 /// A conversion goal, matched against method and path.
@@ -270,6 +273,11 @@ impl Compiled {
         let mut experiments = Vec::with_capacity(doc.experiments.len());
         for (name, exp) in &doc.experiments {
             let field = format!("experiments.{name}");
+            let key_name = if exp.bucket_version == 0 {
+                name.clone()
+            } else {
+                format!("{name}@v{}", exp.bucket_version)
+            };
             let total: f64 = exp.variants.values().sum();
             let mut cumulative = 0.0;
             let mut variants = Vec::with_capacity(exp.variants.len());
@@ -286,6 +294,7 @@ impl Compiled {
                     exposures: counters.exposures(name, variant),
                     unique_exposures: outcomes.counter(Outcome::Exposure, name, variant),
                     conversions: outcomes.counter(Outcome::Conversion, name, variant),
+                    daily: outcomes.daily.row(&key_name, variant),
                 });
             }
             let weights: Vec<f64> = exp.variants.values().map(|w| w / total).collect();
@@ -302,11 +311,6 @@ impl Compiled {
                 HashScheme::Sha256 => format!("{}:", versioned(":")),
                 // GrowthBook hashes the seed as given (the SDK's `seed`).
                 HashScheme::Growthbook => versioned(":"),
-            };
-            let key_name = if exp.bucket_version == 0 {
-                name.clone()
-            } else {
-                format!("{name}@v{}", exp.bucket_version)
             };
             let sticky_prefix = format!("exp:{key_name}:user:");
             let mut conditions = segment_conditions(&exp.segment);

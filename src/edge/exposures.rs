@@ -3,11 +3,11 @@
 //! rotated file by a writer thread behind a bounded queue (the request
 //! path never waits: a full queue drops the event and counts it).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
@@ -26,6 +26,8 @@ pub(crate) enum Outcome {
 #[derive(Default)]
 pub(crate) struct OutcomeCounters {
     map: Mutex<BTreeMap<(Outcome, String, String), Arc<StripedCounter>>>,
+    /// The same, per UTC day, for the results' `daily`.
+    pub(crate) daily: DailyOutcomes,
 }
 
 impl OutcomeCounters {
@@ -53,38 +55,162 @@ impl OutcomeCounters {
 
 /// Days of per-day counts kept (the oldest are dropped as days pass).
 pub(crate) const DAILY_DAYS_KEPT: u64 = 30;
-/// At most this many (experiment, day, variant) rows, whatever the names.
-const DAILY_MAX_ROWS: usize = 100_000;
+/// At most this many (experiment key, variant) rows are registered; the
+/// names come from the definitions, so this is only a backstop.
+const DAILY_MAX_ROWS: usize = 4096;
+/// Shards of the per-day counts: each thread records into its own.
+const DAILY_SHARDS: usize = 16;
+
+/// Which (experiment key, variant) a daily count belongs to: an index
+/// registered when the definitions are compiled, so recording needs no
+/// name, no allocation and no lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DailyRow(u32);
+
+#[derive(Default)]
+struct RowNames {
+    names: Vec<(String, String)>,
+    index: HashMap<(String, String), DailyRow>,
+}
+
+/// One thread's share of the counts: today's by row index, earlier days
+/// (within the window) by (day, row).
+#[derive(Default)]
+struct DailyShard {
+    today: u64,
+    counts: Vec<[u64; 2]>,
+    past: BTreeMap<(u64, u32), [u64; 2]>,
+}
+
+impl DailyShard {
+    /// Makes `day` today: today's counts move to `past`, days that left
+    /// the window go (once per day, not per event).
+    fn roll_to(&mut self, day: u64) {
+        let today = self.today;
+        for (row, counts) in self.counts.iter_mut().enumerate() {
+            if *counts != [0, 0] {
+                let past = self.past.entry((today, row as u32)).or_default();
+                past[0] += counts[0];
+                past[1] += counts[1];
+                *counts = [0, 0];
+            }
+        }
+        self.today = day;
+        let oldest = day.saturating_sub(DAILY_DAYS_KEPT - 1);
+        self.past.retain(|(d, _), _| *d >= oldest);
+    }
+}
+
+/// Pads a shard's lock to its own cache lines.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+thread_local! {
+    static DAILY_SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % DAILY_SHARDS
+    };
+}
 
 /// Unique exposures and conversions per experiment key, UTC day and variant,
 /// for the last [`DAILY_DAYS_KEPT`] days (this instance's traffic).
-#[derive(Default)]
+///
+/// Recording takes the lock of the calling thread's own shard (uncontended
+/// unless more threads than shards record at once) and bumps today's count
+/// by row index; the window is pruned when a shard's day changes. Reading
+/// merges the shards.
 pub(crate) struct DailyOutcomes {
-    map: Mutex<BTreeMap<(String, u64, String), [u64; 2]>>,
+    rows: Mutex<RowNames>,
+    shards: Box<[Padded<Mutex<DailyShard>>]>,
+}
+
+impl Default for DailyOutcomes {
+    fn default() -> Self {
+        DailyOutcomes {
+            rows: Mutex::default(),
+            shards: (0..DAILY_SHARDS).map(|_| Padded::default()).collect(),
+        }
+    }
 }
 
 impl DailyOutcomes {
-    /// Counts one outcome on `day` (days since the Unix epoch).
-    pub(crate) fn record(&self, outcome: Outcome, experiment: &str, variant: &str, day: u64) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let oldest = day.saturating_sub(DAILY_DAYS_KEPT - 1);
-        map.retain(|(_, d, _), _| *d >= oldest);
-        let key = (experiment.to_owned(), day, variant.to_owned());
-        if !map.contains_key(&key) && map.len() >= DAILY_MAX_ROWS {
+    /// The row of (experiment key, variant), registered on first use;
+    /// `None` past [`DAILY_MAX_ROWS`] (such a row is not counted per day).
+    pub(crate) fn row(&self, experiment: &str, variant: &str) -> Option<DailyRow> {
+        let mut rows = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (experiment.to_owned(), variant.to_owned());
+        if let Some(row) = rows.index.get(&key) {
+            return Some(*row);
+        }
+        if rows.names.len() >= DAILY_MAX_ROWS {
+            return None;
+        }
+        let row = DailyRow(u32::try_from(rows.names.len()).ok()?);
+        rows.names.push(key.clone());
+        rows.index.insert(key, row);
+        Some(row)
+    }
+
+    /// Counts one outcome of `row` on `day` (days since the Unix epoch).
+    pub(crate) fn record(&self, outcome: Outcome, row: DailyRow, day: u64) {
+        let shard = DAILY_SHARD.with(|s| *s);
+        let mut shard = self.shards[shard]
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let i = row.0 as usize;
+        if day > shard.today {
+            shard.roll_to(day);
+        } else if day < shard.today {
+            // Computed just before midnight, recorded just after.
+            if day >= shard.today.saturating_sub(DAILY_DAYS_KEPT - 1) {
+                shard.past.entry((day, row.0)).or_default()[outcome as usize] += 1;
+            }
             return;
         }
-        let row = map.entry(key).or_default();
-        row[outcome as usize] += 1;
+        if shard.counts.len() <= i {
+            shard.counts.resize(i + 1, [0, 0]);
+        }
+        shard.counts[i][outcome as usize] += 1;
     }
 
     /// `(day, variant, exposures, conversions)` for one experiment key,
     /// oldest day first, only days within the window ending at `today`.
     pub(crate) fn rows(&self, experiment: &str, today: u64) -> Vec<(u64, String, u64, u64)> {
         let oldest = today.saturating_sub(DAILY_DAYS_KEPT - 1);
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.range((experiment.to_owned(), oldest, String::new())..)
-            .take_while(|((e, _, _), _)| e == experiment)
-            .map(|((_, d, v), c)| (*d, v.clone(), c[0], c[1]))
+        let variants: Vec<(u32, String)> = {
+            let rows = self.rows.lock().unwrap_or_else(|p| p.into_inner());
+            rows.names
+                .iter()
+                .enumerate()
+                .filter(|(_, (e, _))| e == experiment)
+                .map(|(i, (_, v))| (i as u32, v.clone()))
+                .collect()
+        };
+        let mut merged: BTreeMap<(u64, &str), [u64; 2]> = BTreeMap::new();
+        let mut add = |day: u64, row: u32, counts: &[u64; 2]| {
+            if day < oldest || day > today || *counts == [0, 0] {
+                return;
+            }
+            if let Some((_, v)) = variants.iter().find(|(r, _)| *r == row) {
+                let m = merged.entry((day, v.as_str())).or_default();
+                m[0] += counts[0];
+                m[1] += counts[1];
+            }
+        };
+        for shard in self.shards.iter() {
+            let shard = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+            for ((day, row), counts) in &shard.past {
+                add(*day, *row, counts);
+            }
+            for (row, counts) in shard.counts.iter().enumerate() {
+                add(shard.today, row as u32, counts);
+            }
+        }
+        merged
+            .into_iter()
+            .map(|((d, v), c)| (d, v.to_owned(), c[0], c[1]))
             .collect()
     }
 }
@@ -323,24 +449,64 @@ mod tests {
     #[test]
     fn daily_outcomes_keep_the_last_days_per_variant() {
         let d = DailyOutcomes::default();
-        d.record(Outcome::Exposure, "e", "a", 100);
-        d.record(Outcome::Exposure, "e", "a", 100);
-        d.record(Outcome::Conversion, "e", "a", 100);
-        d.record(Outcome::Exposure, "e", "b", 101);
-        d.record(Outcome::Exposure, "f", "a", 101);
+        let row = |e: &str, v: &str| d.row(e, v).unwrap();
+        let (ea, eb, fa) = (row("e", "a"), row("e", "b"), row("f", "a"));
+        assert_eq!(row("e", "a"), ea, "registered once");
+        d.record(Outcome::Exposure, ea, 100);
+        d.record(Outcome::Exposure, ea, 100);
+        d.record(Outcome::Conversion, ea, 100);
+        d.record(Outcome::Exposure, eb, 101);
+        d.record(Outcome::Exposure, fa, 101);
+        // Late by a day (computed before midnight): still counted on its day.
+        d.record(Outcome::Conversion, ea, 100);
         assert_eq!(
             d.rows("e", 101),
-            vec![(100, "a".to_owned(), 2, 1), (101, "b".to_owned(), 1, 0)]
+            vec![(100, "a".to_owned(), 2, 2), (101, "b".to_owned(), 1, 0)]
         );
         // Thirty days later day 100 has left the window, and is dropped.
-        d.record(Outcome::Exposure, "e", "b", 130);
+        d.record(Outcome::Exposure, eb, 130);
         assert_eq!(
             d.rows("e", 130),
             vec![(101, "b".to_owned(), 1, 0), (130, "b".to_owned(), 1, 0)]
         );
-        d.record(Outcome::Exposure, "e", "b", 131);
+        d.record(Outcome::Exposure, eb, 131);
         assert_eq!(d.rows("e", 131).len(), 2);
         assert_eq!(d.rows("e", 131)[0].0, 130);
+        let held: usize = d
+            .shards
+            .iter()
+            .map(|s| s.0.lock().unwrap().past.len())
+            .sum();
+        assert!(held <= 2, "pruned as the days pass: {held}");
+    }
+
+    #[test]
+    fn daily_outcomes_are_exact_across_threads() {
+        let d = Arc::new(DailyOutcomes::default());
+        let rows = [d.row("e", "a").unwrap(), d.row("e", "b").unwrap()];
+        let threads: Vec<_> = (0..24)
+            .map(|t| {
+                let d = Arc::clone(&d);
+                std::thread::spawn(move || {
+                    for i in 0..1000u64 {
+                        // Half the threads cross into the next day halfway.
+                        let day = if t % 2 == 0 && i >= 500 { 11 } else { 10 };
+                        d.record(Outcome::Exposure, rows[t % 2], day);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            d.rows("e", 11),
+            vec![
+                (10, "a".to_owned(), 6000, 0),
+                (10, "b".to_owned(), 12_000, 0),
+                (11, "a".to_owned(), 6000, 0)
+            ]
+        );
     }
 
     #[test]

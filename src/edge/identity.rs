@@ -24,11 +24,21 @@ pub(crate) const MAX_USER_ID_BYTES: usize = 128;
 /// Lifetime of the anonymous cookie: one year (browsers cap at 400 days).
 pub(crate) const ANONYMOUS_COOKIE_MAX_AGE_SECS: u64 = 365 * 24 * 60 * 60;
 pub(crate) use crate::config::edge::MIN_SECRET_BYTES;
-/// Longest id part of a signed anonymous cookie (kvgate issues 36-byte UUIDs).
+/// Longest id part of a signed anonymous cookie (kvgate issues 32-byte UUIDs,
+/// 36-byte ones before).
 const MAX_ANONYMOUS_ID_BYTES: usize = 64;
 /// Domain separation: the mac covers this label too, so a mac made with the
 /// same secret for another purpose can never pass as an anonymous id's.
 const MAC_LABEL: &[u8] = b"kvgate anonymous id v1\0";
+/// An issued id's text: a UUID's 32 hex digits without hyphens, so that
+/// the mac's label and the id fit one SHA-256 block (55 bytes): HMAC costs
+/// two compressions instead of three. Ids issued with hyphens (36 bytes)
+/// before still verify.
+const UUID_TEXT_BYTES: usize = uuid::fmt::Simple::LENGTH;
+// 55 bytes and SHA-256's padding (1 + 8 bytes) fill exactly one block.
+const _: () = assert!(MAC_LABEL.len() + UUID_TEXT_BYTES <= 55);
+/// A mac's length in the cookie: 32 bytes in unpadded base64url.
+const MAC_TEXT_BYTES: usize = 43;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Identity {
@@ -82,10 +92,14 @@ impl Signer {
         mac
     }
 
-    /// The cookie value for `id`: `<id>.<base64url mac>`.
+    /// The cookie value for `id`: `<id>.<base64url mac>` (one allocation).
     pub(crate) fn sign(&self, id: &str) -> String {
         let tag = self.mac_of(id).finalize().into_bytes();
-        format!("{id}.{}", URL_SAFE_NO_PAD.encode(tag))
+        let mut value = String::with_capacity(id.len() + 1 + MAC_TEXT_BYTES);
+        value.push_str(id);
+        value.push('.');
+        URL_SAFE_NO_PAD.encode_string(tag, &mut value);
+        value
     }
 
     /// The id inside a signed cookie value, if its mac is right (compared in
@@ -98,7 +112,7 @@ impl Signer {
             && id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !id_ok || tag.len() != 43 {
+        if !id_ok || tag.len() != MAC_TEXT_BYTES {
             return None;
         }
         let tag = URL_SAFE_NO_PAD.decode(tag).ok()?;
@@ -177,48 +191,47 @@ pub(crate) fn anonymous(headers: &HeaderMap, signer: &Signer) -> Identity {
             fresh: None,
         };
     }
-    let id = new_anonymous_id();
+    let mut user_id = String::with_capacity(ANONYMOUS_PREFIX.len() + UUID_TEXT_BYTES);
+    user_id.push_str(ANONYMOUS_PREFIX);
+    user_id.push_str(new_anonymous_id(&mut [0; UUID_TEXT_BYTES]));
+    let fresh = signer.sign(&user_id[ANONYMOUS_PREFIX.len()..]);
     Identity {
-        user_id: format!("{ANONYMOUS_PREFIX}{id}"),
+        user_id,
         anonymous: true,
-        fresh: Some(signer.sign(&id)),
+        fresh: Some(fresh),
     }
 }
 
-/// A fresh anonymous id: a UUID v4 whose 122 random bits come from a
-/// per-thread generator, SHA-256 over a 32-byte key drawn from the OS once
-/// per thread and a counter (one compression per id), rather than a
-/// `getrandom` system call per new visitor. Without the key the ids are as
-/// unguessable as the OS's randomness: predicting one means inverting
-/// SHA-256 or guessing 256 bits.
-fn new_anonymous_id() -> String {
-    use sha2::Digest as _;
-    use std::cell::Cell;
+/// A fresh anonymous id, written into `buf`: a UUID v4 whose 122 random
+/// bits come from a per-thread ChaCha12 generator seeded once per thread
+/// from the OS, rather than a `getrandom` system call per new visitor.
+/// ChaCha12 is a cryptographic generator: without the seed the ids are as
+/// unguessable as the OS's randomness.
+fn new_anonymous_id(buf: &mut [u8; UUID_TEXT_BYTES]) -> &str {
+    use rand::rngs::StdRng;
+    use rand::{Rng as _, SeedableRng as _};
+    use std::cell::RefCell;
     thread_local! {
-        static KEY: Option<[u8; 32]> = {
-            let mut key = [0u8; 32];
-            getrandom::getrandom(&mut key).ok().map(|()| key)
-        };
-        static COUNTER: Cell<u64> = const { Cell::new(0) };
+        static RNG: RefCell<Option<StdRng>> = RefCell::new({
+            let mut seed = [0u8; 32];
+            getrandom::getrandom(&mut seed).ok().map(|()| StdRng::from_seed(seed))
+        });
     }
-    let Some(key) = KEY.with(|k| *k) else {
-        // The OS gave no seed for this thread: ask it per id, as before.
-        return uuid::Uuid::new_v4().to_string();
-    };
-    let n = COUNTER.with(|c| {
-        let n = c.get();
-        c.set(n.wrapping_add(1));
-        n
-    });
-    let digest = Sha256::new()
-        .chain_update(key)
-        .chain_update(n.to_le_bytes())
-        .finalize();
     let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    uuid::Builder::from_random_bytes(bytes)
-        .into_uuid()
-        .to_string()
+    let drawn = RNG.with(|rng| match rng.try_borrow_mut().as_deref_mut() {
+        Ok(Some(rng)) => {
+            rng.fill_bytes(&mut bytes);
+            true
+        }
+        _ => false,
+    });
+    let uuid = if drawn {
+        uuid::Builder::from_random_bytes(bytes).into_uuid()
+    } else {
+        // The OS gave no seed for this thread: ask it per id.
+        uuid::Uuid::new_v4()
+    };
+    uuid.simple().encode_lower(buf)
 }
 
 /// [`authenticated`], else [`anonymous`].
@@ -227,14 +240,25 @@ pub(crate) fn resolve(headers: &HeaderMap, sources: &Sources<'_>, signer: &Signe
     authenticated(headers, sources).unwrap_or_else(|| anonymous(headers, signer))
 }
 
-/// `Set-Cookie` for a newly issued anonymous id (`value` is already signed).
+/// `Set-Cookie` for a newly issued anonymous id (`value` is already
+/// signed), built in one allocation the header value takes over.
 pub(crate) fn anonymous_cookie(value: &str, secure: bool) -> Option<HeaderValue> {
-    let secure = if secure { "; Secure" } else { "" };
-    let cookie = format!(
-        "{ANONYMOUS_COOKIE}={value}; Path=/; Max-Age={ANONYMOUS_COOKIE_MAX_AGE_SECS}; \
-         HttpOnly; SameSite=Lax{secure}"
+    use std::fmt::Write as _;
+    const ATTRIBUTES: &str = "; HttpOnly; SameSite=Lax";
+    const SECURE: &str = "; Secure";
+    let mut cookie = String::with_capacity(
+        ANONYMOUS_COOKIE.len() + 1 + value.len() + 32 + ATTRIBUTES.len() + SECURE.len(),
     );
-    HeaderValue::from_str(&cookie).ok()
+    cookie.push_str(ANONYMOUS_COOKIE);
+    cookie.push('=');
+    cookie.push_str(value);
+    // Formatting an integer into a String with room to spare cannot fail.
+    let _ = write!(cookie, "; Path=/; Max-Age={ANONYMOUS_COOKIE_MAX_AGE_SECS}");
+    cookie.push_str(ATTRIBUTES);
+    if secure {
+        cookie.push_str(SECURE);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(cookie)).ok()
 }
 
 #[cfg(test)]
@@ -391,7 +415,11 @@ mod tests {
     fn fresh_ids_are_uuid_v4_and_distinct_across_threads() {
         let ids: Vec<String> = (0..4)
             .map(|_| {
-                std::thread::spawn(|| (0..500).map(|_| new_anonymous_id()).collect::<Vec<_>>())
+                std::thread::spawn(|| {
+                    (0..500)
+                        .map(|_| new_anonymous_id(&mut [0; UUID_TEXT_BYTES]).to_owned())
+                        .collect::<Vec<_>>()
+                })
             })
             .flat_map(|h| h.join().unwrap())
             .collect();

@@ -92,8 +92,8 @@ pub struct EdgeDecision {
 
 impl EdgeDecision {
     /// Whether [`Edge::observe`] has anything to record for this request
-    /// (there are experiments), so the proxy keeps the request's method
-    /// and path for it only then.
+    /// (there are experiments and the id was not issued by this request),
+    /// so the proxy keeps the request's method and path for it only then.
     pub(crate) fn observes(&self) -> bool {
         self.defs.is_some()
     }
@@ -101,6 +101,10 @@ impl EdgeDecision {
     /// Writes the injected headers into the request, replacing any value
     /// already there.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        // One resize for all of them: a request with few headers would
+        // otherwise grow the map (and rehash it) twice or three times.
+        // Past the map's limit the inserts fail as they would have anyway.
+        let _ = headers.try_reserve(self.inject.len());
         for (name, value) in &self.inject {
             headers.insert(name.clone(), value.clone());
         }
@@ -160,9 +164,8 @@ pub struct Edge {
     alias_header: Option<HeaderName>,
     dedup: DailyDedup,
     events: EventLog,
+    /// Unique exposures and conversions, in total and per UTC day.
     outcomes: Arc<OutcomeCounters>,
-    /// The same, per UTC day, for the results' `daily`.
-    daily: exposures::DailyOutcomes,
     prefs: PrefsRuntime,
     counters: Arc<Counters>,
     /// Sticky assignments and preference renewals on their way to the KV.
@@ -394,7 +397,6 @@ impl Edge {
             dedup: DailyDedup::new(cfg.exposures.dedup_capacity),
             events: EventLog::new(&cfg.exposures),
             outcomes,
-            daily: exposures::DailyOutcomes::default(),
             prefs,
             counters,
             writes,
@@ -550,7 +552,10 @@ impl Edge {
             .filter(|a| !identity.anonymous && identity::is_anonymous_id(a) && is_valid_user_id(a));
 
         self.defs.ensure_loaded().await;
-        let defs = self.defs.current.load_full();
+        // A guard, not a clone of the `Arc`: no reference count written by
+        // every core on every request. Only a decision kept for `observe`
+        // takes the `Arc`.
+        let defs = self.defs.current.load();
         let mut entered: Vec<(&ExperimentRuntime, Option<usize>)> = Vec::new();
         let mut inject = Vec::with_capacity(defs.experiments.len() + 2);
         for exp in &defs.experiments {
@@ -632,13 +637,15 @@ impl Edge {
             .as_deref()
             .filter(|_| !keep_cookie)
             .and_then(|value| identity::anonymous_cookie(value, tls || self.cookie_secure));
-        let has_experiments = !defs.experiments.is_empty();
+        // A freshly issued id records nothing after the response: see
+        // `observe`.
+        let observed = !fresh && !defs.experiments.is_empty();
         EdgeDecision {
             set_cookie,
             anonymous: identity.anonymous,
             user_id: identity.user_id,
             inject,
-            defs: has_experiments.then_some(defs),
+            defs: observed.then(|| arc_swap::Guard::into_inner(defs)),
             assigned,
         }
     }
@@ -647,6 +654,14 @@ impl Edge {
     /// 2xx, once per user, experiment and day) and conversions of the
     /// experiments whose goals match the request (2xx, once a day). Never
     /// waits on I/O: events go to bounded queues.
+    ///
+    /// Not for a freshly issued anonymous id (the decision does not observe):
+    /// its exposure is recorded when it comes back with the cookie, the
+    /// same request that stores its sticky assignment. A client that drops
+    /// cookies (a crawler, a load generator) would otherwise add an
+    /// `exposed:` record, a dedup entry and a "user" to the results on every
+    /// request, and fill the day's dedup set so that real users are counted
+    /// twice; it could never convert on a later request either.
     pub(crate) async fn observe(
         &self,
         decision: &EdgeDecision,
@@ -685,8 +700,9 @@ impl Edge {
                 continue;
             }
             variant.unique_exposures.incr();
-            self.daily
-                .record(Outcome::Exposure, &exp.key_name, &variant.name, day);
+            if let Some(row) = variant.daily {
+                self.outcomes.daily.record(Outcome::Exposure, row, day);
+            }
             self.events.push(|| event("exposure", exp, &variant.name));
             self.writes
                 .push(Write::Put {
@@ -718,8 +734,9 @@ impl Edge {
                 .and_then(|&(_, v)| exp.variants.get(v));
             if let Some(variant) = variant {
                 variant.conversions.incr();
-                self.daily
-                    .record(Outcome::Conversion, &exp.key_name, &variant.name, day);
+                if let Some(row) = variant.daily {
+                    self.outcomes.daily.record(Outcome::Conversion, row, day);
+                }
             }
             self.events
                 .push(|| event("conversion", exp, variant.map_or("", |v| v.name.as_str())));

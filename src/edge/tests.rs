@@ -230,6 +230,63 @@ async fn returning_anonymous_visitor_keeps_the_id_and_gets_a_sticky_assignment()
     assert_eq!(stored.metadata, None);
 }
 
+/// What a returning id has stored for exposures of new-checkout.
+async fn exposure_records(kv: &MemoryKv) -> Vec<String> {
+    let page = kv
+        .list("production:exposed:new-checkout:", None, 1000)
+        .await;
+    page.unwrap().keys.into_iter().map(|k| k.name).collect()
+}
+
+#[tokio::test]
+async fn a_new_visitor_is_exposed_when_it_returns_with_the_cookie() {
+    let (kv, edge) = memory_edge();
+    // Cookie-less requests (a crawler, a load generator): each is a new
+    // visitor, and none leaves an exposure behind, in the store or in memory.
+    let mut first = None;
+    for _ in 0..50 {
+        let d = edge
+            .decide(&HeaderMap::new(), "/checkout", STRANGER, false)
+            .await;
+        assert!(injected(&d, "x-experiment-new-checkout").is_some());
+        assert!(!d.observes(), "a new id is not observed");
+        edge.observe(&d, &Method::GET, "/checkout", "default", StatusCode::OK)
+            .await;
+        first.get_or_insert(d);
+    }
+    edge.settle().await;
+    assert_eq!(exposure_records(&kv).await, Vec::<String>::new());
+    let first = first.unwrap();
+    let variant = injected(&first, "x-experiment-new-checkout")
+        .unwrap()
+        .to_owned();
+    assert_eq!(today(&edge, &variant).await, (0, 0));
+
+    // The first id comes back: exposed once, in the same variant, and its
+    // assignment stored with it.
+    let h = with_cookie(&cookie_pair(&first));
+    for _ in 0..3 {
+        let d = edge.decide(&h, "/checkout", STRANGER, false).await;
+        assert!(d.observes());
+        assert_eq!(
+            injected(&d, "x-experiment-new-checkout"),
+            Some(variant.as_str())
+        );
+        edge.observe(&d, &Method::GET, "/checkout", "default", StatusCode::OK)
+            .await;
+    }
+    edge.settle().await;
+    assert_eq!(
+        exposure_records(&kv).await,
+        [format!(
+            "production:exposed:new-checkout:{variant}:{}",
+            first.user_id
+        )]
+    );
+    assert_eq!(today(&edge, &variant).await, (1, 0));
+    assert_eq!(checkout_sticky_keys(kv.as_ref()).await, 1);
+}
+
 #[tokio::test]
 async fn identity_from_header_or_configured_cookie_is_not_anonymous() {
     let (_kv, edge) = memory_edge();
