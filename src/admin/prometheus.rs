@@ -562,7 +562,7 @@ fn render_outcomes(
     (counts, dropped): (Vec<(&str, String, String, u64)>, u64),
 ) -> fmt::Result {
     for (kind, name, help) in [
-        ("exposure", "kvgate_edge_exposed_users_total", "Users exposed to a variant on a 2xx response, once per user, experiment and day."),
+        ("exposure", "kvgate_edge_exposed_users_total", "Users exposed to a variant on a 2xx response, once per user, experiment and day (a new anonymous visitor counts when it returns with its cookie)."),
         ("conversion", "kvgate_edge_conversions_total", "Users reaching an experiment goal (2xx), once per user, experiment and day, by the variant injected on that request."),
     ] {
         t.counters(
