@@ -56,18 +56,6 @@ fn memory_toml(extra: &str) -> String {
     )
 }
 
-/// An in-process gateway whose edge, state, admin and routes come from `toml`.
-async fn edge_gateway(origin: &Origin, toml: &str) -> Gateway {
-    let parsed = Config::parse(toml, "t").expect("test config parses");
-    Gateway::start(&origin.url(), |c| {
-        c.edge = parsed.edge;
-        c.state = parsed.state;
-        c.admin = parsed.admin;
-        c.routes = parsed.routes;
-    })
-    .await
-}
-
 fn admin_url(gw: &Gateway, path: &str) -> String {
     let addr = gw.running.admin_addr.expect("admin listener runs");
     format!("http://{addr}{path}")
@@ -84,8 +72,7 @@ async fn admin_as(gw: &Gateway, auth: Option<&str>, method: Method, path: &str, 
 
 /// An authenticated admin request.
 async fn admin(gw: &Gateway, method: Method, path: &str, body: &str) -> Got {
-    let auth = format!("Bearer {TOKEN}");
-    admin_as(gw, Some(&auth), method, path, body).await
+    gw.admin(TOKEN, method, path, body).await
 }
 
 fn json_of(g: &Got) -> Value {
@@ -133,18 +120,12 @@ async fn view_variant(gw: &Gateway, user: &str) -> String {
 }
 
 /// Polls `check` every 10 ms for up to 5 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for: {what}");
+    common::eventually(what, 500, Duration::from_millis(10), check).await
 }
 
 /// Waits until the stored (sticky) assignment of `user` is `variant`.
@@ -155,17 +136,6 @@ async fn assigned_becomes(gw: &Gateway, user: &str, variant: &str) {
         u["experiments"]["new-checkout"]["assigned"] == variant
     })
     .await;
-}
-
-/// Stops an in-process gateway and waits until it has let go of everything
-/// (its state file included).
-async fn stop(gw: Gateway) {
-    let Gateway { running } = gw;
-    if let Some(edge) = &running.gateway.edge {
-        edge.settle().await;
-    }
-    running.stop.send(true).expect("gateway still running");
-    running.task.await.expect("gateway task");
 }
 
 /// Exposure counts per variant from `GET /experiments/new-checkout`.
@@ -193,16 +163,12 @@ fn tally_variants<'a>(seen: impl IntoIterator<Item = &'a String>) -> BTreeMap<St
     m
 }
 
-fn no_store(body: &str) -> Reply {
-    Reply::ok(body).header("cache-control", "no-store")
-}
-
 // 1 ------------------------------------------------------------------------
 
 #[tokio::test]
 async fn flags_reach_the_origin_and_overrides_apply_per_user() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
 
     get_as(&gw, "/f1", "alice").await;
     assert_eq!(seen_header(&origin, "/f1", FLAGS_HEADER), DEFAULT_FLAGS);
@@ -250,8 +216,8 @@ async fn flags_reach_the_origin_and_overrides_apply_per_user() {
 
 #[tokio::test]
 async fn clients_cannot_spoof_injected_headers() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
     let real_variant = view_variant(&gw, "mallory").await;
     let fake_variant = VARIANTS
         .iter()
@@ -301,7 +267,7 @@ async fn clients_cannot_strip_injected_headers_through_connection() {
             .header("vary", "X-Experiment-new-checkout")
     })
     .await;
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
     let variant = view_variant(&gw, "mallory").await;
     let r = get_with(
         &gw.url("/c"),
@@ -400,7 +366,7 @@ async fn anonymous_identity_is_issued_once_and_sticks() {
             .header("vary", "X-Experiment-new-checkout")
     })
     .await;
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
 
     let first = get(&gw.url("/i")).await;
     assert_eq!(first.status, 200);
@@ -466,9 +432,9 @@ async fn anonymous_identity_is_issued_once_and_sticks() {
 
 #[tokio::test]
 async fn variants_are_a_pure_hash_the_same_everywhere_and_exposures_are_exact() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw1 = edge_gateway(&origin, &memory_toml("")).await;
-    let gw2 = edge_gateway(&origin, &memory_toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw1 = Gateway::from_toml(&origin, &memory_toml("")).await;
+    let gw2 = Gateway::from_toml(&origin, &memory_toml("")).await;
     let users: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
     let mut on_gw1 = Vec::new();
     for u in &users {
@@ -535,12 +501,12 @@ fn durable_toml(state: &Path, weights: (u32, u32, u32)) -> String {
 
 #[tokio::test]
 async fn sticky_assignments_survive_a_weights_change_and_can_be_reset() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.redb");
     let users: Vec<String> = (0..200).map(|i| format!("sticky-{i}")).collect();
 
-    let a = edge_gateway(&origin, &durable_toml(&state, (50, 25, 25))).await;
+    let a = Gateway::from_toml(&origin, &durable_toml(&state, (50, 25, 25))).await;
     let mut before = BTreeMap::new();
     for u in &users {
         let p = format!("/a/{u}");
@@ -548,9 +514,9 @@ async fn sticky_assignments_survive_a_weights_change_and_can_be_reset() {
         before.insert(u.clone(), seen_header(&origin, &p, EXP_HEADER));
     }
     assert_eq!(exposures(&a).await, tally_variants(before.values()));
-    stop(a).await;
+    a.stop().await;
 
-    let b = edge_gateway(&origin, &durable_toml(&state, (10, 45, 45))).await;
+    let b = Gateway::from_toml(&origin, &durable_toml(&state, (10, 45, 45))).await;
     let mut moved_by_weights = Vec::new();
     for u in &users {
         let p = format!("/b/{u}");
@@ -590,7 +556,7 @@ async fn sticky_assignments_survive_a_weights_change_and_can_be_reset() {
     let p = format!("/b/{user}/again");
     get_as(&b, &p, user).await;
     assert_eq!(&seen_header(&origin, &p, EXP_HEADER), fresh);
-    stop(b).await;
+    b.stop().await;
 }
 
 // 5 ------------------------------------------------------------------------
@@ -608,7 +574,7 @@ async fn each_variant_is_cached_apart_and_shared_within() {
             .header("vary", "X-Experiment-new-checkout")
     })
     .await;
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
 
     // two users per variant
     let mut by_variant: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -670,8 +636,8 @@ async fn each_variant_is_cached_apart_and_shared_within() {
 
 #[tokio::test]
 async fn preferences_merge_reach_the_origin_and_refusals_change_nothing() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
     let prefs = "/users/alice/preferences";
     let defaults = json!({"theme": "light", "language": "en"});
 
@@ -834,7 +800,7 @@ impl Drop for Process {
 
 #[tokio::test]
 async fn state_survives_kill_9_of_the_real_binary() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("kvgate.toml");
     let state = dir.path().join("state.redb");
@@ -919,7 +885,7 @@ fn metric(text: &str, series: &str) -> f64 {
 async fn counters_and_metrics_are_exact() {
     let origin = Origin::start(|_, _| Reply::ok("c").header("cache-control", "max-age=60")).await;
     let routes = "[[route]]\nname = \"api\"\nprefix = \"/api/\"\n";
-    let gw = edge_gateway(&origin, &memory_toml(routes)).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml(routes)).await;
 
     // (path, user, method): cache hits and a POST count as requests too
     let plan: Vec<(&str, &str, Method)> = vec![
@@ -996,8 +962,8 @@ async fn counters_and_metrics_are_exact() {
 
 #[tokio::test]
 async fn admin_edge_refusals_change_nothing() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
     let r = admin(&gw, Method::PUT, "/flags/newUI/users/alice", "true").await;
     assert_eq!(r.status, 200);
     let r = admin(
@@ -1136,10 +1102,10 @@ fn set_cookies(r: &Got) -> Vec<String> {
 
 #[tokio::test]
 async fn a_forged_cookie_or_an_untrusted_header_gets_nothing_of_alice() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     // No trusted_from: X-User-Id is never believed, even from loopback.
     let untrusting = memory_toml("").replace(TRUST_LOOPBACK, "");
-    let gw = edge_gateway(&origin, &untrusting).await;
+    let gw = Gateway::from_toml(&origin, &untrusting).await;
     let r = admin(&gw, Method::PUT, "/flags/newUI/users/alice", "true").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = admin(
@@ -1166,10 +1132,10 @@ async fn a_forged_cookie_or_an_untrusted_header_gets_nothing_of_alice() {
         DEFAULT_FLAGS
     );
     issued_uid(&claimed);
-    stop(gw).await;
+    gw.stop().await;
 
     // The same header from a trusted peer names alice.
-    let gw = edge_gateway(&origin, &memory_toml("")).await;
+    let gw = Gateway::from_toml(&origin, &memory_toml("")).await;
     let r = admin(&gw, Method::PUT, "/flags/newUI/users/alice", "true").await;
     assert_eq!(r.status, 200, "{}", r.text());
     let r = get_as(&gw, "/trusted", "alice").await;
@@ -1190,10 +1156,10 @@ async fn a_forged_cookie_or_an_untrusted_header_gets_nothing_of_alice() {
 
 #[tokio::test]
 async fn signed_ids_hold_across_requests_and_a_restart_and_tampering_is_refused() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.redb");
-    let gw = edge_gateway(&origin, &durable_toml(&state, (50, 25, 25))).await;
+    let gw = Gateway::from_toml(&origin, &durable_toml(&state, (50, 25, 25))).await;
 
     let first = get(&gw.url("/s1")).await;
     let uid = issued_uid(&first);
@@ -1212,24 +1178,24 @@ async fn signed_ids_hold_across_requests_and_a_restart_and_tampering_is_refused(
     let replaced = issued_uid(&r);
     assert_ne!(replaced, uid);
     assert_ne!(anon_user(&replaced), anon_user(&uid));
-    stop(gw).await;
+    gw.stop().await;
 
     // A restart on the same state keeps the generated secret: same id.
-    let gw = edge_gateway(&origin, &durable_toml(&state, (50, 25, 25))).await;
+    let gw = Gateway::from_toml(&origin, &durable_toml(&state, (50, 25, 25))).await;
     let r = get_with(&gw.url("/s4"), &[("cookie", &cookie)]).await;
     assert!(set_cookies(&r).is_empty(), "the id survived the restart");
     assert_eq!(seen_header(&origin, "/s4", EXP_HEADER), variant);
-    stop(gw).await;
+    gw.stop().await;
 }
 
 #[tokio::test]
 async fn cookie_secure_sets_secure_over_plain_http() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let toml = memory_toml("").replace(
         TRUST_LOOPBACK,
         &format!("{TRUST_LOOPBACK}\ncookie_secure = true"),
     );
-    let gw = edge_gateway(&origin, &toml).await;
+    let gw = Gateway::from_toml(&origin, &toml).await;
     let r = get(&gw.url("/sec")).await;
     let cookies = set_cookies(&r);
     assert_eq!(cookies.len(), 1, "{cookies:?}");
@@ -1253,7 +1219,7 @@ async fn an_invalid_trusted_network_is_a_config_error_naming_the_key() {
 
 #[tokio::test]
 async fn shutdown_commits_the_queued_edge_writes() {
-    let origin = Origin::start(|_, _| no_store("ok")).await;
+    let origin = Origin::start(|_, _| Reply::no_store("ok")).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let state = dir.path().join("state.redb");
     // A commit window far longer than the test: every write is still
@@ -1262,7 +1228,7 @@ async fn shutdown_commits_the_queued_edge_writes() {
         "[edge.identity]",
         "[edge]\nwrite_flush_ms = 60000\n[edge.identity]",
     );
-    let gw = edge_gateway(&origin, &toml).await;
+    let gw = Gateway::from_toml(&origin, &toml).await;
     let users: Vec<String> = (0..60).map(|i| format!("quit-{i}")).collect();
     let mut requests = tokio::task::JoinSet::new();
     for u in &users {
