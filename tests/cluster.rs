@@ -33,17 +33,7 @@ fn config_with_timeout(redis_url: &str, timeout_ms: u64, extra: &str) -> String 
 }
 
 async fn admin_at(addr: &str, method: Method, path: &str, body: &str) -> Got {
-    let auth = format!("Bearer {TOKEN}");
-    send(
-        method,
-        &format!("http://{addr}{path}"),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        body,
-    )
-    .await
+    common::admin_at(addr, TOKEN, method, path, body).await
 }
 
 async fn admin_ok(gw: &Gateway, method: Method, path: &str, body: &str) -> Value {

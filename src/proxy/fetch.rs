@@ -380,14 +380,7 @@ impl Gateway {
         headers.remove(header::AGE);
         let cc = ResponseDirectives::from_headers(&headers);
         let freshness = self.freshness(ctx, s.status, &with_age, &cc, request_time, now);
-        Entry::new(
-            s.status,
-            headers,
-            s.body.clone(),
-            s.vary.to_vec(),
-            freshness,
-            s.tags.to_vec(),
-        )
+        Entry::refreshed(s, headers, freshness)
     }
 }
 

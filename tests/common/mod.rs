@@ -204,17 +204,7 @@ impl Gateway {
     /// A call to the admin API with `token` as the bearer token.
     pub async fn admin(&self, token: &str, method: Method, path: &str, body: &str) -> Got {
         let addr = self.running.admin_addr.expect("admin listener runs");
-        let auth = format!("Bearer {token}");
-        send(
-            method,
-            &format!("http://{addr}{path}"),
-            &[
-                ("authorization", &auth),
-                ("content-type", "application/json"),
-            ],
-            body,
-        )
-        .await
+        admin_at(&addr.to_string(), token, method, path, body).await
     }
 
     /// An admin call that must answer 200 with JSON.
@@ -239,6 +229,22 @@ impl Gateway {
         running.stop.send(true).expect("gateway still running");
         running.task.await.expect("gateway task");
     }
+}
+
+/// A call to the admin API listening at `addr` (`host:port`), with
+/// `token` as the bearer token.
+pub async fn admin_at(addr: &str, token: &str, method: Method, path: &str, body: &str) -> Got {
+    let auth = format!("Bearer {token}");
+    send(
+        method,
+        &format!("http://{addr}{path}"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await
 }
 
 /// Polls `check` every `every` until it holds; panics naming `what` after

@@ -139,6 +139,22 @@ impl Entry {
         )
     }
 
+    /// The entry a 304 refresh makes of `stored` (RFC 9111 4.3.4): the
+    /// merged `headers` and new `freshness`, the same body copied next to
+    /// them into one exact-size buffer. A slice of the old buffer would
+    /// keep its old header bytes alive, uncharged, for as long as the entry
+    /// lives.
+    pub(crate) fn refreshed(stored: &Entry, headers: HeaderMap, freshness: Freshness) -> Entry {
+        let meta = EntryMeta {
+            status: stored.status,
+            headers,
+            vary: stored.vary.to_vec(),
+            freshness,
+            tags: stored.tags.to_vec(),
+        };
+        Entry::from_meta_chunks(meta, std::slice::from_ref(&stored.body), stored.body.len())
+    }
+
     /// An entry as the memory storage keeps a response that streamed in
     /// (`chunks` are its body): headers and body in one allocation. For
     /// benchmarks that must measure what the gateway really stores.
@@ -469,6 +485,29 @@ impl StoredHeaders {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn a_refreshed_entry_owns_its_buffer() {
+        let mut h = HeaderMap::new();
+        h.insert("etag", HeaderValue::from_static("\"v1\""));
+        let f = Freshness::plain(Duration::from_secs(1), SystemTime::now());
+        let old = Entry::streamed(StatusCode::OK, h, &[Bytes::from_static(b"body")], f.clone());
+        let mut merged = HeaderMap::new();
+        merged.insert("etag", HeaderValue::from_static("\"v1\""));
+        merged.insert("x-new", HeaderValue::from_static("1"));
+        let new = Entry::refreshed(&old, merged, f);
+        assert_eq!(new.body, old.body);
+        assert_eq!(
+            new.headers.get(&HeaderName::from_static("x-new")).unwrap(),
+            "1"
+        );
+        // Not a slice of the old buffer, which would stay pinned uncharged.
+        let old_buffer =
+            old.headers.block.as_ptr() as usize..old.body.as_ptr() as usize + old.body.len();
+        assert!(!old_buffer.contains(&(new.body.as_ptr() as usize)));
+        // Headers and body share one buffer, charged once.
+        assert!(new.charge < old.charge + 2 * BLOCK_OVERHEAD);
+    }
 
     #[test]
     fn stored_headers_round_trip() {
