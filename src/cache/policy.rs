@@ -493,10 +493,47 @@ pub(crate) fn vary_value(req: &HeaderMap, name: &HeaderName) -> Option<String> {
 }
 
 /// Whether a stored variant's secondary key matches a request (9111 4.1).
+/// Runs on every lookup of a Vary'd entry, so it compares without building
+/// the request's normal form.
 pub(crate) fn vary_matches(stored: &[(HeaderName, Option<String>)], req: &HeaderMap) -> bool {
     stored
         .iter()
-        .all(|(name, value)| vary_value(req, name).as_deref() == value.as_deref())
+        .all(|(name, value)| vary_value_is(req, name, value.as_deref()))
+}
+
+/// `vary_value(req, name).as_deref() == stored`, without allocating: the
+/// request's list members, trimmed, are matched against `stored` one by
+/// one, separated by single commas. A value that is not UTF-8 (rare)
+/// takes the allocating path, whose lossy decoding `stored` went through.
+fn vary_value_is(req: &HeaderMap, name: &HeaderName, stored: Option<&str>) -> bool {
+    let mut lines = req.get_all(name).iter().peekable();
+    let Some(stored) = stored else {
+        return lines.peek().is_none();
+    };
+    if lines.peek().is_none() {
+        return false;
+    }
+    let mut rest = stored.as_bytes();
+    let mut first = true;
+    for line in lines {
+        let Ok(text) = std::str::from_utf8(line.as_bytes()) else {
+            return vary_value(req, name).as_deref() == Some(stored);
+        };
+        for member in text.split(',').map(str::trim) {
+            if !first {
+                match rest.split_first() {
+                    Some((b',', after)) => rest = after,
+                    _ => return false,
+                }
+            }
+            first = false;
+            match rest.strip_prefix(member.as_bytes()) {
+                Some(after) => rest = after,
+                None => return false,
+            }
+        }
+    }
+    rest.is_empty()
 }
 
 /// Weak comparison of entity tags (RFC 9110 8.8.3.2).
@@ -1348,7 +1385,43 @@ mod tests {
             Ok(())
         }
 
+        /// Header lines for a Vary field: list members with odd spacing,
+        /// empty members and, now and then, bytes that are not UTF-8.
+        fn vary_lines() -> impl Strategy<Value = Vec<Vec<u8>>> {
+            let member = prop_oneof![
+                "[a-c]{0,3}".prop_map(String::into_bytes),
+                Just(b" ".to_vec()),
+                Just(vec![0xe9]),
+            ];
+            let line = prop::collection::vec(member, 0..4).prop_map(|ms| ms.join(&b", "[..]));
+            prop::collection::vec(line, 0..3)
+        }
+
+        fn field(lines: &[Vec<u8>]) -> HeaderMap {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                if let Ok(v) = HeaderValue::from_bytes(l) {
+                    h.append(header::ACCEPT_LANGUAGE, v);
+                }
+            }
+            h
+        }
+
         proptest! {
+            /// 9111 4.1: the allocation-free comparison says what comparing
+            /// the normalized values says, for matching and other requests.
+            #[test]
+            fn vary_matches_agrees_with_the_normal_form(a in vary_lines(), b in vary_lines()) {
+                let (stored_req, req) = (field(&a), field(&b));
+                let name = header::ACCEPT_LANGUAGE;
+                let stored = vec![(name.clone(), vary_value(&stored_req, &name))];
+                prop_assert!(vary_matches(&stored, &stored_req));
+                prop_assert_eq!(
+                    vary_matches(&stored, &req),
+                    vary_value(&req, &name) == vary_value(&stored_req, &name)
+                );
+            }
+
             #[test]
             fn byte_range_never_panics_and_parts_fit(
                 v in prop::collection::vec(any::<u8>(), 0..64),
