@@ -49,6 +49,22 @@ where
     common::eventually(what, 2000, Duration::from_millis(5), check).await
 }
 
+/// `n` concurrent GETs with one `Host` (one site behind a load balancer),
+/// alternating between two instances' URLs; the responses in order.
+async fn stampede(urls: [String; 2], n: usize) -> Vec<Got> {
+    let requests: Vec<_> = (0..n)
+        .map(|i| {
+            let url = urls[i % 2].clone();
+            tokio::spawn(async move { get_with(&url, &[("host", "site.example")]).await })
+        })
+        .collect();
+    let mut got = Vec::with_capacity(n);
+    for r in requests {
+        got.push(r.await.expect("request task"));
+    }
+    got
+}
+
 async fn readyz(gw: &Gateway) -> Value {
     let addr = gw.running.admin_addr.expect("admin").to_string();
     let r = admin_at(&addr, Method::GET, "/readyz", "").await;
@@ -360,22 +376,7 @@ async fn one_origin_fetch_for_a_cold_url_over_two_instances() {
         following(&a).await && following(&b).await
     })
     .await;
-    let mut requests = Vec::new();
-    for i in 0..100 {
-        let url = if i % 2 == 0 {
-            a.url("/cold")
-        } else {
-            b.url("/cold")
-        };
-        // One site behind a load balancer: the same Host on both.
-        requests.push(tokio::spawn(async move {
-            get_with(&url, &[("host", "site.example")]).await
-        }));
-    }
-    let mut got = Vec::new();
-    for r in requests {
-        got.push(r.await.unwrap());
-    }
+    let got = stampede([a.url("/cold"), b.url("/cold")], 100).await;
     assert!(got.iter().all(|g| g.status == 200 && g.text() == "cold"));
     assert_eq!(origin.count("/cold"), 1, "{:?}", tally(&got));
 }
@@ -615,18 +616,9 @@ async fn figures_from_two_processes() {
     );
 
     // Cluster-wide stampede: 100 concurrent requests, half on each process.
-    let mut requests = Vec::new();
-    for i in 0..100 {
-        let url = format!(
-            "http://{}/stampede",
-            if i % 2 == 0 { &a.listen } else { &b.listen }
-        );
-        requests.push(tokio::spawn(async move {
-            get_with(&url, &[("host", "site.example")]).await
-        }));
-    }
-    for r in requests {
-        assert_eq!(r.await.unwrap().status, 200);
+    let urls = [a.listen.as_str(), b.listen.as_str()].map(|l| format!("http://{l}/stampede"));
+    for r in stampede(urls, 100).await {
+        assert_eq!(r.status, 200);
     }
     println!(
         "FIGURE stampede: 100 concurrent requests over 2 processes -> {} origin request(s)",
@@ -691,19 +683,8 @@ async fn on_a_redis_cluster_purges_broadcast_and_one_fetch_per_key() {
     })
     .await;
 
-    let mut requests = Vec::new();
-    for i in 0..20 {
-        let url = if i % 2 == 0 {
-            a.url("/cold")
-        } else {
-            b.url("/cold")
-        };
-        requests.push(tokio::spawn(async move {
-            get_with(&url, &[("host", "site.example")]).await
-        }));
-    }
-    for r in requests {
-        assert_eq!(r.await.unwrap().status, 200);
+    for r in stampede([a.url("/cold"), b.url("/cold")], 20).await {
+        assert_eq!(r.status, 200);
     }
     assert_eq!(origin.count("/cold"), 1);
 

@@ -111,20 +111,8 @@ async fn two_instances_share_sticky_variants_overrides_and_preferences() {
 
     assert_eq!(injected(&a, &origin, "alice", EXP_HEADER).await, "control");
     assert_eq!(injected(&b, &origin, "bob", EXP_HEADER).await, "variant_a");
-    a.running
-        .gateway
-        .edge
-        .as_ref()
-        .expect("edge")
-        .settle()
-        .await;
-    b.running
-        .gateway
-        .edge
-        .as_ref()
-        .expect("edge")
-        .settle()
-        .await;
+    a.settle_edge().await;
+    b.settle_edge().await;
     assert_eq!(injected(&b, &origin, "alice", EXP_HEADER).await, "control");
     assert_eq!(injected(&a, &origin, "bob", EXP_HEADER).await, "variant_a");
 
@@ -397,13 +385,7 @@ async fn on_a_redis_cluster_instances_share_state() {
     let b = Gateway::from_toml(&origin, &redis_toml(&redis, (0, 100))).await;
 
     assert_eq!(injected(&a, &origin, "alice", EXP_HEADER).await, "control");
-    a.running
-        .gateway
-        .edge
-        .as_ref()
-        .expect("edge")
-        .settle()
-        .await;
+    a.settle_edge().await;
     assert_eq!(injected(&b, &origin, "alice", EXP_HEADER).await, "control");
 
     assert_eq!(

@@ -220,6 +220,17 @@ impl Gateway {
         serde_json::from_slice(&r.body).expect("JSON")
     }
 
+    /// Waits until the edge-state writes queued so far are committed.
+    pub async fn settle_edge(&self) {
+        self.running
+            .gateway
+            .edge
+            .as_ref()
+            .expect("edge configured")
+            .settle()
+            .await;
+    }
+
     /// Stops the gateway after its queued edge-state writes are committed.
     pub async fn stop(self) {
         let Gateway { running } = self;
