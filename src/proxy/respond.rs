@@ -8,6 +8,8 @@ pub(crate) use crate::cache::result::{CacheStatus, Detail, Forward};
 use crate::cache::storage::Entry;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 pub(crate) const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -32,11 +34,11 @@ impl Labels {
         } else {
             name.to_string()
         };
+        // `from_static` panics on bytes a field value may not hold; the name
+        // was just checked to be alphanumerics, `-`, `_` and `.`.
         Labels {
-            via: HeaderValue::from_str(&format!("1.1 {name}"))
-                .unwrap_or(HeaderValue::from_static("1.1 kvgate")),
-            hit: HeaderValue::from_str(&format!("{name}; hit"))
-                .unwrap_or(HeaderValue::from_static("kvgate; hit")),
+            via: HeaderValue::from_static(interned(format!("1.1 {name}"))),
+            hit: HeaderValue::from_static(interned(format!("{name}; hit"))),
             name,
         }
     }
@@ -49,6 +51,22 @@ impl Labels {
         HeaderValue::from_str(&format!("{}; {}", self.name, status.params()))
             .unwrap_or_else(|_| self.hit.clone())
     }
+}
+
+/// `text` as a `&'static str`, leaked once per distinct text: a header value
+/// built from it is static, so cloning it onto every hit writes no
+/// reference count that every core shares (a `from_str` value would). Each
+/// config generation asks again, so distinct texts, not reloads, bound
+/// what is leaked.
+fn interned(text: String) -> &'static str {
+    static TEXTS: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let mut texts = TEXTS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(t) = texts.get(text.as_str()) {
+        return t;
+    }
+    let leaked: &'static str = Box::leak(text.into_boxed_str());
+    texts.insert(leaked);
+    leaked
 }
 
 /// A response and the cache's verdict on it, carried together from where
@@ -198,4 +216,23 @@ pub(crate) fn own(
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Answer::marked(r, labels, cache_status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_interned_and_names_checked() {
+        let (a, b) = (Labels::new("edge-1.eu"), Labels::new("edge-1.eu"));
+        assert_eq!(a.via, "1.1 edge-1.eu");
+        assert_eq!(a.hit, "edge-1.eu; hit");
+        // One leaked text per distinct name, however many generations ask.
+        assert_eq!(a.via.as_bytes().as_ptr(), b.via.as_bytes().as_ptr());
+        assert_eq!(a.hit.as_bytes().as_ptr(), b.hit.as_bytes().as_ptr());
+        // A name a header value may not carry falls back to the default.
+        for bad in ["", "a b", "x\r\ny", "é"] {
+            assert_eq!(Labels::new(bad).via, "1.1 kvgate");
+        }
+    }
 }
