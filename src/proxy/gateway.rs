@@ -38,8 +38,11 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 /// What the access line says about the request, read before it is consumed.
@@ -78,6 +81,42 @@ impl AccessFields {
 /// (`admin::reload`). A request loads it once, when it starts, and keeps
 /// that generation to its end.
 pub(crate) type Live = arc_swap::ArcSwap<Gateway>;
+
+/// A request's answer: ready at once (a hit, a refusal) or still to come
+/// (the edge, a probe, a miss, a pass), in a future of its own so that a
+/// hit neither allocates nor moves the larger ones' state.
+pub(super) enum Answering<'a> {
+    Now(std::future::Ready<Answer>),
+    Later(Pin<Box<dyn Future<Output = Answer> + Send + 'a>>),
+}
+
+impl<'a> Answering<'a> {
+    fn now(answer: Answer) -> Answering<'a> {
+        Answering::Now(std::future::ready(answer))
+    }
+
+    fn later(f: impl Future<Output = Answer> + Send + 'a) -> Answering<'a> {
+        Answering::Later(Box::pin(f))
+    }
+}
+
+impl Future for Answering<'_> {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        match self.get_mut() {
+            Answering::Now(ready) => Pin::new(ready).poll(cx),
+            Answering::Later(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// The probes `[server]` can answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Alive,
+    Ready,
+}
 
 /// Everything the request path needs, shared by all connections: one
 /// generation of the configuration (routes, rules, origin, edge) over the
@@ -396,11 +435,9 @@ impl Gateway {
         });
         // Every line logged while serving the request carries its id (the
         // log formatter reads it from the task).
-        // Boxed once: the request's state machine is kilobytes, and the
-        // wrappers below (the access log's timer, the request id's scope,
-        // hyper's service future) would each move it by value: one
-        // allocation instead of several multi-KiB copies per request.
-        let answering = Box::pin(self.answer(req, client));
+        // A hit is answered here and now; only what must wait is boxed
+        // (see `answer`), so the wrappers below move a small value.
+        let answering = self.answer(req, client);
         let serving = async {
             let (
                 Answer {
@@ -449,18 +486,24 @@ impl Gateway {
         resp.headers_mut().insert(X_REQUEST_ID, request_id);
         resp
     }
-    /// Phases 1 to 7 for one request (see the module docs).
-    async fn answer<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Answer
+    /// Phases 1 to 7 for one request (see the module docs), without
+    /// awaiting anything a plain hit does not need: a hit or a refusal is
+    /// answered at once; the edge, a probe, a miss and a pass continue in a
+    /// boxed future. (One `async fn` holding every phase was a state machine
+    /// of about 2 KiB, with the request in it twice over, that every
+    /// request allocated past the allocator's per-thread cache and moved.)
+    fn answer<B>(self: &Arc<Self>, req: Request<B>, client: ClientInfo) -> Answering<'_>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let cfg = &self.config;
         if let Some(refusal) = self.guard(&req) {
-            return refusal;
+            return Answering::now(refusal);
         }
-        if let Some(probe) = self.probe(&req).await {
-            return probe;
+        if let Some(target) = self.probe_target(&req) {
+            let method = req.method().clone();
+            return Answering::later(async move { self.probe(&method, target).await });
         }
         let (mut parts, body) = req.into_parts();
         // Hop-by-hop fields go first: a client must not be able to name an
@@ -473,7 +516,8 @@ impl Gateway {
         // One normal form of the path for everything that follows: routes,
         // bypass, the edge, tags, the key and the origin request.
         if let Err(e) = normalize_request_target(&mut parts) {
-            return self.own(StatusCode::BAD_REQUEST, &e.to_string(), CacheResult::Bypass);
+            let refusal = self.own(StatusCode::BAD_REQUEST, &e.to_string(), CacheResult::Bypass);
+            return Answering::now(refusal);
         }
         // The authority the request names: the URI's (HTTP/2 `:authority`,
         // absolute-form) wins over `Host` (RFC 9112 3.2.2); the origin sees
@@ -485,53 +529,107 @@ impl Gateway {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        // Edge: decide flags / variants / preferences and inject them before
-        // the cache key and Vary see the request, so that variants the origin
-        // varies on are cached apart.
-        let mut set_cookie = None;
-        let mut edge_decision = None;
-        if let Some(edge) = &self.edge {
-            edge.strip_injected(&mut parts.headers);
-            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let mut decision = edge
-                .decide(&parts.headers, target, client.addr.ip(), client.tls)
-                .await;
-            decision.apply(&mut parts.headers);
-            set_cookie = decision.set_cookie.take();
-            if let Some(prefs) = self.self_service_path.as_deref() {
-                if parts.uri.path() == prefs {
-                    let max = cfg.edge.as_ref().map_or(4096, |e| e.preferences.max_bytes);
-                    let mut r = self_service::preferences(
-                        edge,
-                        &parts.method,
-                        body,
-                        &decision.user_id,
-                        max,
-                        &self.labels,
-                    )
-                    .await;
-                    if let Some(cookie) = set_cookie {
-                        r.headers_mut().append(header::SET_COOKIE, cookie);
-                    }
-                    return Answer {
-                        response: r,
-                        result: CacheResult::Bypass,
-                    };
-                }
+        match &self.edge {
+            Some(edge) => Answering::later(self.answer_with_edge(edge, parts, body, client)),
+            None => {
+                let route = self.route_for(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+                self.serve(parts, body, client, route)
             }
-            edge_decision = decision.observes().then_some(decision);
         }
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let route = self.route_for(path);
-        if let Some(edge) = &self.edge {
-            edge.counter_registry()
-                .count_route(route.as_ref().map_or("default", |r| r.name.as_str()));
+    }
+
+    /// Phase 2 and what follows it: the edge decides (flags, variants,
+    /// preferences injected before the cache key and Vary see the request,
+    /// so that variants the origin varies on are cached apart), the
+    /// request is served, and exposures are recorded once the status is
+    /// known.
+    async fn answer_with_edge<B>(
+        self: &Arc<Self>,
+        edge: &Edge,
+        mut parts: http::request::Parts,
+        body: B,
+        client: ClientInfo,
+    ) -> Answer
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        edge.strip_injected(&mut parts.headers);
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut decision = edge
+            .decide(&parts.headers, target, client.addr.ip(), client.tls)
+            .await;
+        decision.apply(&mut parts.headers);
+        let set_cookie = decision.set_cookie.take();
+        if let Some(prefs) = self.self_service_path.as_deref() {
+            if parts.uri.path() == prefs {
+                let max = self
+                    .config
+                    .edge
+                    .as_ref()
+                    .map_or(4096, |e| e.preferences.max_bytes);
+                let mut r = self_service::preferences(
+                    edge,
+                    &parts.method,
+                    body,
+                    &decision.user_id,
+                    max,
+                    &self.labels,
+                )
+                .await;
+                if let Some(cookie) = set_cookie {
+                    r.headers_mut().append(header::SET_COOKIE, cookie);
+                }
+                return Answer {
+                    response: r,
+                    result: CacheResult::Bypass,
+                };
+            }
         }
+        let route = self.route_for(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+        edge.counter_registry()
+            .count_route(route.as_ref().map_or("default", |r| r.name.as_str()));
         // Exposures and conversions are recorded once the status is known.
         // (Cheap clones: the URI shares its bytes, the route is an Arc.)
-        let observed = edge_decision
-            .as_ref()
-            .map(|_| (parts.method.clone(), parts.uri.clone(), route.clone()));
+        let observed = decision.observes().then(|| {
+            (
+                decision,
+                parts.method.clone(),
+                parts.uri.clone(),
+                route.clone(),
+            )
+        });
+        let mut answer = self.serve(parts, body, client, route).await;
+        if let Some((decision, method, uri, route)) = &observed {
+            let route = route.as_ref().map_or("default", |r| r.name.as_str());
+            let status = answer.response.status();
+            edge.observe(decision, method, uri.path(), route, status)
+                .await;
+        }
+        if let Some(cookie) = set_cookie {
+            // Per response, never stored: the cookie is this client's alone.
+            answer
+                .response
+                .headers_mut()
+                .append(header::SET_COOKIE, cookie);
+        }
+        answer
+    }
+
+    /// Phases 3 to 6 for a request in normal form on `route`: the key, then
+    /// the lookup (a usable stored response answers at once) or a pass.
+    fn serve<B>(
+        self: &Arc<Self>,
+        parts: http::request::Parts,
+        body: B,
+        client: ClientInfo,
+        route: Option<Arc<RouteConfig>>,
+    ) -> Answering<'_>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let key = CacheKey::new(
             self.key_version(route.as_deref()),
             client.tls,
@@ -547,36 +645,22 @@ impl Gateway {
             client,
         };
         let cacheable_method = ctx.method == Method::GET || ctx.method == Method::HEAD;
-        let mut answer = if !cfg.cache.enabled
+        if !self.config.cache.enabled
             || ctx.route.as_ref().is_some_and(|r| r.bypass)
             || !cacheable_method
         {
-            // Boxed for the same reason as `fetch`: hits do not carry it.
-            Box::pin(self.pass(ctx, body)).await
-        } else {
-            self.lookup(ctx).await
-        };
-        if let (Some(edge), Some(decision), Some((method, uri, route))) =
-            (&self.edge, &edge_decision, &observed)
-        {
-            let route = route.as_ref().map_or("default", |r| r.name.as_str());
-            let status = answer.response.status();
-            edge.observe(decision, method, uri.path(), route, status)
-                .await;
+            return Answering::later(self.pass(ctx, body));
         }
-        if let Some(cookie) = set_cookie {
-            // Per response, never stored: the cookie is this client's alone.
-            answer
-                .response
-                .headers_mut()
-                .append(header::SET_COOKIE, cookie);
+        match self.serve_usable(&ctx) {
+            Ok(hit) => Answering::now(hit),
+            Err(stored) => Answering::Later(self.after_lookup(ctx, stored)),
         }
-        answer
     }
-    /// The liveness or readiness probe, when the request is a GET or HEAD
-    /// for `[server] health_path` or `ready_path`. Costs nothing when
-    /// neither is configured.
-    async fn probe<B>(&self, req: &Request<B>) -> Option<Answer> {
+
+    /// Which probe the request asks for, when it is for `[server]
+    /// health_path` or `ready_path`. Costs nothing when neither is
+    /// configured.
+    fn probe_target<B>(&self, req: &Request<B>) -> Option<Probe> {
         let server = &self.config.server;
         if server.health_path.is_none() && server.ready_path.is_none() {
             return None;
@@ -584,11 +668,19 @@ impl Gateway {
         let path = req.uri().path();
         let is =
             |p: &Option<toml::Spanned<String>>| p.as_ref().is_some_and(|p| p.get_ref() == path);
-        let (health, ready) = (is(&server.health_path), is(&server.ready_path));
-        if !health && !ready {
-            return None;
+        if is(&server.health_path) {
+            Some(Probe::Alive)
+        } else if is(&server.ready_path) {
+            Some(Probe::Ready)
+        } else {
+            None
         }
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+    }
+
+    /// The liveness or readiness probe's answer (GET and HEAD only).
+    async fn probe(&self, method: &Method, target: Probe) -> Answer {
+        let server = &self.config.server;
+        if method != Method::GET && method != Method::HEAD {
             let mut a = self.own(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "probes answer GET and HEAD",
@@ -597,22 +689,15 @@ impl Gateway {
             a.response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return Some(a);
+            return a;
         }
-        let probe = if health {
+        let probe = if target == Probe::Alive {
             super::probes::alive()
         } else {
             let stopping = self.ops.stopping.load(Ordering::Relaxed);
-            // Boxed: its connects and timeouts would otherwise sit inline in
-            // every request's future (and be copied with it on every hit).
-            Box::pin(super::probes::ready(
-                self,
-                server.listen.get_ref(),
-                stopping,
-            ))
-            .await
+            super::probes::ready(self, server.listen.get_ref(), stopping).await
         };
-        let body = if req.method() == Method::HEAD {
+        let body = if method == Method::HEAD {
             Body::Empty
         } else {
             Body::full(Bytes::from(probe.body.to_string()))
@@ -626,7 +711,7 @@ impl Gateway {
         r.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         let status = CacheStatus::forward(CacheResult::Bypass, Forward::Bypass);
-        Some(Answer::marked(r, &self.labels, status))
+        Answer::marked(r, &self.labels, status)
     }
 
     /// A response from a stored entry for this request (HEAD: no body).

@@ -21,13 +21,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 impl Gateway {
-    /// Cache lookup and the decision it leads to (9111 4).
-    pub(super) async fn lookup(self: &Arc<Self>, ctx: Ctx) -> Answer {
+    /// Phase 4's hit (9111 4): the stored response usable for this request, served where
+    /// it is stored, without taking a reference to it (a count every core
+    /// would write). Otherwise the entry to revalidate, if one is stored
+    /// (the only one taken out).
+    pub(super) fn serve_usable(self: &Arc<Self>, ctx: &Ctx) -> Result<Answer, Option<Arc<Entry>>> {
         let now = SystemTime::now();
-        let head = ctx.method == Method::HEAD;
-        // A usable entry is served where it is stored, without taking a
-        // reference to it (a count every core would write); only one to
-        // revalidate is taken out.
         let served = self.store.lookup_with(&ctx.key, &ctx.headers, |e| {
             let status = match policy::usability(&e.freshness, &ctx.req_cc, now) {
                 Usability::Fresh => CacheStatus::hit(CacheResult::Hit),
@@ -35,18 +34,37 @@ impl Gateway {
                     CacheStatus::hit(CacheResult::Stale).detail(Detail::MaxStale)
                 }
                 Usability::StaleWhileRevalidate => {
-                    self.refresh_in_background(&ctx, e.clone());
+                    self.refresh_in_background(ctx, e.clone());
                     CacheStatus::hit(CacheResult::Stale).detail(Detail::StaleWhileRevalidate)
                 }
                 Usability::MustValidate => return Err(e.clone()),
             };
-            Ok(self.serve_stored(e, &ctx, now, status))
+            Ok(self.serve_stored(e, ctx, now, status))
         });
-        let stored = match served {
-            Some(Ok(answer)) => return answer,
-            Some(Err(e)) => Some(e),
-            None => None,
-        };
+        match served {
+            Some(Ok(answer)) => Ok(answer),
+            Some(Err(e)) => Err(Some(e)),
+            None => Err(None),
+        }
+    }
+
+    /// Nothing usable is stored (`stored` is an entry to revalidate, if
+    /// any): only-if-cached, a HEAD's pass, or the key's single flight.
+    ///
+    /// Boxed: the waits, the cluster's round trips and the fetch are a state
+    /// machine that a hit must not carry inline (the request's future is
+    /// boxed and moved whole; past the allocator's per-thread cache size its
+    /// allocation takes the slow path). A miss pays one allocation.
+    pub(super) fn after_lookup(
+        self: &Arc<Self>,
+        ctx: Ctx,
+        stored: Option<Arc<Entry>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + '_>> {
+        Box::pin(self.lookup_missed(ctx, stored))
+    }
+
+    async fn lookup_missed(self: &Arc<Self>, ctx: Ctx, stored: Option<Arc<Entry>>) -> Answer {
+        let head = ctx.method == Method::HEAD;
         if ctx.req_cc.only_if_cached {
             // 9111 5.2.1.7: nothing usable stored.
             return self.own(
