@@ -29,6 +29,12 @@ pub(crate) fn with_request_id<F: Future>(
     REQUEST_ID.scope(id, serving)
 }
 
+/// Runs `f`, synchronous work of a request (its hit path), with `id` as the
+/// request id of every line it logs.
+pub(crate) fn in_request_id<R>(id: HeaderValue, f: impl FnOnce() -> R) -> R {
+    REQUEST_ID.sync_scope(id, f)
+}
+
 /// The current task's request id, if it serves one.
 fn request_id<R>(f: impl FnOnce(&str) -> R) -> Option<R> {
     REQUEST_ID
@@ -235,6 +241,25 @@ mod tests {
         );
         assert!(!lines[1].contains("request_id"), "{text}");
         assert!(!text.contains('\u{1b}'), "no colour: {text}");
+    }
+
+    #[test]
+    fn synchronous_request_work_carries_the_request_id() {
+        let text = logged(false, || {
+            let n = in_request_id(HeaderValue::from_static("req-7"), || {
+                tracing::warn!("served from the store");
+                7
+            });
+            assert_eq!(n, 7);
+            tracing::info!("after the request");
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains(" WARN request_id=req-7 served from the store"),
+            "{text}"
+        );
+        assert!(!lines[1].contains("request_id"), "{text}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 mod line;
 
-pub(crate) use line::with_request_id;
+pub(crate) use line::{in_request_id, with_request_id};
 use line::{JsonLine, TextLine};
 use tracing_subscriber::fmt::format::JsonFields;
 

@@ -434,10 +434,12 @@ impl Gateway {
             t.start(f.method, f.host, f.path, req.headers_mut())
         });
         // Every line logged while serving the request carries its id (the
-        // log formatter reads it from the task).
-        // A hit is answered here and now; only what must wait is boxed
-        // (see `answer`), so the wrappers below move a small value.
-        let answering = self.answer(req, client);
+        // log formatter reads it from the task, or here from the scope of
+        // the synchronous part). A hit is answered here and now; only what
+        // must wait is boxed (see `answer`), so the wrappers below move a
+        // small value.
+        let answering =
+            crate::logging::in_request_id(request_id.clone(), || self.answer(req, client));
         let serving = async {
             let (
                 Answer {
