@@ -347,7 +347,7 @@ impl Entry {
 /// `value_len: u16` and the value. Standard names as one byte make the
 /// block smaller (`content-type`: 12 bytes to 1) and a hit's `HeaderMap`
 /// cheaper: a coded name is a constant, not text to parse.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct StoredHeaders<'a> {
     block: &'a Bytes,
     /// Where the header block ends (the body follows).
