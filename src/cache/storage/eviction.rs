@@ -5,14 +5,16 @@
 //! bucket is an `ArcSwapOption` chain of immutable slots (arc-swap's loads
 //! pin a slot through the reading thread's own debt list), and "recently
 //! used" is a reference bit in the entry served (`Entry::mark_used`), set
-//! only when it is clear, so a hot entry's hits only read it. Writers (insert, remove, evict) hold the shard's mutex and
-//! replace whole slots, so a reader sees a key's variants before or after a
-//! change, never half of one.
+//! only when it is clear, so a hot entry's hits only read it. Writers
+//! (insert, remove, evict) hold the shard's mutex and replace whole slots,
+//! so a reader sees a key's variants before or after a change, never half
+//! of one.
 //!
 //! Eviction is CLOCK (second chance) over a ring in insertion order: the
-//! oldest key goes first unless one of its variants was used since the hand
-//! last passed it, in which case the bits are cleared and it goes to the back. That is LRU's
-//! order for keys that are not used, and keeps keys that are.
+//! oldest key goes first unless one of its variants was used since the
+//! hand last passed it, in which case the bits are cleared and it goes to
+//! the back. That is LRU's order for keys that are not used, and keeps keys
+//! that are.
 
 use super::entry::{heap_chunk, Entry};
 use crate::cache::key::CacheKey;
