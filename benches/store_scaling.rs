@@ -24,7 +24,7 @@ use kvgate::cache::{CacheKey, Entry, Freshness, Storage, Store};
 
 /// What a hit takes from an entry to build its response.
 fn serve(e: &Entry) -> (HeaderMap, Bytes) {
-    (e.header_map(), e.body().clone())
+    (e.header_map(), e.body())
 }
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;

@@ -43,17 +43,16 @@ pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
     let meta = Meta {
         status: entry.status.as_u16(),
         headers: entry
-            .headers
-            .to_map()
+            .header_map()
             .iter()
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect(),
         vary: entry
-            .vary
+            .vary()
             .iter()
             .map(|(n, v)| (n.as_str().to_owned(), v.clone()))
             .collect(),
-        tags: entry.tags.iter().map(|t| t.to_string()).collect(),
+        tags: entry.tags().iter().map(|t| t.to_string()).collect(),
         lifetime_ms: ms(f.lifetime()),
         corrected_initial_age_ms: ms(f.corrected_initial_age()),
         response_time_ms: f.response_time().duration_since(UNIX_EPOCH).map_or(0, ms),
@@ -64,10 +63,10 @@ pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
     };
     // Plain data: serialising cannot fail; an empty block decodes as a miss.
     let meta = serde_json::to_vec(&meta).unwrap_or_default();
-    let mut out = Vec::with_capacity(4 + meta.len() + entry.body.len());
+    let mut out = Vec::with_capacity(4 + meta.len() + entry.body_len());
     out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
     out.extend_from_slice(&meta);
-    out.extend_from_slice(&entry.body);
+    out.extend_from_slice(&entry.body());
     out
 }
 
@@ -153,10 +152,10 @@ mod tests {
         let e = entry();
         let back = decode(&encode(&e), 1024).unwrap();
         assert_eq!(back.status, e.status);
-        assert_eq!(back.body, e.body);
-        assert_eq!(back.headers.to_map(), e.headers.to_map());
-        assert_eq!(back.vary, e.vary);
-        assert_eq!(back.tags, e.tags);
+        assert_eq!(back.body(), e.body());
+        assert_eq!(back.header_map(), e.header_map());
+        assert_eq!(back.vary(), e.vary());
+        assert_eq!(back.tags(), e.tags());
         assert_eq!(back.freshness.lifetime(), e.freshness.lifetime());
         assert_eq!(
             back.freshness.stale_if_error(),

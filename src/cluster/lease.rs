@@ -74,7 +74,7 @@ impl Lease {
     pub(crate) fn complete(mut self, entry: Option<Arc<Entry>>) {
         if let Some(held) = self.held.take() {
             spawn(async move {
-                if let Some(e) = entry.filter(|e| e.body.len() <= held.settings.max_body) {
+                if let Some(e) = entry.filter(|e| e.body_len() <= held.settings.max_body) {
                     let cap = held.settings.l2_max_ttl.unwrap_or(held.settings.ttl);
                     let keep = tier::keep_for(&e, SystemTime::now(), cap);
                     let bytes = tier::encode(&e);
@@ -129,7 +129,7 @@ fn usable(
     let entry = tier::decode(&bytes?, max_body)?;
     let fresh =
         policy::usability(&entry.freshness, directives, SystemTime::now()) == Usability::Fresh;
-    (fresh && policy::vary_matches(&entry.vary, request)).then(|| Arc::new(entry))
+    (fresh && policy::vary_matches(entry.vary(), request)).then(|| Arc::new(entry))
 }
 
 pub(super) async fn before_fetch(

@@ -66,10 +66,10 @@ impl Gateway {
             headers.remove(header::IF_UNMODIFIED_SINCE);
             headers.remove(header::IF_RANGE);
             if let Some(e) = &stored {
-                if let Some(etag) = e.headers.get(&header::ETAG) {
+                if let Some(etag) = e.headers().get(&header::ETAG) {
                     headers.insert(header::IF_NONE_MATCH, etag.clone());
                 }
-                if let Some(lm) = e.headers.get(&header::LAST_MODIFIED) {
+                if let Some(lm) = e.headers().get(&header::LAST_MODIFIED) {
                     headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
                 }
             }
@@ -324,7 +324,7 @@ impl Gateway {
         let cc = ResponseDirectives::from_headers(&merged);
         let verdict = self.storable(ctx, s.status, &merged, &cc);
         let refreshed = Arc::new(self.refreshed(ctx, s, merged, not_modified, request_time, now));
-        let merged = refreshed.headers.to_map();
+        let merged = refreshed.header_map();
         let revalidated =
             CacheStatus::forward(CacheResult::Revalidated, Forward::Stale).status(304);
         let cache_status = match verdict {
@@ -334,10 +334,10 @@ impl Gateway {
                     g.publish(Arc::new(SharedResponse {
                         status: refreshed.status,
                         headers: merged,
-                        vary: refreshed.vary.clone(),
-                        body: SharedBody::complete(refreshed.body.clone()),
+                        vary: refreshed.vary().into(),
+                        body: SharedBody::complete(refreshed.body()),
                         freshness: refreshed.freshness.clone(),
-                        content_length: Some(refreshed.body.len() as u64),
+                        content_length: Some(refreshed.body_len() as u64),
                     }));
                 }
                 revalidated
@@ -392,7 +392,7 @@ fn stale_if_error() -> CacheStatus {
 /// A stored entry's headers updated from a 304 (9111 3.2), except for the
 /// 304's `Set-Cookie`: that belongs to the client whose request caused it.
 fn merged_304_headers(s: &Entry, not_modified: &HeaderMap) -> HeaderMap {
-    let mut headers = s.headers.to_map();
+    let mut headers = s.header_map();
     let mut update = not_modified.clone();
     update.remove(header::SET_COOKIE);
     policy::update_from_304(&mut headers, &update);

@@ -129,11 +129,11 @@ impl Gateway {
         self.store.insert(ctx.key.clone(), entry.clone());
         guard.publish(Arc::new(SharedResponse {
             status: entry.status,
-            headers: entry.headers.to_map(),
-            vary: entry.vary.clone(),
-            body: SharedBody::complete(entry.body.clone()),
+            headers: entry.header_map(),
+            vary: entry.vary().into(),
+            body: SharedBody::complete(entry.body()),
             freshness: entry.freshness.clone(),
-            content_length: Some(entry.body.len() as u64),
+            content_length: Some(entry.body_len() as u64),
         }));
         drop(guard);
         self.metrics.cluster_hits.fetch_add(1, Ordering::Relaxed);

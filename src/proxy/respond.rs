@@ -111,7 +111,7 @@ pub(crate) fn from_entry(
     status: CacheStatus,
 ) -> Answer {
     let age = e.freshness.current_age(now).as_secs();
-    let stored = e.headers.to_map();
+    let stored = e.header_map();
     let conditional = e.status == StatusCode::OK && policy::conditional_matches(req, &stored);
     let mut resp = if conditional {
         let mut r = Response::new(Body::Empty);
@@ -124,14 +124,14 @@ pub(crate) fn from_entry(
         let mut r = Response::new(if head {
             Body::Empty
         } else {
-            Body::full(e.body.clone())
+            Body::full(e.body())
         });
         *r.status_mut() = e.status;
         *r.headers_mut() = stored;
         if head {
             // A HEAD answer keeps the GET's Content-Length (RFC 9110 9.3.2).
             r.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(e.body.len()));
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(e.body_len()));
         }
         r
     };
@@ -144,7 +144,7 @@ pub(crate) fn from_entry(
 /// range (RFC 9110 14.2, 15.3.7), the slice sharing the stored body; the
 /// whole response when the range cannot or need not be honoured.
 fn partial(e: &Entry, stored: HeaderMap, req: &HeaderMap, head: bool) -> Response<Body> {
-    let len = e.body.len() as u64;
+    let len = e.body_len() as u64;
     let answer = if e.status == StatusCode::OK && policy::if_range_allows(req, &stored) {
         policy::byte_range(req, len)
     } else {
@@ -164,14 +164,14 @@ fn partial(e: &Entry, stored: HeaderMap, req: &HeaderMap, head: bool) -> Respons
             let mut r = Response::new(if head {
                 Body::Empty
             } else {
-                Body::full(e.body.clone())
+                Body::full(e.body())
             });
             *r.status_mut() = e.status;
             *r.headers_mut() = stored;
             return r;
         }
         policy::RangeAnswer::Part(range) => {
-            let body = e.body.slice(range.start as usize..range.end as usize);
+            let body = e.body_slice(range.start as usize..range.end as usize);
             let mut r = Response::new(Body::Empty);
             *r.headers_mut() = stored;
             r.headers_mut()

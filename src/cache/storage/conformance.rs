@@ -130,10 +130,10 @@ pub(crate) fn lookup_hits_and_shares_body(make: &Make) {
     let e = entry("hello", vec![], &[]);
     s.insert(key("/a"), e.clone());
     let got = get(&*s, "/a").unwrap();
-    assert_eq!(got.body.as_ptr(), e.body.as_ptr());
+    assert_eq!(got.body().as_ptr(), e.body().as_ptr());
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(
-        got.headers.get(&http::header::CONTENT_TYPE).unwrap(),
+        got.headers().get(&http::header::CONTENT_TYPE).unwrap(),
         "text/plain"
     );
     assert!(get(&*s, "/b").is_none());
@@ -146,14 +146,14 @@ pub(crate) fn rfc9111_4_1_variants_stored_side_by_side(make: &Make) {
     let s = make(MIB, MIB);
     s.insert(key("/a"), lang_entry("en", "en", &[]));
     s.insert(key("/a"), lang_entry("fr", "fr", &[]));
-    assert_eq!(s.lookup(&key("/a"), &lang_req("fr")).unwrap().body, "fr");
-    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body, "en");
+    assert_eq!(s.lookup(&key("/a"), &lang_req("fr")).unwrap().body(), "fr");
+    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body(), "en");
     assert!(s.lookup(&key("/a"), &lang_req("de")).is_none());
     assert_eq!(s.usage().1, 2);
     // The same secondary key replaces its variant, leaving the other.
     s.insert(key("/a"), lang_entry("fr2", "fr", &[]));
-    assert_eq!(s.lookup(&key("/a"), &lang_req("fr")).unwrap().body, "fr2");
-    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body, "en");
+    assert_eq!(s.lookup(&key("/a"), &lang_req("fr")).unwrap().body(), "fr2");
+    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body(), "en");
     assert_eq!(s.usage().1, 2);
 }
 
@@ -166,7 +166,7 @@ pub(crate) fn replace_after_304(make: &Make) {
     s.replace(&key("/a"), &old, refreshed.clone());
     let got = s.lookup(&key("/a"), &lang_req("fr")).unwrap();
     assert!(Arc::ptr_eq(&got, &refreshed));
-    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body, "en");
+    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body(), "en");
     assert_eq!(s.usage().1, 2);
     // The refreshed entry is indexed under its tags.
     assert_eq!(s.purge_tag("refreshed", false), 1);
@@ -176,7 +176,7 @@ pub(crate) fn replace_after_304(make: &Make) {
     let old = s.lookup(&key("/a"), &lang_req("en")).unwrap();
     assert_eq!(s.purge_key(&key("/a"), false), 1);
     s.replace(&key("/a"), &old, lang_entry("en2", "en", &[]));
-    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body, "en2");
+    assert_eq!(s.lookup(&key("/a"), &lang_req("en")).unwrap().body(), "en2");
     assert_eq!(s.usage().1, 1);
 }
 
@@ -188,7 +188,7 @@ pub(crate) fn purge_key_hard_and_soft(make: &Make) {
     assert_eq!(s.purge_key(&key("/a"), true), 2);
     let en = s.lookup(&key("/a"), &lang_req("en")).unwrap();
     assert!(!is_fresh(&en), "a soft purge leaves the entry stale");
-    assert_eq!(en.body, "en");
+    assert_eq!(en.body(), "en");
     assert_eq!(s.usage().1, 3);
     assert_eq!(s.purge_key(&key("/a"), false), 2);
     assert!(s.lookup(&key("/a"), &lang_req("en")).is_none());
@@ -313,10 +313,10 @@ pub(crate) fn miss_handler_assembles_chunks(make: &Make) {
         .unwrap()
         .unwrap();
     let got = s.lookup(&key("/a"), &lang_req("en")).unwrap();
-    assert_eq!(got.body, "hello world");
+    assert_eq!(got.body(), "hello world");
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(
-        got.headers.get(&http::header::CONTENT_TYPE).unwrap(),
+        got.headers().get(&http::header::CONTENT_TYPE).unwrap(),
         "text/plain"
     );
     assert!(s.lookup(&key("/a"), &lang_req("fr")).is_none());
@@ -327,11 +327,11 @@ pub(crate) fn miss_handler_assembles_chunks(make: &Make) {
     h.write(Bytes::from("x".repeat(60))).unwrap();
     h.write(Bytes::from("x".repeat(40))).unwrap();
     h.finish().unwrap();
-    assert_eq!(get(&*s, "/full").unwrap().body.len(), 100);
+    assert_eq!(get(&*s, "/full").unwrap().body_len(), 100);
     s.miss_handler(key("/empty"), meta(vec![], &[]))
         .finish()
         .unwrap();
-    assert_eq!(get(&*s, "/empty").unwrap().body, "");
+    assert_eq!(get(&*s, "/empty").unwrap().body(), "");
 }
 
 pub(crate) fn miss_handler_over_the_limit_stores_nothing(make: &Make) {
@@ -343,7 +343,7 @@ pub(crate) fn miss_handler_over_the_limit_stores_nothing(make: &Make) {
     assert_eq!(h.write(Bytes::from("x")), Err(TooLarge), "stays refused");
     assert_eq!(h.finish(), Err(TooLarge));
     // What was stored before is left as it was.
-    assert_eq!(get(&*s, "/a").unwrap().body, "old");
+    assert_eq!(get(&*s, "/a").unwrap().body(), "old");
     assert_eq!(s.usage().1, 1);
 
     // Extras too large for an object are refused at finish.

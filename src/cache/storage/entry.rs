@@ -6,6 +6,7 @@ use crate::cache::policy::Freshness;
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName};
 use http::StatusCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,28 +23,88 @@ pub(super) const fn heap_chunk(n: usize) -> usize {
 
 /// The `Arc<Entry>` allocation (its place in the key's slot is the key's).
 const ENTRY_OVERHEAD: usize = heap_chunk(std::mem::size_of::<Entry>() + 16);
-/// What a buffer of headers or body costs beyond its length: the shared
-/// count `Bytes` allocates when the buffer is first cloned (24 bytes) and
+/// What the entry's one buffer (header block, then body) costs beyond its
+/// length: the shared count `Bytes` allocates when the buffer is first
+/// cloned (24 bytes, done when the entry is made, see `Entry::build`) and
 /// the buffer's own chunk header and rounding (at most 8 + 15).
 const BLOCK_OVERHEAD: usize = heap_chunk(24) + 8 + 15;
-/// Cost of one Vary field in an entry's secondary key, besides its bytes.
-const VARY_FIELD_OVERHEAD: usize = 64;
 
-/// A stored response.
-#[derive(Debug, Clone)]
+/// A stored response: one buffer with the compact header block and the
+/// body, and the fixed fields beside it. Vary and tags, which most entries
+/// do not have, sit behind one optional box.
+///
+/// 88 bytes (112 with the `Arc` and the allocator's header), where two
+/// `Bytes` handles, two boxed slices and a stored charge took 152 (176).
+#[derive(Debug)]
 pub struct Entry {
+    /// The header block (see [`StoredHeaders`]) followed by the body, in
+    /// one exact-size allocation that hits share.
+    block: Bytes,
+    /// Where the body starts in `block`.
+    body_at: u32,
     pub(crate) status: StatusCode,
-    /// Response headers as stored: unstorable fields and `Age` removed.
-    pub(crate) headers: StoredHeaders,
-    pub(crate) body: Bytes,
-    /// The secondary key: Vary field names and the request's values.
-    pub(crate) vary: Box<[(HeaderName, Option<String>)]>,
+    /// CLOCK's reference bit: set by a hit (only when clear, so a hot
+    /// entry's hits only read it), cleared by the eviction hand. Kept here
+    /// rather than in the key's slot, whose allocation it would take from
+    /// 80 bytes to 96.
+    referenced: AtomicBool,
     /// How long the entry is fresh and how far past that it may be served.
     pub freshness: Freshness,
-    pub(crate) tags: Box<[Arc<str>]>,
-    /// Bytes charged against the store's budget for the entry itself (its
-    /// key is charged once per key, see `key_charge`).
-    pub(crate) charge: usize,
+    /// The secondary key and purge tags; `None` when both are empty.
+    extras: Option<Box<Extras>>,
+}
+
+/// What few entries have: a secondary key, purge tags.
+#[derive(Debug, Clone, Default)]
+struct Extras {
+    /// The secondary key: Vary field names and the request's values.
+    vary: Box<[(HeaderName, Option<String>)]>,
+    tags: Box<[Arc<str>]>,
+}
+
+impl Extras {
+    /// What the box and what it holds take on the heap. An upper bound: a
+    /// custom field name is charged a buffer and a shared count of its own
+    /// (`HeaderName` keeps it in `Bytes`), a tag its whole `Arc<str>` although
+    /// the index shares it, plus the entry's share of the index.
+    fn charge(&self) -> usize {
+        let vary_slots = std::mem::size_of_val::<[(HeaderName, Option<String>)]>(&self.vary);
+        let tag_slots = std::mem::size_of_val::<[Arc<str>]>(&self.tags);
+        let vary_fields: usize = self
+            .vary
+            .iter()
+            .map(|(n, v)| {
+                let name = if STANDARD_NAMES.contains(n) {
+                    0
+                } else {
+                    heap_chunk(n.as_str().len()) + heap_chunk(24)
+                };
+                name + v
+                    .as_ref()
+                    .filter(|v| v.capacity() > 0)
+                    .map_or(0, |v| heap_chunk(v.capacity()))
+            })
+            .sum();
+        let tags: usize = self
+            .tags
+            .iter()
+            .map(|t| heap_chunk(t.len() + 16) + TAG_SLOT_CHARGE)
+            .sum();
+        heap_chunk(std::mem::size_of::<Extras>())
+            + slice_chunk(vary_slots)
+            + slice_chunk(tag_slots)
+            + vary_fields
+            + tags
+    }
+}
+
+/// The heap a boxed slice of `bytes` takes (none when empty).
+fn slice_chunk(bytes: usize) -> usize {
+    if bytes == 0 {
+        0
+    } else {
+        heap_chunk(bytes)
+    }
 }
 
 /// Everything about a response but its body: what a miss handler is given
@@ -59,9 +120,25 @@ pub struct EntryMeta {
     pub(crate) tags: Vec<Arc<str>>,
 }
 
+impl Clone for Entry {
+    /// A copy sharing the buffer; unreferenced, as a newly stored entry is.
+    fn clone(&self) -> Entry {
+        Entry {
+            block: self.block.clone(),
+            body_at: self.body_at,
+            status: self.status,
+            referenced: AtomicBool::new(false),
+            freshness: self.freshness.clone(),
+            extras: self.extras.clone(),
+        }
+    }
+}
+
 impl Entry {
     /// An entry from a response's parts: `vary` is the secondary key (the
     /// Vary field names with the request's values), `tags` the purge tags.
+    /// The body is copied next to the header block (one exact buffer that
+    /// pins nothing else).
     pub fn new(
         status: StatusCode,
         headers: HeaderMap,
@@ -70,46 +147,15 @@ impl Entry {
         freshness: Freshness,
         tags: Vec<Arc<str>>,
     ) -> Entry {
-        let headers = StoredHeaders::from_map(&headers);
-        Entry::assemble(status, headers, body, 2, vary, freshness, tags)
-    }
-
-    /// The entry and its charge; `blocks` is how many buffers its headers
-    /// and body take (one when they share it).
-    fn assemble(
-        status: StatusCode,
-        headers: StoredHeaders,
-        body: Bytes,
-        blocks: usize,
-        vary: Vec<(HeaderName, Option<String>)>,
-        freshness: Freshness,
-        tags: Vec<Arc<str>>,
-    ) -> Entry {
-        let header_bytes = headers.charge();
-        // A tag's text (shared with the index), its slot in the entry, and
-        // the entry's share of the index: one hash-set slot per tag.
-        let tag_bytes: usize = tags.iter().map(|t| t.len() + 32 + TAG_SLOT_CHARGE).sum();
-        let vary_bytes: usize = vary
-            .iter()
-            .map(|(n, v)| {
-                n.as_str().len() + v.as_ref().map_or(0, String::len) + VARY_FIELD_OVERHEAD
-            })
-            .sum();
-        let charge = ENTRY_OVERHEAD
-            + blocks * BLOCK_OVERHEAD
-            + header_bytes
-            + body.len()
-            + tag_bytes
-            + vary_bytes;
-        Entry {
+        let meta = EntryMeta {
             status,
             headers,
-            body,
-            vary: vary.into_boxed_slice(),
+            vary,
             freshness,
-            tags: tags.into_boxed_slice(),
-            charge,
-        }
+            tags,
+        };
+        let len = body.len();
+        Entry::from_meta_chunks(meta, std::slice::from_ref(&body), len)
     }
 
     /// The entry for a streamed response: its header block and its body
@@ -124,19 +170,26 @@ impl Entry {
         // Exact size: `Bytes::from` keeps the allocation as it is, and the
         // charge counts its length.
         debug_assert_eq!(block.len(), block.capacity());
-        let all = Bytes::from(block);
-        let headers = StoredHeaders {
-            block: all.slice(..at),
-        };
-        Entry::assemble(
-            meta.status,
-            headers,
-            all.slice(at..),
-            1,
-            meta.vary,
-            meta.freshness,
-            meta.tags,
-        )
+        let block = Bytes::from(block);
+        // The first clone of a `Bytes` made from a `Vec` allocates its
+        // shared count. Done here, on the miss, so a hit never allocates
+        // and the charge is what the entry holds from the start.
+        drop(block.clone());
+        let extras = (!meta.vary.is_empty() || !meta.tags.is_empty()).then(|| {
+            Box::new(Extras {
+                vary: meta.vary.into_boxed_slice(),
+                tags: meta.tags.into_boxed_slice(),
+            })
+        });
+        Entry {
+            block,
+            // A header block is at most 256 fields of under 64 KiB each.
+            body_at: u32::try_from(at).unwrap_or(u32::MAX),
+            status: meta.status,
+            referenced: AtomicBool::new(false),
+            freshness: meta.freshness,
+            extras,
+        }
     }
 
     /// The entry a 304 refresh makes of `stored` (RFC 9111 4.3.4): the
@@ -148,11 +201,13 @@ impl Entry {
         let meta = EntryMeta {
             status: stored.status,
             headers,
-            vary: stored.vary.to_vec(),
+            vary: stored.vary().to_vec(),
             freshness,
-            tags: stored.tags.to_vec(),
+            tags: stored.tags().to_vec(),
         };
-        Entry::from_meta_chunks(meta, std::slice::from_ref(&stored.body), stored.body.len())
+        let body = stored.body();
+        let len = body.len();
+        Entry::from_meta_chunks(meta, std::slice::from_ref(&body), len)
     }
 
     /// An entry as the memory storage keeps a response that streamed in
@@ -175,27 +230,81 @@ impl Entry {
         Entry::from_meta_chunks(meta, chunks, len)
     }
 
-    /// The response headers as stored, as a map (what a hit serves).
-    pub fn header_map(&self) -> HeaderMap {
-        self.headers.to_map()
+    /// The stored headers, read in place.
+    pub(crate) fn headers(&self) -> StoredHeaders<'_> {
+        StoredHeaders {
+            block: &self.block,
+            end: self.body_start(),
+        }
     }
 
-    /// The stored body.
-    pub fn body(&self) -> &Bytes {
-        &self.body
+    /// The response headers as stored, as a map (what a hit serves); the
+    /// values share the entry's buffer.
+    pub fn header_map(&self) -> HeaderMap {
+        self.headers().to_map()
+    }
+
+    fn body_start(&self) -> usize {
+        (self.body_at as usize).min(self.block.len())
+    }
+
+    /// The stored body: a handle sharing the entry's buffer (a reference
+    /// count, no copy).
+    pub fn body(&self) -> Bytes {
+        self.block.slice(self.body_start()..)
+    }
+
+    /// Part of the body (`range` within it), sharing the buffer.
+    pub(crate) fn body_slice(&self, range: std::ops::Range<usize>) -> Bytes {
+        let at = self.body_start();
+        self.block.slice(at + range.start..at + range.end)
+    }
+
+    /// The body's length.
+    pub fn body_len(&self) -> usize {
+        self.block.len() - self.body_start()
+    }
+
+    /// The secondary key: Vary field names and the request's values.
+    pub(crate) fn vary(&self) -> &[(HeaderName, Option<String>)] {
+        self.extras.as_deref().map_or(&[], |x| &x.vary)
+    }
+
+    /// The purge tags.
+    pub(crate) fn tags(&self) -> &[Arc<str>] {
+        self.extras.as_deref().map_or(&[], |x| &x.tags)
+    }
+
+    /// Bytes charged against the store's budget for the entry itself (its
+    /// key is charged once per key, see `key_charge`): its `Arc`, its
+    /// buffer and what Vary and tags hold. Computed, not stored (the entry
+    /// is immutable, so it is the same when charged and uncharged): a
+    /// field would take the `Arc` from 112 bytes to 128.
+    pub(crate) fn charge(&self) -> usize {
+        ENTRY_OVERHEAD
+            + BLOCK_OVERHEAD
+            + self.block.len()
+            + self.extras.as_ref().map_or(0, |x| x.charge())
+    }
+
+    /// Marks the entry recently used (the hit path: a write only when the
+    /// bit was clear).
+    pub(super) fn mark_used(&self) {
+        if !self.referenced.load(Ordering::Relaxed) {
+            self.referenced.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the entry was used since the last call (the CLOCK hand).
+    pub(super) fn take_referenced(&self) -> bool {
+        self.referenced.load(Ordering::Relaxed) && self.referenced.swap(false, Ordering::Relaxed)
     }
 
     /// The entry for a response whose metadata was known before its body.
     #[cfg(test)]
     pub(crate) fn from_meta(meta: EntryMeta, body: Bytes) -> Entry {
-        Entry::new(
-            meta.status,
-            meta.headers,
-            body,
-            meta.vary,
-            meta.freshness,
-            meta.tags,
-        )
+        let len = body.len();
+        Entry::from_meta_chunks(meta, std::slice::from_ref(&body), len)
     }
 
     /// Whether the entry can still be of any use at `now`: served stale under
@@ -207,9 +316,8 @@ impl Entry {
             .stale_while_revalidate()
             .max(f.stale_if_error())
             .max(grace);
-        if self.headers.contains(&http::header::ETAG)
-            || self.headers.contains(&http::header::LAST_MODIFIED)
-        {
+        let headers = self.headers();
+        if headers.contains(&http::header::ETAG) || headers.contains(&http::header::LAST_MODIFIED) {
             window = window.max(keep);
         }
         f.staleness(now) <= window
@@ -227,9 +335,9 @@ impl Entry {
     }
 }
 
-/// Response headers in the compact form an entry keeps: one buffer (a
-/// single allocation, shared by every response built from it) with each
-/// field's name and value. A `HeaderMap` costs several times as much per
+/// Response headers in the compact form an entry keeps, read in place: the
+/// head of the entry's buffer (a single allocation, shared by every
+/// response built from it) with each field's name and value. A `HeaderMap` costs several times as much per
 /// entry, and values parsed by hyper would pin the connection's read buffer
 /// besides.
 ///
@@ -240,8 +348,10 @@ impl Entry {
 /// block smaller (`content-type`: 12 bytes to 1) and a hit's `HeaderMap`
 /// cheaper: a coded name is a constant, not text to parse.
 #[derive(Debug, Clone)]
-pub(crate) struct StoredHeaders {
-    block: Bytes,
+pub(crate) struct StoredHeaders<'a> {
+    block: &'a Bytes,
+    /// Where the header block ends (the body follows).
+    end: usize,
 }
 
 /// What an entry may cost beyond its body: headers, key, tags, Vary.
@@ -364,7 +474,7 @@ fn storable_fields(h: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &http::H
         .take(MAX_STORED_FIELDS)
 }
 
-impl StoredHeaders {
+impl StoredHeaders<'_> {
     /// Whether every field of `h` fits the compact form (at most 256
     /// fields, names and values under 64 KiB). A response that does not is
     /// not stored: a HIT must not lose headers the MISS had.
@@ -372,14 +482,6 @@ impl StoredHeaders {
         h.len() <= MAX_STORED_FIELDS
             && h.iter()
                 .all(|(n, v)| n.as_str().len() <= u16::MAX as usize && v.len() <= u16::MAX as usize)
-    }
-
-    /// The compact form; fields beyond what [`StoredHeaders::fits`] allows
-    /// are dropped (callers check first).
-    pub(crate) fn from_map(h: &HeaderMap) -> StoredHeaders {
-        StoredHeaders {
-            block: Bytes::from(StoredHeaders::block_with_room(h, 0)),
-        }
     }
 
     /// The compact form of `h` in a buffer with exactly `room` bytes
@@ -417,13 +519,14 @@ impl StoredHeaders {
 
     fn count(&self) -> usize {
         self.block
-            .get(..2)
+            .get(..self.end)
+            .and_then(|b| b.get(..2))
             .map_or(0, |c| u16::from_le_bytes([c[0], c[1]]) as usize)
     }
 
     /// Each field as (name, value range in the block).
     fn fields(&self) -> impl Iterator<Item = (StoredName<'_>, std::ops::Range<usize>)> + '_ {
-        let b = &self.block[..];
+        let b = self.block.get(..self.end).unwrap_or(&[]);
         let u16_at = move |at: usize| b.get(at..at + 2).map(|l| u16::from_le_bytes([l[0], l[1]]));
         let mut at = 2;
         (0..self.count()).map_while(move |_| {
@@ -473,18 +576,24 @@ impl StoredHeaders {
         let wanted = StoredName::of(name);
         self.fields().any(|(n, _)| n == wanted)
     }
-
-    /// Bytes charged against the store's budget for these headers: the
-    /// block (what a buffer costs besides is `BLOCK_OVERHEAD`).
-    fn charge(&self) -> usize {
-        self.block.len()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    /// The compact form of `h` alone, and a view of it.
+    fn block_of(h: &HeaderMap) -> Bytes {
+        Bytes::from(StoredHeaders::block_with_room(h, 0))
+    }
+
+    fn view(block: &Bytes) -> StoredHeaders<'_> {
+        StoredHeaders {
+            block,
+            end: block.len(),
+        }
+    }
 
     #[test]
     fn a_refreshed_entry_owns_its_buffer() {
@@ -496,17 +605,70 @@ mod tests {
         merged.insert("etag", HeaderValue::from_static("\"v1\""));
         merged.insert("x-new", HeaderValue::from_static("1"));
         let new = Entry::refreshed(&old, merged, f);
-        assert_eq!(new.body, old.body);
+        assert_eq!(new.body(), old.body());
         assert_eq!(
-            new.headers.get(&HeaderName::from_static("x-new")).unwrap(),
+            new.headers()
+                .get(&HeaderName::from_static("x-new"))
+                .unwrap(),
             "1"
         );
         // Not a slice of the old buffer, which would stay pinned uncharged.
-        let old_buffer =
-            old.headers.block.as_ptr() as usize..old.body.as_ptr() as usize + old.body.len();
-        assert!(!old_buffer.contains(&(new.body.as_ptr() as usize)));
+        let old_buffer = old.block.as_ptr() as usize..old.block.as_ptr() as usize + old.block.len();
+        assert!(!old_buffer.contains(&(new.body().as_ptr() as usize)));
         // Headers and body share one buffer, charged once.
-        assert!(new.charge < old.charge + 2 * BLOCK_OVERHEAD);
+        assert_eq!(new.charge(), old.charge() + "x-new".len() + 6);
+    }
+
+    #[test]
+    fn an_entry_is_one_buffer_and_a_112_byte_arc() {
+        // The sizes the charge and the README's per-entry table rest on.
+        assert_eq!(std::mem::size_of::<Entry>(), 88);
+        assert_eq!(ENTRY_OVERHEAD, 112);
+        let mut h = HeaderMap::new();
+        h.insert("etag", HeaderValue::from_static("\"v1\""));
+        let body = Bytes::from(vec![b'b'; 1024]);
+        let f = Freshness::plain(Duration::from_secs(1), SystemTime::now());
+        let e = Entry::new(
+            StatusCode::OK,
+            h.clone(),
+            body.clone(),
+            vec![],
+            f.clone(),
+            vec![],
+        );
+        assert!(e.extras.is_none(), "no Vary, no tags: no box");
+        assert_eq!(e.body(), body);
+        assert_eq!(e.body_len(), 1024);
+        assert_eq!(e.body_slice(1..3), "bb");
+        assert_eq!(e.header_map(), h);
+        // The body was copied next to the headers, not kept as a slice.
+        assert_ne!(e.body().as_ptr(), body.as_ptr());
+        let block = 2 + 1 + 2 + "\"v1\"".len();
+        assert_eq!(e.charge(), ENTRY_OVERHEAD + BLOCK_OVERHEAD + block + 1024);
+        let lang = HeaderName::from_static("accept-language");
+        let tagged = Entry::new(
+            StatusCode::OK,
+            h,
+            body,
+            vec![(lang.clone(), Some("en".into()))],
+            f,
+            vec![Arc::from("t1")],
+        );
+        assert_eq!(tagged.vary(), &[(lang, Some("en".to_string()))]);
+        assert_eq!(&*tagged.tags()[0], "t1");
+        assert!(tagged.charge() > e.charge() + TAG_SLOT_CHARGE);
+    }
+
+    #[test]
+    fn the_reference_bit_is_taken_once_and_not_cloned() {
+        let f = Freshness::plain(Duration::from_secs(1), SystemTime::now());
+        let e = Entry::streamed(StatusCode::OK, HeaderMap::new(), &[], f);
+        assert!(!e.take_referenced());
+        e.mark_used();
+        e.mark_used();
+        assert!(!e.clone().take_referenced(), "a copy starts unused");
+        assert!(e.take_referenced());
+        assert!(!e.take_referenced());
     }
 
     #[test]
@@ -516,29 +678,28 @@ mod tests {
         h.append("x-multi", HeaderValue::from_static("a"));
         h.append("x-multi", HeaderValue::from_static("b"));
         h.insert("etag", HeaderValue::from_static("\"e\""));
-        let s = StoredHeaders::from_map(&h);
+        let b = block_of(&h);
+        let s = view(&b);
         assert_eq!(s.to_map(), h);
         assert_eq!(s.get(&http::header::ETAG).unwrap(), "\"e\"");
         assert!(s.contains(&HeaderName::from_static("x-multi")));
         assert!(!s.contains(&http::header::LAST_MODIFIED));
-        assert_eq!(StoredHeaders::from_map(&HeaderMap::new()).to_map().len(), 0);
+        assert_eq!(view(&block_of(&HeaderMap::new())).to_map().len(), 0);
     }
 
     #[test]
     fn standard_names_are_one_byte_and_others_keep_their_text() {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("text/plain"));
-        let coded = StoredHeaders::from_map(&h);
+        let coded = block_of(&h);
         // count, code, value length, value
-        assert_eq!(coded.block.len(), 2 + 1 + 2 + "text/plain".len());
+        assert_eq!(coded.len(), 2 + 1 + 2 + "text/plain".len());
         let mut custom = HeaderMap::new();
         custom.insert("x-custom-thing", HeaderValue::from_static("v"));
         custom.append("x-custom-thing", HeaderValue::from_static(""));
-        let s = StoredHeaders::from_map(&custom);
-        assert_eq!(
-            s.block.len(),
-            2 + 2 * (1 + 2 + "x-custom-thing".len() + 2) + 1
-        );
+        let b = block_of(&custom);
+        let s = view(&b);
+        assert_eq!(b.len(), 2 + 2 * (1 + 2 + "x-custom-thing".len() + 2) + 1);
         assert_eq!(s.to_map(), custom);
         assert_eq!(
             s.get(&HeaderName::from_static("x-custom-thing")).unwrap(),
@@ -556,7 +717,8 @@ mod tests {
             h.append(n.clone(), HeaderValue::from(i));
         }
         h.append("x-after", HeaderValue::from_static("last"));
-        let s = StoredHeaders::from_map(&h);
+        let b = block_of(&h);
+        let s = view(&b);
         assert_eq!(s.to_map(), h);
         assert_eq!(s.get(&http::header::VIA).unwrap(), h[http::header::VIA]);
     }
@@ -583,16 +745,15 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("content-type", HeaderValue::from_static("text/plain"));
         h.insert("x-y", HeaderValue::from_static("z"));
-        let full = StoredHeaders::from_map(&h).block;
+        let full = block_of(&h);
         for cut in 0..full.len() {
             let s = StoredHeaders {
-                block: full.slice(..cut),
+                block: &full,
+                end: cut,
             };
             assert!(s.to_map().len() < 2, "cut at {cut}");
         }
-        let bad_code = StoredHeaders {
-            block: Bytes::from_static(&[1, 0, 255, 1, 0, b'v']),
-        };
-        assert!(bad_code.to_map().is_empty());
+        let bad = Bytes::from_static(&[1, 0, 255, 1, 0, b'v']);
+        assert!(view(&bad).to_map().is_empty());
     }
 }

@@ -1,24 +1,25 @@
 //! One memory shard's keys: a hash table that readers walk without a lock,
 //! and the CLOCK that evicts from it within the shard's byte budget.
 //!
-//! Readers (`Table::find_used`) take no lock and write nothing shared: each
+//! Readers (`Table::find`) take no lock and write nothing shared: each
 //! bucket is an `ArcSwapOption` chain of immutable slots (arc-swap's loads
 //! pin a slot through the reading thread's own debt list), and "recently
-//! used" is a reference bit set only when it is clear, so a hot key's hits
-//! only read it. Writers (insert, remove, evict) hold the shard's mutex and
-//! replace whole slots, so a reader sees a key's variants before or after a
-//! change, never half of one.
+//! used" is a reference bit in the entry served (`Entry::mark_used`), set
+//! only when it is clear, so a hot entry's hits only read it. Writers
+//! (insert, remove, evict) hold the shard's mutex and replace whole slots,
+//! so a reader sees a key's variants before or after a change, never half
+//! of one.
 //!
 //! Eviction is CLOCK (second chance) over a ring in insertion order: the
-//! oldest key goes first unless it was used since the hand last passed it,
-//! in which case its bit is cleared and it goes to the back. That is LRU's
-//! order for keys that are not used, and keeps keys that are.
+//! oldest key goes first unless one of its variants was used since the
+//! hand last passed it, in which case the bits are cleared and it goes to
+//! the back. That is LRU's order for keys that are not used, and keeps keys
+//! that are.
 
 use super::entry::{heap_chunk, Entry};
 use crate::cache::key::CacheKey;
 use arc_swap::ArcSwapOption;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 /// Fixed cost per stored key besides its text and its entries: its slot
@@ -40,9 +41,16 @@ pub(super) fn key_charge(key: &CacheKey) -> usize {
     KEY_OVERHEAD + heap_chunk(key.heap_bytes())
 }
 
-/// Everything a key and its variants are charged.
+/// Everything a key and its variants are charged: the key, each entry, and
+/// the list of a key with several variants (boxed: see `Variants`).
 fn charge_of(key: &CacheKey, variants: &[Arc<Entry>]) -> usize {
-    key_charge(key) + variants.iter().map(|e| e.charge).sum::<usize>()
+    let list = if variants.len() > 1 {
+        heap_chunk(std::mem::size_of::<Vec<Arc<Entry>>>())
+            + heap_chunk(std::mem::size_of_val(variants))
+    } else {
+        0
+    };
+    key_charge(key) + list + variants.iter().map(|e| e.charge()).sum::<usize>()
 }
 
 /// The hash that picks a key's shard (high bits) and bucket (low bits).
@@ -60,18 +68,21 @@ pub(super) fn key_hash(key: &CacheKey) -> u64 {
 }
 
 /// A key and its Vary variants, as readers see them. Immutable but for the
-/// reference bit and the link to the next slot of its bucket.
+/// link to the next slot of its bucket. 56 bytes (80 with the `Arc` and the
+/// allocator's header): the reference bit lives in the entries.
 pub(super) struct Slot {
     pub(super) key: CacheKey,
     variants: Variants,
-    referenced: AtomicBool,
     next: ArcSwapOption<Slot>,
 }
 
 /// Most keys have one variant: kept inline, without a list to allocate.
+/// The list of several is a thin box (16 bytes for the enum, not 24).
 enum Variants {
     One(Arc<Entry>),
-    Many(Box<[Arc<Entry>]>),
+    // Boxed on purpose: a thin pointer keeps the slot at 56 bytes.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Arc<Entry>>>),
 }
 
 impl Slot {
@@ -83,11 +94,12 @@ impl Slot {
         }
     }
 
-    fn mark_used(&self) {
-        // Read first: once set, hits on a hot key write nothing.
-        if !self.referenced.load(Ordering::Relaxed) {
-            self.referenced.store(true, Ordering::Relaxed);
-        }
+    /// Whether a variant was used since the hand last passed; clears
+    /// every variant's bit.
+    fn take_referenced(&self) -> bool {
+        self.variants()
+            .iter()
+            .fold(false, |used, e| e.take_referenced() | used)
     }
 }
 
@@ -119,9 +131,9 @@ impl Table {
         &self.buckets[(hash & self.mask) as usize]
     }
 
-    /// The hit path: `f` over a key's variants, marking the key used.
-    /// Takes no lock.
-    pub(super) fn find_used<R>(
+    /// The hit path: `f` over a key's variants (the caller marks the one
+    /// it serves used). Takes no lock.
+    pub(super) fn find<R>(
         &self,
         hash: u64,
         key: &CacheKey,
@@ -131,10 +143,7 @@ impl Table {
         loop {
             let next = match &*cur {
                 None => return None,
-                Some(s) if s.key == *key => {
-                    s.mark_used();
-                    return Some(f(s.variants()));
-                }
+                Some(s) if s.key == *key => return Some(f(s.variants())),
                 Some(s) => s.next.load(),
             };
             cur = next;
@@ -236,12 +245,13 @@ impl Clock {
                 None => Variants::Many(Box::default()),
             }
         } else {
-            Variants::Many(variants.into_boxed_slice())
+            // Exact capacity: the charge counts the length.
+            variants.shrink_to_fit();
+            Variants::Many(Box::new(variants))
         };
         let slot = Arc::new(Slot {
             key,
             variants,
-            referenced: AtomicBool::new(false),
             next: ArcSwapOption::empty(),
         });
         table.link(&slot);
@@ -271,7 +281,7 @@ impl Clock {
             if !table.is_current(&slot) {
                 continue;
             }
-            if second_chances > 0 && slot.referenced.swap(false, Ordering::Relaxed) {
+            if second_chances > 0 && slot.take_referenced() {
                 second_chances -= 1;
                 self.ring.push_back(weak);
                 continue;
@@ -340,6 +350,19 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_takes_an_80_byte_chunk() {
+        assert_eq!(std::mem::size_of::<Slot>(), 56);
+        assert_eq!(heap_chunk(std::mem::size_of::<Slot>() + 16), 80);
+    }
+
+    #[test]
+    fn several_variants_are_charged_their_list() {
+        let one = charge_of(&key(0), &[entry()]);
+        let two = charge_of(&key(0), &[entry(), entry()]);
+        assert_eq!(two, 2 * one - key_charge(&key(0)) + 32 + 32);
+    }
+
+    #[test]
     fn chains_hold_every_key_of_a_crowded_table() {
         // 16 buckets, 500 keys: long chains, links and unlinks in the middle.
         let table = Table::for_budget(0);
@@ -351,7 +374,7 @@ mod tests {
             assert!(clock.pop(&table, &key(i)).is_some());
         }
         for i in 0..500 {
-            let found = table.find_used(key_hash(&key(i)), &key(i), |v| v.len());
+            let found = table.find(key_hash(&key(i)), &key(i), |v| v.len());
             assert_eq!(found, (i % 3 != 0).then_some(1), "key {i}");
         }
         assert_eq!(clock.slots(&table).len(), 500 - 167);
@@ -366,7 +389,7 @@ mod tests {
         for i in 0..3 {
             clock.push(&table, key(i), vec![entry()]);
         }
-        table.find_used(key_hash(&key(0)), &key(0), |_| ());
+        table.find(key_hash(&key(0)), &key(0), |v| v[0].mark_used());
         clock.push(&table, key(3), vec![entry()]);
         let evicted = clock.pop_over_budget(&table).unwrap();
         assert_eq!(evicted.key, key(1), "0 was used, 1 is the oldest unused");

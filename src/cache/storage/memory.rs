@@ -210,8 +210,8 @@ impl MemoryStorage {
     /// its whole charge (body plus what its key, headers, tags and Vary
     /// add) within what one object may cost.
     fn admits(&self, key: &CacheKey, entry: &Entry) -> bool {
-        entry.body.len() <= self.inner.max_object_bytes
-            && key_charge(key) + entry.charge <= self.inner.max_entry_charge
+        entry.body_len() <= self.inner.max_object_bytes
+            && key_charge(key) + entry.charge() <= self.inner.max_entry_charge
     }
 
     fn purge_where(&self, pred: impl Fn(&CacheKey) -> bool, soft: bool) -> usize {
@@ -312,7 +312,7 @@ impl MemoryStorage {
                     continue;
                 }
                 for (i, e) in variants.iter().enumerate() {
-                    if tag.is_some_and(|t| !e.tags.iter().any(|x| &**x == t)) {
+                    if tag.is_some_and(|t| !e.tags().iter().any(|x| &**x == t)) {
                         continue;
                     }
                     let sort_key = format!("{}\u{0}{:020}\u{0}{:04}", k.as_str(), k.version(), i);
@@ -327,16 +327,16 @@ impl MemoryStorage {
                             path: k.path_and_query().to_string(),
                             version: k.version(),
                             variant: e
-                                .vary
+                                .vary()
                                 .iter()
                                 .map(|(n, v)| (n.as_str().to_string(), v.clone()))
                                 .collect(),
                             status: e.status.as_u16(),
-                            size: e.charge,
+                            size: e.charge(),
                             age_secs: age.as_secs(),
                             ttl_secs: e.freshness.lifetime().as_secs() as i64
                                 - age.as_secs() as i64,
-                            tags: e.tags.iter().map(|t| t.to_string()).collect(),
+                            tags: e.tags().iter().map(|t| t.to_string()).collect(),
                         },
                     ));
                 }
@@ -369,19 +369,22 @@ impl Storage for MemoryStorage {
         req: &HeaderMap,
         f: impl FnOnce(&Arc<Entry>) -> R,
     ) -> Option<R> {
-        // The hit path: no lock, and no shared write but the key's
+        // The hit path: no lock, and no shared write but the entry's
         // reference bit when it was clear. The entry is lent where it
         // lies, pinned by the table's arc-swap guards (a per-thread debt
         // slot, not the slot's or the entry's reference count).
         let hash = key_hash(key);
         self.shard_at(hash)
             .table
-            .find_used(hash, key, |variants| {
+            .find(hash, key, |variants| {
                 variants
                     .iter()
                     .rev()
-                    .find(|e| e.vary.is_empty() || policy::vary_matches(&e.vary, req))
-                    .map(f)
+                    .find(|e| e.vary().is_empty() || policy::vary_matches(e.vary(), req))
+                    .map(|e| {
+                        e.mark_used();
+                        f(e)
+                    })
             })
             .flatten()
     }
@@ -399,12 +402,10 @@ impl Storage for MemoryStorage {
                     .iter()
                     .filter(|e| {
                         // A variant with the same field names and values is replaced.
-                        let same_names = e.vary.len() == entry.vary.len()
-                            && e.vary
-                                .iter()
-                                .zip(entry.vary.iter())
-                                .all(|(a, b)| a.0 == b.0);
-                        !(same_names && e.vary == entry.vary)
+                        let (old, new) = (e.vary(), entry.vary());
+                        let same_names = old.len() == new.len()
+                            && old.iter().zip(new.iter()).all(|(a, b)| a.0 == b.0);
+                        !(same_names && old == new)
                     })
                     .cloned()
                     .collect()
@@ -480,7 +481,7 @@ impl Storage for MemoryStorage {
             };
             for k in keys {
                 total += shard.rewrite(&k, &mut |e| {
-                    if !e.tags.iter().any(|t| &**t == tag) {
+                    if !e.tags().iter().any(|t| &**t == tag) {
                         Rewrite::Keep
                     } else if soft {
                         Rewrite::Replace(Arc::new(e.marked_stale()))
@@ -682,9 +683,9 @@ mod tests {
         req.insert(lang, http::HeaderValue::from_static("en"));
         let any = s.lookup(&key("/a"), &HeaderMap::new()).unwrap();
         s.replace(&key("/a"), &any, entry("any2", vec![], &[]));
-        assert_eq!(s.lookup(&key("/a"), &req).unwrap().body, "en");
+        assert_eq!(s.lookup(&key("/a"), &req).unwrap().body(), "en");
         assert_eq!(
-            s.lookup(&key("/a"), &HeaderMap::new()).unwrap().body,
+            s.lookup(&key("/a"), &HeaderMap::new()).unwrap().body(),
             "any2"
         );
         assert_eq!(s.usage().1, 2);
@@ -752,7 +753,7 @@ mod tests {
                     while !stop.load(Ordering::Relaxed) {
                         for i in 0..200 {
                             if let Some(e) = s.lookup(&key(&format!("/{i}")), &HeaderMap::new()) {
-                                assert_eq!(e.body, format!("body-{i}"));
+                                assert_eq!(e.body(), format!("body-{i}"));
                             }
                         }
                     }

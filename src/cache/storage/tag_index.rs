@@ -4,16 +4,21 @@
 //! whenever a key's variants change, so it never points at an evicted key
 //! (nor grows once entries are gone).
 
-use super::entry::Entry;
+use super::entry::{heap_chunk, Entry};
 use crate::cache::key::CacheKey;
 use std::collections::{HashMap, HashSet};
+use std::mem::size_of;
 use std::sync::Arc;
 
 /// Cost of one (tag, key) pair in the index, charged to the entry carrying
-/// the tag: a key handle in a hash set and, for a tag only this entry has,
-/// the set's own table and its slot in the index (the key text itself is
-/// shared, charged once per key).
-pub(super) const TAG_SLOT_CHARGE: usize = 256;
+/// the tag: for a tag only this entry has (the worst case), the set's own
+/// table (hashbrown's smallest: 4 buckets and 20 control bytes) and its
+/// slot in the index, taken at its sparsest (just after the table doubled,
+/// 7/16 full). A key joining a tag's existing set costs less: one slot of
+/// that set. The key text itself is shared, charged once per key.
+pub(super) const TAG_SLOT_CHARGE: usize = heap_chunk(4 * size_of::<CacheKey>() + 4 + 16)
+    + (size_of::<(Arc<str>, HashSet<CacheKey>)>() + 1) * 16 / 7
+    + 1;
 
 #[derive(Default)]
 pub(super) struct TagIndex {
@@ -24,7 +29,7 @@ impl TagIndex {
     /// Points every tag of `variants` at `key`.
     pub(super) fn index(&mut self, key: &CacheKey, variants: &[Arc<Entry>]) {
         for e in variants {
-            for t in e.tags.iter() {
+            for t in e.tags().iter() {
                 self.tags.entry(t.clone()).or_default().insert(key.clone());
             }
         }
@@ -34,7 +39,7 @@ impl TagIndex {
     /// goes too.
     pub(super) fn unindex(&mut self, key: &CacheKey, variants: &[Arc<Entry>]) {
         for e in variants {
-            for t in e.tags.iter() {
+            for t in e.tags().iter() {
                 if let Some(set) = self.tags.get_mut(t) {
                     set.remove(key);
                     if set.is_empty() {
