@@ -44,6 +44,8 @@ pub(crate) struct FlagRuntime {
     default_member: String,
     pub(crate) rules: Vec<RuleRuntime>,
     pub(crate) evaluations: Arc<StripedCounter>,
+    /// `flag:{name}:user:`, the user's override key without the user.
+    pub(crate) override_prefix: String,
 }
 
 impl FlagRuntime {
@@ -173,6 +175,11 @@ impl ExperimentRuntime {
         format!("{}{user_id}", self.sticky_prefix)
     }
 
+    /// `exp:{name}:user:` ([`Self::sticky_key`] without the user).
+    pub(crate) fn sticky_prefix(&self) -> &str {
+        &self.sticky_prefix
+    }
+
     /// Whether the request may enter: path prefix (segment-wise: `/checkout`
     /// applies to `/checkout` and `/checkout/pay`, not `/checkouts`) and
     /// targeting.
@@ -261,6 +268,7 @@ impl Compiled {
                 default,
                 rules,
                 evaluations: counters.flag_evaluations(name),
+                override_prefix: super::flag_key(name, ""),
             });
         }
         let default_flags_value = if flags.is_empty() {
