@@ -27,6 +27,7 @@ mod counters;
 mod definitions;
 mod exposures;
 mod identity;
+mod interned;
 mod operations;
 pub(crate) mod prefs;
 mod rollout;
@@ -84,9 +85,10 @@ pub struct EdgeDecision {
     pub(crate) set_cookie: Option<HeaderValue>,
     /// Request headers for the origin.
     pub(crate) inject: Vec<(HeaderName, HeaderValue)>,
-    /// The definitions decided with, and (experiment, variant) indexes into
-    /// them for each variant injected, for [`Edge::observe`].
-    defs: Option<Arc<Compiled>>,
+    /// The [`Compiled::generation`] of the definitions decided with, when
+    /// [`Edge::observe`] has something to record, and (experiment, variant)
+    /// indexes into them for each variant injected.
+    observed: Option<u64>,
     assigned: Vec<(usize, usize)>,
 }
 
@@ -95,7 +97,7 @@ impl EdgeDecision {
     /// (there are experiments and the id was not issued by this request),
     /// so the proxy keeps the request's method and path for it only then.
     pub(crate) fn observes(&self) -> bool {
-        self.defs.is_some()
+        self.observed.is_some()
     }
 
     /// Writes the injected headers into the request, replacing any value
@@ -356,9 +358,8 @@ impl Edge {
         let kv =
             Namespaced::new(kv, &cfg.environment).map_err(|e| config_error("environment", e))?;
         let key_prefix = format!("{}:", kv.namespace());
-        let header = |field: &str, name: &str| {
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| config_error(field, e))
-        };
+        let header =
+            |field: &str, name: &str| interned::name(name).map_err(|e| config_error(field, e));
 
         let outcomes = Arc::new(OutcomeCounters::default());
         let seed = Compiled::new(
@@ -379,7 +380,7 @@ impl Edge {
         let prefs = PrefsRuntime {
             header: header("preferences.header", &prefs_cfg.header)?,
             defaults: prefs_cfg.defaults.clone(),
-            default_value: HeaderValue::from_str(&prefs::header_json(&prefs_cfg.defaults))
+            default_value: interned::value(&prefs::header_json(&prefs_cfg.defaults))
                 .map_err(|e| config_error("preferences.defaults", e))?,
             max_bytes: prefs_cfg.max_bytes,
         };
@@ -672,7 +673,7 @@ impl Edge {
             anonymous: identity.anonymous,
             user_id: identity.user_id,
             inject,
-            defs: observed.then(|| arc_swap::Guard::into_inner(defs)),
+            observed: observed.then_some(defs.generation),
             assigned,
         }
     }
@@ -697,8 +698,18 @@ impl Edge {
         route: &str,
         status: StatusCode,
     ) {
-        let Some(defs) = &decision.defs else { return };
+        let Some(generation) = decision.observed else {
+            return;
+        };
         if !status.is_success() {
+            return;
+        }
+        // A guard, not an `Arc`, as in `decide`. Definitions changed since
+        // the decision (rare: an admin change landed while the request was
+        // in flight) make its indexes meaningless: nothing is recorded for
+        // this request, and the user's next request records the exposure.
+        let defs = self.defs.current.load();
+        if defs.generation != generation {
             return;
         }
         let user = decision.user_id.as_str();
