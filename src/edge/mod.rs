@@ -1033,7 +1033,7 @@ impl Edge {
 
     fn prefs_value(&self, user: &str, read: Option<&Read>) -> HeaderValue {
         match read {
-            Some(Ok(Some(entry))) => match Self::stored_prefs(&entry) {
+            Some(Ok(Some(entry))) => match Self::stored_prefs(entry) {
                 Ok(doc) => {
                     let json = prefs::header_json(&prefs::effective(&self.prefs.defaults, &doc));
                     HeaderValue::from_str(&json)
