@@ -224,7 +224,7 @@ impl Edge {
             .kv
             .list(AUDIT_PREFIX, cursor, limit.clamp(1, 1000))
             .await?;
-        let reads = page.keys.iter().map(|k| self.kv.get(&k.name)).collect();
+        let reads = page.keys.iter().map(|k| self.kv.get(&k.name));
         let mut entries = Vec::with_capacity(page.keys.len());
         for read in join_all(reads).await {
             if let Some(entry) = read? {
@@ -294,7 +294,7 @@ impl Edge {
                     .map(|user| super::converted_key(exp, user))
                     .collect();
                 users += keys.len() as u64;
-                let reads = keys.iter().map(|k| self.kv.get(k)).collect();
+                let reads = keys.iter().map(|k| self.kv.get(k));
                 for read in join_all(reads).await {
                     if read?.is_some() {
                         conversions += 1;

@@ -8,6 +8,7 @@ use http::{HeaderName, HeaderValue};
 
 use super::counters::{Counters, StripedCounter};
 use super::exposures::{DailyRow, Outcome, OutcomeCounters};
+use super::interned;
 use super::rollout::{self, BUCKETS};
 use super::targeting::RequestAttributes;
 use crate::config::edge::targeting::Condition;
@@ -44,6 +45,8 @@ pub(crate) struct FlagRuntime {
     default_member: String,
     pub(crate) rules: Vec<RuleRuntime>,
     pub(crate) evaluations: Arc<StripedCounter>,
+    /// `flag:{name}:user:`, the user's override key without the user.
+    pub(crate) override_prefix: String,
 }
 
 impl FlagRuntime {
@@ -173,6 +176,11 @@ impl ExperimentRuntime {
         format!("{}{user_id}", self.sticky_prefix)
     }
 
+    /// `exp:{name}:user:` ([`Self::sticky_key`] without the user).
+    pub(crate) fn sticky_prefix(&self) -> &str {
+        &self.sticky_prefix
+    }
+
     /// Whether the request may enter: path prefix (segment-wise: `/checkout`
     /// applies to `/checkout` and `/checkout/pay`, not `/checkouts`) and
     /// targeting.
@@ -198,7 +206,14 @@ pub(crate) struct Compiled {
     /// Some flag has rules: the header is built per request.
     pub(crate) flags_have_rules: bool,
     pub(crate) experiments: Vec<ExperimentRuntime>,
+    /// Distinct for every compilation in the process: a decision names the
+    /// definitions it was made with by this number rather than by holding
+    /// an `Arc` (whose count every core would write on every request).
+    pub(crate) generation: u64,
 }
+
+/// The source of [`Compiled::generation`] (written once per definition change).
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,13 +276,14 @@ impl Compiled {
                 default,
                 rules,
                 evaluations: counters.flag_evaluations(name),
+                override_prefix: super::flag_key(name, ""),
             });
         }
         let default_flags_value = if flags.is_empty() {
             None
         } else {
             let members: Vec<&str> = flags.iter().map(|f| f.default_member.as_str()).collect();
-            Some(HeaderValue::from_str(&members.join(", ")).map_err(|e| problem("flags", e))?)
+            Some(interned::value(&members.join(", ")).map_err(|e| problem("flags", e))?)
         };
 
         let mut experiments = Vec::with_capacity(doc.experiments.len());
@@ -288,7 +304,7 @@ impl Compiled {
                     name: variant.clone(),
                     weight,
                     cutoff: cutoff.min(BUCKETS),
-                    header_value: HeaderValue::from_str(variant)
+                    header_value: interned::value(variant)
                         .map_err(|e| problem(format!("{field}.variants.{variant}"), e))?,
                     stored: bytes::Bytes::from(variant.clone()),
                     exposures: counters.exposures(name, variant),
@@ -329,10 +345,8 @@ impl Compiled {
             experiments.push(ExperimentRuntime {
                 name: name.clone(),
                 description: exp.description.clone(),
-                header: HeaderName::from_bytes(
-                    format!("{EXPERIMENT_HEADER_PREFIX}{name}").as_bytes(),
-                )
-                .map_err(|e| problem(&field, e))?,
+                header: interned::name(&format!("{EXPERIMENT_HEADER_PREFIX}{name}"))
+                    .map_err(|e| problem(&field, e))?,
                 hash_seed,
                 salted: exp.salt.is_some(),
                 hash: exp.hash,
@@ -369,6 +383,7 @@ impl Compiled {
             flags,
             default_flags_value,
             experiments,
+            generation: GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 

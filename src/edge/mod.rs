@@ -27,6 +27,7 @@ mod counters;
 mod definitions;
 mod exposures;
 mod identity;
+mod interned;
 mod operations;
 pub(crate) mod prefs;
 mod rollout;
@@ -84,9 +85,10 @@ pub struct EdgeDecision {
     pub(crate) set_cookie: Option<HeaderValue>,
     /// Request headers for the origin.
     pub(crate) inject: Vec<(HeaderName, HeaderValue)>,
-    /// The definitions decided with, and (experiment, variant) indexes into
-    /// them for each variant injected, for [`Edge::observe`].
-    defs: Option<Arc<Compiled>>,
+    /// The [`Compiled::generation`] of the definitions decided with, when
+    /// [`Edge::observe`] has something to record, and (experiment, variant)
+    /// indexes into them for each variant injected.
+    observed: Option<u64>,
     assigned: Vec<(usize, usize)>,
 }
 
@@ -95,7 +97,7 @@ impl EdgeDecision {
     /// (there are experiments and the id was not issued by this request),
     /// so the proxy keeps the request's method and path for it only then.
     pub(crate) fn observes(&self) -> bool {
-        self.defs.is_some()
+        self.observed.is_some()
     }
 
     /// Writes the injected headers into the request, replacing any value
@@ -148,6 +150,12 @@ impl WarnThrottle {
 /// The per-request decision maker, built once per config.
 pub struct Edge {
     kv: Arc<Namespaced>,
+    /// The store under `kv`, and `kv`'s namespace prefix (`{environment}:`):
+    /// a request's reads build the full keys themselves, in one buffer,
+    /// rather than through `kv` (a key, a prefixed copy and a boxed future
+    /// more per read).
+    user_reads: Arc<dyn Kv>,
+    key_prefix: String,
     identity_header: HeaderName,
     identity_cookie: Option<String>,
     /// Peers whose identity header and cookie are believed.
@@ -196,35 +204,62 @@ fn converted_key(exp: &ExperimentRuntime, user_id: &str) -> String {
     format!("converted:{}:{user_id}", exp.key_name)
 }
 
+/// `prefs:user:`: [`prefs_key`] without the user.
+const PREFS_KEY_PREFIX: &str = "prefs:user:";
+
 fn prefs_key(user_id: &str) -> String {
-    format!("prefs:user:{user_id}")
+    format!("{PREFS_KEY_PREFIX}{user_id}")
 }
 
 type Read = Result<Option<KvEntry>, KvError>;
 
-/// Results of the KV reads for one user, in flag and experiment order.
+/// Results of the KV reads for one user, in one `Vec`: the flag overrides
+/// (flag order), the sticky assignments of the experiments entered, the
+/// aliased anonymous id's (when there is an alias), the preferences.
 struct UserState {
-    flags: Vec<Read>,
-    sticky: Vec<Read>,
-    /// The aliased anonymous id's sticky assignments, when there is one.
-    alias_sticky: Vec<Read>,
-    prefs: Read,
+    reads: Vec<Read>,
+    flags: usize,
+    entered: usize,
+    alias: bool,
+}
+
+impl UserState {
+    fn flags(&self) -> &[Read] {
+        &self.reads[..self.flags.min(self.reads.len())]
+    }
+
+    fn sticky(&self, i: usize) -> Option<&Read> {
+        (i < self.entered).then(|| self.reads.get(self.flags + i))?
+    }
+
+    fn alias_sticky(&self, i: usize) -> Option<&Read> {
+        (self.alias && i < self.entered).then(|| self.reads.get(self.flags + self.entered + i))?
+    }
+
+    fn prefs(&self) -> Option<&Read> {
+        self.reads.last()
+    }
+}
+
+/// A read in flight or done, for [`join_all`].
+enum Slot<'a, T> {
+    Pending(KvFuture<'a, T>),
+    Done(Result<T, KvError>),
 }
 
 /// Polls every future concurrently (a Redis backend then pays one round trip,
-/// not one per key) and returns their results in order.
-async fn join_all<'a, T>(futures: Vec<KvFuture<'a, T>>) -> Vec<Result<T, KvError>> {
-    let mut futures: Vec<Option<KvFuture<'a, T>>> = futures.into_iter().map(Some).collect();
-    let mut results: Vec<Option<Result<T, KvError>>> = futures.iter().map(|_| None).collect();
+/// not one per key) and returns their results in order. One `Vec` holds
+/// both the futures and, in their place, the results.
+async fn join_all<'a, T>(
+    futures: impl ExactSizeIterator<Item = KvFuture<'a, T>>,
+) -> Vec<Result<T, KvError>> {
+    let mut slots: Vec<Slot<'a, T>> = futures.map(Slot::Pending).collect();
     std::future::poll_fn(|cx| {
         let mut pending = false;
-        for (slot, future) in futures.iter_mut().zip(results.iter_mut()) {
-            if let Some(fut) = slot {
+        for slot in slots.iter_mut() {
+            if let Slot::Pending(fut) = slot {
                 match fut.as_mut().poll(cx) {
-                    Poll::Ready(result) => {
-                        *future = Some(result);
-                        *slot = None;
-                    }
+                    Poll::Ready(result) => *slot = Slot::Done(result),
                     Poll::Pending => pending = true,
                 }
             }
@@ -236,9 +271,12 @@ async fn join_all<'a, T>(futures: Vec<KvFuture<'a, T>>) -> Vec<Result<T, KvError
         }
     })
     .await;
-    results
+    slots
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(KvError::Backend("read was not completed".into()))))
+        .map(|slot| match slot {
+            Slot::Done(result) => result,
+            Slot::Pending(_) => Err(KvError::Backend("read was not completed".into())),
+        })
         .collect()
 }
 
@@ -316,11 +354,12 @@ impl Edge {
         counters: Arc<Counters>,
     ) -> Result<Edge, EdgeConfigError> {
         cfg.validate()?;
+        let kv_store = Arc::clone(&kv);
         let kv =
             Namespaced::new(kv, &cfg.environment).map_err(|e| config_error("environment", e))?;
-        let header = |field: &str, name: &str| {
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| config_error(field, e))
-        };
+        let key_prefix = format!("{}:", kv.namespace());
+        let header =
+            |field: &str, name: &str| interned::name(name).map_err(|e| config_error(field, e));
 
         let outcomes = Arc::new(OutcomeCounters::default());
         let seed = Compiled::new(
@@ -341,7 +380,7 @@ impl Edge {
         let prefs = PrefsRuntime {
             header: header("preferences.header", &prefs_cfg.header)?,
             defaults: prefs_cfg.defaults.clone(),
-            default_value: HeaderValue::from_str(&prefs::header_json(&prefs_cfg.defaults))
+            default_value: interned::value(&prefs::header_json(&prefs_cfg.defaults))
                 .map_err(|e| config_error("preferences.defaults", e))?,
             max_bytes: prefs_cfg.max_bytes,
         };
@@ -380,6 +419,8 @@ impl Edge {
             counters.state_write_errors(),
         ));
         Ok(Edge {
+            user_reads: kv_store,
+            key_prefix,
             kv,
             identity_header: header("identity.header", &cfg.identity.header)?,
             identity_cookie: cfg.identity.cookie.clone(),
@@ -582,34 +623,20 @@ impl Edge {
         let state = if fresh {
             None
         } else {
-            Some(
-                self.read_user_state(&defs, user, alias, entered.iter().map(|(e, _)| *e))
-                    .await,
-            )
-        };
-        let (flag_reads, sticky_reads, alias_reads, prefs_read) = match state {
-            Some(s) => (
-                Some(s.flags),
-                Some(s.sticky),
-                Some(s.alias_sticky),
-                Some(s.prefs),
-            ),
-            None => (None, None, None, None),
+            Some(self.read_user_state(&defs, user, alias, &entered).await)
         };
 
         for flag in &defs.flags {
             flag.evaluations.incr();
         }
-        if let Some(value) = self.flags_value(&defs, &req, flag_reads) {
+        if let Some(value) = self.flags_value(&defs, &req, state.as_ref().map(UserState::flags)) {
             inject.push((FEATURE_FLAGS.clone(), value));
         }
 
         let mut assigned = Vec::with_capacity(entered.len());
-        let mut sticky_reads = sticky_reads.map(Vec::into_iter);
-        let mut alias_reads = alias_reads.map(Vec::into_iter);
-        for (exp, hashed) in entered {
-            let read = sticky_reads.as_mut().and_then(Iterator::next);
-            let alias_read = alias_reads.as_mut().and_then(Iterator::next);
+        for (i, (exp, hashed)) in entered.into_iter().enumerate() {
+            let read = state.as_ref().and_then(|s| s.sticky(i));
+            let alias_read = state.as_ref().and_then(|s| s.alias_sticky(i));
             let Some(index) = self
                 .assign(exp, hashed, user, read, alias_read, fresh)
                 .await
@@ -624,7 +651,8 @@ impl Edge {
             }
         }
 
-        if let Some(Ok(Some(entry))) = &prefs_read {
+        let prefs_read = state.as_ref().and_then(UserState::prefs);
+        if let Some(Ok(Some(entry))) = prefs_read {
             self.renew_prefs_if_due(user, entry).await;
         }
         inject.push((
@@ -645,7 +673,7 @@ impl Edge {
             anonymous: identity.anonymous,
             user_id: identity.user_id,
             inject,
-            defs: observed.then(|| arc_swap::Guard::into_inner(defs)),
+            observed: observed.then_some(defs.generation),
             assigned,
         }
     }
@@ -670,8 +698,18 @@ impl Edge {
         route: &str,
         status: StatusCode,
     ) {
-        let Some(defs) = &decision.defs else { return };
+        let Some(generation) = decision.observed else {
+            return;
+        };
         if !status.is_success() {
+            return;
+        }
+        // A guard, not an `Arc`, as in `decide`. Definitions changed since
+        // the decision (rare: an admin change landed while the request was
+        // in flight) make its indexes meaningless: nothing is recorded for
+        // this request, and the user's next request records the exposure.
+        let defs = self.defs.current.load();
+        if defs.generation != generation {
             return;
         }
         let user = decision.user_id.as_str();
@@ -783,39 +821,50 @@ impl Edge {
         }
     }
 
-    async fn read_user_state<'e>(
+    /// Every state-store read for one user, as one batch: the full keys
+    /// (namespace included, as `kv` would build them) are written into one
+    /// buffer and read straight from the store.
+    async fn read_user_state(
         &self,
         defs: &Compiled,
         user: &str,
         alias: Option<&str>,
-        experiments: impl Iterator<Item = &'e ExperimentRuntime>,
+        entered: &[(&ExperimentRuntime, Option<usize>)],
     ) -> UserState {
-        let mut keys: Vec<String> = defs.flags.iter().map(|f| flag_key(&f.name, user)).collect();
-        let flag_count = keys.len();
-        let experiments: Vec<&ExperimentRuntime> = experiments.collect();
-        keys.extend(experiments.iter().map(|e| e.sticky_key(user)));
-        if let Some(alias) = alias {
-            keys.extend(experiments.iter().map(|e| e.sticky_key(alias)));
+        let aliased = alias.map_or(0, |_| entered.len());
+        let count = defs.flags.len() + entered.len() + aliased + 1;
+        let mut text = String::with_capacity(count * (self.key_prefix.len() + 24 + user.len()));
+        let mut ends = Vec::with_capacity(count);
+        let mut push = |prefix: &str, id: &str| {
+            text.push_str(&self.key_prefix);
+            text.push_str(prefix);
+            text.push_str(id);
+            ends.push(text.len());
+        };
+        for flag in &defs.flags {
+            push(&flag.override_prefix, user);
         }
-        keys.push(prefs_key(user));
+        for (exp, _) in entered {
+            push(exp.sticky_prefix(), user);
+        }
+        if let Some(alias) = alias {
+            for (exp, _) in entered {
+                push(exp.sticky_prefix(), alias);
+            }
+        }
+        push(PREFS_KEY_PREFIX, user);
+        let key = |i: usize| {
+            let start = i.checked_sub(1).map_or(0, |before| ends[before]);
+            &text[start..ends[i]]
+        };
         // One batch: every read is polled together (one round trip on a
         // networked store).
-        let reads = keys.iter().map(|k| self.kv.get(k)).collect();
-        let mut results = join_all(reads).await;
-        let prefs = results
-            .pop()
-            .unwrap_or_else(|| Err(KvError::Backend("missing preferences read".into())));
-        let mut sticky = results.split_off(flag_count);
-        let alias_sticky = if alias.is_some() {
-            sticky.split_off(experiments.len().min(sticky.len()))
-        } else {
-            Vec::new()
-        };
+        let reads = join_all((0..ends.len()).map(|i| self.user_reads.get(key(i)))).await;
         UserState {
-            flags: results,
-            sticky,
-            alias_sticky,
-            prefs,
+            reads,
+            flags: defs.flags.len(),
+            entered: entered.len(),
+            alias: alias.is_some(),
         }
     }
 
@@ -842,9 +891,9 @@ impl Edge {
         &self,
         defs: &'f Compiled,
         user: &str,
-        reads: Option<Vec<Read>>,
+        reads: Option<&[Read]>,
     ) -> Vec<(&'f FlagRuntime, Option<FlagValue>)> {
-        let mut reads = reads.map(Vec::into_iter);
+        let mut reads = reads.map(<[Read]>::iter);
         defs.flags
             .iter()
             .map(|flag| {
@@ -874,12 +923,10 @@ impl Edge {
         &self,
         defs: &Compiled,
         req: &RequestAttributes<'_>,
-        reads: Option<Vec<Read>>,
+        reads: Option<&[Read]>,
     ) -> Option<HeaderValue> {
         let default = defs.default_flags_value.as_ref()?;
-        let no_overrides = reads
-            .as_ref()
-            .is_none_or(|r| r.iter().all(|r| matches!(r, Ok(None))));
+        let no_overrides = reads.is_none_or(|r| r.iter().all(|r| matches!(r, Ok(None))));
         if no_overrides && !defs.flags_have_rules {
             return Some(default.clone());
         }
@@ -931,8 +978,8 @@ impl Edge {
         exp: &ExperimentRuntime,
         hashed: Option<usize>,
         user: &str,
-        read: Option<Read>,
-        alias_read: Option<Read>,
+        read: Option<&Read>,
+        alias_read: Option<&Read>,
         fresh: bool,
     ) -> Option<usize> {
         let store = match read {
@@ -984,13 +1031,9 @@ impl Edge {
         }
     }
 
-    fn prefs_value(
-        &self,
-        user: &str,
-        read: Option<Result<Option<KvEntry>, KvError>>,
-    ) -> HeaderValue {
+    fn prefs_value(&self, user: &str, read: Option<&Read>) -> HeaderValue {
         match read {
-            Some(Ok(Some(entry))) => match Self::stored_prefs(&entry) {
+            Some(Ok(Some(entry))) => match Self::stored_prefs(entry) {
                 Ok(doc) => {
                     let json = prefs::header_json(&prefs::effective(&self.prefs.defaults, &doc));
                     HeaderValue::from_str(&json)

@@ -97,18 +97,24 @@ impl Edge {
         check_user(user_id)?;
         self.defs.ensure_loaded().await;
         let defs = self.defs.current.load_full();
-        let state = self
-            .read_user_state(&defs, user_id, None, defs.experiments.iter())
-            .await;
-        for read in state.flags.iter().chain(&state.sticky) {
+        let every: Vec<_> = defs.experiments.iter().map(|e| (e, None)).collect();
+        let state = self.read_user_state(&defs, user_id, None, &every).await;
+        let (prefs_read, others) = state
+            .reads
+            .split_last()
+            .ok_or_else(|| EdgeAdminError::Unavailable("missing preferences read".into()))?;
+        for read in others {
             if let Err(err) = read {
                 return Err(EdgeAdminError::Unavailable(err.to_string()));
             }
         }
-        let prefs_doc = match state.prefs {
-            Ok(Some(entry)) => Self::stored_prefs(&entry).map_err(EdgeAdminError::Unavailable)?,
+        let prefs_doc = match prefs_read {
+            Ok(Some(entry)) => Self::stored_prefs(entry).map_err(EdgeAdminError::Unavailable)?,
             Ok(None) => prefs::Document::new(),
-            Err(err) => return Err(err.into()),
+            Err(KvError::InvalidKey(m) | KvError::InvalidArgument(m)) => {
+                return Err(EdgeAdminError::BadRequest(m.clone()))
+            }
+            Err(err) => return Err(EdgeAdminError::Unavailable(err.to_string())),
         };
         let no_headers = http::HeaderMap::new();
         let req = RequestAttributes {
@@ -119,7 +125,7 @@ impl Edge {
             country: None,
         };
 
-        let values = self.flag_overrides(&defs, user_id, Some(state.flags));
+        let values = self.flag_overrides(&defs, user_id, Some(state.flags()));
         let mut flags = Map::new();
         for (flag, overridden) in &values {
             let (value, source) = match overridden {
@@ -136,10 +142,13 @@ impl Edge {
         }
 
         let mut experiments = Map::new();
-        for (exp, read) in defs.experiments.iter().zip(state.sticky) {
+        for (i, exp) in defs.experiments.iter().enumerate() {
             let hashed = exp.hashed(user_id);
             let in_traffic = hashed.is_some();
-            let stored = read.ok().flatten();
+            let stored = state
+                .sticky(i)
+                .and_then(|r| r.as_ref().ok())
+                .and_then(Option::as_ref);
             let assigned = stored
                 .as_ref()
                 .map(|e| String::from_utf8_lossy(&e.value).into_owned());

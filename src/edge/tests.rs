@@ -1617,7 +1617,8 @@ async fn pause_and_stop_withhold_assignments_and_resume_keeps_them() {
             Some("variant_b"),
             "{u}"
         );
-        let defs = d.defs.as_ref().unwrap();
+        assert!(d.observes());
+        let defs = edge.defs.current.load();
         assert!(
             d.assigned
                 .iter()
