@@ -8,7 +8,6 @@ use http::{HeaderName, HeaderValue};
 
 use super::counters::{Counters, StripedCounter};
 use super::exposures::{DailyRow, Outcome, OutcomeCounters};
-use super::interned;
 use super::rollout::{self, BUCKETS};
 use super::targeting::RequestAttributes;
 use crate::config::edge::targeting::Condition;
@@ -17,6 +16,7 @@ use crate::config::edge::{
     EXPERIMENT_HEADER_PREFIX,
 };
 use crate::config::sfv;
+use crate::protocol::interned;
 
 fn problem(field: impl Into<String>, message: impl std::fmt::Display) -> EdgeConfigError {
     EdgeConfigError {

@@ -27,7 +27,6 @@ mod counters;
 mod definitions;
 mod exposures;
 mod identity;
-mod interned;
 mod operations;
 pub(crate) mod prefs;
 mod rollout;
@@ -358,8 +357,9 @@ impl Edge {
         let kv =
             Namespaced::new(kv, &cfg.environment).map_err(|e| config_error("environment", e))?;
         let key_prefix = format!("{}:", kv.namespace());
-        let header =
-            |field: &str, name: &str| interned::name(name).map_err(|e| config_error(field, e));
+        let header = |field: &str, name: &str| {
+            crate::protocol::interned::name(name).map_err(|e| config_error(field, e))
+        };
 
         let outcomes = Arc::new(OutcomeCounters::default());
         let seed = Compiled::new(
@@ -380,8 +380,10 @@ impl Edge {
         let prefs = PrefsRuntime {
             header: header("preferences.header", &prefs_cfg.header)?,
             defaults: prefs_cfg.defaults.clone(),
-            default_value: interned::value(&prefs::header_json(&prefs_cfg.defaults))
-                .map_err(|e| config_error("preferences.defaults", e))?,
+            default_value: crate::protocol::interned::value(&prefs::header_json(
+                &prefs_cfg.defaults,
+            ))
+            .map_err(|e| config_error("preferences.defaults", e))?,
             max_bytes: prefs_cfg.max_bytes,
         };
 

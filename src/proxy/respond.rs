@@ -6,10 +6,9 @@ use crate::cache::policy;
 pub use crate::cache::result::CacheResult;
 pub(crate) use crate::cache::result::{CacheStatus, Detail, Forward};
 use crate::cache::storage::Entry;
+use crate::protocol::interned;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
-use std::collections::BTreeSet;
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 pub(crate) const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -34,11 +33,13 @@ impl Labels {
         } else {
             name.to_string()
         };
-        // `from_static` panics on bytes a field value may not hold; the name
-        // was just checked to be alphanumerics, `-`, `_` and `.`.
+        // Static (interned) values: a hit clones them without writing a
+        // reference count every core shares.
         Labels {
-            via: HeaderValue::from_static(interned(format!("1.1 {name}"))),
-            hit: HeaderValue::from_static(interned(format!("{name}; hit"))),
+            via: interned::value(&format!("1.1 {name}"))
+                .unwrap_or(HeaderValue::from_static("1.1 kvgate")),
+            hit: interned::value(&format!("{name}; hit"))
+                .unwrap_or(HeaderValue::from_static("kvgate; hit")),
             name,
         }
     }
@@ -51,22 +52,6 @@ impl Labels {
         HeaderValue::from_str(&format!("{}; {}", self.name, status.params()))
             .unwrap_or_else(|_| self.hit.clone())
     }
-}
-
-/// `text` as a `&'static str`, leaked once per distinct text: a header value
-/// built from it is static, so cloning it onto every hit writes no
-/// reference count that every core shares (a `from_str` value would). Each
-/// config generation asks again, so distinct texts, not reloads, bound
-/// what is leaked.
-fn interned(text: String) -> &'static str {
-    static TEXTS: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
-    let mut texts = TEXTS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(t) = texts.get(text.as_str()) {
-        return t;
-    }
-    let leaked: &'static str = Box::leak(text.into_boxed_str());
-    texts.insert(leaked);
-    leaked
 }
 
 /// A response and the cache's verdict on it, carried together from where

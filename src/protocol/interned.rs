@@ -1,5 +1,7 @@
-//! Header names and values built once per definition change, in static
-//! memory, so that injecting them into a request copies a pointer.
+//! Header names and values kept in static memory, so that putting them on
+//! a request or response copies a pointer: the edge's injected fields
+//! (built once per definition change) and the gateway's `Via` and
+//! `Cache-Status` labels (once per config generation).
 //!
 //! A `HeaderValue` or custom `HeaderName` made from a `String` shares its
 //! bytes through a reference count: each request's clone into the
