@@ -356,7 +356,7 @@ impl Edge {
         let kv_store = Arc::clone(&kv);
         let kv =
             Namespaced::new(kv, &cfg.environment).map_err(|e| config_error("environment", e))?;
-        let key_prefix = format!("{}:", kv.namespace());
+        let key_prefix = kv.prefix().to_owned();
         let header = |field: &str, name: &str| {
             crate::protocol::interned::name(name).map_err(|e| config_error(field, e))
         };

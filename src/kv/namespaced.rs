@@ -29,6 +29,12 @@ impl Namespaced {
         })
     }
 
+    /// `"{namespace}:"`, what every key of the namespace starts with (for a
+    /// caller that builds full keys itself and reads the store under this).
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub(crate) fn namespace(&self) -> &str {
         &self.prefix[..self.prefix.len() - 1]
     }
