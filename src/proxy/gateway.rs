@@ -411,12 +411,14 @@ impl Gateway {
         let after = bumps.fetch_add(1, Ordering::Relaxed) + 1;
         Some(self.version().wrapping_add(after))
     }
-    /// Serves one client request.
-    pub(crate) async fn handle<B>(
+    /// Serves one client request. What does not wait (the request id, a
+    /// hit's whole answer) is done when this is called; the future returned
+    /// holds only what the rest needs, not the request (hyper moves it).
+    pub(crate) fn handle<B>(
         self: &Arc<Self>,
         mut req: Request<B>,
         client: ClientInfo,
-    ) -> Response<Body>
+    ) -> impl Future<Output = Response<Body>> + Send + '_
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -433,30 +435,38 @@ impl Gateway {
             let f = AccessFields::of(&req);
             t.start(f.method, f.host, f.path, req.headers_mut())
         });
-        // Every line logged while serving the request carries its id (the
-        // log formatter reads it from the task, or here from the scope of
-        // the synchronous part). A hit is answered here and now; only what
-        // must wait is boxed (see `answer`), so the wrappers below move a
-        // small value.
+        // Every line logged while serving the request carries its id: the
+        // log formatter reads it from the scope of the synchronous part, then
+        // from the task while the rest is awaited. A hit is answered here
+        // and now, without awaiting; only what must wait is boxed (see
+        // `answer`), so this future stays small (hyper moves it).
         let answering =
             crate::logging::in_request_id(request_id.clone(), || self.answer(req, client));
-        let serving = async {
+        async move {
             let (
                 Answer {
-                    response: resp,
+                    response: mut resp,
                     result,
                 },
                 origin_time,
-            ) = if logged.is_some() {
-                let origin_time = std::cell::Cell::new(None);
-                ORIGIN_TIME
-                    .scope(origin_time, async {
-                        let answer = answering.await;
-                        (answer, ORIGIN_TIME.with(|t| t.get()))
-                    })
-                    .await
-            } else {
-                (answering.await, None)
+            ) = match answering {
+                Answering::Now(answer) => (answer.into_inner(), None),
+                Answering::Later(waiting) => {
+                    let waiting = async {
+                        if logged.is_some() {
+                            let origin_time = std::cell::Cell::new(None);
+                            ORIGIN_TIME
+                                .scope(origin_time, async {
+                                    let answer = waiting.await;
+                                    (answer, ORIGIN_TIME.with(|t| t.get()))
+                                })
+                                .await
+                        } else {
+                            (waiting.await, None)
+                        }
+                    };
+                    crate::logging::with_request_id(request_id.clone(), waiting).await
+                }
             };
             // The second clock read of the request (the first is `started`):
             // the latency histogram and the access line share it.
@@ -464,29 +474,28 @@ impl Gateway {
             self.metrics.record(result, resp.status(), elapsed);
             if let Some(f) = logged {
                 use http_body::Body as _;
-                tracing::info!(
-                    target: "kvgate::access",
-                    client = %client.addr,
-                    method = %f.method,
-                    host = %f.host,
-                    path = %f.path,
-                    status = resp.status().as_u16(),
-                    cache = result.as_str(),
-                    bytes = resp.body().size_hint().exact(),
-                    origin_micros = origin_time.map(|d| d.as_micros() as u64),
-                    micros = elapsed.as_micros() as u64,
-                    user_agent = %f.user_agent,
-                );
+                crate::logging::in_request_id(request_id.clone(), || {
+                    tracing::info!(
+                        target: "kvgate::access",
+                        client = %client.addr,
+                        method = %f.method,
+                        host = %f.host,
+                        path = %f.path,
+                        status = resp.status().as_u16(),
+                        cache = result.as_str(),
+                        bytes = resp.body().size_hint().exact(),
+                        origin_micros = origin_time.map(|d| d.as_micros() as u64),
+                        micros = elapsed.as_micros() as u64,
+                        user_agent = %f.user_agent,
+                    )
+                });
             }
-            (resp, result, elapsed)
-        };
-        let (mut resp, result, elapsed) =
-            crate::logging::with_request_id(request_id.clone(), serving).await;
-        if let (Some(tracer), Some(started)) = (&self.tracer, traced) {
-            tracer.finish(started, elapsed, resp.status(), result, &request_id);
+            if let (Some(tracer), Some(started)) = (&self.tracer, traced) {
+                tracer.finish(started, elapsed, resp.status(), result, &request_id);
+            }
+            resp.headers_mut().insert(X_REQUEST_ID, request_id);
+            resp
         }
-        resp.headers_mut().insert(X_REQUEST_ID, request_id);
-        resp
     }
     /// Phases 1 to 7 for one request (see the module docs), without
     /// awaiting anything a plain hit does not need: a hit or a refusal is
