@@ -513,8 +513,7 @@ impl Gateway {
             return Answering::now(refusal);
         }
         if let Some(target) = self.probe_target(&req) {
-            let method = req.method().clone();
-            return Answering::later(async move { self.probe(&method, target).await });
+            return Answering::later(self.probe(req.method().clone(), target));
         }
         let (mut parts, body) = req.into_parts();
         // Hop-by-hop fields go first: a client must not be able to name an
@@ -689,7 +688,7 @@ impl Gateway {
     }
 
     /// The liveness or readiness probe's answer (GET and HEAD only).
-    async fn probe(&self, method: &Method, target: Probe) -> Answer {
+    async fn probe(&self, method: Method, target: Probe) -> Answer {
         let server = &self.config.server;
         if method != Method::GET && method != Method::HEAD {
             let mut a = self.own(

@@ -402,10 +402,7 @@ impl Storage for MemoryStorage {
                     .iter()
                     .filter(|e| {
                         // A variant with the same field names and values is replaced.
-                        let (old, new) = (e.vary(), entry.vary());
-                        let same_names = old.len() == new.len()
-                            && old.iter().zip(new.iter()).all(|(a, b)| a.0 == b.0);
-                        !(same_names && old == new)
+                        e.vary() != entry.vary()
                     })
                     .cloned()
                     .collect()
