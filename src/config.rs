@@ -235,6 +235,10 @@ pub struct ServerConfig {
     /// Where the main listener answers the readiness probe (as the admin
     /// API's `/readyz`).
     pub ready_path: Option<Spanned<String>>,
+    /// Plain-TCP HTTP/1.1 connections answer fresh, unconditional GET and
+    /// HEAD hits without going through hyper (`proxy::h1_hits`); anything
+    /// else on the connection is served as before. On by default.
+    pub fast_hits: bool,
 }
 
 impl Default for ServerConfig {
@@ -254,6 +258,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             health_path: None,
             ready_path: None,
+            fast_hits: true,
         }
     }
 }

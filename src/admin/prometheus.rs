@@ -253,6 +253,11 @@ fn render_gateway(t: &mut Out, gw: &Gateway) -> fmt::Result {
         m.responses_5xx(),
     )?;
     t.counter(
+        "kvgate_fast_hits_total",
+        "Hits answered by the HTTP/1.1 fast path (also in kvgate_requests_total).",
+        m.fast_hits.sum(),
+    )?;
+    t.counter(
         "kvgate_origin_requests_total",
         "Requests sent to the origin.",
         load(&m.origin_requests),

@@ -49,6 +49,9 @@ pub(crate) struct Metrics {
     pub purged_entries: AtomicU64,
     /// Time from sending a request to the origin to its response head.
     origin_latency: Histogram,
+    /// Hits answered by the HTTP/1.1 fast path (`proxy::h1_hits`), also
+    /// counted in the requests by result.
+    pub fast_hits: StripedCounter,
 }
 
 impl Metrics {
