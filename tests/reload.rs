@@ -242,3 +242,59 @@ async fn check_config_refuses_what_start_refuses_with_locations() {
         );
     }
 }
+
+/// A hit answered by the HTTP/1.1 fast path writes the access line the
+/// usual path writes for it (same fields and values, its own id).
+#[tokio::test]
+async fn a_fast_hit_logs_the_access_line_a_usual_hit_logs() {
+    let origin =
+        Origin::start(|_, _| Reply::ok("logged body").header("cache-control", "max-age=60")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = "[log]\nformat = \"json\"\nlevel = \"info\"\n";
+    let mut lines = Vec::new();
+    for (name, extra) in [("fast", ""), ("usual", "[server]\nfast_hits = false\n")] {
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&file, format!("{base}{extra}")).expect("write");
+        let p = Process::start(&file, &origin.url(), dir.path().join(format!("{name}.log"))).await;
+        let ua = [("user-agent", "fast-path-test")];
+        let miss = get_with(&p.url("/logged?q=1"), &ua).await;
+        assert_eq!(miss.x_cache(), "MISS");
+        let hit = get_with(&p.url("/logged?q=1"), &ua).await;
+        assert_eq!((hit.x_cache(), hit.text().as_str()), ("HIT", "logged body"));
+        let id = hit.header("x-request-id").to_string();
+        let line = eventually_line(&p, &id).await;
+        assert_eq!(line["host"].as_str(), Some(p.listen.as_str()));
+        lines.push(line);
+    }
+    let (fast, usual) = (&lines[0], &lines[1]);
+    for field in ["method", "path", "status", "cache", "bytes", "user_agent"] {
+        assert_eq!(fast[field], usual[field], "{field}: {fast} vs {usual}");
+    }
+    assert_eq!(fast["cache"], "HIT");
+    assert_eq!(fast["path"], "/logged?q=1");
+    assert_eq!(fast["bytes"], 11);
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(fast), keys(usual), "the same fields");
+}
+
+/// The access line carrying `request_id`, once it is written.
+async fn eventually_line(p: &Process, request_id: &str) -> Value {
+    for _ in 0..200 {
+        if let Some(l) = p
+            .json_lines()
+            .into_iter()
+            .find(|l| l["request_id"] == request_id && !l["cache"].is_null())
+        {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no access line for {request_id}: {}", p.log_text());
+}

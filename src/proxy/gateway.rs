@@ -46,11 +46,45 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 /// What the access line says about the request, read before it is consumed.
-struct AccessFields {
-    method: Method,
-    host: String,
-    path: String,
-    user_agent: String,
+pub(super) struct AccessFields {
+    pub(super) method: Method,
+    pub(super) host: String,
+    pub(super) path: String,
+    pub(super) user_agent: String,
+}
+
+/// What the access line says about the answer.
+pub(super) struct Answered {
+    pub(super) status: StatusCode,
+    pub(super) result: CacheResult,
+    /// The body's length, when known.
+    pub(super) bytes: Option<u64>,
+    pub(super) origin_time: Option<Duration>,
+    pub(super) elapsed: Duration,
+}
+
+/// The request's access line (target `kvgate::access`), in its id's scope.
+pub(super) fn access_line(
+    request_id: &HeaderValue,
+    client: ClientInfo,
+    f: &AccessFields,
+    a: &Answered,
+) {
+    crate::logging::in_request_id(request_id.clone(), || {
+        tracing::info!(
+            target: "kvgate::access",
+            client = %client.addr,
+            method = %f.method,
+            host = %f.host,
+            path = %f.path,
+            status = a.status.as_u16(),
+            cache = a.result.as_str(),
+            bytes = a.bytes,
+            origin_micros = a.origin_time.map(|d| d.as_micros() as u64),
+            micros = a.elapsed.as_micros() as u64,
+            user_agent = %f.user_agent,
+        )
+    });
 }
 
 impl AccessFields {
@@ -483,21 +517,14 @@ impl Gateway {
             self.metrics.record(result, resp.status(), elapsed);
             if let Some(f) = logged {
                 use http_body::Body as _;
-                crate::logging::in_request_id(request_id.clone(), || {
-                    tracing::info!(
-                        target: "kvgate::access",
-                        client = %client.addr,
-                        method = %f.method,
-                        host = %f.host,
-                        path = %f.path,
-                        status = resp.status().as_u16(),
-                        cache = result.as_str(),
-                        bytes = resp.body().size_hint().exact(),
-                        origin_micros = origin_time.map(|d| d.as_micros() as u64),
-                        micros = elapsed.as_micros() as u64,
-                        user_agent = %f.user_agent,
-                    )
-                });
+                let answered = Answered {
+                    status: resp.status(),
+                    result,
+                    bytes: resp.body().size_hint().exact(),
+                    origin_time,
+                    elapsed,
+                };
+                access_line(&request_id, client, &f, &answered);
             }
             if let (Some(tracer), Some(started)) = (&self.tracer, traced) {
                 tracer.finish(started, elapsed, resp.status(), result, &request_id);

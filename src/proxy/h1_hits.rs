@@ -18,7 +18,7 @@
 //! The response is the one the usual path sends, field for field
 //! ([`Gateway::fast_hit`]); `tests/fast_hits.rs` compares the two.
 
-use super::gateway::{Gateway, Live};
+use super::gateway::{access_line, AccessFields, Answered, Gateway, Live};
 use super::headers::{new_request_id_text, valid_request_id_bytes, ClientInfo};
 use super::request::is_valid_host;
 use super::respond::{CacheResult, X_CACHE};
@@ -27,7 +27,7 @@ use crate::cache::policy::{self, Usability};
 use crate::cache::storage::{Entry, H1Field};
 use crate::protocol::path;
 use bytes::{Buf, Bytes, BytesMut};
-use http::StatusCode;
+use http::{Method, StatusCode};
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -156,6 +156,8 @@ pub(super) struct Head<'a> {
     host: &'a str,
     /// The client's `X-Request-Id`, when it sent exactly one valid one.
     request_id: Option<&'a [u8]>,
+    /// The first `User-Agent` (for the access line).
+    user_agent: Option<&'a [u8]>,
     /// The head's length in the buffer.
     len: usize,
 }
@@ -173,6 +175,7 @@ enum Parsed<'a> {
 enum Field {
     Host,
     RequestId,
+    UserAgent,
     /// Acted on by the usual path: a body, hop-by-hop fields, request
     /// cache directives (9111 5.2.1), conditionals (9110 13), ranges (9110
     /// 14).
@@ -193,6 +196,7 @@ fn field(name: &str) -> Field {
         5 => is("range"),
         6 => is("expect") || is("pragma"),
         7 => is("upgrade") || is("trailer"),
+        10 if is("user-agent") => return Field::UserAgent,
         10 => is("connection") || is("keep-alive"),
         12 if is("x-request-id") => return Field::RequestId,
         13 => is("cache-control"),
@@ -261,6 +265,7 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
     }
     let (mut host, mut hosts) = ("", 0);
     let (mut request_id, mut ids) = (None, 0);
+    let mut user_agent = None;
     for f in req.headers.iter() {
         match field(f.name) {
             Field::Host => {
@@ -274,6 +279,9 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
                 ids += 1;
                 request_id = Some(f.value);
             }
+            Field::UserAgent => {
+                user_agent = user_agent.or(Some(f.value));
+            }
             Field::Usual => return Parsed::Other,
             Field::Other => {}
         }
@@ -286,13 +294,15 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
         target,
         host,
         request_id: request_id.filter(|id| ids == 1 && valid_request_id_bytes(id)),
+        user_agent,
         len,
     })
 }
 
 impl Gateway {
     /// Answers `req` into `out` when it is a plain fresh hit, as the usual
-    /// path would (`respond::from_entry` and `handle`): the stored fields,
+    /// path would (`respond::from_entry` and `handle`, with its metrics and
+    /// access line): the stored fields,
     /// `Age`, `X-Cache`, `Cache-Status`, `Via`, `X-Request-Id`, and
     /// `Content-Length` and `Date` as hyper adds them. `None` (and nothing
     /// written): the usual path must serve it. `Some(Some(body))`: a large
@@ -303,7 +313,14 @@ impl Gateway {
         client: ClientInfo,
         out: &mut Vec<u8>,
     ) -> Option<Option<Bytes>> {
-        if !self.fast_h1 || client.tls || self.access_logged() || self.is_probe(req.target) {
+        // The guard's refusals are the usual path's (414 here; the others
+        // cannot pass `parse`). The limit is per generation: a reload may
+        // lower it under targets already stored.
+        if !self.fast_h1
+            || client.tls
+            || req.target.len() > self.config.server.max_uri_bytes
+            || self.is_probe(req.target)
+        {
             return None;
         }
         let started = Instant::now();
@@ -318,14 +335,55 @@ impl Gateway {
             path_and_query: req.target,
         };
         let now = SystemTime::now();
-        let written = self
+        let new_id;
+        let request_id = match req.request_id {
+            Some(id) => id,
+            None => {
+                new_id = new_request_id_text();
+                &new_id
+            }
+        };
+        let (status, body_len, large) = self
             .store
-            .lookup_sole(&key, |e| self.write_hit(e, req, now, out))
+            .lookup_sole(&key, |e| self.write_hit(e, req, request_id, now, out))
             .flatten()?;
         let elapsed = started.elapsed();
-        self.metrics.record(CacheResult::Hit, written.0, elapsed);
+        self.metrics.record(CacheResult::Hit, status, elapsed);
         self.metrics.fast_hits.incr();
-        Some(written.1)
+        if self.access_logged() {
+            let bytes = if req.head { 0 } else { body_len };
+            self.log_fast_hit(req, request_id, client, (status, bytes), elapsed);
+        }
+        Some(large)
+    }
+
+    /// The access line the usual path writes for this hit.
+    fn log_fast_hit(
+        &self,
+        req: &Head<'_>,
+        request_id: &[u8],
+        client: ClientInfo,
+        (status, bytes): (StatusCode, u64),
+        elapsed: std::time::Duration,
+    ) {
+        let Ok(id) = http::HeaderValue::from_bytes(request_id) else {
+            return;
+        };
+        let text = |b: Option<&[u8]>| b.map(|b| String::from_utf8_lossy(b).into_owned());
+        let fields = AccessFields {
+            method: if req.head { Method::HEAD } else { Method::GET },
+            host: req.host.to_string(),
+            path: req.target.to_string(),
+            user_agent: text(req.user_agent).unwrap_or_default(),
+        };
+        let answered = Answered {
+            status,
+            result: CacheResult::Hit,
+            bytes: Some(bytes),
+            origin_time: None,
+            elapsed,
+        };
+        access_line(&id, client, &fields, &answered);
     }
 
     /// The answer from a fresh entry; `None` when it is not one the fast
@@ -334,9 +392,10 @@ impl Gateway {
         &self,
         e: &Arc<Entry>,
         req: &Head<'_>,
+        request_id: &[u8],
         now: SystemTime,
         out: &mut Vec<u8>,
-    ) -> Option<(StatusCode, Option<Bytes>)> {
+    ) -> Option<(StatusCode, u64, Option<Bytes>)> {
         let no_directives = Default::default();
         if policy::usability(&e.freshness, &no_directives, now) != Usability::Fresh {
             return None;
@@ -382,28 +441,25 @@ impl Gateway {
         );
         line(out, b"cache-status", self.labels.hit().as_bytes());
         line(out, b"via", self.labels.via.as_bytes());
-        match req.request_id {
-            Some(id) => line(out, b"x-request-id", id),
-            None => line(out, b"x-request-id", &new_request_id_text()),
-        }
+        line(out, b"x-request-id", request_id);
         // A HEAD answer keeps the GET's Content-Length (RFC 9110 9.3.2).
         line(out, b"content-length", length.text());
         if !dated {
             line(out, b"date", httpdate::fmt_http_date(now).as_bytes());
         }
         out.extend_from_slice(b"\r\n");
+        let len = body.len() as u64;
         if req.head {
-            return Some((status, None));
+            return Some((status, len, None));
         }
         if body.len() <= COPY_BODY_MAX {
             out.extend_from_slice(body);
-            return Some((status, None));
+            return Some((status, len, None));
         }
-        Some((status, Some(e.body())))
+        Some((status, len, Some(e.body())))
     }
 
-    /// Whether the access log wants this request (the fast path does not
-    /// write it; the usual path does).
+    /// Whether the access log wants a line for each request.
     fn access_logged(&self) -> bool {
         self.config.log.access && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO)
     }
