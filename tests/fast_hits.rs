@@ -1,0 +1,1564 @@
+//! The HTTP/1.1 hit fast path (`[server] fast_hits`) against the normal
+//! path, over raw TCP. One origin, two gateways identical but for
+//! `fast_hits`; both get the same request bytes, and their answers must be
+//! the same: status line bytes, header fields as a multiset (only `date`,
+//! `age` and generated request ids may differ, within bounds), body bytes,
+//! and whether the connection stays open afterwards.
+//!
+//! `kvgate_fast_hits_total` must grow on the fast gateway by exactly the
+//! number of eligible hits each case sent, and never on the other, so a
+//! fast path that is silently never taken, or taken for a request it must
+//! hand to hyper, fails here.
+//!
+//! Every case runs whatever the earlier ones found: a test collects its
+//! divergences and fails at the end listing all of them.
+
+mod common;
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kvgate::config::Config;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TOKEN: &str = "fast-hits-test-token-0123456789";
+/// Every request names this authority (part of the cache key).
+const HOST: &str = "kvgate.test";
+const MAX_URI_BYTES: usize = 1024;
+/// hyper's read buffer never goes below 8 KiB: the smallest limit both
+/// paths can share.
+const MAX_HEADER_BYTES: usize = 8192;
+/// A response that has not arrived by then is reported as stalled.
+const READ_LIMIT: Duration = Duration::from_secs(3);
+const BIG_BYTES: usize = 100 * 1024;
+/// An entity tag the origin gives every stored 200.
+const ETAG: &str = "\"v1\"";
+
+// ---------------------------------------------------------------- origin
+
+/// The origin every pair shares: the path picks the kind of response.
+fn script(seen: &Seen, _n: usize) -> Reply {
+    let path = seen.path.as_str();
+    let fresh = "public, max-age=600";
+    // Revalidations of a stored 200 get a 304 when the tag still matches.
+    let inm = seen
+        .headers
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok());
+    if inm == Some(ETAG) {
+        return Reply::ok("")
+            .status(304)
+            .header("etag", ETAG)
+            .header("cache-control", fresh);
+    }
+    match path {
+        "/vary" => {
+            let lang = seen
+                .headers
+                .get("accept-language")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none");
+            Reply::ok(&format!("language {lang}"))
+                .header("cache-control", fresh)
+                .header("vary", "Accept-Language")
+        }
+        "/stale" => Reply::ok("stale body, fresh for one second")
+            .header("cache-control", "max-age=1")
+            .header("etag", "\"stale\""),
+        "/swr" => Reply::ok("served stale while revalidating")
+            .header("cache-control", "max-age=1, stale-while-revalidate=60"),
+        "/missing" => Reply::ok("no such thing")
+            .status(404)
+            .header("cache-control", fresh),
+        "/moved" => Reply::ok("moved")
+            .status(301)
+            .header("location", "/static/x")
+            .header("cache-control", fresh),
+        "/big" => Reply {
+            body: Bytes::from(
+                (0..BIG_BYTES)
+                    .map(|i| b'a' + (i % 26) as u8)
+                    .collect::<Vec<u8>>(),
+            ),
+            ..Reply::ok("")
+        }
+        .header("cache-control", fresh)
+        .header("content-type", "application/octet-stream"),
+        "/post" => Reply::no_store("posted"),
+        _ => Reply::ok(&format!("static body of {path}"))
+            .header("cache-control", fresh)
+            .header("etag", ETAG)
+            .header("content-type", "text/plain")
+            .header("x-origin-field", "one")
+            .header("x-origin-field", "two"),
+    }
+}
+
+// ---------------------------------------------------------------- gateways
+
+/// Two gateways on one origin, identical but for `[server] fast_hits`.
+struct Pair {
+    fast: Gateway,
+    normal: Gateway,
+}
+
+impl Pair {
+    async fn start(origin: &str, extra: impl Fn(&mut Config)) -> Pair {
+        let setup = |fast: bool| {
+            let extra = &extra;
+            move |c: &mut Config| {
+                c.server.fast_hits = fast;
+                c.server.max_uri_bytes = MAX_URI_BYTES;
+                c.server.max_header_bytes = MAX_HEADER_BYTES;
+                c.admin = Some(kvgate::config::AdminConfig {
+                    listen: toml::Spanned::new(0..0, "127.0.0.1:0".into()),
+                    token: Some(TOKEN.into()),
+                    max_body_bytes: 4096,
+                });
+                extra(c);
+            }
+        };
+        let fast = Gateway::start(origin, setup(true)).await;
+        let normal = Gateway::start(origin, setup(false)).await;
+        Pair { fast, normal }
+    }
+
+    /// Gets `path` from both until both answer it from the cache.
+    async fn warm(&self, path: &str, headers: &str) {
+        for gw in [&self.fast, &self.normal] {
+            let addr = gw.running.addr;
+            let mut first = Conn::open(addr).await;
+            let req = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{headers}\r\n");
+            first.send(req.as_bytes(), Pace::Whole).await;
+            let got = first.answer(false).await;
+            assert!(
+                matches!(&got, Answer::Response(r) if r.status_line.contains(" 200 ") || r.status_line.contains(" 404 ") || r.status_line.contains(" 301 ")),
+                "warming {path}: {got:?}"
+            );
+            // Storing may finish just after the client has the body. The
+            // check uses `Pragma`, which keeps it off the fast path.
+            let check =
+                format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nPragma: warm\r\n{headers}\r\n");
+            eventually(&format!("{path} stored"), 100, Duration::from_millis(20), || {
+                let check = check.clone();
+                async move {
+                    let mut c = Conn::open(addr).await;
+                    c.send(check.as_bytes(), Pace::Whole).await;
+                    matches!(c.answer(false).await, Answer::Response(r) if r.header("x-cache") == Some("HIT"))
+                }
+            })
+            .await;
+        }
+    }
+
+    /// `kvgate_fast_hits_total` on (fast, normal).
+    async fn fast_hits(&self) -> (u64, u64) {
+        (
+            fast_hits_total(&self.fast).await,
+            fast_hits_total(&self.normal).await,
+        )
+    }
+}
+
+async fn fast_hits_total(gw: &Gateway) -> u64 {
+    let url = format!(
+        "http://{}/metrics",
+        gw.running.admin_addr.expect("admin listener runs")
+    );
+    let auth = format!("Bearer {TOKEN}");
+    let got = send(http::Method::GET, &url, &[("authorization", &auth)], "").await;
+    assert_eq!(got.status, 200, "/metrics: {}", got.text());
+    let text = got.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("kvgate_fast_hits_total "))
+        .unwrap_or_else(|| panic!("no kvgate_fast_hits_total in\n{text}"))
+        .trim()
+        .parse::<f64>()
+        .map(|v| v as u64)
+        .unwrap_or_else(|e| panic!("kvgate_fast_hits_total: {e}"))
+}
+
+// ---------------------------------------------------------------- raw client
+
+/// One response as it came off the wire (chunked bodies decoded).
+#[derive(Clone)]
+struct Raw {
+    status_line: String,
+    /// (lowercased name, value), in wire order.
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn status(&self) -> u16 {
+        self.status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl std::fmt::Debug for Raw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.status_line)?;
+        for (n, v) in &self.headers {
+            writeln!(f, "  {n}: {v}")?;
+        }
+        let shown = &self.body[..self.body.len().min(120)];
+        write!(
+            f,
+            "  [body {} bytes] {:?}",
+            self.body.len(),
+            String::from_utf8_lossy(shown)
+        )
+    }
+}
+
+/// What reading one response gave.
+#[derive(Clone, Debug)]
+enum Answer {
+    Response(Raw),
+    /// The peer closed first; the bytes of an unfinished response, if any.
+    Closed(Vec<u8>),
+    /// Nothing more within `READ_LIMIT`; the bytes so far.
+    Stalled(Vec<u8>),
+}
+
+/// How request bytes are written.
+#[derive(Clone, Copy, Debug)]
+enum Pace {
+    /// In one write.
+    Whole,
+    /// One byte per write, a millisecond apart (a slow client).
+    ByteByByte,
+}
+
+/// What became of the connection after the responses.
+#[derive(Clone, Debug, PartialEq)]
+enum After {
+    /// It answered one more request.
+    Open,
+    Closed,
+    /// Bytes nobody asked for were waiting.
+    Extra(String),
+}
+
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+enum Read {
+    More,
+    Eof,
+    Timeout,
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A chunked body (RFC 9112 7.1) at the start of `b`: the decoded body and
+/// how many bytes it took; `None` while incomplete.
+fn dechunk(b: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let line_end = at + find(&b[at..], b"\r\n")?;
+        let line = std::str::from_utf8(&b[at..line_end]).ok()?;
+        let size_text = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        at = line_end + 2;
+        if size == 0 {
+            // Trailer fields, then the empty line.
+            loop {
+                let end = at + find(&b[at..], b"\r\n")?;
+                let empty = end == at;
+                at = end + 2;
+                if empty {
+                    return Some((body, at));
+                }
+            }
+        }
+        if b.len() < at + size + 2 {
+            return None;
+        }
+        body.extend_from_slice(&b[at..at + size]);
+        at += size + 2;
+    }
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        s.set_nodelay(true).expect("nodelay");
+        Conn {
+            s,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Writes `bytes`; a connection the peer already closed is not an
+    /// error here (the reads that follow say what happened).
+    async fn send(&mut self, bytes: &[u8], pace: Pace) {
+        match pace {
+            Pace::Whole => {
+                let _ = self.s.write_all(bytes).await;
+            }
+            Pace::ByteByByte => {
+                for b in bytes {
+                    if self.s.write_all(std::slice::from_ref(b)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn more(&mut self) -> Read {
+        if self.eof {
+            return Read::Eof;
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout(READ_LIMIT, self.s.read(&mut chunk)).await {
+            Err(_) => Read::Timeout,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                self.eof = true;
+                Read::Eof
+            }
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Read::More
+            }
+        }
+    }
+
+    fn cut(&mut self, n: usize) {
+        self.buf.drain(..n);
+    }
+
+    /// Reads one response; `head`: it answers a HEAD (no body).
+    async fn answer(&mut self, head: bool) -> Answer {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            match self.more().await {
+                Read::More => {}
+                Read::Eof => return Answer::Closed(std::mem::take(&mut self.buf)),
+                Read::Timeout => return Answer::Stalled(std::mem::take(&mut self.buf)),
+            }
+        };
+        let text = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let mut lines = text.split("\r\n");
+        let status_line = lines.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .map(|l| match l.split_once(':') {
+                Some((n, v)) => (n.to_ascii_lowercase(), v.trim().to_string()),
+                None => (l.to_ascii_lowercase(), String::from("<no colon>")),
+            })
+            .collect();
+        let mut raw = Raw {
+            status_line,
+            headers,
+            body: Vec::new(),
+        };
+        let start = head_end + 4;
+        let status = raw.status();
+        let bodiless = head || status / 100 == 1 || status == 204 || status == 304;
+        let chunked = raw
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let length = raw
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok());
+        if bodiless {
+            self.cut(start);
+            return Answer::Response(raw);
+        }
+        loop {
+            let have = &self.buf[start..];
+            let done = if chunked {
+                dechunk(have).map(|(body, used)| (body, start + used))
+            } else if let Some(n) = length {
+                (have.len() >= n).then(|| (have[..n].to_vec(), start + n))
+            } else if self.eof {
+                // Delimited by the close.
+                Some((have.to_vec(), self.buf.len()))
+            } else {
+                None
+            };
+            if let Some((body, used)) = done {
+                raw.body = body;
+                self.cut(used);
+                return Answer::Response(raw);
+            }
+            match self.more().await {
+                Read::More => {}
+                Read::Eof if !chunked && length.is_none() => {}
+                Read::Eof => return Answer::Closed(std::mem::take(&mut self.buf)),
+                Read::Timeout => return Answer::Stalled(std::mem::take(&mut self.buf)),
+            }
+        }
+    }
+
+    /// Reads one response per entry of `heads`, stopping at the first that
+    /// is not a whole response.
+    async fn answers(&mut self, heads: &[bool]) -> Vec<Answer> {
+        let mut out = Vec::new();
+        for &head in heads {
+            let a = self.answer(head).await;
+            let whole = matches!(a, Answer::Response(_));
+            out.push(a);
+            if !whole {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Whether the connection still serves: a request that stays off the
+    /// fast path (`Pragma`), so the fast-hit count is not moved by it.
+    async fn after(&mut self) -> After {
+        if !self.buf.is_empty() {
+            return After::Extra(String::from_utf8_lossy(&self.buf).into_owned());
+        }
+        if self.eof {
+            return After::Closed;
+        }
+        let probe = format!("GET /static/x HTTP/1.1\r\nHost: {HOST}\r\nPragma: probe\r\n\r\n");
+        self.send(probe.as_bytes(), Pace::Whole).await;
+        match self.answer(false).await {
+            Answer::Response(r) if r.status() == 200 => After::Open,
+            Answer::Response(r) => After::Extra(format!("{r:?}")),
+            Answer::Closed(b) if b.is_empty() => After::Closed,
+            other => After::Extra(format!("{other:?}")),
+        }
+    }
+}
+
+/// A connection's answers to some request bytes, and its state after.
+#[derive(Debug)]
+struct Exchange {
+    answers: Vec<Answer>,
+    after: After,
+}
+
+async fn exchange(addr: SocketAddr, req: &[u8], heads: &[bool], pace: Pace) -> Exchange {
+    let mut c = Conn::open(addr).await;
+    c.send(req, pace).await;
+    let answers = c.answers(heads).await;
+    let after = c.after().await;
+    Exchange { answers, after }
+}
+
+// ---------------------------------------------------------------- comparison
+
+/// Divergences found so far; the test fails at its end with all of them.
+#[derive(Default)]
+struct Findings(Vec<String>);
+
+impl Findings {
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if !ok {
+            let w = what();
+            eprintln!("DIVERGENCE: {w}");
+            self.0.push(w);
+        }
+    }
+
+    fn finish(self) {
+        assert!(
+            self.0.is_empty(),
+            "{} divergence(s):\n\n{}",
+            self.0.len(),
+            self.0.join("\n\n")
+        );
+    }
+}
+
+/// A generated request id: 24 hex digits (see `proxy::headers`).
+fn is_generated_id(v: &str) -> bool {
+    v.len() == 24 && v.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The header multiset with the allowed differences taken out: `date` and
+/// `age` values (checked apart), generated request ids.
+fn normal_form(r: &Raw) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> = r
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            let v = match n.as_str() {
+                "date" => "<date>".to_string(),
+                "age" => "<age>".to_string(),
+                "x-request-id" if is_generated_id(v) => "<generated>".to_string(),
+                _ => v.clone(),
+            };
+            (n.clone(), v)
+        })
+        .collect();
+    h.sort();
+    h
+}
+
+/// Compares one response of each gateway; `None` when they agree.
+fn response_differs(f: &Raw, n: &Raw) -> Option<String> {
+    if f.status_line != n.status_line {
+        return Some(format!(
+            "status line {:?} vs {:?}",
+            f.status_line, n.status_line
+        ));
+    }
+    let (fh, nh) = (normal_form(f), normal_form(n));
+    if fh != nh {
+        let only_f: Vec<_> = fh.iter().filter(|x| !nh.contains(x)).collect();
+        let only_n: Vec<_> = nh.iter().filter(|x| !fh.contains(x)).collect();
+        return Some(format!(
+            "header fields differ: only fast {only_f:?}, only normal {only_n:?} (or counts differ)"
+        ));
+    }
+    if f.body != n.body {
+        return Some(format!(
+            "bodies differ ({} vs {} bytes)",
+            f.body.len(),
+            n.body.len()
+        ));
+    }
+    let dates = |r: &Raw| -> Vec<Option<std::time::SystemTime>> {
+        r.headers
+            .iter()
+            .filter(|(k, _)| k == "date")
+            .map(|(_, v)| httpdate::parse_http_date(v).ok())
+            .collect()
+    };
+    for (a, b) in dates(f).into_iter().zip(dates(n)) {
+        let close = match (a, b) {
+            (Some(a), Some(b)) => {
+                let d = a.duration_since(b).or_else(|_| b.duration_since(a));
+                d.is_ok_and(|d| d <= Duration::from_secs(1))
+            }
+            _ => false,
+        };
+        if !close {
+            return Some("date values unparsable or more than 1 s apart".into());
+        }
+    }
+    let age = |r: &Raw| r.header("age").map(|v| v.parse::<u64>().ok());
+    match (age(f), age(n)) {
+        (None, None) => {}
+        (Some(Some(a)), Some(Some(b))) if a.abs_diff(b) <= 1 => {}
+        (a, b) => return Some(format!("age {a:?} vs {b:?}")),
+    }
+    None
+}
+
+/// Runs `req` on both gateways and records every difference, and whether
+/// the fast-hit count moved by `eligible` on the fast gateway only.
+async fn differential(
+    pair: &Pair,
+    found: &mut Findings,
+    case: &str,
+    req: &[u8],
+    heads: &[bool],
+    pace: Pace,
+    eligible: u64,
+) -> (Exchange, Exchange) {
+    let before = pair.fast_hits().await;
+    let fast = exchange(pair.fast.running.addr, req, heads, pace).await;
+    let normal = exchange(pair.normal.running.addr, req, heads, pace).await;
+    let after = pair.fast_hits().await;
+    if std::env::var_os("FAST_HITS_DUMP").is_some() {
+        eprintln!(
+            "=== {case}\n{:?}\n--- fast:\n{fast:#?}\n--- normal:\n{normal:#?}",
+            String::from_utf8_lossy(req)
+        );
+    }
+    let shown = || {
+        format!(
+            "request bytes: {:?}\n--- fast gateway:\n{:#?}\n--- normal gateway:\n{:#?}",
+            String::from_utf8_lossy(req),
+            fast,
+            normal
+        )
+    };
+    found.check(fast.answers.len() == normal.answers.len(), || {
+        format!("{case}: number of answers differs\n{}", shown())
+    });
+    for (i, (f, n)) in fast.answers.iter().zip(&normal.answers).enumerate() {
+        let differs = match (f, n) {
+            (Answer::Response(f), Answer::Response(n)) => response_differs(f, n),
+            (Answer::Closed(a), Answer::Closed(b)) if a == b => None,
+            (Answer::Stalled(a), Answer::Stalled(b)) if a == b => None,
+            _ => Some("one answered, the other closed or stalled".into()),
+        };
+        found.check(differs.is_none(), || {
+            format!(
+                "{case}: answer {} differs: {}\n{}",
+                i + 1,
+                differs.unwrap_or_default(),
+                shown()
+            )
+        });
+    }
+    for (who, x) in [("fast", &fast), ("normal", &normal)] {
+        found.check(
+            x.answers.len() == heads.len()
+                && x.answers.iter().all(|a| matches!(a, Answer::Response(_))),
+            || {
+                format!(
+                    "{case}: the {who} gateway did not answer every request\n{}",
+                    shown()
+                )
+            },
+        );
+    }
+    found.check(fast.after == normal.after, || {
+        format!(
+            "{case}: after the answers the fast connection is {:?}, the normal one {:?}",
+            fast.after, normal.after
+        )
+    });
+    found.check(after.0 - before.0 == eligible, || {
+        format!(
+            "{case}: kvgate_fast_hits_total grew by {} on the fast gateway, expected {eligible}",
+            after.0 - before.0
+        )
+    });
+    found.check(after.1 == before.1, || {
+        format!(
+            "{case}: kvgate_fast_hits_total grew by {} on the gateway with fast_hits = false",
+            after.1 - before.1
+        )
+    });
+    (fast, normal)
+}
+
+fn get(path: &str, extra: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{extra}\r\n")
+}
+
+/// The first response of an exchange, when it is one.
+fn first(x: &Exchange) -> Option<&Raw> {
+    match x.answers.first() {
+        Some(Answer::Response(r)) => Some(r),
+        _ => None,
+    }
+}
+
+fn x_cache(x: &Exchange) -> Vec<String> {
+    x.answers
+        .iter()
+        .map(|a| match a {
+            Answer::Response(r) => r.header("x-cache").unwrap_or("").to_string(),
+            _ => "<none>".into(),
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------- cases
+
+/// Cases 1-4, 14, 18, 19: hits the fast path must answer, alone, pipelined,
+/// slowly, and around a miss that hands the connection over.
+#[tokio::test]
+async fn eligible_hits_are_answered_like_the_normal_path() {
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |_| {}).await;
+    for p in [
+        "/static/x",
+        "/static/y",
+        "/static/z",
+        "/missing",
+        "/moved",
+        "/big",
+    ] {
+        pair.warm(p, "").await;
+    }
+    let mut found = Findings::default();
+
+    // 1. A plain GET hit.
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "1 GET hit",
+        get("/static/x", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+    found.check(
+        first(&fast).is_some_and(|r| r.header("x-cache") == Some("HIT")),
+        || format!("1 GET hit: not a HIT on the fast gateway: {fast:?}"),
+    );
+
+    // 2. HEAD: the GET's content-length, no body.
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "2 HEAD hit",
+        format!("HEAD /static/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+        &[true],
+        Pace::Whole,
+        1,
+    )
+    .await;
+    let get_len = "static body of /static/x".len().to_string();
+    found.check(
+        first(&fast).is_some_and(|r| r.header("content-length") == Some(&get_len)),
+        || format!("2 HEAD hit: content-length is not the GET's ({get_len}): {fast:?}"),
+    );
+
+    // 3. Three pipelined hits in one write, then one byte per write.
+    let three = [
+        get("/static/x", ""),
+        get("/static/y", ""),
+        get("/static/z", ""),
+    ]
+    .concat();
+    for pace in [Pace::Whole, Pace::ByteByByte] {
+        let (fast, _) = differential(
+            &pair,
+            &mut found,
+            &format!("3 three pipelined hits ({pace:?})"),
+            three.as_bytes(),
+            &[false, false, false],
+            pace,
+            3,
+        )
+        .await;
+        found.check(x_cache(&fast) == ["HIT", "HIT", "HIT"], || {
+            format!(
+                "3 ({pace:?}): X-Cache on the fast gateway {:?}",
+                x_cache(&fast)
+            )
+        });
+    }
+
+    // 4. Hit, miss, hit on one connection: the miss hands the connection
+    // to hyper for good, so only the first hit is the fast path's.
+    for (pipelined, new) in [(false, "/new/one"), (true, "/new/two")] {
+        let reqs = [get("/static/x", ""), get(new, ""), get("/static/y", "")];
+        let case = format!("4 hit, miss, hit (pipelined: {pipelined})");
+        let before = pair.fast_hits().await;
+        let mut got = Vec::new();
+        for gw in [&pair.fast, &pair.normal] {
+            let mut c = Conn::open(gw.running.addr).await;
+            let mut answers = Vec::new();
+            if pipelined {
+                c.send(reqs.concat().as_bytes(), Pace::Whole).await;
+                answers = c.answers(&[false, false, false]).await;
+            } else {
+                for r in &reqs {
+                    c.send(r.as_bytes(), Pace::Whole).await;
+                    answers.extend(c.answers(&[false]).await);
+                }
+            }
+            let after = c.after().await;
+            got.push(Exchange { answers, after });
+        }
+        let after = pair.fast_hits().await;
+        let (fast, normal) = (&got[0], &got[1]);
+        found.check(x_cache(fast) == x_cache(normal), || {
+            format!(
+                "{case}: X-Cache {:?} vs {:?}",
+                x_cache(fast),
+                x_cache(normal)
+            )
+        });
+        found.check(x_cache(normal) == ["HIT", "MISS", "HIT"], || {
+            format!(
+                "{case}: X-Cache on the normal gateway {:?}",
+                x_cache(normal)
+            )
+        });
+        for (i, (f, n)) in fast.answers.iter().zip(&normal.answers).enumerate() {
+            let differs = match (f, n) {
+                (Answer::Response(f), Answer::Response(n)) => response_differs(f, n),
+                _ => Some("not both responses".into()),
+            };
+            found.check(differs.is_none(), || {
+                format!(
+                    "{case}: answer {} differs: {}\n--- fast:\n{f:#?}\n--- normal:\n{n:#?}",
+                    i + 1,
+                    differs.unwrap_or_default()
+                )
+            });
+        }
+        found.check(
+            fast.after == After::Open && normal.after == After::Open,
+            || {
+                format!(
+                    "{case}: after: fast {:?}, normal {:?}",
+                    fast.after, normal.after
+                )
+            },
+        );
+        found.check(after.0 - before.0 == 1 && after.1 == before.1, || {
+            format!(
+                "{case}: fast hits grew by {:?}, expected (1, 0)",
+                (after.0 - before.0, after.1 - before.1)
+            )
+        });
+    }
+
+    // 14. A valid X-Request-Id is echoed, an invalid one replaced.
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "14 valid X-Request-Id",
+        get("/static/x", "X-Request-Id: abc-123\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+    found.check(
+        first(&fast).is_some_and(|r| r.header("x-request-id") == Some("abc-123")),
+        || format!("14: valid id not echoed by the fast gateway: {fast:?}"),
+    );
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "14 invalid X-Request-Id",
+        get("/static/x", "X-Request-Id: not valid{}\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+    found.check(
+        first(&fast).is_some_and(|r| r.header("x-request-id").is_some_and(is_generated_id)),
+        || format!("14: invalid id not replaced by the fast gateway: {fast:?}"),
+    );
+    differential(
+        &pair,
+        &mut found,
+        "14 two X-Request-Ids",
+        get("/static/x", "X-Request-Id: a1\r\nX-Request-Id: a2\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+
+    // 18. Stored 404 and 301 are fresh hits like any other.
+    for p in ["/missing", "/moved"] {
+        differential(
+            &pair,
+            &mut found,
+            &format!("18 cached {p}"),
+            get(p, "").as_bytes(),
+            &[false],
+            Pace::Whole,
+            1,
+        )
+        .await;
+    }
+
+    // 19. A 100 KiB body, whole and as HEAD.
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "19 100 KiB hit",
+        get("/big", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+    found.check(
+        first(&fast).is_some_and(|r| r.body.len() == BIG_BYTES),
+        || "19: the fast gateway's body is not 100 KiB".into(),
+    );
+
+    found.finish();
+}
+
+/// Cases 5-10, 13, 15: requests the fast path must hand over, with the
+/// answers the normal path gives.
+#[tokio::test]
+async fn ineligible_requests_are_handed_over() {
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |_| {}).await;
+    for p in ["/static/x", "/static/y", "/reval"] {
+        pair.warm(p, "").await;
+    }
+    pair.warm("/vary", "Accept-Language: en\r\n").await;
+    pair.warm("/vary", "Accept-Language: de\r\n").await;
+    let mut found = Findings::default();
+
+    // 5. If-None-Match, matching (304) and not.
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "5 If-None-Match matching",
+        get("/static/x", &format!("If-None-Match: {ETAG}\r\n")).as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(first(&fast).is_some_and(|r| r.status() == 304), || {
+        format!("5: no 304 from the fast gateway: {fast:?}")
+    });
+    differential(
+        &pair,
+        &mut found,
+        "5 If-None-Match not matching",
+        get("/static/x", "If-None-Match: \"other\"\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+
+    // 6. A byte range.
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "6 Range",
+        get("/static/x", "Range: bytes=0-9\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(first(&fast).is_some_and(|r| r.status() == 206), || {
+        format!("6: no 206 from the fast gateway: {fast:?}")
+    });
+
+    // 7. Cache-Control: no-cache revalidates on both: one origin request each.
+    let before = origin.count("/reval");
+    let (fast, normal) = differential(
+        &pair,
+        &mut found,
+        "7 Cache-Control: no-cache",
+        get("/reval", "Cache-Control: no-cache\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(origin.count("/reval") - before == 2, || {
+        format!(
+            "7: the origin saw {} revalidations, expected one per gateway",
+            origin.count("/reval") - before
+        )
+    });
+    found.check(x_cache(&fast) == x_cache(&normal), || {
+        format!("7: X-Cache {:?} vs {:?}", x_cache(&fast), x_cache(&normal))
+    });
+
+    // 8. HTTP/1.0.
+    differential(
+        &pair,
+        &mut found,
+        "8 HTTP/1.0",
+        format!("GET /static/x HTTP/1.0\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    differential(
+        &pair,
+        &mut found,
+        "8 HTTP/1.0 keep-alive",
+        format!("GET /static/x HTTP/1.0\r\nHost: {HOST}\r\nConnection: keep-alive\r\n\r\n")
+            .as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+
+    // 9. Connection: close, alone and after a fast hit.
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "9 Connection: close",
+        get("/static/x", "Connection: close\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(fast.after == After::Closed, || {
+        format!(
+            "9: the fast gateway's connection is {:?} after Connection: close",
+            fast.after
+        )
+    });
+    differential(
+        &pair,
+        &mut found,
+        "9 hit then Connection: close, pipelined",
+        [
+            get("/static/y", ""),
+            get("/static/x", "Connection: close\r\n"),
+        ]
+        .concat()
+        .as_bytes(),
+        &[false, false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+
+    // 10. Missing, doubled and invalid Host: 400.
+    for (what, req) in [
+        ("missing Host", "GET /static/x HTTP/1.1\r\n\r\n".to_string()),
+        (
+            "two Hosts",
+            format!("GET /static/x HTTP/1.1\r\nHost: {HOST}\r\nHost: {HOST}\r\n\r\n"),
+        ),
+        (
+            "invalid Host",
+            "GET /static/x HTTP/1.1\r\nHost: user@evil\r\n\r\n".to_string(),
+        ),
+        (
+            "empty Host",
+            "GET /static/x HTTP/1.1\r\nHost: \r\n\r\n".to_string(),
+        ),
+    ] {
+        let (fast, _) = differential(
+            &pair,
+            &mut found,
+            &format!("10 {what}"),
+            req.as_bytes(),
+            &[false],
+            Pace::Whole,
+            0,
+        )
+        .await;
+        found.check(first(&fast).is_some_and(|r| r.status() == 400), || {
+            format!("10 {what}: no 400 from the fast gateway: {fast:?}")
+        });
+    }
+
+    // 13. Bodies: POST, and GET with chunked or Content-Length framing,
+    // each followed by a hit on the same connection.
+    let post = format!(
+        "POST /post HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n\r\nhello{}",
+        get("/static/x", "")
+    );
+    differential(
+        &pair,
+        &mut found,
+        "13 POST with a body, then a hit",
+        post.as_bytes(),
+        &[false, false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    let chunked = format!(
+        "GET /static/x HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{}",
+        get("/static/y", "")
+    );
+    differential(
+        &pair,
+        &mut found,
+        "13 GET with a chunked body, then a hit",
+        chunked.as_bytes(),
+        &[false, false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    let with_length = format!(
+        "GET /static/x HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n\r\nhello{}",
+        get("/static/y", "")
+    );
+    differential(
+        &pair,
+        &mut found,
+        "13 GET with Content-Length: 5, then a hit",
+        with_length.as_bytes(),
+        &[false, false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    differential(
+        &pair,
+        &mut found,
+        "13 GET with Content-Length: 0",
+        get("/static/x", "Content-Length: 0\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+
+    // 15. A Vary'd stored response, two languages.
+    for lang in ["en", "de"] {
+        let (fast, _) = differential(
+            &pair,
+            &mut found,
+            &format!("15 Vary, Accept-Language: {lang}"),
+            get("/vary", &format!("Accept-Language: {lang}\r\n")).as_bytes(),
+            &[false],
+            Pace::Whole,
+            0,
+        )
+        .await;
+        let want = format!("language {lang}");
+        found.check(
+            first(&fast).is_some_and(|r| r.body == want.as_bytes()),
+            || format!("15: wrong variant from the fast gateway for {lang}: {fast:?}"),
+        );
+    }
+
+    // Other fields the contract names: each hands the request over.
+    for (what, extra) in [
+        ("Upgrade", "Upgrade: websocket\r\n"),
+        ("Expect", "Expect: 100-continue\r\n"),
+        ("TE", "TE: trailers\r\n"),
+        ("Pragma", "Pragma: no-cache\r\n"),
+        (
+            "If-Modified-Since",
+            "If-Modified-Since: Thu, 01 Jan 2099 00:00:00 GMT\r\n",
+        ),
+        ("Connection: keep-alive", "Connection: keep-alive\r\n"),
+    ] {
+        differential(
+            &pair,
+            &mut found,
+            &format!("ineligible field {what}"),
+            get("/static/x", extra).as_bytes(),
+            &[false],
+            Pace::Whole,
+            0,
+        )
+        .await;
+    }
+    // Absolute-form and a method other than GET / HEAD.
+    differential(
+        &pair,
+        &mut found,
+        "absolute-form target",
+        format!("GET http://{HOST}/static/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    differential(
+        &pair,
+        &mut found,
+        "OPTIONS",
+        format!("OPTIONS /static/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+
+    found.finish();
+}
+
+/// Cases 11, 12: targets not in normal form, and the size limits.
+#[tokio::test]
+async fn targets_and_limits_match_the_normal_path() {
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |_| {}).await;
+    pair.warm("/static/x", "").await;
+    let mut found = Findings::default();
+
+    // 11. Dot segments and encodings: the same answer and X-Cache.
+    for target in ["/a/../static/x", "/%73tatic/x", "//static/x", "/static/./x"] {
+        let (fast, normal) = differential(
+            &pair,
+            &mut found,
+            &format!("11 target {target}"),
+            get(target, "").as_bytes(),
+            &[false],
+            Pace::Whole,
+            0,
+        )
+        .await;
+        found.check(x_cache(&fast) == x_cache(&normal), || {
+            format!(
+                "11 {target}: X-Cache {:?} vs {:?}",
+                x_cache(&fast),
+                x_cache(&normal)
+            )
+        });
+    }
+    // A query is part of the normal form as sent: a new key, then a hit.
+    pair.warm("/static/x?q=1", "").await;
+    differential(
+        &pair,
+        &mut found,
+        "11 query hit",
+        get("/static/x?q=1", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+
+    // 12. A target over max_uri_bytes (414), a head over max_header_bytes
+    // (431), too many fields (431), and a large head within the limit.
+    let long = format!("/static/{}", "a".repeat(MAX_URI_BYTES));
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "12 target over max_uri_bytes",
+        get(&long, "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(first(&fast).is_some_and(|r| r.status() == 414), || {
+        format!("12: no 414 from the fast gateway: {fast:?}")
+    });
+    let big_field = format!("X-Filler: {}\r\n", "b".repeat(MAX_HEADER_BYTES + 1024));
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "12 head over max_header_bytes",
+        get("/static/x", &big_field).as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(first(&fast).is_some_and(|r| r.status() == 431), || {
+        format!("12: no 431 from the fast gateway: {fast:?}")
+    });
+    let many: String = (0..120).map(|i| format!("X-F{i}: v\r\n")).collect();
+    differential(
+        &pair,
+        &mut found,
+        "12 120 header fields",
+        get("/static/x", &many).as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    let within = format!("X-Filler: {}\r\n", "c".repeat(MAX_HEADER_BYTES / 2));
+    differential(
+        &pair,
+        &mut found,
+        "12 head within max_header_bytes",
+        get("/static/x", &within).as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+
+    found.finish();
+}
+
+/// Case 16: stale entries (no fast hit) and case 17: a stored response
+/// without `Date`.
+#[tokio::test]
+async fn stale_entries_and_a_response_without_date() {
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |_| {}).await;
+    pair.warm("/stale", "").await;
+    pair.warm("/swr", "").await;
+
+    // 17, meanwhile: an origin that sends no Date (hyper always would).
+    let raw = RawOrigin::start(
+        b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-type: text/plain\r\ncontent-length: 12\r\nconnection: close\r\n\r\nno date here",
+        Duration::ZERO,
+    )
+    .await;
+    let undated = Pair::start(&raw.url(), |_| {}).await;
+    undated.warm("/undated", "").await;
+    let mut found = Findings::default();
+    let (fast, _) = differential(
+        &undated,
+        &mut found,
+        "17 stored response without Date",
+        get("/undated", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+    found.check(
+        first(&fast).is_some_and(|r| r.headers.iter().filter(|(n, _)| n == "date").count() == 1),
+        || format!("17: the fast gateway's answer has not exactly one date: {fast:?}"),
+    );
+
+    // 16. Past max-age=1.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = origin.count("/stale");
+    let (fast, normal) = differential(
+        &pair,
+        &mut found,
+        "16 stale entry",
+        get("/stale", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(x_cache(&fast) == x_cache(&normal), || {
+        format!("16: X-Cache {:?} vs {:?}", x_cache(&fast), x_cache(&normal))
+    });
+    found.check(origin.count("/stale") - before == 2, || {
+        format!(
+            "16: the origin saw {} requests for the stale entry, expected one per gateway",
+            origin.count("/stale") - before
+        )
+    });
+    let (fast, normal) = differential(
+        &pair,
+        &mut found,
+        "16 stale-while-revalidate",
+        get("/swr", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(x_cache(&fast) == x_cache(&normal), || {
+        format!(
+            "16 swr: X-Cache {:?} vs {:?}",
+            x_cache(&fast),
+            x_cache(&normal)
+        )
+    });
+
+    found.finish();
+}
+
+/// Case 20: HTTP/2 with prior knowledge still works on the fast gateway.
+#[tokio::test]
+async fn h2_prior_knowledge_is_still_served() {
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |_| {}).await;
+    pair.warm("/static/x", "").await;
+    let mut found = Findings::default();
+    let before = pair.fast_hits().await;
+    let mut got = Vec::new();
+    for gw in [&pair.fast, &pair.normal] {
+        let tcp = TcpStream::connect(gw.running.addr).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{HOST}/static/x"))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let resp = tokio::time::timeout(READ_LIMIT, sender.send_request(req))
+            .await
+            .expect("h2 answer in time")
+            .expect("h2 response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        let mut headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        headers.sort();
+        got.push(Raw {
+            status_line: format!("{:?} {}", parts.version, parts.status),
+            headers,
+            body: body.to_vec(),
+        });
+    }
+    let after = pair.fast_hits().await;
+    found.check(response_differs(&got[0], &got[1]).is_none(), || {
+        format!(
+            "20 h2: {}\n--- fast:\n{:#?}\n--- normal:\n{:#?}",
+            response_differs(&got[0], &got[1]).unwrap_or_default(),
+            got[0],
+            got[1]
+        )
+    });
+    found.check(
+        got[0].status() == 200 && got[0].header("x-cache") == Some("HIT"),
+        || format!("20 h2: not a 200 HIT from the fast gateway: {:?}", got[0]),
+    );
+    found.check(after.0 == before.0 && after.1 == before.1, || {
+        "20 h2: an h2 request moved kvgate_fast_hits_total".into()
+    });
+    // The bare preface: both answer the same bytes (a SETTINGS frame).
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut first_bytes = Vec::new();
+    for gw in [&pair.fast, &pair.normal] {
+        let mut c = Conn::open(gw.running.addr).await;
+        c.send(preface, Pace::Whole).await;
+        let _ = c.more().await;
+        first_bytes.push(c.buf.clone());
+    }
+    found.check(
+        !first_bytes[0].is_empty() && first_bytes[0] == first_bytes[1],
+        || {
+            format!(
+                "20 preface: fast answered {:?}, normal {:?}",
+                first_bytes[0], first_bytes[1]
+            )
+        },
+    );
+    found.finish();
+}
+
+/// Liveness: a half-sent head is cut after `header_read_timeout_ms`, an
+/// idle keep-alive connection after `idle_timeout_ms`, on both gateways.
+#[tokio::test]
+async fn stalled_and_idle_connections_are_closed() {
+    const HEADER_READ_MS: u64 = 300;
+    const IDLE_MS: u64 = 600;
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |c| {
+        c.server.header_read_timeout_ms = HEADER_READ_MS;
+        c.server.idle_timeout_ms = IDLE_MS;
+    })
+    .await;
+    pair.warm("/static/x", "").await;
+    let mut found = Findings::default();
+
+    /// How long until the peer closed, or `None` if not within 2 s.
+    async fn closed_within(c: &mut Conn) -> Option<Duration> {
+        let start = Instant::now();
+        let deadline = Duration::from_secs(2);
+        loop {
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(
+                deadline.saturating_sub(start.elapsed()),
+                c.s.read(&mut chunk),
+            )
+            .await
+            {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(start.elapsed()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    for (who, gw) in [("fast", &pair.fast), ("normal", &pair.normal)] {
+        // Half a head, then nothing.
+        let mut c = Conn::open(gw.running.addr).await;
+        c.send(
+            format!("GET /static/x HTTP/1.1\r\nHost: {HOST}\r\n").as_bytes(),
+            Pace::Whole,
+        )
+        .await;
+        let took = closed_within(&mut c).await;
+        found.check(took.is_some(), || {
+            format!("liveness: the {who} gateway kept a half-sent head open past 2 s")
+        });
+
+        // A hit, then idle.
+        let mut c = Conn::open(gw.running.addr).await;
+        c.send(get("/static/x", "").as_bytes(), Pace::Whole).await;
+        let a = c.answer(false).await;
+        found.check(
+            matches!(&a, Answer::Response(r) if r.status() == 200),
+            || format!("liveness: the {who} gateway did not answer the hit: {a:?}"),
+        );
+        let took = closed_within(&mut c).await;
+        found.check(
+            took.is_some_and(|t| t >= Duration::from_millis(IDLE_MS - 100)),
+            || format!("liveness: the {who} gateway closed an idle connection after {took:?}, expected about {IDLE_MS} ms"),
+        );
+
+        // A hit, then half of the next head: bounded by the idle limit.
+        let mut c = Conn::open(gw.running.addr).await;
+        c.send(get("/static/x", "").as_bytes(), Pace::Whole).await;
+        let _ = c.answer(false).await;
+        c.send(
+            format!("GET /static/x HTTP/1.1\r\nHost: {HOST}\r\n").as_bytes(),
+            Pace::Whole,
+        )
+        .await;
+        let took = closed_within(&mut c).await;
+        found.check(took.is_some(), || {
+            format!("liveness: the {who} gateway kept a half-sent second head open past 2 s")
+        });
+    }
+    found.finish();
+}
+
+/// The comparison itself: each allowed difference passes, anything else
+/// is caught, and chunked bodies decode.
+#[test]
+fn the_comparison_catches_differences() {
+    let base = Raw {
+        status_line: "HTTP/1.1 200 OK".into(),
+        headers: vec![
+            ("content-length".into(), "2".into()),
+            ("date".into(), "Thu, 26 Nov 2026 02:31:11 GMT".into()),
+            ("age".into(), "3".into()),
+            ("x-request-id".into(), "866de98eb986edd000000030".into()),
+            ("x-cache".into(), "HIT".into()),
+        ],
+        body: b"ok".to_vec(),
+    };
+    let with = |f: &dyn Fn(&mut Raw)| {
+        let mut r = base.clone();
+        f(&mut r);
+        r
+    };
+    let set = |name: &'static str, value: &'static str| {
+        move |r: &mut Raw| {
+            for (n, v) in &mut r.headers {
+                if n == name {
+                    *v = value.into();
+                }
+            }
+        }
+    };
+    // Allowed: another order, a date a second off, age one off, another
+    // generated id.
+    let mut reordered = base.clone();
+    reordered.headers.reverse();
+    assert!(response_differs(&base, &reordered).is_none());
+    for allowed in [
+        with(&set("date", "Thu, 26 Nov 2026 02:31:12 GMT")),
+        with(&set("age", "4")),
+        with(&set("x-request-id", "0123456789abcdef01234567")),
+    ] {
+        assert!(response_differs(&base, &allowed).is_none(), "{allowed:?}");
+    }
+    // Caught: everything else.
+    for caught in [
+        with(&|r| r.status_line = "HTTP/1.1 200 Ok".into()),
+        with(&|r| r.body = b"OK".to_vec()),
+        with(&set("date", "Thu, 26 Nov 2026 02:31:14 GMT")),
+        with(&set("age", "5")),
+        with(&set("age", "three")),
+        with(&set("x-request-id", "abc-123")),
+        with(&set("x-cache", "MISS")),
+        with(&|r| r.headers.retain(|(n, _)| n != "date")),
+        with(&|r| r.headers.push(("x-cache".into(), "HIT".into()))),
+    ] {
+        assert!(response_differs(&base, &caught).is_some(), "{caught:?}");
+    }
+    let (body, used) = dechunk(b"5\r\nhello\r\n1;x=y\r\n!\r\n0\r\n\r\nrest").expect("whole");
+    assert_eq!((body.as_slice(), used), (&b"hello!"[..], 25));
+    assert!(dechunk(b"5\r\nhel").is_none());
+}
