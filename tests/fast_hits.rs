@@ -1225,7 +1225,10 @@ async fn ineligible_requests_are_handed_over() {
         ),
         (
             "Host in upper case",
-            format!("GET /static/x HTTP/1.1\r\nHost: KVGATE.test\r\n\r\n"),
+            format!(
+                "GET /static/x HTTP/1.1\r\nHost: {}\r\n\r\n",
+                HOST.to_uppercase()
+            ),
             ANY,
         ),
         (
