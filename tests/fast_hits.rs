@@ -754,6 +754,36 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
         });
     }
 
+    // 3, more: GET, HEAD, GET pipelined (HEAD framing between two bodies),
+    // and fifty hits in one write (responses larger than one read).
+    let mixed = [
+        get("/static/x", ""),
+        format!("HEAD /static/y HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        get("/big", ""),
+    ]
+    .concat();
+    differential(
+        &pair,
+        &mut found,
+        "3 GET, HEAD, GET pipelined",
+        mixed.as_bytes(),
+        &[false, true, false],
+        Pace::Whole,
+        3,
+    )
+    .await;
+    let fifty = get("/static/z", "").repeat(50);
+    differential(
+        &pair,
+        &mut found,
+        "3 fifty pipelined hits",
+        fifty.as_bytes(),
+        &[false; 50],
+        Pace::Whole,
+        50,
+    )
+    .await;
+
     // 4. Hit, miss, hit on one connection: the miss hands the connection
     // to hyper for good, so only the first hit is the fast path's.
     for (pipelined, new) in [(false, "/new/one"), (true, "/new/two")] {
