@@ -1821,6 +1821,19 @@ async fn purges_versions_routes_and_configuration() {
         Config::parse("[edge]\n[state]\nbackend = \"memory\"\n", "edge.toml").expect("edge parses");
     let tracing_to = refused_url().await;
     type Tweak = Box<dyn Fn(&mut Config)>;
+    // The access log is on when configured and its target enabled (as on
+    // the normal path): a subscriber for it, into a buffer. Global, but
+    // only this test's gateway sets `log.access`.
+    let access_lines = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("kvgate::access=info"))
+        .with_ansi(false)
+        .with_writer({
+            let c = access_lines.clone();
+            move || c.clone()
+        })
+        .finish();
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
     let offs: Vec<(&str, Tweak)> = vec![
         (
             "the access log",
@@ -1857,5 +1870,121 @@ async fn purges_versions_routes_and_configuration() {
             format!("{what}: not a hit at all, the case proves nothing: {fast:?}")
         });
     }
+    found.check(access_lines.text().contains(HOST), || {
+        "the access log wrote no line: the access log case proves nothing".into()
+    });
+    found.finish();
+}
+
+/// Log output kept in memory.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A config reload (`POST /reload`) reaches the fast path with the next
+/// request: a lowered `max_uri_bytes` refuses a stored long target (414)
+/// as the normal path does, and `fast_hits = false` turns it off.
+#[tokio::test]
+async fn a_reload_reaches_the_fast_path() {
+    let origin = Origin::start(script).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, fast: bool, max_uri: usize| {
+        let path = dir.path().join(name);
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nfast_hits = {fast}\nmax_uri_bytes = {max_uri}\n\
+             max_header_bytes = {MAX_HEADER_BYTES}\n[origin]\nurl = \"{}\"\n[log]\naccess = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n",
+            origin.url()
+        );
+        std::fs::write(&path, text).expect("config written");
+        path
+    };
+    let origin_url = origin.url();
+    let start = |path: std::path::PathBuf| {
+        Gateway::start(&origin_url, move |c| {
+            *c = Config::load(&path).expect("config loads");
+        })
+    };
+    let pair = Pair {
+        fast: start(write("fast.toml", true, MAX_URI_BYTES)).await,
+        normal: start(write("normal.toml", false, MAX_URI_BYTES)).await,
+    };
+    let reload = || async {
+        for gw in [&pair.fast, &pair.normal] {
+            let r = gw.admin(TOKEN, http::Method::POST, "/reload", "").await;
+            assert_eq!(r.status, 200, "reload: {}", r.text());
+        }
+    };
+    let long = format!("/static/{}", "l".repeat(MAX_URI_BYTES / 2));
+    pair.warm("/static/x", "").await;
+    pair.warm(&long, "").await;
+    let mut found = Findings::default();
+    differential(
+        &pair,
+        &mut found,
+        "long target before the reload",
+        get(&long, "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+
+    write("fast.toml", true, 100);
+    write("normal.toml", false, 100);
+    reload().await;
+    let (fast, _) = differential(
+        &pair,
+        &mut found,
+        "stored long target after max_uri_bytes = 100",
+        get(&long, "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
+    found.check(first(&fast).is_some_and(|r| r.status() == 414), || {
+        format!(
+            "reload: the fast gateway serves a target over the reloaded max_uri_bytes: {fast:?}"
+        )
+    });
+    differential(
+        &pair,
+        &mut found,
+        "short target after the reload",
+        get("/static/x", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        1,
+    )
+    .await;
+
+    write("fast.toml", false, 100);
+    reload().await;
+    differential(
+        &pair,
+        &mut found,
+        "hit after a reload to fast_hits = false",
+        get("/static/x", "").as_bytes(),
+        &[false],
+        Pace::Whole,
+        0,
+    )
+    .await;
     found.finish();
 }
