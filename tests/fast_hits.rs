@@ -91,6 +91,41 @@ fn script(seen: &Seen, _n: usize) -> Reply {
         .header("cache-control", fresh)
         .header("content-type", "application/octet-stream"),
         "/post" => Reply::no_store("posted"),
+        // Stored response shapes (see `stored_response_shapes`).
+        "/tagged" => Reply::ok("tagged")
+            .header("cache-control", fresh)
+            .header("surrogate-key", "product:1 list")
+            .header("cache-tag", "t1,t2"),
+        "/s203" => Reply::ok("non-authoritative")
+            .status(203)
+            .header("cache-control", fresh),
+        "/s204" => Reply::ok("").status(204).header("cache-control", fresh),
+        "/s299" => Reply::ok("unknown status")
+            .status(299)
+            .header("cache-control", fresh),
+        "/s410" => Reply::ok("gone").status(410).header("cache-control", fresh),
+        "/empty" => Reply::ok("").header("cache-control", fresh),
+        "/aged" => Reply::ok("aged at the origin")
+            .header("cache-control", fresh)
+            .header("age", "100"),
+        "/expires" => Reply::ok("expires in an hour").header(
+            "expires",
+            &httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3600)),
+        ),
+        "/lastmod" => Reply::ok("heuristic freshness")
+            .header("last-modified", "Mon, 01 Jan 2024 00:00:00 GMT"),
+        "/hop" => Reply::ok("hop-by-hop named by the origin")
+            .header("cache-control", fresh)
+            .header("connection", "x-hop")
+            .header("x-hop", "secret")
+            .header("keep-alive", "timeout=5"),
+        "/s-maxage" => {
+            Reply::ok("shared max age").header("cache-control", "max-age=0, s-maxage=600")
+        }
+        "/private" => Reply::ok("private").header("cache-control", "private, max-age=600"),
+        "/nocache" => Reply::ok("no-cache response")
+            .header("cache-control", "no-cache, max-age=600")
+            .header("etag", "\"nc\""),
         _ => Reply::ok(&format!("static body of {path}"))
             .header("cache-control", fresh)
             .header("etag", ETAG)
@@ -1986,5 +2021,115 @@ async fn a_reload_reaches_the_fast_path() {
         0,
     )
     .await;
+    found.finish();
+}
+
+/// Stored responses of every shape: tags (stripped), unusual statuses, an
+/// empty body, the origin's own `Age`, `Expires` and heuristic freshness,
+/// hop-by-hop fields the origin named, `s-maxage`, and what the origin
+/// sent with a custom reason phrase, chunked, or delimited by its close.
+#[tokio::test]
+async fn stored_response_shapes() {
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |_| {}).await;
+    let mut found = Findings::default();
+    // Stored and fresh: the fast path's (eligible 1); ANY where the
+    // contract leaves it open (hyper frames 204 itself) or the normal path
+    // may not store it.
+    for (path, eligible) in [
+        ("/tagged", 1),
+        ("/s203", 1),
+        ("/s410", 1),
+        ("/empty", 1),
+        ("/aged", 1),
+        ("/expires", 1),
+        ("/hop", 1),
+        ("/s-maxage", 1),
+        ("/s204", ANY),
+        ("/s299", ANY),
+        ("/lastmod", ANY),
+        ("/private", ANY),
+        ("/nocache", ANY),
+    ] {
+        // Twice on each gateway: whatever is stored by then is stored.
+        for _ in 0..2 {
+            for gw in [&pair.fast, &pair.normal] {
+                let mut c = Conn::open(gw.running.addr).await;
+                c.send(get(path, "Pragma: warm\r\n").as_bytes(), Pace::Whole)
+                    .await;
+                let _ = c.answer(false).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (fast, normal) = differential(
+            &pair,
+            &mut found,
+            &format!("stored {path}"),
+            get(path, "").as_bytes(),
+            &[false],
+            Pace::Whole,
+            eligible,
+        )
+        .await;
+        found.check(x_cache(&fast) == x_cache(&normal), || {
+            format!(
+                "{path}: X-Cache {:?} vs {:?}",
+                x_cache(&fast),
+                x_cache(&normal)
+            )
+        });
+        if eligible == 1 {
+            found.check(x_cache(&normal) == ["HIT"], || {
+                format!(
+                    "{path}: not a hit on the normal gateway, the case proves nothing: {normal:?}"
+                )
+            });
+        }
+        differential(
+            &pair,
+            &mut found,
+            &format!("stored {path}, HEAD"),
+            format!("HEAD {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+            &[true],
+            Pace::Whole,
+            eligible,
+        )
+        .await;
+    }
+    pair.warm("/big", "").await;
+    differential(
+        &pair,
+        &mut found,
+        "HEAD of a 100 KiB entry",
+        format!("HEAD /big HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+        &[true],
+        Pace::Whole,
+        1,
+    )
+    .await;
+
+    // What hyper's origin would never send.
+    for (what, bytes) in [
+        ("custom reason phrase", &b"HTTP/1.1 200 Fine Thanks\r\ncache-control: max-age=600\r\ncontent-length: 2\r\n\r\nok"[..]),
+        ("chunked", &b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n"[..]),
+        ("delimited by the close", &b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\nconnection: close\r\n\r\nbody until the close"[..]),
+        ("mixed-case names, two Dates", &b"HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nX-Mixed-Case: Value\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT\r\nDate: Tue, 02 Jan 2024 00:00:00 GMT\r\nContent-Length: 2\r\n\r\nok"[..]),
+        ("content-length with leading zeros", &b"HTTP/1.1 200 OK\r\ncache-control: max-age=600\r\ncontent-length: 002\r\n\r\nok"[..]),
+    ] {
+        let raw = RawOrigin::start(bytes, Duration::ZERO).await;
+        let shaped = Pair::start(&raw.url(), |_| {}).await;
+        for _ in 0..2 {
+            for gw in [&shaped.fast, &shaped.normal] {
+                let mut c = Conn::open(gw.running.addr).await;
+                c.send(get("/shape", "Pragma: warm\r\n").as_bytes(), Pace::Whole).await;
+                let _ = c.answer(false).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (fast, normal) = differential(&shaped, &mut found, &format!("origin response {what}"), get("/shape", "").as_bytes(), &[false], Pace::Whole, ANY).await;
+        found.check(x_cache(&fast) == x_cache(&normal), || {
+            format!("origin response {what}: X-Cache {:?} vs {:?}", x_cache(&fast), x_cache(&normal))
+        });
+    }
     found.finish();
 }
