@@ -219,6 +219,69 @@ async fn fast_hits_total(gw: &Gateway) -> u64 {
         .unwrap_or_else(|e| panic!("kvgate_fast_hits_total: {e}"))
 }
 
+/// The request-side series (by result, status class, origin requests,
+/// connections), which the fast path must count as the normal path does.
+async fn request_series(gw: &Gateway) -> std::collections::BTreeMap<String, f64> {
+    const COUNTED: [&str; 6] = [
+        "kvgate_requests_total",
+        "kvgate_responses_total",
+        "kvgate_responses_5xx_total",
+        "kvgate_origin_requests_total",
+        "kvgate_request_duration_seconds_count",
+        "kvgate_connections_accepted_total",
+    ];
+    let url = format!(
+        "http://{}/metrics",
+        gw.running.admin_addr.expect("admin listener runs")
+    );
+    let auth = format!("Bearer {TOKEN}");
+    let text = send(http::Method::GET, &url, &[("authorization", &auth)], "")
+        .await
+        .text();
+    text.lines()
+        .filter(|l| COUNTED.iter().any(|c| l.starts_with(c)))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The growth of each series since `before`.
+fn growth(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d != 0.0)
+        .collect()
+}
+
+impl Pair {
+    /// Both gateways' request series, to compare growth later.
+    async fn series(&self) -> [std::collections::BTreeMap<String, f64>; 2] {
+        [
+            request_series(&self.fast).await,
+            request_series(&self.normal).await,
+        ]
+    }
+
+    /// Whether both counted what they were sent the same way since `start`.
+    async fn check_counted_alike(
+        &self,
+        found: &mut Findings,
+        start: &[std::collections::BTreeMap<String, f64>; 2],
+    ) {
+        let end = self.series().await;
+        let (f, n) = (growth(&start[0], &end[0]), growth(&start[1], &end[1]));
+        found.check(f == n && !f.is_empty(), || {
+            format!("request metrics grew differently:\n  fast   {f:?}\n  normal {n:?}")
+        });
+    }
+}
+
 // ---------------------------------------------------------------- raw client
 
 /// One response as it came off the wire (chunked bodies decoded).
@@ -729,6 +792,7 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
         pair.warm(p, "").await;
     }
     let mut found = Findings::default();
+    let counted = pair.series().await;
 
     // 1. A plain GET hit.
     let (fast, _) = differential(
@@ -955,6 +1019,7 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
         first(&fast).is_some_and(|r| r.body.len() == BIG_BYTES),
         || "19: the fast gateway's body is not 100 KiB".into(),
     );
+    pair.check_counted_alike(&mut found, &counted).await;
 
     found.finish();
 }
@@ -971,6 +1036,7 @@ async fn ineligible_requests_are_handed_over() {
     pair.warm("/vary", "Accept-Language: en\r\n").await;
     pair.warm("/vary", "Accept-Language: de\r\n").await;
     let mut found = Findings::default();
+    let counted = pair.series().await;
 
     // 5. If-None-Match, matching (304) and not.
     let (fast, _) = differential(
@@ -1366,6 +1432,7 @@ async fn ineligible_requests_are_handed_over() {
         ([Answer::Closed(a)], [Answer::Closed(b)]) => a == b,
         _ => false,
     };
+    pair.check_counted_alike(&mut found, &counted).await;
     found.check(same && after.1 == before.1, || {
         format!(
             "half-closed client: fast {:#?}\nnormal {:#?}",
