@@ -1416,29 +1416,58 @@ async fn ineligible_requests_are_handed_over() {
         )
         .await;
     }
-    // Shut for writing right after a hit: hyper (no half-close) and the
-    // fast path must agree on whether it is answered.
-    let before = pair.fast_hits().await;
-    let mut half_closed = Vec::new();
-    for gw in [&pair.fast, &pair.normal] {
-        let mut c = Conn::open(gw.running.addr).await;
-        c.send(get("/static/x", "").as_bytes(), Pace::Whole).await;
-        let _ = c.s.shutdown().await;
-        half_closed.push(c.answers(&[false]).await);
+    // Shut for writing right after the requests: hyper (no half-close)
+    // and the fast path must agree on what is answered.
+    let three_hits = get("/static/x", "").repeat(3);
+    let hit_then_miss = [get("/static/x", ""), get("/new/half", "")].concat();
+    for (what, req, heads) in [
+        ("a hit", get("/static/x", ""), &[false][..]),
+        ("three hits", three_hits, &[false; 3][..]),
+        ("a hit and a miss", hit_then_miss, &[false; 2][..]),
+    ] {
+        let before = pair.fast_hits().await;
+        let mut half_closed = Vec::new();
+        for gw in [&pair.fast, &pair.normal] {
+            let mut c = Conn::open(gw.running.addr).await;
+            c.send(req.as_bytes(), Pace::Whole).await;
+            let _ = c.s.shutdown().await;
+            half_closed.push(c.answers(heads).await);
+        }
+        let after = pair.fast_hits().await;
+        if std::env::var_os("FAST_HITS_DUMP").is_some() {
+            eprintln!("=== half-closed after {what}\n{half_closed:#?}");
+        }
+        let same = half_closed[0].len() == half_closed[1].len()
+            && half_closed[0]
+                .iter()
+                .zip(&half_closed[1])
+                .all(|pair| match pair {
+                    (Answer::Response(f), Answer::Response(n)) => response_differs(f, n).is_none(),
+                    (Answer::Closed(a), Answer::Closed(b)) => a == b,
+                    _ => false,
+                });
+        found.check(same && after.1 == before.1, || {
+            format!(
+                "half-closed client after {what}: fast {:#?}\nnormal {:#?}",
+                half_closed[0], half_closed[1]
+            )
+        });
     }
-    let after = pair.fast_hits().await;
-    let same = match (&half_closed[0][..], &half_closed[1][..]) {
-        ([Answer::Response(f)], [Answer::Response(n)]) => response_differs(f, n).is_none(),
-        ([Answer::Closed(a)], [Answer::Closed(b)]) => a == b,
-        _ => false,
-    };
+    // A hit, then bytes that are no request: hyper refuses them after the
+    // hit's answer on both.
+    differential(
+        &pair,
+        &mut found,
+        "a hit, then garbage",
+        [get("/static/y", ""), "NOT A REQUEST\r\n\r\n".to_string()]
+            .concat()
+            .as_bytes(),
+        &[false, false],
+        Pace::Whole,
+        1,
+    )
+    .await;
     pair.check_counted_alike(&mut found, &counted).await;
-    found.check(same && after.1 == before.1, || {
-        format!(
-            "half-closed client: fast {:#?}\nnormal {:#?}",
-            half_closed[0], half_closed[1]
-        )
-    });
 
     found.finish();
 }
