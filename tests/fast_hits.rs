@@ -2292,3 +2292,107 @@ async fn stored_response_shapes() {
     }
     found.finish();
 }
+
+/// TLS connections never take the fast path: hits over TLS are the normal
+/// path's, and the count stays 0.
+#[tokio::test]
+async fn tls_hits_stay_on_the_normal_path() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let origin = Origin::start(script).await;
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("write key");
+    let pair = Pair::start(&origin.url(), |c| {
+        c.server.tls_cert = Some(cert_path.clone());
+        c.server.tls_key = Some(key_path.clone());
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(certified.cert.der().clone())
+        .expect("trust the test certificate");
+    let mut client_cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_cfg));
+    // One request per TLS connection; its response head, lowercased.
+    let tls_get = |addr: SocketAddr| {
+        let connector = connector.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+            tls.write_all(get("/static/tls", "").as_bytes())
+                .await
+                .expect("request");
+            let mut got = Vec::new();
+            let _ = tokio::time::timeout(READ_LIMIT, async {
+                let mut chunk = [0u8; 4096];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            })
+            .await;
+            String::from_utf8_lossy(&got).to_ascii_lowercase()
+        }
+    };
+    let before = pair.fast_hits().await;
+    for gw in [&pair.fast, &pair.normal] {
+        let addr = gw.running.addr;
+        let first = tls_get(addr).await;
+        assert!(first.starts_with("http/1.1 200"), "TLS request: {first}");
+        eventually("a hit over TLS", 100, Duration::from_millis(20), || {
+            let tls_get = &tls_get;
+            async move { tls_get(addr).await.contains("x-cache: hit") }
+        })
+        .await;
+    }
+    let after = pair.fast_hits().await;
+    assert_eq!(after, before, "hits over TLS moved kvgate_fast_hits_total");
+}
+
+/// Stopping a gateway closes its idle fast-path connections at once, as
+/// hyper closes idle ones, and lets an answer being written finish.
+#[tokio::test]
+async fn shutdown_closes_idle_fast_connections() {
+    let origin = Origin::start(script).await;
+    let pair = Pair::start(&origin.url(), |c| c.server.shutdown_grace_ms = 5_000).await;
+    pair.warm("/static/x", "").await;
+    let mut idle = Vec::new();
+    for gw in [&pair.fast, &pair.normal] {
+        let mut c = Conn::open(gw.running.addr).await;
+        c.send(get("/static/x", "").as_bytes(), Pace::Whole).await;
+        let a = c.answer(false).await;
+        assert!(
+            matches!(&a, Answer::Response(r) if r.status() == 200),
+            "hit before the shutdown: {a:?}"
+        );
+        idle.push(c);
+    }
+    let Pair { fast, normal } = pair;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), async {
+        tokio::join!(fast.stop(), normal.stop());
+    })
+    .await
+    .expect("both gateways stop well within the grace");
+    let stopped = started.elapsed();
+    for (who, c) in ["fast", "normal"].into_iter().zip(&mut idle) {
+        let end = c.answer(false).await;
+        assert!(
+            matches!(&end, Answer::Closed(b) if b.is_empty()),
+            "the {who} gateway's idle connection after the shutdown: {end:?}"
+        );
+    }
+    assert!(
+        stopped < Duration::from_secs(2),
+        "stopping took {stopped:?} with idle connections open"
+    );
+}
