@@ -122,6 +122,15 @@ fn script(seen: &Seen, _n: usize) -> Reply {
         "/s-maxage" => {
             Reply::ok("shared max age").header("cache-control", "max-age=0, s-maxage=600")
         }
+        "/vary-empty" => Reply::ok("empty vary")
+            .header("cache-control", fresh)
+            .header("vary", ""),
+        "/vary-star" => Reply::ok("vary star")
+            .header("cache-control", fresh)
+            .header("vary", "*"),
+        "/vary-encoding" => Reply::ok("vary on an absent field")
+            .header("cache-control", fresh)
+            .header("vary", "Accept-Encoding"),
         "/private" => Reply::ok("private").header("cache-control", "private, max-age=600"),
         "/nocache" => Reply::ok("no-cache response")
             .header("cache-control", "no-cache, max-age=600")
@@ -869,6 +878,36 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
         &[false, true, false],
         Pace::Whole,
         3,
+    )
+    .await;
+    let bodies = [
+        get("/big", ""),
+        get("/static/x", ""),
+        format!("HEAD /big HTTP/1.1\r\nHost: {HOST}\r\n\r\n"),
+        get("/big", ""),
+        get("/static/y", ""),
+    ]
+    .concat();
+    differential(
+        &pair,
+        &mut found,
+        "3 large and small bodies pipelined",
+        bodies.as_bytes(),
+        &[false, false, true, false, false],
+        Pace::Whole,
+        5,
+    )
+    .await;
+    // More answers than the fast path buffers before writing.
+    let many = get("/static/x", "").repeat(300);
+    differential(
+        &pair,
+        &mut found,
+        "3 three hundred pipelined hits",
+        many.as_bytes(),
+        &[false; 300],
+        Pace::Whole,
+        300,
     )
     .await;
     let fifty = get("/static/z", "").repeat(50);
@@ -2208,6 +2247,9 @@ async fn stored_response_shapes() {
         ("/s299", ANY),
         ("/lastmod", ANY),
         ("/private", ANY),
+        ("/vary-empty", ANY),
+        ("/vary-star", ANY),
+        ("/vary-encoding", 0),
         ("/nocache", ANY),
     ] {
         // Twice on each gateway: whatever is stored by then is stored.
