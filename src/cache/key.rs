@@ -19,7 +19,51 @@ pub struct CacheKey {
     path_at: u32,
 }
 
+/// A key's parts, before its text is built: what a lookup that allocates
+/// nothing hashes and compares (the HTTP/1.1 fast path). Names the same
+/// key as `CacheKey::new` with the same arguments.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KeyParts<'a> {
+    pub(crate) version: u64,
+    pub(crate) tls: bool,
+    pub(crate) host: &'a str,
+    pub(crate) path_and_query: &'a str,
+}
+
+impl KeyParts<'_> {
+    fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https://"
+        } else {
+            "http://"
+        }
+    }
+
+    /// The key's text, byte by byte, as `CacheKey::new` would write it.
+    pub(crate) fn text_bytes(&self) -> impl Iterator<Item = u8> + '_ {
+        self.scheme()
+            .bytes()
+            .chain(self.host.bytes().map(|b| b.to_ascii_lowercase()))
+            .chain(self.path_and_query.bytes())
+    }
+}
+
 impl CacheKey {
+    /// Whether this is the key `parts` name, compared piece by piece.
+    pub(crate) fn is(&self, parts: &KeyParts<'_>) -> bool {
+        let scheme = parts.scheme();
+        let text = self.text.as_bytes();
+        let path_at = self.path_at as usize;
+        self.version == parts.version
+            && path_at == scheme.len() + parts.host.len()
+            && text.len() == path_at + parts.path_and_query.len()
+            && text.starts_with(scheme.as_bytes())
+            // The stored host is lowercase: equal ignoring case means equal
+            // to the lowercased one.
+            && text[scheme.len()..path_at].eq_ignore_ascii_case(parts.host.as_bytes())
+            && &text[path_at..] == parts.path_and_query.as_bytes()
+    }
+
     /// `host` is lowercased (hosts are case-insensitive, RFC 3986 3.2.2);
     /// the path and query are kept as given (the request path's normal form,
     /// see `protocol::path`), since origins may treat case and parameter
@@ -101,6 +145,27 @@ impl fmt::Display for CacheKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// A key's parts name the key `new` builds from them, and no other.
+        #[test]
+        fn parts_name_the_key_new_builds(
+            version in 0u64..3,
+            tls: bool,
+            host in "[a-zA-Z0-9.:-]{0,12}",
+            path in "/[a-zA-Z0-9/?=&%.-]{0,16}",
+            other_host in "[a-zA-Z0-9.:-]{0,12}",
+            other_path in "/[a-zA-Z0-9/?=&%.-]{0,16}",
+        ) {
+            let parts = KeyParts { version, tls, host: &host, path_and_query: &path };
+            let key = CacheKey::new(version, tls, &host, &path);
+            proptest::prop_assert!(key.is(&parts));
+            proptest::prop_assert_eq!(parts.text_bytes().collect::<Vec<u8>>(), key.as_str().as_bytes());
+            let other = CacheKey::new(version, tls, &other_host, &other_path);
+            proptest::prop_assert_eq!(other.is(&parts), other == key);
+            proptest::prop_assert!(!key.with_version(version + 1).is(&parts));
+        }
+    }
 
     #[test]
     fn host_is_case_insensitive_path_is_not() {

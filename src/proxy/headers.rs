@@ -22,7 +22,11 @@ const MAX_REQUEST_ID_BYTES: usize = 128;
 /// An id worth keeping: 1 to 128 bytes of letters, digits and `-_.:+/=@`
 /// (UUIDs, hex, base64), nothing that could break a log line or a header.
 fn valid_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
+    valid_request_id_bytes(v.as_bytes())
+}
+
+/// [`valid_request_id`] for a field's raw bytes.
+pub(super) fn valid_request_id_bytes(b: &[u8]) -> bool {
     !b.is_empty()
         && b.len() <= MAX_REQUEST_ID_BYTES
         && b.iter()
@@ -44,6 +48,12 @@ pub(crate) fn request_id(h: &HeaderMap) -> HeaderValue {
 /// across restarts and instances in practice), and no system call per
 /// request.
 fn new_request_id() -> HeaderValue {
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&new_request_id_text()).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// A new request id's text (see [`new_request_id`]).
+pub(super) fn new_request_id_text() -> [u8; 24] {
     use std::cell::Cell;
     thread_local! {
         static NEXT: Cell<(u64, u32)> = Cell::new((thread_prefix(), 0));
@@ -67,8 +77,7 @@ fn new_request_id() -> HeaderValue {
     for (i, b) in buf[16..].iter_mut().enumerate() {
         *b = hex[((n >> (28 - 4 * i)) & 0xf) as usize];
     }
-    // Hex digits are always a valid header value.
-    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    buf
 }
 
 fn thread_prefix() -> u64 {

@@ -5,6 +5,7 @@ mod cluster;
 mod connector;
 mod fetch;
 pub(crate) mod gateway;
+mod h1_hits;
 pub(crate) mod headers;
 mod lookup;
 pub(crate) mod origin;

@@ -84,7 +84,7 @@ pub(super) fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
 /// byte without allocating (this runs on every request): reg-name
 /// characters, percent-escapes, an IP literal's brackets and colons. No
 /// userinfo (`@`), path, query, fragment, whitespace or controls.
-fn is_valid_host(h: &[u8]) -> bool {
+pub(super) fn is_valid_host(h: &[u8]) -> bool {
     !h.is_empty()
         && h.iter().all(|&b| {
             b.is_ascii_alphanumeric()

@@ -44,6 +44,11 @@ impl Labels {
         }
     }
 
+    /// The plain hit's Cache-Status member (`name; hit`).
+    pub(crate) fn hit(&self) -> &HeaderValue {
+        &self.hit
+    }
+
     /// A Cache-Status member (RFC 9211 2): `name; params`.
     pub(crate) fn cache_status(&self, status: &CacheStatus) -> HeaderValue {
         if status.is_plain_hit() {

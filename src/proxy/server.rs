@@ -7,6 +7,7 @@
 
 use super::body::Body;
 use super::gateway::Live;
+use super::h1_hits::{self, Prefixed, Served};
 use super::headers::ClientInfo;
 use crate::error::TlsError;
 use crate::metrics::ops::Ops;
@@ -329,7 +330,9 @@ pub(crate) async fn serve(
 }
 
 /// Serves one connection (h1 or h2, after TLS if any) under the idle
-/// watchdog and the shutdown phases.
+/// watchdog and the shutdown phases: a plain-TCP one first on the HTTP/1.1
+/// fast path for hits (`h1_hits`, unless `[server] fast_hits = false`),
+/// then, from the first request that is not a plain hit, by hyper.
 async fn serve_connection<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
@@ -341,6 +344,39 @@ async fn serve_connection<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
+    let mut watch = Watch {
+        activity: &activity,
+        limits,
+        phase: &mut phase,
+        phase_open: true,
+        closing_since: None,
+        addr: client.addr,
+    };
+    let fast = {
+        let server = &gw.load().config.server;
+        (!client.tls && server.fast_hits).then(|| server.max_header_bytes.max(8192))
+    };
+    let io = match fast {
+        None => Prefixed::new(io, bytes::Bytes::new()),
+        Some(max_buf) => {
+            let stop = AtomicBool::new(false);
+            let fast = h1_hits::serve(io, &gw, client, || activity.begin(), &stop, max_buf);
+            tokio::pin!(fast);
+            // Between requests the fast path holds nothing: it closes when
+            // asked to drain (as hyper closes an idle connection), else it
+            // stops after the answers it is writing.
+            let drained = watch
+                .run(fast, |_| {
+                    stop.store(true, Ordering::Relaxed);
+                    activity.in_flight.load(Ordering::SeqCst) == 0
+                })
+                .await;
+            match drained {
+                Some(Served::Handover(io)) => io,
+                Some(Served::Closed) | None => return,
+            }
+        }
+    };
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
@@ -362,55 +398,87 @@ async fn serve_connection<I>(
     };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    // Set once the connection was asked to finish: from then on, with no
-    // request left, it gets `first_request` more to close by itself.
-    let mut closing_since: Option<Instant> = None;
-    let mut phase_open = true;
-    loop {
-        let now = Instant::now();
-        let wake = match (activity.deadline(limits, now), closing_since) {
-            (_, Some(since)) if activity.in_flight.load(Ordering::SeqCst) == 0 => {
-                match since.checked_add(limits.first_request) {
-                    Some(at) if at > now => at,
-                    _ => return, // dropping the connection closes the socket
+    watch
+        .run(conn, |conn| {
+            conn.graceful_shutdown();
+            false
+        })
+        .await;
+}
+
+/// The idle watchdog and the shutdown phases over one connection's server
+/// (the fast path's, then hyper's).
+struct Watch<'a> {
+    activity: &'a Activity,
+    limits: Limits,
+    phase: &'a mut watch::Receiver<Phase>,
+    phase_open: bool,
+    /// Set once the connection was asked to finish: from then on, with no
+    /// request left, it gets `first_request` more to close by itself.
+    closing_since: Option<Instant>,
+    addr: std::net::SocketAddr,
+}
+
+impl Watch<'_> {
+    /// Drives `conn` to its end; `None` when the watchdog or the shutdown
+    /// closed it first. `drain` asks it to finish what it is doing and take
+    /// no more requests; `true`: it may be closed at once.
+    async fn run<F: Future>(
+        &mut self,
+        mut conn: Pin<&mut F>,
+        mut drain: impl FnMut(Pin<&mut F>) -> bool,
+    ) -> Option<F::Output> {
+        let (activity, limits) = (self.activity, self.limits);
+        loop {
+            let now = Instant::now();
+            let wake = match (activity.deadline(limits, now), self.closing_since) {
+                (_, Some(since)) if activity.in_flight.load(Ordering::SeqCst) == 0 => {
+                    match since.checked_add(limits.first_request) {
+                        Some(at) if at > now => at,
+                        _ => return None, // dropping the connection closes the socket
+                    }
                 }
-            }
-            (Some(at), _) => at,
-            (None, _) if !activity.started.load(Ordering::SeqCst) => {
-                // Nothing to drain: no request ever started.
-                tracing::debug!(addr = %client.addr, "no request head in time; closing");
-                return;
-            }
-            (None, _) => {
-                conn.as_mut().graceful_shutdown();
-                closing_since = Some(now);
-                continue;
-            }
-        };
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            // Requests do not wake the watchdog: it sleeps to the
-            // earliest moment the connection could be overdue and, on
-            // waking, recomputes from the request bookkeeping (an exact
-            // idle deadline, without a wake-up and a timer per request).
-            _ = tokio::time::sleep_until(wake) => {}
-            changed = phase.changed(), if phase_open => {
-                if changed.is_err() {
-                    phase_open = false;
+                (Some(at), _) => at,
+                (None, _) if !activity.started.load(Ordering::SeqCst) => {
+                    // Nothing to drain: no request ever started.
+                    tracing::debug!(addr = %self.addr, "no request head in time; closing");
+                    return None;
+                }
+                (None, _) => {
+                    if drain(conn.as_mut()) {
+                        return None;
+                    }
+                    self.closing_since = Some(now);
                     continue;
                 }
-                let p = *phase.borrow_and_update();
-                match p {
-                    Phase::Serving => {}
-                    // Nothing started on it: nothing to drain.
-                    Phase::Draining if !activity.started.load(Ordering::SeqCst) => return,
-                    Phase::Draining => {
-                        if closing_since.is_none() {
-                            conn.as_mut().graceful_shutdown();
-                            closing_since = Some(Instant::now());
-                        }
+            };
+            tokio::select! {
+                out = conn.as_mut() => return Some(out),
+                // Requests do not wake the watchdog: it sleeps to the
+                // earliest moment the connection could be overdue and, on
+                // waking, recomputes from the request bookkeeping (an exact
+                // idle deadline, without a wake-up and a timer per request).
+                _ = tokio::time::sleep_until(wake) => {}
+                changed = self.phase.changed(), if self.phase_open => {
+                    if changed.is_err() {
+                        self.phase_open = false;
+                        continue;
                     }
-                    Phase::Closing => return,
+                    let p = *self.phase.borrow_and_update();
+                    match p {
+                        Phase::Serving => {}
+                        // Nothing started on it: nothing to drain.
+                        Phase::Draining if !activity.started.load(Ordering::SeqCst) => return None,
+                        Phase::Draining => {
+                            if self.closing_since.is_none() {
+                                if drain(conn.as_mut()) {
+                                    return None;
+                                }
+                                self.closing_since = Some(Instant::now());
+                            }
+                        }
+                        Phase::Closing => return None,
+                    }
                 }
             }
         }

@@ -260,6 +260,12 @@ impl Entry {
         self.block.slice(at + range.start..at + range.end)
     }
 
+    /// The body's bytes, read in place (no handle, so no reference count
+    /// written: what the HTTP/1.1 fast path copies into its output).
+    pub(crate) fn body_bytes(&self) -> &[u8] {
+        self.block.get(self.body_start()..).unwrap_or(&[])
+    }
+
     /// The body's length.
     pub fn body_len(&self) -> usize {
         self.block.len() - self.body_start()
@@ -576,6 +582,57 @@ impl StoredHeaders<'_> {
         let wanted = StoredName::of(name);
         self.fields().any(|(n, _)| n == wanted)
     }
+
+    /// Writes the stored fields in HTTP/1.1 form (`name: value\r\n`, the
+    /// name lowercase as `HeaderMap` keeps it), each as `choose` says for
+    /// its name and value. `false` when `choose` refused a field (the
+    /// response must then be built the usual way). Names and values were
+    /// checked as a `HeaderName` and a `HeaderValue` when stored (no CR, LF
+    /// or other controls), so they are written as they are.
+    pub(crate) fn write_h1(
+        &self,
+        out: &mut Vec<u8>,
+        mut choose: impl FnMut(&[u8], &[u8]) -> H1Field,
+    ) -> bool {
+        for (name, range) in self.fields() {
+            let name = match name {
+                StoredName::Code(c) => {
+                    match usize::from(c)
+                        .checked_sub(1)
+                        .and_then(|i| STANDARD_NAMES.get(i))
+                    {
+                        Some(n) => n.as_str().as_bytes(),
+                        None => return false,
+                    }
+                }
+                StoredName::Text(t) => t,
+            };
+            let Some(value) = self.block.get(range) else {
+                return false;
+            };
+            match choose(name, value) {
+                H1Field::Write => {
+                    out.extend_from_slice(name);
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(value);
+                    out.extend_from_slice(b"\r\n");
+                }
+                H1Field::Skip => {}
+                H1Field::Refuse => return false,
+            }
+        }
+        true
+    }
+}
+
+/// What [`StoredHeaders::write_h1`] does with one stored field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum H1Field {
+    Write,
+    /// Left out (the caller writes its own value).
+    Skip,
+    /// The response cannot be written this way.
+    Refuse,
 }
 
 #[cfg(test)]
@@ -593,6 +650,45 @@ mod tests {
             block,
             end: block.len(),
         }
+    }
+
+    /// The HTTP/1.1 form carries every field `to_map` gives, in order, as
+    /// `name: value` lines (RFC 9112 5), and `choose` decides per field.
+    #[test]
+    fn write_h1_writes_the_fields_to_map_gives() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        h.insert("x-custom", HeaderValue::from_static("v\tw"));
+        h.insert("x-cache", HeaderValue::from_static("stale"));
+        let block = block_of(&h);
+        let mut out = Vec::new();
+        assert!(view(&block).write_h1(&mut out, |name, _| match name {
+            b"x-cache" => H1Field::Skip,
+            _ => H1Field::Write,
+        }));
+        let mut expected = Vec::new();
+        for (n, v) in view(&block)
+            .to_map()
+            .iter()
+            .filter(|(n, _)| *n != "x-cache")
+        {
+            expected.extend_from_slice(n.as_str().as_bytes());
+            expected.extend_from_slice(b": ");
+            expected.extend_from_slice(v.as_bytes());
+            expected.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&expected)
+        );
+        assert!(String::from_utf8_lossy(&out).contains("x-custom: v\tw\r\n"));
+        let mut out = Vec::new();
+        assert!(!view(&block).write_h1(&mut out, |name, _| match name {
+            b"set-cookie" => H1Field::Refuse,
+            _ => H1Field::Write,
+        }));
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! that are.
 
 use super::entry::{heap_chunk, Entry};
-use crate::cache::key::CacheKey;
+use crate::cache::key::{CacheKey, KeyParts};
 use arc_swap::ArcSwapOption;
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -55,9 +55,18 @@ fn charge_of(key: &CacheKey, variants: &[Arc<Entry>]) -> usize {
 
 /// The hash that picks a key's shard (high bits) and bucket (low bits).
 pub(super) fn key_hash(key: &CacheKey) -> u64 {
+    text_hash(key.version(), key.as_str().bytes())
+}
+
+/// [`key_hash`] of the key `parts` name, without building it.
+pub(super) fn parts_hash(parts: &KeyParts<'_>) -> u64 {
+    text_hash(parts.version, parts.text_bytes())
+}
+
+fn text_hash(version: u64, text: impl Iterator<Item = u8>) -> u64 {
     // FNV-1a over the text, then a finaliser so both ends of the word mix.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ key.version();
-    for b in key.as_str().bytes() {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ version;
+    for b in text {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
@@ -139,11 +148,21 @@ impl Table {
         key: &CacheKey,
         f: impl FnOnce(&[Arc<Entry>]) -> R,
     ) -> Option<R> {
+        self.find_by(hash, |k| k == key, f)
+    }
+
+    /// [`Table::find`] for the key `is` accepts (`hash` is its hash).
+    pub(super) fn find_by<R>(
+        &self,
+        hash: u64,
+        is: impl Fn(&CacheKey) -> bool,
+        f: impl FnOnce(&[Arc<Entry>]) -> R,
+    ) -> Option<R> {
         let mut cur = self.bucket(hash).load();
         loop {
             let next = match &*cur {
                 None => return None,
-                Some(s) if s.key == *key => return Some(f(s.variants())),
+                Some(s) if is(&s.key) => return Some(f(s.variants())),
                 Some(s) => s.next.load(),
             };
             cur = next;

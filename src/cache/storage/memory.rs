@@ -9,10 +9,10 @@
 //! evicted entry.
 
 use super::entry::{Entry, EntryMeta, MAX_ENTRY_EXTRA};
-use super::eviction::{key_charge, key_hash, Clock, Slot, Table};
+use super::eviction::{key_charge, key_hash, parts_hash, Clock, Slot, Table};
 use super::tag_index::TagIndex;
 use super::{MissHandler, Storage, TooLarge};
-use crate::cache::key::CacheKey;
+use crate::cache::key::{CacheKey, KeyParts};
 use crate::cache::policy;
 use bytes::Bytes;
 use http::header::HeaderMap;
@@ -156,6 +156,34 @@ struct Inner {
 }
 
 impl MemoryStorage {
+    /// The key's entry when it is the key's only variant and has no
+    /// secondary key (Vary): one a request may be answered from without
+    /// its header fields being looked at (the HTTP/1.1 fast path has none
+    /// parsed). Lent, and marked used, as `lookup_with` does.
+    ///
+    /// The key is given by its parts: nothing is allocated to find it.
+    pub(crate) fn lookup_sole<R>(
+        &self,
+        key: &KeyParts<'_>,
+        f: impl FnOnce(&Arc<Entry>) -> R,
+    ) -> Option<R> {
+        let hash = parts_hash(key);
+        self.shard_at(hash)
+            .table
+            .find_by(
+                hash,
+                |k| k.is(key),
+                |variants| match variants {
+                    [e] if e.vary().is_empty() => {
+                        e.mark_used();
+                        Some(f(e))
+                    }
+                    _ => None,
+                },
+            )
+            .flatten()
+    }
+
     pub fn new(max_bytes: usize, max_object_bytes: usize, shards: usize) -> MemoryStorage {
         let shards = shards.clamp(1, 1024);
         let shard_bytes = (max_bytes / shards).max(1);
@@ -738,6 +766,51 @@ mod tests {
             clock > 20.0,
             "the trace must have hits to compare ({clock:.1} %)"
         );
+    }
+
+    #[test]
+    fn lookup_sole_finds_a_lone_vary_less_entry_by_its_parts() {
+        let s = MemoryStorage::new(1 << 20, 1 << 20, 4);
+        fn parts<'a>(host: &'a str, path: &'a str) -> KeyParts<'a> {
+            KeyParts {
+                version: 1,
+                tls: false,
+                host,
+                path_and_query: path,
+            }
+        }
+        for i in 0..50 {
+            s.insert(key(&format!("/k{i}")), entry(&format!("b{i}"), vec![], &[]));
+        }
+        for i in 0..50 {
+            let path = format!("/k{i}");
+            // The same shard and bucket as the built key: the hashes agree.
+            let body = s.lookup_sole(&parts("H", &path), |e| e.body());
+            assert_eq!(body, Some(Bytes::from(format!("b{i}"))));
+        }
+        assert!(s.lookup_sole(&parts("h", "/k50"), |_| ()).is_none());
+        assert!(s
+            .lookup_sole(
+                &KeyParts {
+                    tls: true,
+                    ..parts("h", "/k1")
+                },
+                |_| ()
+            )
+            .is_none());
+        // A key with a secondary key, or more than one variant, is not
+        // answered without looking at the request's fields.
+        let lang = HeaderName::from_static("accept-language");
+        s.insert(
+            key("/v"),
+            entry("en", vec![(lang.clone(), Some("en".into()))], &[]),
+        );
+        assert!(s.lookup_sole(&parts("h", "/v"), |_| ()).is_none());
+        s.insert(key("/v"), entry("any", vec![], &[]));
+        assert!(s.lookup_sole(&parts("h", "/v"), |_| ()).is_none());
+        assert!(s
+            .lookup_with(&key("/v"), &HeaderMap::new(), |_| ())
+            .is_some());
     }
 
     #[test]

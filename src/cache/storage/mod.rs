@@ -31,7 +31,7 @@ mod tag_index;
 pub(crate) mod conformance;
 
 pub use entry::Entry;
-pub(crate) use entry::{EntryMeta, StoredHeaders};
+pub(crate) use entry::{EntryMeta, H1Field, StoredHeaders};
 pub(crate) use memory::MemoryStorage;
 pub use memory::StoreStats;
 

@@ -1,0 +1,663 @@
+//! The HTTP/1.1 fast path for cache hits. A plain-TCP connection is read
+//! here first: a request that is a fresh hit on a response stored without
+//! Vary, with nothing in it that the usual path would act on, is answered
+//! from the entry's stored header block and body, written straight to the
+//! socket. Anything else hands the connection, with the bytes already read,
+//! to hyper for the rest of its life, and the usual path serves it.
+//!
+//! Why: on a hit, hyper's request `HeaderMap`, the response `HeaderMap`
+//! rebuilt from the stored block, its encoding and the dispatcher's futures
+//! cost more than the lookup itself (README, Benchmarks). Here a hit is one
+//! parse (httparse, as hyper does), one lookup and one copy of the stored
+//! bytes.
+//!
+//! What makes a request eligible is deliberately narrow ([`parse`]): GET or
+//! HEAD, HTTP/1.1, an origin-form target already in normal form, exactly one
+//! valid `Host`, and no field that the usual path would act on for a hit
+//! (a body, `Connection`, request cache directives, conditionals, ranges).
+//! The response is the one the usual path sends, field for field
+//! ([`Gateway::fast_hit`]); `tests/fast_hits.rs` compares the two.
+
+use super::gateway::{Gateway, Live};
+use super::headers::{new_request_id_text, valid_request_id_bytes, ClientInfo};
+use super::request::is_valid_host;
+use super::respond::{CacheResult, X_CACHE};
+use crate::cache::key::KeyParts;
+use crate::cache::policy::{self, Usability};
+use crate::cache::storage::{Entry, H1Field};
+use crate::protocol::path;
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// Request fields parsed at most: a request with more goes to hyper (whose
+/// own limit is 100).
+const MAX_FIELDS: usize = 48;
+
+/// Bodies up to this size are copied behind the head (one write); larger
+/// ones are written from the entry's buffer after it.
+const COPY_BODY_MAX: usize = 16 * 1024;
+
+/// Answers to pipelined requests are written once this much is pending, so
+/// that a client pipelining many requests holds at most about this much
+/// (plus one copied body) of the gateway's memory before reading them.
+const OUT_FLUSH_AT: usize = 64 * 1024;
+
+/// The output buffer's usual size: a few answers with small bodies.
+const OUT_START: usize = 8 * 1024;
+
+/// How a fast-path connection ended.
+pub(super) enum Served<I> {
+    /// Closed: the client closed, an I/O error, or the gateway is stopping.
+    Closed,
+    /// A request the fast path does not answer: the connection and the
+    /// bytes read but not answered, for hyper.
+    Handover(Prefixed<I>),
+}
+
+/// Serves hits on `io` until a request is not one (`Handover`) or the
+/// connection ends. `begin` marks requests in flight for the idle watchdog
+/// (its guard is held from a complete request head until its answer is
+/// written); `stop` asks the loop to close between requests. The read
+/// buffer never grows past `max_buf`: a head that does not fit goes to
+/// hyper, which refuses it (431).
+pub(super) async fn serve<I, G>(
+    mut io: I,
+    live: &Live,
+    client: ClientInfo,
+    begin: impl Fn() -> G,
+    stop: &AtomicBool,
+    max_buf: usize,
+) -> Served<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(OUT_START);
+    loop {
+        // Every complete request in the buffer, answered in order
+        // (pipelined requests get their answers in one write).
+        let mut in_flight = None;
+        let mut large = None;
+        let mut more = false;
+        while !stop.load(Ordering::Relaxed) {
+            let answered = match parse(&buf) {
+                Parsed::Partial => break,
+                Parsed::Other => None,
+                Parsed::Request(head) => {
+                    in_flight.get_or_insert_with(&begin);
+                    let gw = live.load();
+                    gw.fast_hit(&head, client, &mut out)
+                        .map(|body| (head.len, body))
+                }
+            };
+            let Some((len, body)) = answered else {
+                if !out.is_empty() && io.write_all(&out).await.is_err() {
+                    return Served::Closed;
+                }
+                return Served::Handover(Prefixed::new(io, buf.freeze()));
+            };
+            buf.advance(len);
+            if body.is_some() || out.len() >= OUT_FLUSH_AT {
+                large = body;
+                more = true;
+                break;
+            }
+        }
+        if !out.is_empty() {
+            if io.write_all(&out).await.is_err() {
+                return Served::Closed;
+            }
+            out.clear();
+            // A burst of pipelined answers does not stay held by an idle
+            // connection.
+            if out.capacity() > 2 * OUT_START {
+                out = Vec::with_capacity(OUT_START);
+            }
+        }
+        if let Some(body) = large {
+            if io.write_all(&body).await.is_err() {
+                return Served::Closed;
+            }
+        }
+        if more {
+            // More requests may be buffered behind these.
+            continue;
+        }
+        drop(in_flight);
+        if stop.load(Ordering::Relaxed) {
+            return Served::Closed;
+        }
+        if buf.len() >= max_buf {
+            return Served::Handover(Prefixed::new(io, buf.freeze()));
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+        match io.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return Served::Closed,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// A request head the fast path may answer.
+pub(super) struct Head<'a> {
+    /// HEAD rather than GET.
+    head: bool,
+    /// The request target: origin-form, in normal form.
+    target: &'a str,
+    host: &'a str,
+    /// The client's `X-Request-Id`, when it sent exactly one valid one.
+    request_id: Option<&'a [u8]>,
+    /// The head's length in the buffer.
+    len: usize,
+}
+
+enum Parsed<'a> {
+    Request(Head<'a>),
+    /// Not a whole head yet.
+    Partial,
+    /// Anything else (for hyper to answer or refuse).
+    Other,
+}
+
+/// What a request field means to the fast path.
+#[derive(Debug, PartialEq, Eq)]
+enum Field {
+    Host,
+    RequestId,
+    /// Acted on by the usual path: a body, hop-by-hop fields, request
+    /// cache directives (9111 5.2.1), conditionals (9110 13), ranges (9110
+    /// 14).
+    Usual,
+    /// Not looked at on a hit without Vary.
+    Other,
+}
+
+fn field(name: &str) -> Field {
+    let n = name.as_bytes();
+    let is = |s: &str| n.eq_ignore_ascii_case(s.as_bytes());
+    if n.len() > 3 && n[..3].eq_ignore_ascii_case(b"if-") {
+        return Field::Usual;
+    }
+    let usual = match n.len() {
+        2 => is("te"),
+        4 if is("host") => return Field::Host,
+        5 => is("range"),
+        6 => is("expect") || is("pragma"),
+        7 => is("upgrade") || is("trailer"),
+        10 => is("connection") || is("keep-alive"),
+        12 if is("x-request-id") => return Field::RequestId,
+        13 => is("cache-control"),
+        14 => is("content-length"),
+        16 => is("proxy-connection"),
+        17 => is("transfer-encoding"),
+        _ => false,
+    };
+    if usual {
+        Field::Usual
+    } else {
+        Field::Other
+    }
+}
+
+/// Bytes a target may have here: RFC 3986 unreserved, sub-delims, `:@/?`
+/// and `%` (escapes, which the normal form check below looks at). Others
+/// go to hyper, whose URI parser decides.
+fn target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'/'
+                | b'?'
+                | b'%'
+        )
+}
+
+fn parse(buf: &[u8]) -> Parsed<'_> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    let head = match req.method {
+        Some("GET") => false,
+        Some("HEAD") => true,
+        _ => return Parsed::Other,
+    };
+    let Some(target) = req.path else {
+        return Parsed::Other;
+    };
+    if req.version != Some(1) || !target.starts_with('/') || !target.bytes().all(target_byte) {
+        return Parsed::Other;
+    }
+    if !matches!(path::normalize_target(target), Ok(Cow::Borrowed(_))) {
+        return Parsed::Other;
+    }
+    let (mut host, mut hosts) = ("", 0);
+    let (mut request_id, mut ids) = (None, 0);
+    for f in req.headers.iter() {
+        match field(f.name) {
+            Field::Host => {
+                hosts += 1;
+                host = match std::str::from_utf8(f.value) {
+                    Ok(h) if is_valid_host(f.value) => h,
+                    _ => return Parsed::Other,
+                };
+            }
+            Field::RequestId => {
+                ids += 1;
+                request_id = Some(f.value);
+            }
+            Field::Usual => return Parsed::Other,
+            Field::Other => {}
+        }
+    }
+    if hosts != 1 {
+        return Parsed::Other;
+    }
+    Parsed::Request(Head {
+        head,
+        target,
+        host,
+        request_id: request_id.filter(|id| ids == 1 && valid_request_id_bytes(id)),
+        len,
+    })
+}
+
+impl Gateway {
+    /// Answers `req` into `out` when it is a plain fresh hit, as the usual
+    /// path would (`respond::from_entry` and `handle`): the stored fields,
+    /// `Age`, `X-Cache`, `Cache-Status`, `Via`, `X-Request-Id`, and
+    /// `Content-Length` and `Date` as hyper adds them. `None` (and nothing
+    /// written): the usual path must serve it. `Some(Some(body))`: a large
+    /// body to write after `out`.
+    pub(super) fn fast_hit(
+        &self,
+        req: &Head<'_>,
+        client: ClientInfo,
+        out: &mut Vec<u8>,
+    ) -> Option<Option<Bytes>> {
+        if !self.fast_h1 || client.tls || self.access_logged() || self.is_probe(req.target) {
+            return None;
+        }
+        let started = Instant::now();
+        let route = self.route_for(req.target);
+        if route.as_ref().is_some_and(|r| r.bypass) {
+            return None;
+        }
+        let key = KeyParts {
+            version: self.key_version(route.as_deref()),
+            tls: false,
+            host: req.host,
+            path_and_query: req.target,
+        };
+        let now = SystemTime::now();
+        let written = self
+            .store
+            .lookup_sole(&key, |e| self.write_hit(e, req, now, out))
+            .flatten()?;
+        let elapsed = started.elapsed();
+        self.metrics.record(CacheResult::Hit, written.0, elapsed);
+        self.metrics.fast_hits.incr();
+        Some(written.1)
+    }
+
+    /// The answer from a fresh entry; `None` when it is not one the fast
+    /// path writes (then `out` is as it was).
+    fn write_hit(
+        &self,
+        e: &Arc<Entry>,
+        req: &Head<'_>,
+        now: SystemTime,
+        out: &mut Vec<u8>,
+    ) -> Option<(StatusCode, Option<Bytes>)> {
+        let no_directives = Default::default();
+        if policy::usability(&e.freshness, &no_directives, now) != Usability::Fresh {
+            return None;
+        }
+        // hyper writes no length for these (and no body for 304); leave
+        // them to it.
+        let status = e.status;
+        if status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return None;
+        }
+        let start = out.len();
+        let body = e.body_bytes();
+        let length = Digits::of(body.len() as u64);
+        write_status_line(out, status);
+        let mut dated = false;
+        let written = e.headers().write_h1(out, |name, value| match name {
+            // Replaced by the gateway's own (`mark`, `handle`) or not
+            // stored at all (`age`).
+            b"age" | b"x-cache" | b"x-request-id" => H1Field::Skip,
+            // Written below from the body's length, which the stored one
+            // must agree with (else hyper would send a broken message).
+            b"content-length" if value == length.text() => H1Field::Skip,
+            b"content-length" | b"transfer-encoding" | b"connection" => H1Field::Refuse,
+            b"date" => {
+                dated = true;
+                H1Field::Write
+            }
+            _ => H1Field::Write,
+        });
+        if !written {
+            out.truncate(start);
+            return None;
+        }
+        let age = e.freshness.current_age(now).as_secs();
+        line(out, b"age", Digits::of(age).text());
+        line(
+            out,
+            X_CACHE.as_str().as_bytes(),
+            CacheResult::Hit.as_str().as_bytes(),
+        );
+        line(out, b"cache-status", self.labels.hit().as_bytes());
+        line(out, b"via", self.labels.via.as_bytes());
+        match req.request_id {
+            Some(id) => line(out, b"x-request-id", id),
+            None => line(out, b"x-request-id", &new_request_id_text()),
+        }
+        // A HEAD answer keeps the GET's Content-Length (RFC 9110 9.3.2).
+        line(out, b"content-length", length.text());
+        if !dated {
+            line(out, b"date", httpdate::fmt_http_date(now).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if req.head {
+            return Some((status, None));
+        }
+        if body.len() <= COPY_BODY_MAX {
+            out.extend_from_slice(body);
+            return Some((status, None));
+        }
+        Some((status, Some(e.body())))
+    }
+
+    /// Whether the access log wants this request (the fast path does not
+    /// write it; the usual path does).
+    fn access_logged(&self) -> bool {
+        self.config.log.access && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO)
+    }
+
+    /// Whether `target` is the path of a probe `[server]` answers.
+    fn is_probe(&self, target: &str) -> bool {
+        let s = &self.config.server;
+        if s.health_path.is_none() && s.ready_path.is_none() {
+            return false;
+        }
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
+        [&s.health_path, &s.ready_path]
+            .into_iter()
+            .flatten()
+            .any(|p| p.get_ref() == path)
+    }
+}
+
+/// `HTTP/1.1 <code> <reason>`, as hyper writes it.
+fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A number's decimal digits, without formatting machinery.
+struct Digits {
+    buf: [u8; 20],
+    at: usize,
+}
+
+impl Digits {
+    fn of(mut n: u64) -> Digits {
+        let mut d = Digits {
+            buf: [0; 20],
+            at: 20,
+        };
+        loop {
+            d.at -= 1;
+            d.buf[d.at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                return d;
+            }
+        }
+    }
+
+    fn text(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+}
+
+/// A connection with bytes already read from it in front: what hyper is
+/// given when the fast path hands a connection over.
+pub(super) struct Prefixed<I> {
+    prefix: Bytes,
+    io: I,
+}
+
+impl<I> Prefixed<I> {
+    pub(super) fn new(io: I, prefix: Bytes) -> Prefixed<I> {
+        Prefixed { prefix, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &str) -> Option<(bool, String, String, Option<String>, usize)> {
+        match parse(raw.as_bytes()) {
+            Parsed::Request(h) => Some((
+                h.head,
+                h.target.to_string(),
+                h.host.to_string(),
+                h.request_id
+                    .map(|id| String::from_utf8_lossy(id).into_owned()),
+                h.len,
+            )),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_plain_get_or_head_is_eligible() {
+        let raw = "GET /static/a?x=1 HTTP/1.1\r\nHost: Api.Example:8080\r\nAccept: */*\r\n\r\n";
+        assert_eq!(
+            parsed(raw),
+            Some((
+                false,
+                "/static/a?x=1".into(),
+                "Api.Example:8080".into(),
+                None,
+                raw.len()
+            ))
+        );
+        let raw = "HEAD / HTTP/1.1\r\nhost: a\r\nX-Request-Id: abc-1\r\n\r\nGET";
+        let (head, _, _, id, len) = parsed(raw).expect("eligible");
+        assert!(head);
+        assert_eq!(id.as_deref(), Some("abc-1"));
+        assert_eq!(
+            len,
+            raw.len() - 3,
+            "the next request's bytes are not consumed"
+        );
+    }
+
+    #[test]
+    fn a_partial_head_waits_for_more() {
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost: a\r\n"),
+            Parsed::Partial
+        ));
+        assert!(matches!(parse(b"GE"), Parsed::Partial));
+    }
+
+    /// Each of these is served by the usual path: a body or its framing
+    /// (RFC 9112 6), hop-by-hop fields (RFC 9110 7.6.1), request
+    /// directives (RFC 9111 5.2.1), conditionals (RFC 9110 13.1), ranges
+    /// (RFC 9110 14.2), a missing, doubled or invalid Host (RFC 9112 3.2),
+    /// other versions and methods, absolute or abnormal targets.
+    #[test]
+    fn anything_the_usual_path_acts_on_is_not_eligible() {
+        let with = |field: &str| format!("GET /a HTTP/1.1\r\nHost: a\r\n{field}\r\n\r\n");
+        for f in [
+            "Content-Length: 0",
+            "Transfer-Encoding: chunked",
+            "Connection: close",
+            "connection: keep-alive",
+            "Keep-Alive: 5",
+            "Upgrade: websocket",
+            "Expect: 100-continue",
+            "TE: trailers",
+            "Cache-Control: no-cache",
+            "Pragma: no-cache",
+            "If-None-Match: \"x\"",
+            "if-modified-since: Thu, 01 Jan 2026 00:00:00 GMT",
+            "If-Range: \"x\"",
+            "Range: bytes=0-1",
+            "Host: b",
+        ] {
+            assert!(parsed(&with(f)).is_none(), "{f}");
+        }
+        for raw in [
+            "GET /a HTTP/1.0\r\nHost: a\r\n\r\n",
+            "POST /a HTTP/1.1\r\nHost: a\r\n\r\n",
+            "get /a HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a HTTP/1.1\r\n\r\n",
+            "GET /a HTTP/1.1\r\nHost: user@a\r\n\r\n",
+            "GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a/../b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET //b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /%61 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a\"b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /a#f HTTP/1.1\r\nHost: a\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET /a HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(parsed(raw).is_none(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_id_is_echoed_only_when_single_and_valid() {
+        let id = |fields: &str| {
+            let raw = format!("GET /a HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+            parsed(&raw).expect("eligible").3
+        };
+        assert_eq!(id("X-Request-Id: a-1\r\n").as_deref(), Some("a-1"));
+        assert_eq!(id("X-Request-Id: a b\r\n"), None);
+        assert_eq!(id("X-Request-Id: a\r\nX-Request-Id: b\r\n"), None);
+    }
+
+    #[test]
+    fn too_many_fields_go_to_hyper() {
+        let mut raw = String::from("GET /a HTTP/1.1\r\nHost: a\r\n");
+        for i in 0..MAX_FIELDS {
+            raw.push_str(&format!("x-f{i}: 1\r\n"));
+        }
+        raw.push_str("\r\n");
+        assert!(parsed(&raw).is_none());
+    }
+
+    #[test]
+    fn digits_and_status_lines() {
+        for n in [0u64, 7, 10, 1024, u64::MAX] {
+            assert_eq!(Digits::of(n).text(), n.to_string().as_bytes());
+        }
+        let mut out = Vec::new();
+        write_status_line(&mut out, StatusCode::OK);
+        write_status_line(&mut out, StatusCode::NOT_FOUND);
+        write_status_line(&mut out, StatusCode::from_u16(299).expect("valid"));
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nHTTP/1.1 404 Not Found\r\nHTTP/1.1 299 <none>\r\n"
+        );
+    }
+}
