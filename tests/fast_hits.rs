@@ -131,6 +131,14 @@ fn script(seen: &Seen, _n: usize) -> Reply {
         "/vary-encoding" => Reply::ok("vary on an absent field")
             .header("cache-control", fresh)
             .header("vary", "Accept-Encoding"),
+        // Fields the gateway sets itself, already sent by an upstream cache.
+        "/upstream-marks" => Reply::ok("marked upstream")
+            .header("cache-control", fresh)
+            .header("via", "1.1 upstream")
+            .header("cache-status", "upstream; hit")
+            .header("x-cache", "HIT from upstream")
+            .header("x-request-id", "from-the-origin")
+            .header("age", "5"),
         "/private" => Reply::ok("private").header("cache-control", "private, max-age=600"),
         "/nocache" => Reply::ok("no-cache response")
             .header("cache-control", "no-cache, max-age=600")
@@ -628,6 +636,15 @@ fn normal_form(r: &Raw) -> Vec<(String, String)> {
     h
 }
 
+/// The values of the field lines named `name`, in order.
+fn ordered_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 /// Compares one response of each gateway; `None` when they agree.
 fn response_differs(f: &Raw, n: &Raw) -> Option<String> {
     if f.status_line != n.status_line {
@@ -643,6 +660,23 @@ fn response_differs(f: &Raw, n: &Raw) -> Option<String> {
         return Some(format!(
             "header fields differ: only fast {only_f:?}, only normal {only_n:?} (or counts differ)"
         ));
+    }
+    // Field lines of one name keep their order (RFC 9110 5.3: it is their
+    // combined value's); lines of different names may interleave freely.
+    for (name, _) in &f.headers {
+        let (a, b) = (
+            ordered_values(&f.headers, name),
+            ordered_values(&n.headers, name),
+        );
+        let normalised = matches!(
+            name.as_str(),
+            "date" | "age" | "x-request-id" | "set-cookie"
+        );
+        if a.len() > 1 && !normalised && a != b {
+            return Some(format!(
+                "the {name} lines come in another order: {a:?} vs {b:?}"
+            ));
+        }
     }
     if f.body != n.body {
         return Some(format!(
@@ -1989,6 +2023,20 @@ fn the_comparison_catches_differences() {
     ] {
         assert!(response_differs(&base, &caught).is_some(), "{caught:?}");
     }
+    // Lines of one name keep their order; other names may move around them.
+    let mut two_vias = base.clone();
+    two_vias.headers.push(("via".into(), "1.1 upstream".into()));
+    two_vias.headers.push(("x-other".into(), "between".into()));
+    two_vias.headers.push(("via".into(), "1.1 kvgate".into()));
+    let mut moved = two_vias.clone();
+    moved.headers.swap(5, 6);
+    assert!(response_differs(&two_vias, &moved).is_none(), "{moved:?}");
+    let mut swapped = two_vias.clone();
+    swapped.headers.swap(5, 7);
+    assert!(
+        response_differs(&two_vias, &swapped).is_some(),
+        "{swapped:?}"
+    );
     let (body, used) = dechunk(b"5\r\nhello\r\n1;x=y\r\n!\r\n0\r\n\r\nrest").expect("whole");
     assert_eq!((body.as_slice(), used), (&b"hello!"[..], 25));
     assert!(dechunk(b"5\r\nhel").is_none());
@@ -2276,6 +2324,7 @@ async fn stored_response_shapes() {
         ("/s204", ANY),
         ("/s299", ANY),
         ("/lastmod", ANY),
+        ("/upstream-marks", 1),
         ("/private", ANY),
         ("/vary-empty", ANY),
         ("/vary-star", ANY),
