@@ -2443,28 +2443,10 @@ async fn stored_response_shapes() {
 /// path's, and the count stays 0.
 #[tokio::test]
 async fn tls_hits_stay_on_the_normal_path() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let origin = Origin::start(script).await;
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, certified.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("write key");
-    let pair = Pair::start(&origin.url(), |c| {
-        c.server.tls_cert = Some(cert_path.clone());
-        c.server.tls_key = Some(key_path.clone());
-    })
-    .await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(certified.cert.der().clone())
-        .expect("trust the test certificate");
-    let mut client_cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_cfg));
+    let tls = TestCert::new();
+    let pair = Pair::start(&origin.url(), |c| tls.serve(c)).await;
+    let connector = tls.connector.clone();
     // One request per TLS connection; its response head, lowercased.
     let tls_get = |addr: SocketAddr| {
         let connector = connector.clone();

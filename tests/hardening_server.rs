@@ -336,17 +336,10 @@ async fn try_get_with(url: &str, headers: &[(&str, &str)]) -> Result<Got, String
 
 #[tokio::test]
 async fn tls_handshake_is_bounded_by_header_read_timeout() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let origin = Origin::start(|_, _| Reply::ok("x")).await;
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
-    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+    let tls = TestCert::new();
     let gw = Gateway::start(&origin.url(), |c| {
-        c.server.tls_cert = Some(cert.clone());
-        c.server.tls_key = Some(key.clone());
+        tls.serve(c);
         c.server.header_read_timeout_ms = SHORT_MS;
     })
     .await;

@@ -6,35 +6,15 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use std::sync::Arc;
 
 #[tokio::test]
 async fn serves_over_tls_with_certificate_files() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let origin =
         Origin::start(|_, n| Reply::ok(&format!("v{n}")).header("cache-control", "max-age=60"))
             .await;
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, certified.cert.pem()).expect("write cert");
-    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("write key");
-    let gw = Gateway::start(&origin.url(), |c| {
-        c.server.tls_cert = Some(cert_path.clone());
-        c.server.tls_key = Some(key_path.clone());
-    })
-    .await;
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(certified.cert.der().clone())
-        .expect("trust the test certificate");
-    let mut client_cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let tls = TestCert::new();
+    let gw = Gateway::start(&origin.url(), |c| tls.serve(c)).await;
+    let connector = tls.connector.clone();
     for expected in ["MISS", "HIT"] {
         let tcp = tokio::net::TcpStream::connect(gw.running.addr)
             .await

@@ -22,6 +22,16 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// RFC 3986 2.3 and 2.2: unreserved characters and sub-delims, which a
+/// host and a path segment may both hold as they are.
+pub(crate) fn is_unreserved_or_sub_delim(b: u8) -> bool {
+    is_unreserved(b)
+        || matches!(
+            b,
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+        )
+}
+
 /// The value of one hex digit (RFC 3986 2.1: case-insensitive).
 pub(crate) fn hex_value(b: u8) -> Option<u8> {
     match b {

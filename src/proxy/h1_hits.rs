@@ -216,29 +216,7 @@ fn field(name: &str) -> Field {
 /// and `%` (escapes, which the normal form check below looks at). Others
 /// go to hyper, whose URI parser decides.
 fn target_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-                | b'/'
-                | b'?'
-                | b'%'
-        )
+    path::is_unreserved_or_sub_delim(b) || matches!(b, b':' | b'@' | b'/' | b'?' | b'%')
 }
 
 fn parse(buf: &[u8]) -> Parsed<'_> {

@@ -86,30 +86,8 @@ pub(super) fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
 /// userinfo (`@`), path, query, fragment, whitespace or controls.
 pub(super) fn is_valid_host(h: &[u8]) -> bool {
     !h.is_empty()
-        && h.iter().all(|&b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'-' | b'.'
-                        | b'_'
-                        | b'~'
-                        | b'%'
-                        | b'!'
-                        | b'$'
-                        | b'&'
-                        | b'\''
-                        | b'('
-                        | b')'
-                        | b'*'
-                        | b'+'
-                        | b','
-                        | b';'
-                        | b'='
-                        | b':'
-                        | b'['
-                        | b']'
-                )
-        })
+        && h.iter()
+            .all(|&b| path::is_unreserved_or_sub_delim(b) || matches!(b, b'%' | b':' | b'[' | b']'))
 }
 /// Rewrites the request target to its normal form (see `protocol::path`).
 pub(super) fn normalize_request_target(parts: &mut http::request::Parts) -> Result<(), PathError> {

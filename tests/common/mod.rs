@@ -407,3 +407,45 @@ pub async fn try_get(url: &str) -> Result<Got, String> {
         body,
     })
 }
+
+/// A self-signed certificate for `localhost` in PEM files, and a client
+/// connector that trusts it (HTTP/1.1 by ALPN). The files live as long as
+/// this does.
+pub struct TestCert {
+    _dir: tempfile::TempDir,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl TestCert {
+    pub fn new() -> TestCert {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+        std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(certified.cert.der().clone())
+            .expect("trust the test certificate");
+        let mut client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TestCert {
+            _dir: dir,
+            cert,
+            key,
+            connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(client)),
+        }
+    }
+
+    /// Makes `c`'s listener serve TLS with this certificate.
+    pub fn serve(&self, c: &mut Config) {
+        c.server.tls_cert = Some(self.cert.clone());
+        c.server.tls_key = Some(self.key.clone());
+    }
+}
