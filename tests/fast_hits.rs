@@ -713,6 +713,17 @@ fn response_differs(f: &Raw, n: &Raw) -> Option<String> {
     None
 }
 
+/// [`differential`] for one request (not HEAD) sent whole.
+async fn one_request(
+    pair: &Pair,
+    found: &mut Findings,
+    case: &str,
+    req: &[u8],
+    eligible: u64,
+) -> (Exchange, Exchange) {
+    differential(pair, found, case, req, &[false], Pace::Whole, eligible).await
+}
+
 /// Runs `req` on both gateways and records every difference, and whether
 /// the fast-hit count moved by `eligible` on the fast gateway only.
 async fn differential(
@@ -838,13 +849,11 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
     let counted = pair.series().await;
 
     // 1. A plain GET hit.
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "1 GET hit",
         get("/static/x", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -1024,13 +1033,11 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
     }
 
     // 14. A valid X-Request-Id is echoed, an invalid one replaced.
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "14 valid X-Request-Id",
         get("/static/x", "X-Request-Id: abc-123\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -1038,13 +1045,11 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
         first(&fast).is_some_and(|r| r.header("x-request-id") == Some("abc-123")),
         || format!("14: valid id not echoed by the fast gateway: {fast:?}"),
     );
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "14 invalid X-Request-Id",
         get("/static/x", "X-Request-Id: not valid{}\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -1052,39 +1057,33 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
         first(&fast).is_some_and(|r| r.header("x-request-id").is_some_and(is_generated_id)),
         || format!("14: invalid id not replaced by the fast gateway: {fast:?}"),
     );
-    differential(
+    one_request(
         &pair,
         &mut found,
         "14 two X-Request-Ids",
         get("/static/x", "X-Request-Id: a1\r\nX-Request-Id: a2\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
 
     // 18. Stored 404 and 301 are fresh hits like any other.
     for p in ["/missing", "/moved"] {
-        differential(
+        one_request(
             &pair,
             &mut found,
             &format!("18 cached {p}"),
             get(p, "").as_bytes(),
-            &[false],
-            Pace::Whole,
             1,
         )
         .await;
     }
 
     // 19. A 100 KiB body, whole and as HEAD.
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "19 100 KiB hit",
         get("/big", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -1112,38 +1111,32 @@ async fn ineligible_requests_are_handed_over() {
     let counted = pair.series().await;
 
     // 5. If-None-Match, matching (304) and not.
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "5 If-None-Match matching",
         get("/static/x", &format!("If-None-Match: {ETAG}\r\n")).as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
     found.check(first(&fast).is_some_and(|r| r.status() == 304), || {
         format!("5: no 304 from the fast gateway: {fast:?}")
     });
-    differential(
+    one_request(
         &pair,
         &mut found,
         "5 If-None-Match not matching",
         get("/static/x", "If-None-Match: \"other\"\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
 
     // 6. A byte range.
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "6 Range",
         get("/static/x", "Range: bytes=0-9\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1153,13 +1146,11 @@ async fn ineligible_requests_are_handed_over() {
 
     // 7. Cache-Control: no-cache revalidates on both: one origin request each.
     let before = origin.count("/reval");
-    let (fast, normal) = differential(
+    let (fast, normal) = one_request(
         &pair,
         &mut found,
         "7 Cache-Control: no-cache",
         get("/reval", "Cache-Control: no-cache\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1174,13 +1165,11 @@ async fn ineligible_requests_are_handed_over() {
     });
 
     // 8. HTTP/1.0.
-    differential(
+    one_request(
         &pair,
         &mut found,
         "8 HTTP/1.0",
         format!("GET /static/x HTTP/1.0\r\nHost: {HOST}\r\n\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1197,13 +1186,11 @@ async fn ineligible_requests_are_handed_over() {
     .await;
 
     // 9. Connection: close, alone and after a fast hit.
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "9 Connection: close",
         get("/static/x", "Connection: close\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1245,16 +1232,8 @@ async fn ineligible_requests_are_handed_over() {
             "GET /static/x HTTP/1.1\r\nHost: \r\n\r\n".to_string(),
         ),
     ] {
-        let (fast, _) = differential(
-            &pair,
-            &mut found,
-            &format!("10 {what}"),
-            req.as_bytes(),
-            &[false],
-            Pace::Whole,
-            0,
-        )
-        .await;
+        let (fast, _) =
+            one_request(&pair, &mut found, &format!("10 {what}"), req.as_bytes(), 0).await;
         found.check(first(&fast).is_some_and(|r| r.status() == 400), || {
             format!("10 {what}: no 400 from the fast gateway: {fast:?}")
         });
@@ -1304,26 +1283,22 @@ async fn ineligible_requests_are_handed_over() {
         0,
     )
     .await;
-    differential(
+    one_request(
         &pair,
         &mut found,
         "13 GET with Content-Length: 0",
         get("/static/x", "Content-Length: 0\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
 
     // 15. A Vary'd stored response, two languages.
     for lang in ["en", "de"] {
-        let (fast, _) = differential(
+        let (fast, _) = one_request(
             &pair,
             &mut found,
             &format!("15 Vary, Accept-Language: {lang}"),
             get("/vary", &format!("Accept-Language: {lang}\r\n")).as_bytes(),
-            &[false],
-            Pace::Whole,
             0,
         )
         .await;
@@ -1346,35 +1321,29 @@ async fn ineligible_requests_are_handed_over() {
         ),
         ("Connection: keep-alive", "Connection: keep-alive\r\n"),
     ] {
-        differential(
+        one_request(
             &pair,
             &mut found,
             &format!("ineligible field {what}"),
             get("/static/x", extra).as_bytes(),
-            &[false],
-            Pace::Whole,
             0,
         )
         .await;
     }
     // Absolute-form and a method other than GET / HEAD.
-    differential(
+    one_request(
         &pair,
         &mut found,
         "absolute-form target",
         format!("GET http://{HOST}/static/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
-    differential(
+    one_request(
         &pair,
         &mut found,
         "OPTIONS",
         format!("OPTIONS /static/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1478,13 +1447,11 @@ async fn ineligible_requests_are_handed_over() {
             0,
         ),
     ] {
-        differential(
+        one_request(
             &pair,
             &mut found,
             &format!("grammar: {what}"),
             req.as_bytes(),
-            &[false],
-            Pace::Whole,
             eligible,
         )
         .await;
@@ -1555,13 +1522,11 @@ async fn targets_and_limits_match_the_normal_path() {
 
     // 11. Dot segments and encodings: the same answer and X-Cache.
     for target in ["/a/../static/x", "/%73tatic/x", "//static/x", "/static/./x"] {
-        let (fast, normal) = differential(
+        let (fast, normal) = one_request(
             &pair,
             &mut found,
             &format!("11 target {target}"),
             get(target, "").as_bytes(),
-            &[false],
-            Pace::Whole,
             0,
         )
         .await;
@@ -1592,13 +1557,11 @@ async fn targets_and_limits_match_the_normal_path() {
                 let _ = c.answer(false).await;
             }
         }
-        let (fast, normal) = differential(
+        let (fast, normal) = one_request(
             &pair,
             &mut found,
             &format!("11 stored target {target}"),
             get(target, "").as_bytes(),
-            &[false],
-            Pace::Whole,
             ANY,
         )
         .await;
@@ -1612,13 +1575,11 @@ async fn targets_and_limits_match_the_normal_path() {
     }
     // A query is part of the normal form as sent: a new key, then a hit.
     pair.warm("/static/x?q=1", "").await;
-    differential(
+    one_request(
         &pair,
         &mut found,
         "11 query hit",
         get("/static/x?q=1", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -1626,13 +1587,11 @@ async fn targets_and_limits_match_the_normal_path() {
     // 12. A target over max_uri_bytes (414), a head over max_header_bytes
     // (431), too many fields (431), and a large head within the limit.
     let long = format!("/static/{}", "a".repeat(MAX_URI_BYTES));
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "12 target over max_uri_bytes",
         get(&long, "").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1640,13 +1599,11 @@ async fn targets_and_limits_match_the_normal_path() {
         format!("12: no 414 from the fast gateway: {fast:?}")
     });
     let big_field = format!("X-Filler: {}\r\n", "b".repeat(MAX_HEADER_BYTES + 1024));
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "12 head over max_header_bytes",
         get("/static/x", &big_field).as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1654,24 +1611,20 @@ async fn targets_and_limits_match_the_normal_path() {
         format!("12: no 431 from the fast gateway: {fast:?}")
     });
     let many: String = (0..120).map(|i| format!("X-F{i}: v\r\n")).collect();
-    differential(
+    one_request(
         &pair,
         &mut found,
         "12 120 header fields",
         get("/static/x", &many).as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
     let sixty: String = (0..60).map(|i| format!("X-F{i}: v\r\n")).collect();
-    differential(
+    one_request(
         &pair,
         &mut found,
         "12 60 header fields (fewer than hyper's 100)",
         get("/static/x", &sixty).as_bytes(),
-        &[false],
-        Pace::Whole,
         ANY,
     )
     .await;
@@ -1680,24 +1633,20 @@ async fn targets_and_limits_match_the_normal_path() {
     if let Some(i) = obs_text.windows(2).position(|w| w == "\u{e9}".as_bytes()) {
         obs_text.splice(i..i + 2, [0xE9]);
     }
-    differential(
+    one_request(
         &pair,
         &mut found,
         "12 obs-text in X-Request-Id",
         &obs_text,
-        &[false],
-        Pace::Whole,
         ANY,
     )
     .await;
     let within = format!("X-Filler: {}\r\n", "c".repeat(MAX_HEADER_BYTES / 2));
-    differential(
+    one_request(
         &pair,
         &mut found,
         "12 head within max_header_bytes",
         get("/static/x", &within).as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -1723,13 +1672,11 @@ async fn stale_entries_and_a_response_without_date() {
     let undated = Pair::start(&raw.url(), |_| {}).await;
     undated.warm("/undated", "").await;
     let mut found = Findings::default();
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &undated,
         &mut found,
         "17 stored response without Date",
         get("/undated", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -1741,13 +1688,11 @@ async fn stale_entries_and_a_response_without_date() {
     // 16. Past max-age=1.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let before = origin.count("/stale");
-    let (fast, normal) = differential(
+    let (fast, normal) = one_request(
         &pair,
         &mut found,
         "16 stale entry",
         get("/stale", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -1760,13 +1705,11 @@ async fn stale_entries_and_a_response_without_date() {
             origin.count("/stale") - before
         )
     });
-    let (fast, normal) = differential(
+    let (fast, normal) = one_request(
         &pair,
         &mut found,
         "16 stale-while-revalidate",
         get("/swr", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -2060,23 +2003,19 @@ async fn purges_versions_routes_and_configuration() {
     let mut found = Findings::default();
     let hit = get("/static/x", "");
 
-    differential(
+    one_request(
         &pair,
         &mut found,
         "route with a ttl",
         get("/pages/a", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
-    differential(
+    one_request(
         &pair,
         &mut found,
         "bypass route",
         get("/private/a", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -2094,13 +2033,11 @@ async fn purges_versions_routes_and_configuration() {
             let r = gw.admin(TOKEN, http::Method::POST, path, body).await;
             assert_eq!(r.status, 200, "{what}: {}", r.text());
         }
-        let (fast, normal) = differential(
+        let (fast, normal) = one_request(
             &pair,
             &mut found,
             &format!("first request after a {what}"),
             hit.as_bytes(),
-            &[false],
-            Pace::Whole,
             0,
         )
         .await;
@@ -2115,13 +2052,11 @@ async fn purges_versions_routes_and_configuration() {
             },
         );
         pair.warm("/static/x", "").await;
-        differential(
+        one_request(
             &pair,
             &mut found,
             &format!("hit after a {what}"),
             hit.as_bytes(),
-            &[false],
-            Pace::Whole,
             1,
         )
         .await;
@@ -2157,13 +2092,11 @@ async fn purges_versions_routes_and_configuration() {
             .count()
     };
     let before = hit_lines();
-    differential(
+    one_request(
         &logged,
         &mut found,
         "with the access log",
         hit.as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -2195,13 +2128,11 @@ async fn purges_versions_routes_and_configuration() {
     for (what, tweak) in offs {
         let off = Pair::start(&origin.url(), |c| tweak(c)).await;
         off.warm("/static/x", "").await;
-        let (fast, _) = differential(
+        let (fast, _) = one_request(
             &off,
             &mut found,
             &format!("fast path off with {what}"),
             hit.as_bytes(),
-            &[false],
-            Pace::Whole,
             0,
         )
         .await;
@@ -2270,13 +2201,11 @@ async fn a_reload_reaches_the_fast_path() {
     pair.warm("/static/x", "").await;
     pair.warm(&long, "").await;
     let mut found = Findings::default();
-    differential(
+    one_request(
         &pair,
         &mut found,
         "long target before the reload",
         get(&long, "").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
@@ -2284,13 +2213,11 @@ async fn a_reload_reaches_the_fast_path() {
     write("fast.toml", true, 100);
     write("normal.toml", false, 100);
     reload().await;
-    let (fast, _) = differential(
+    let (fast, _) = one_request(
         &pair,
         &mut found,
         "stored long target after max_uri_bytes = 100",
         get(&long, "").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -2299,26 +2226,22 @@ async fn a_reload_reaches_the_fast_path() {
             "reload: the fast gateway serves a target over the reloaded max_uri_bytes: {fast:?}"
         )
     });
-    differential(
+    one_request(
         &pair,
         &mut found,
         "short target after the reload",
         get("/static/x", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         1,
     )
     .await;
 
     write("fast.toml", false, 100);
     reload().await;
-    differential(
+    one_request(
         &pair,
         &mut found,
         "hit after a reload to fast_hits = false",
         get("/static/x", "").as_bytes(),
-        &[false],
-        Pace::Whole,
         0,
     )
     .await;
@@ -2366,13 +2289,11 @@ async fn stored_response_shapes() {
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let (fast, normal) = differential(
+        let (fast, normal) = one_request(
             &pair,
             &mut found,
             &format!("stored {path}"),
             get(path, "").as_bytes(),
-            &[false],
-            Pace::Whole,
             eligible,
         )
         .await;
