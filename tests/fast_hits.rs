@@ -965,8 +965,8 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
     )
     .await;
 
-    // 4. Hit, miss, hit on one connection: the miss hands the connection
-    // to hyper for good, so only the first hit is the fast path's.
+    // 4. Hit, miss, hit on one connection: the miss is relayed to hyper and
+    // the connection stays on the fast path, so both hits are its own.
     for (pipelined, new) in [(false, "/new/one"), (true, "/new/two")] {
         let reqs = [get("/static/x", ""), get(new, ""), get("/static/y", "")];
         let case = format!("4 hit, miss, hit (pipelined: {pipelined})");
@@ -1024,9 +1024,9 @@ async fn eligible_hits_are_answered_like_the_normal_path() {
                 )
             },
         );
-        found.check(after.0 - before.0 == 1 && after.1 == before.1, || {
+        found.check(after.0 - before.0 == 2 && after.1 == before.1, || {
             format!(
-                "{case}: fast hits grew by {:?}, expected (1, 0)",
+                "{case}: fast hits grew by {:?}, expected (2, 0)",
                 (after.0 - before.0, after.1 - before.1)
             )
         });
@@ -1457,7 +1457,14 @@ async fn ineligible_requests_are_handed_over() {
         .await;
     }
     // Shut for writing right after the requests: hyper (no half-close)
-    // and the fast path must agree on what is answered.
+    // and the fast path must agree on what is answered. One known
+    // difference: hyper reads the close ahead and drops a pipelined miss it
+    // has not answered yet; the fast path, which reads no further while it
+    // relays the miss, answers it (a client that half-closes after its
+    // requests is owed their answers, RFC 9112 9.6).
+    // (Counted up to here; the relayed miss below is counted by the fast
+    // gateway only.)
+    pair.check_counted_alike(&mut found, &counted).await;
     let three_hits = get("/static/x", "").repeat(3);
     let hit_then_miss = [get("/static/x", ""), get("/new/half", "")].concat();
     for (what, req, heads) in [
@@ -1477,15 +1484,31 @@ async fn ineligible_requests_are_handed_over() {
         if std::env::var_os("FAST_HITS_DUMP").is_some() {
             eprintln!("=== half-closed after {what}\n{half_closed:#?}");
         }
-        let same = half_closed[0].len() == half_closed[1].len()
-            && half_closed[0]
-                .iter()
-                .zip(&half_closed[1])
-                .all(|pair| match pair {
-                    (Answer::Response(f), Answer::Response(n)) => response_differs(f, n).is_none(),
-                    (Answer::Closed(a), Answer::Closed(b)) => a == b,
-                    _ => false,
-                });
+        let relayed_miss = what == "a hit and a miss";
+        let (fast, normal) = (&half_closed[0], &half_closed[1]);
+        let fast = if relayed_miss {
+            let answered = fast.len() == 2
+                && fast.get(1).is_some_and(
+                    |a| matches!(a, Answer::Response(r) if r.header("x-cache") == Some("MISS")),
+                );
+            found.check(answered, || {
+                format!("half-closed after a hit and a miss: the fast path answers both: {fast:#?}")
+            });
+            &fast[..1]
+        } else {
+            &fast[..]
+        };
+        let normal = if relayed_miss && normal.len() == 2 {
+            &normal[..1]
+        } else {
+            &normal[..]
+        };
+        let same = fast.len() == normal.len()
+            && fast.iter().zip(normal).all(|pair| match pair {
+                (Answer::Response(f), Answer::Response(n)) => response_differs(f, n).is_none(),
+                (Answer::Closed(a), Answer::Closed(b)) => a == b,
+                _ => false,
+            });
         found.check(same && after.1 == before.1, || {
             format!(
                 "half-closed client after {what}: fast {:#?}\nnormal {:#?}",
@@ -1493,6 +1516,7 @@ async fn ineligible_requests_are_handed_over() {
             )
         });
     }
+    let counted = pair.series().await;
     // A hit, then bytes that are no request: hyper refuses them after the
     // hit's answer on both.
     differential(

@@ -19,6 +19,7 @@
 //! ([`Gateway::fast_hit`]); `tests/fast_hits.rs` compares the two.
 
 use super::gateway::{access_line, AccessFields, Answered, Gateway, Live};
+use super::h1_relay::relay;
 use super::headers::{new_request_id_text, valid_request_id_bytes, ClientInfo};
 use super::request::is_valid_host;
 use super::respond::{CacheResult, X_CACHE};
@@ -27,7 +28,9 @@ use crate::cache::policy::{self, Usability};
 use crate::cache::storage::{Entry, H1Field};
 use crate::protocol::path;
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, StatusCode};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::Service;
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,6 +55,29 @@ const OUT_FLUSH_AT: usize = 64 * 1024;
 /// The output buffer's usual size: a few answers with small bodies.
 const OUT_START: usize = 8 * 1024;
 
+/// Bodiless requests relayed to hyper one after the other before a
+/// connection is handed to hyper for good (see `serve`).
+const MAX_RELAYS_IN_A_ROW: u32 = 8;
+
+/// How the fast path serves what it does not answer itself: the service
+/// and settings of the connection's hyper side.
+pub(super) struct Others<S> {
+    pub(super) service: S,
+    pub(super) http1: hyper::server::conn::http1::Builder,
+}
+
+/// What the fast path does with the next request in the buffer.
+enum Next {
+    /// Answered into the output (its length in the buffer; a large body to
+    /// write after the output).
+    Answered(usize, Option<Bytes>),
+    /// Without a body, but not a plain hit: relayed to hyper (its length;
+    /// whether it is a HEAD).
+    Relay(usize, bool),
+    /// Anything else: hyper serves the rest of the connection.
+    Handover,
+}
+
 /// How a fast-path connection ended.
 pub(super) enum Served<I> {
     /// Closed: the client closed, an I/O error, or the gateway is stopping.
@@ -67,19 +93,28 @@ pub(super) enum Served<I> {
 /// written); `stop` asks the loop to close between requests. The read
 /// buffer never grows past `max_buf`: a head that does not fit goes to
 /// hyper, which refuses it (431).
-pub(super) async fn serve<I, G>(
+#[allow(clippy::too_many_arguments)] // the connection's parts and its bounds
+pub(super) async fn serve<I, G, S, B>(
     mut io: I,
     live: &Live,
     client: ClientInfo,
     begin: impl Fn() -> G,
     stop: &AtomicBool,
     max_buf: usize,
+    others: &Others<S>,
 ) -> Served<I>
 where
     I: AsyncRead + AsyncWrite + Unpin,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(OUT_START);
+    // Requests relayed one after the other: past `MAX_RELAYS_IN_A_ROW` the
+    // connection is not one of hits, and goes to hyper for good.
+    let mut relays = 0;
     loop {
         // Every complete request in the buffer, answered in order
         // (pipelined requests get their answers in one write).
@@ -87,21 +122,44 @@ where
         let mut large = None;
         let mut more = false;
         while !stop.load(Ordering::Relaxed) {
-            let answered = match parse(&buf) {
+            let next = match parse(&buf) {
                 Parsed::Partial => break,
-                Parsed::Other => None,
+                Parsed::Other => Next::Handover,
                 Parsed::Request(head) => {
                     in_flight.get_or_insert_with(&begin);
-                    let gw = live.load();
-                    gw.fast_hit(&head, client, &mut out)
-                        .map(|body| (head.len, body))
+                    let answered = if head.fast {
+                        live.load().fast_hit(&head, client, &mut out)
+                    } else {
+                        None
+                    };
+                    match answered {
+                        Some(body) => Next::Answered(head.len, body),
+                        None if relays < MAX_RELAYS_IN_A_ROW => Next::Relay(head.len, head.head),
+                        None => Next::Handover,
+                    }
                 }
             };
-            let Some((len, body)) = answered else {
-                if !out.is_empty() && io.write_all(&out).await.is_err() {
+            if !matches!(next, Next::Answered(..)) && !out.is_empty() {
+                if io.write_all(&out).await.is_err() {
                     return Served::Closed;
                 }
-                return Served::Handover(Prefixed::new(io, buf.freeze()));
+                out.clear();
+            }
+            let (len, body) = match next {
+                Next::Answered(len, body) => {
+                    relays = 0;
+                    (len, body)
+                }
+                Next::Relay(len, head_request) => {
+                    relays += 1;
+                    let request = buf.get(..len).unwrap_or(&[]);
+                    let service = others.service.clone();
+                    if !relay(&mut io, request, head_request, &others.http1, service).await {
+                        return Served::Closed;
+                    }
+                    (len, None)
+                }
+                Next::Handover => return Served::Handover(Prefixed::new(io, buf.freeze())),
             };
             buf.advance(len);
             if body.is_some() || out.len() >= OUT_FLUSH_AT {
@@ -147,8 +205,11 @@ where
     }
 }
 
-/// A request head the fast path may answer.
+/// A request head without a body, for the fast path to answer or relay.
 pub(super) struct Head<'a> {
+    /// Nothing in it that the usual path acts on for a hit: the fast path
+    /// may answer it.
+    fast: bool,
     /// HEAD rather than GET.
     head: bool,
     /// The request target: origin-form, in normal form.
@@ -176,10 +237,12 @@ enum Field {
     Host,
     RequestId,
     UserAgent,
-    /// Acted on by the usual path: a body, hop-by-hop fields, request
-    /// cache directives (9111 5.2.1), conditionals (9110 13), ranges (9110
-    /// 14).
+    /// Acted on by the usual path for a hit: request cache directives
+    /// (9111 5.2.1), conditionals (9110 13), ranges (9110 14). Relayed.
     Usual,
+    /// A body's framing or a hop-by-hop field (RFC 9112 6, 9110 7.6.1):
+    /// hyper's.
+    Framing,
     /// Not looked at on a hit without Vary.
     Other,
 }
@@ -190,25 +253,21 @@ fn field(name: &str) -> Field {
     if n.len() > 3 && n[..3].eq_ignore_ascii_case(b"if-") {
         return Field::Usual;
     }
-    let usual = match n.len() {
-        2 => is("te"),
-        4 if is("host") => return Field::Host,
-        5 => is("range"),
-        6 => is("expect") || is("pragma"),
-        7 => is("upgrade") || is("trailer"),
-        10 if is("user-agent") => return Field::UserAgent,
-        10 => is("connection") || is("keep-alive"),
-        12 if is("x-request-id") => return Field::RequestId,
-        13 => is("cache-control"),
-        14 => is("content-length"),
-        16 => is("proxy-connection"),
-        17 => is("transfer-encoding"),
-        _ => false,
-    };
-    if usual {
-        Field::Usual
-    } else {
-        Field::Other
+    match n.len() {
+        2 if is("te") => Field::Framing,
+        4 if is("host") => Field::Host,
+        5 if is("range") => Field::Usual,
+        6 if is("expect") => Field::Framing,
+        6 if is("pragma") => Field::Usual,
+        7 if is("upgrade") || is("trailer") => Field::Framing,
+        10 if is("user-agent") => Field::UserAgent,
+        10 if is("connection") || is("keep-alive") => Field::Framing,
+        12 if is("x-request-id") => Field::RequestId,
+        13 if is("cache-control") => Field::Usual,
+        14 if is("content-length") => Field::Framing,
+        16 if is("proxy-connection") => Field::Framing,
+        17 if is("transfer-encoding") => Field::Framing,
+        _ => Field::Other,
     }
 }
 
@@ -238,9 +297,8 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
     if req.version != Some(1) || !target.starts_with('/') || !target.bytes().all(target_byte) {
         return Parsed::Other;
     }
-    if !matches!(path::normalize_target(target), Ok(Cow::Borrowed(_))) {
-        return Parsed::Other;
-    }
+    // Targets not in normal form are the usual path's to rewrite (or refuse).
+    let mut fast = matches!(path::normalize_target(target), Ok(Cow::Borrowed(_)));
     let (mut host, mut hosts) = ("", 0);
     let (mut request_id, mut ids) = (None, 0);
     let mut user_agent = None;
@@ -260,7 +318,8 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
             Field::UserAgent => {
                 user_agent = user_agent.or(Some(f.value));
             }
-            Field::Usual => return Parsed::Other,
+            Field::Usual => fast = false,
+            Field::Framing => return Parsed::Other,
             Field::Other => {}
         }
     }
@@ -268,6 +327,7 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
         return Parsed::Other;
     }
     Parsed::Request(Head {
+        fast,
         head,
         target,
         host,
@@ -566,9 +626,20 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 mod tests {
     use super::*;
 
+    /// What the fast path does with `raw`: answer it if it is a hit
+    /// ("fast"), relay it ("relay"), or hand the connection over ("hyper").
+    fn kind(raw: &str) -> &'static str {
+        match parse(raw.as_bytes()) {
+            Parsed::Request(h) if h.fast => "fast",
+            Parsed::Request(_) => "relay",
+            Parsed::Partial => "partial",
+            Parsed::Other => "hyper",
+        }
+    }
+
     fn parsed(raw: &str) -> Option<(bool, String, String, Option<String>, usize)> {
         match parse(raw.as_bytes()) {
-            Parsed::Request(h) => Some((
+            Parsed::Request(h) if h.fast => Some((
                 h.head,
                 h.target.to_string(),
                 h.host.to_string(),
@@ -613,14 +684,34 @@ mod tests {
         assert!(matches!(parse(b"GE"), Parsed::Partial));
     }
 
-    /// Each of these is served by the usual path: a body or its framing
-    /// (RFC 9112 6), hop-by-hop fields (RFC 9110 7.6.1), request
-    /// directives (RFC 9111 5.2.1), conditionals (RFC 9110 13.1), ranges
-    /// (RFC 9110 14.2), a missing, doubled or invalid Host (RFC 9112 3.2),
-    /// other versions and methods, absolute or abnormal targets.
+    /// The usual path serves each of these. Without a body and with a
+    /// plain head, relayed one request at a time: request directives (RFC
+    /// 9111 5.2.1), conditionals (RFC 9110 13.1), ranges (RFC 9110 14.2),
+    /// targets not in normal form. The rest of the connection goes to
+    /// hyper for a body or its framing (RFC 9112 6), hop-by-hop fields (RFC
+    /// 9110 7.6.1), a missing, doubled or invalid Host (RFC 9112 3.2), other
+    /// versions and methods, absolute targets, bytes hyper's parsers judge.
     #[test]
-    fn anything_the_usual_path_acts_on_is_not_eligible() {
+    fn anything_the_usual_path_acts_on_is_not_answered_here() {
         let with = |field: &str| format!("GET /a HTTP/1.1\r\nHost: a\r\n{field}\r\n\r\n");
+        for f in [
+            "Cache-Control: no-cache",
+            "Pragma: no-cache",
+            "If-None-Match: \"x\"",
+            "if-modified-since: Thu, 01 Jan 2026 00:00:00 GMT",
+            "If-Range: \"x\"",
+            "Range: bytes=0-1",
+        ] {
+            assert_eq!(kind(&with(f)), "relay", "{f}");
+        }
+        for raw in [
+            "GET /a/../b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET //b HTTP/1.1\r\nHost: a\r\n\r\n",
+            "HEAD /%61 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(kind(raw), "relay", "{raw:?}");
+        }
         for f in [
             "Content-Length: 0",
             "Transfer-Encoding: chunked",
@@ -630,15 +721,11 @@ mod tests {
             "Upgrade: websocket",
             "Expect: 100-continue",
             "TE: trailers",
-            "Cache-Control: no-cache",
-            "Pragma: no-cache",
-            "If-None-Match: \"x\"",
-            "if-modified-since: Thu, 01 Jan 2026 00:00:00 GMT",
-            "If-Range: \"x\"",
-            "Range: bytes=0-1",
+            "Trailer: x",
+            "Proxy-Connection: close",
             "Host: b",
         ] {
-            assert!(parsed(&with(f)).is_none(), "{f}");
+            assert_eq!(kind(&with(f)), "hyper", "{f}");
         }
         for raw in [
             "GET /a HTTP/1.0\r\nHost: a\r\n\r\n",
@@ -647,16 +734,15 @@ mod tests {
             "GET /a HTTP/1.1\r\n\r\n",
             "GET /a HTTP/1.1\r\nHost: user@a\r\n\r\n",
             "GET http://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
-            "GET /a/../b HTTP/1.1\r\nHost: a\r\n\r\n",
-            "GET //b HTTP/1.1\r\nHost: a\r\n\r\n",
-            "GET /%61 HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /a\"b HTTP/1.1\r\nHost: a\r\n\r\n",
             "GET /a#f HTTP/1.1\r\nHost: a\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "GET /a HTTP/1.1\r\nHost: a\r\nBad Name: x\r\n\r\n",
         ] {
-            assert!(parsed(raw).is_none(), "{raw:?}");
+            assert_eq!(kind(raw), "hyper", "{raw:?}");
         }
+        assert_eq!(kind("GET /a HTTP/1.1\r\nHost: a\r\n\r\n"), "fast");
+        assert_eq!(kind("GET /a HTTP/1.1\r\nHost: a\r\n"), "partial");
     }
 
     #[test]

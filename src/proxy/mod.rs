@@ -6,6 +6,7 @@ mod connector;
 mod fetch;
 pub(crate) mod gateway;
 mod h1_hits;
+mod h1_relay;
 pub(crate) mod headers;
 mod lookup;
 pub(crate) mod origin;

@@ -352,33 +352,9 @@ async fn serve_connection<I>(
         closing_since: None,
         addr: client.addr,
     };
-    let fast = {
-        let server = &gw.load().config.server;
-        (!client.tls && server.fast_hits).then(|| server.max_header_bytes.max(8192))
-    };
-    let io = match fast {
-        None => Prefixed::new(io, bytes::Bytes::new()),
-        Some(max_buf) => {
-            let stop = AtomicBool::new(false);
-            let fast = h1_hits::serve(io, &gw, client, || activity.begin(), &stop, max_buf);
-            tokio::pin!(fast);
-            // Between requests the fast path holds nothing: it closes when
-            // asked to drain (as hyper closes an idle connection), else it
-            // stops after the answers it is writing.
-            let drained = watch
-                .run(fast, |_| {
-                    stop.store(true, Ordering::Relaxed);
-                    activity.in_flight.load(Ordering::SeqCst) == 0
-                })
-                .await;
-            match drained {
-                Some(Served::Handover(io)) => io,
-                Some(Served::Closed) | None => return,
-            }
-        }
-    };
     let service = {
         let activity = activity.clone();
+        let gw = gw.clone();
         service_fn(move |req| {
             let guard = activity.begin();
             // The generation in force when the request starts serves it to
@@ -395,6 +371,50 @@ async fn serve_connection<I>(
                 }))
             }
         })
+    };
+    let fast = {
+        let server = &gw.load().config.server;
+        (!client.tls && server.fast_hits).then(|| server.max_header_bytes.max(8192))
+    };
+    let io = match fast {
+        None => Prefixed::new(io, bytes::Bytes::new()),
+        Some(max_buf) => {
+            let stop = AtomicBool::new(false);
+            // Bodiless requests that are not plain hits go to hyper one at a
+            // time, set as the listener's HTTP/1.1 (see `serve`).
+            let mut http1 = hyper::server::conn::http1::Builder::new();
+            http1
+                .header_read_timeout(None)
+                .max_buf_size(max_buf)
+                .keep_alive(true);
+            let others = h1_hits::Others {
+                service: service.clone(),
+                http1,
+            };
+            let fast = h1_hits::serve(
+                io,
+                &gw,
+                client,
+                || activity.begin(),
+                &stop,
+                max_buf,
+                &others,
+            );
+            tokio::pin!(fast);
+            // Between requests the fast path holds nothing: it closes when
+            // asked to drain (as hyper closes an idle connection), else it
+            // stops after the answers it is writing.
+            let drained = watch
+                .run(fast, |_| {
+                    stop.store(true, Ordering::Relaxed);
+                    activity.in_flight.load(Ordering::SeqCst) == 0
+                })
+                .await;
+            match drained {
+                Some(Served::Handover(io)) => io,
+                Some(Served::Closed) | None => return,
+            }
+        }
     };
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
