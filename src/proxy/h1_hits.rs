@@ -2,8 +2,12 @@
 //! here first: a request that is a fresh hit on a response stored without
 //! Vary, with nothing in it that the usual path would act on, is answered
 //! from the entry's stored header block and body, written straight to the
-//! socket. Anything else hands the connection, with the bytes already read,
-//! to hyper for the rest of its life, and the usual path serves it.
+//! socket. Another request without a body (a miss, a conditional, a
+//! range...) is relayed to hyper, one request on a connection of its own
+//! (`h1_relay`), and the client's connection stays here. Anything else (a
+//! body, hop-by-hop fields, HTTP/1.0, h2c, bytes hyper's parsers judge, or
+//! eight relays in a row) hands the connection, with the bytes already
+//! read, to hyper for the rest of its life.
 //!
 //! Why: on a hit, hyper's request `HeaderMap`, the response `HeaderMap`
 //! rebuilt from the stored block, its encoding and the dispatcher's futures
@@ -11,11 +15,11 @@
 //! parse (httparse, as hyper does), one lookup and one copy of the stored
 //! bytes.
 //!
-//! What makes a request eligible is deliberately narrow ([`parse`]): GET or
-//! HEAD, HTTP/1.1, an origin-form target already in normal form, exactly one
-//! valid `Host`, and no field that the usual path would act on for a hit
-//! (a body, `Connection`, request cache directives, conditionals, ranges).
-//! The response is the one the usual path sends, field for field
+//! What makes a request a fast hit is deliberately narrow ([`parse`]): GET
+//! or HEAD, HTTP/1.1, an origin-form target already in normal form, exactly
+//! one valid `Host`, and no field that the usual path would act on for a
+//! hit (a body, `Connection`, request cache directives, conditionals,
+//! ranges). The response is the one the usual path sends, field for field
 //! ([`Gateway::fast_hit`]); `tests/fast_hits.rs` compares the two.
 
 use super::gateway::{access_line, AccessFields, Answered, Gateway, Live};

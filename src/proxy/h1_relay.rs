@@ -47,16 +47,19 @@ where
     if near.write_all(request).await.is_err() {
         return false;
     }
-    let conn = builder.serve_connection(TokioIo::new(far), service);
-    tokio::pin!(conn);
+    // Boxed to be dropped when it ends: its end of the pipe closes with it,
+    // and what it wrote before is read to the end.
+    let mut conn = Some(Box::pin(
+        builder.serve_connection(TokioIo::new(far), service),
+    ));
     let mut end = ResponseEnd::new(head_request);
     let mut chunk = vec![0u8; PIPE_BYTES];
-    let mut conn_done = false;
     loop {
         tokio::select! {
-            // Only an error or the pipe closing ends hyper's side: the
-            // answer is then whole only if its framing says so.
-            _ = &mut conn, if !conn_done => conn_done = true,
+            // Only an error (an aborted body) or the pipe closing ends
+            // hyper's side: the answer is then whole only if its framing
+            // says so.
+            _ = async { conn.as_mut()?.as_mut().await.ok() }, if conn.is_some() => conn = None,
             read = read_some(&mut near, &mut chunk) => {
                 let n = match read {
                     Ok(0) | Err(_) => return end.close_delimited_done(),
