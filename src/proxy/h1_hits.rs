@@ -156,9 +156,18 @@ where
                 }
                 Next::Relay(len, head_request) => {
                     relays += 1;
-                    let request = buf.get(..len).unwrap_or(&[]);
                     let service = others.service.clone();
-                    if !relay(&mut io, request, head_request, &others.http1, service).await {
+                    let http1 = &others.http1;
+                    let relayed = relay(
+                        &mut io,
+                        &mut buf,
+                        len,
+                        max_buf,
+                        head_request,
+                        http1,
+                        service,
+                    );
+                    if !relayed.await {
                         return Served::Closed;
                     }
                     (len, None)

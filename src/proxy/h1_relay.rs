@@ -9,7 +9,7 @@
 //! wrote it, but anything unexpected closes the client's connection rather
 //! than guess.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -25,26 +25,34 @@ const PIPE_BYTES: usize = 16 * 1024;
 /// connection is closed instead.
 const MAX_HEAD_BYTES: usize = 256 * 1024;
 
-/// Serves `request` (a whole request head, no body) with `service` on a
-/// hyper connection of its own and writes the answer to `io`. `true` when
-/// the answer was whole and the connection may serve more requests.
+/// Serves the request in `buf[..len]` (a whole request head, no body) with
+/// `service` on a hyper connection of its own and writes the answer to
+/// `io`. `true` when the answer was whole and the connection may serve more
+/// requests.
+///
+/// Meanwhile the client is read, as hyper reads it: bytes it pipelines
+/// are added to `buf` (up to `max_buf`), and its close ends the relay at
+/// once, the request's work dropped with it (hyper without half-close), so
+/// a client that leaves does not keep its connection's slot.
 pub(super) async fn relay<I, S, B>(
     io: &mut I,
-    request: &[u8],
+    buf: &mut BytesMut,
+    len: usize,
+    max_buf: usize,
     head_request: bool,
     builder: &http1::Builder,
     service: S,
 ) -> bool
 where
-    I: AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin,
     S: Service<Request<Incoming>, Response = Response<B>>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body<Data = Bytes> + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // Room for the whole head: it is written before hyper reads.
-    let (mut near, far) = tokio::io::duplex(PIPE_BYTES.max(request.len()));
-    if near.write_all(request).await.is_err() {
+    let (mut near, far) = tokio::io::duplex(PIPE_BYTES.max(len));
+    if near.write_all(buf.get(..len).unwrap_or(&[])).await.is_err() {
         return false;
     }
     // Boxed to be dropped when it ends: its end of the pipe closes with it,
@@ -60,6 +68,11 @@ where
             // hyper's side: the answer is then whole only if its framing
             // says so.
             _ = async { conn.as_mut()?.as_mut().await.ok() }, if conn.is_some() => conn = None,
+            // The client: its next requests, or its close.
+            read = io.read_buf(buf), if buf.len() < max_buf => match read {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            },
             read = read_some(&mut near, &mut chunk) => {
                 let n = match read {
                     Ok(0) | Err(_) => return end.close_delimited_done(),
