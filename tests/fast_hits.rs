@@ -2444,3 +2444,66 @@ async fn shutdown_closes_idle_fast_connections() {
         "stopping took {stopped:?} with idle connections open"
     );
 }
+
+/// A gauge or counter from a gateway's `/metrics`.
+async fn metric(gw: &Gateway, name: &str) -> f64 {
+    let url = format!(
+        "http://{}/metrics",
+        gw.running.admin_addr.expect("admin listener runs")
+    );
+    let auth = format!("Bearer {TOKEN}");
+    let got = send(http::Method::GET, &url, &[("authorization", &auth)], "").await;
+    let prefix = format!("{name} ");
+    got.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// A client that leaves while its miss is being fetched frees its
+/// connection at once on both gateways (hyper notices the close; the fast
+/// path reads the client while it relays), not when the origin answers.
+#[tokio::test]
+async fn a_client_that_leaves_during_a_relayed_miss_frees_its_connection() {
+    let origin = Origin::start(|seen, n| {
+        if seen.path.starts_with("/slow/") {
+            Reply::ok(&format!("slow {n}"))
+                .header("cache-control", "max-age=60")
+                .delay(Duration::from_secs(4))
+        } else {
+            script(seen, n)
+        }
+    })
+    .await;
+    let pair = Pair::start(&origin.url(), |_| {}).await;
+    pair.warm("/static/x", "").await;
+    for (name, gw) in [("fast", &pair.fast), ("normal", &pair.normal)] {
+        let before = metric(gw, "kvgate_connections_open").await;
+        let mut c = Conn::open(gw.running.addr).await;
+        // A hit first: the connection is on the fast path when the miss comes.
+        c.send(get("/static/x", "").as_bytes(), Pace::Whole).await;
+        let hit = c.answers(&[false]).await;
+        assert!(
+            matches!(hit.first(), Some(Answer::Response(r)) if r.header("x-cache") == Some("HIT")),
+            "{name}: {hit:?}"
+        );
+        c.send(get(&format!("/slow/{name}"), "").as_bytes(), Pace::Whole)
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(c);
+        let left = Instant::now();
+        eventually(
+            &format!("{name}: the connection is freed"),
+            100,
+            Duration::from_millis(20),
+            || async { metric(gw, "kvgate_connections_open").await <= before },
+        )
+        .await;
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "{name}: freed only after {:?}, with the origin's answer",
+            left.elapsed()
+        );
+    }
+}
