@@ -219,21 +219,7 @@ impl Pair {
 }
 
 async fn fast_hits_total(gw: &Gateway) -> u64 {
-    let url = format!(
-        "http://{}/metrics",
-        gw.running.admin_addr.expect("admin listener runs")
-    );
-    let auth = format!("Bearer {TOKEN}");
-    let got = send(http::Method::GET, &url, &[("authorization", &auth)], "").await;
-    assert_eq!(got.status, 200, "/metrics: {}", got.text());
-    let text = got.text();
-    text.lines()
-        .find_map(|l| l.strip_prefix("kvgate_fast_hits_total "))
-        .unwrap_or_else(|| panic!("no kvgate_fast_hits_total in\n{text}"))
-        .trim()
-        .parse::<f64>()
-        .map(|v| v as u64)
-        .unwrap_or_else(|e| panic!("kvgate_fast_hits_total: {e}"))
+    metric(gw, "kvgate_fast_hits_total").await as u64
 }
 
 /// The request-side series (by result, status class, origin requests,
@@ -2453,12 +2439,13 @@ async fn metric(gw: &Gateway, name: &str) -> f64 {
     );
     let auth = format!("Bearer {TOKEN}");
     let got = send(http::Method::GET, &url, &[("authorization", &auth)], "").await;
+    assert_eq!(got.status, 200, "/metrics: {}", got.text());
+    let text = got.text();
     let prefix = format!("{name} ");
-    got.text()
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
 /// A client that leaves while its miss is being fetched frees its
