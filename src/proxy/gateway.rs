@@ -147,7 +147,7 @@ impl Future for Answering<'_> {
 
 /// The probes `[server]` can answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Probe {
+pub(super) enum Probe {
     Alive,
     Ready,
 }
@@ -416,7 +416,18 @@ impl Gateway {
     }
     /// The route for a path in normal form (`config::match_route`).
     pub(super) fn route_for(&self, path: &str) -> Option<Arc<RouteConfig>> {
-        crate::config::match_route(&self.routes, path).cloned()
+        self.route_ref(path).cloned()
+    }
+
+    /// [`Gateway::route_for`], lent: no reference count written (a hit
+    /// that only reads the route must not write a count every core shares).
+    pub(super) fn route_ref(&self, path: &str) -> Option<&Arc<RouteConfig>> {
+        crate::config::match_route(&self.routes, path)
+    }
+
+    /// Whether the access log wants a line for each request.
+    pub(super) fn access_logged(&self) -> bool {
+        self.config.log.access && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO)
     }
 
     /// Bumps the namespace version: every older entry becomes unreachable.
@@ -470,9 +481,7 @@ impl Gateway {
         let request_id = request_id(req.headers());
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // Only the access log needs these; the hit path should not pay for them.
-        let logged = (self.config.log.access
-            && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO))
-        .then(|| AccessFields::of(&req));
+        let logged = self.access_logged().then(|| AccessFields::of(&req));
         // With tracing on: the request's span, its context set for the origin.
         let traced = self.tracer.as_ref().map(|t| {
             let f = AccessFields::of(&req);
@@ -548,7 +557,7 @@ impl Gateway {
         if let Some(refusal) = self.guard(&req) {
             return Answering::now(refusal);
         }
-        if let Some(target) = self.probe_target(&req) {
+        if let Some(target) = self.probe_at(req.uri().path()) {
             return Answering::later(self.probe(req.method().clone(), target));
         }
         let (mut parts, body) = req.into_parts();
@@ -706,12 +715,11 @@ impl Gateway {
     /// Which probe the request asks for, when it is for `[server]
     /// health_path` or `ready_path`. Costs nothing when neither is
     /// configured.
-    fn probe_target<B>(&self, req: &Request<B>) -> Option<Probe> {
+    pub(super) fn probe_at(&self, path: &str) -> Option<Probe> {
         let server = &self.config.server;
         if server.health_path.is_none() && server.ready_path.is_none() {
             return None;
         }
-        let path = req.uri().path();
         let is =
             |p: &Option<toml::Spanned<String>>| p.as_ref().is_some_and(|p| p.get_ref() == path);
         if is(&server.health_path) {

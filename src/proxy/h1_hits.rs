@@ -30,6 +30,7 @@ use super::respond::{CacheResult, X_CACHE};
 use crate::cache::key::KeyParts;
 use crate::cache::policy::{self, Usability};
 use crate::cache::storage::{Entry, H1Field};
+use crate::protocol::headers::write_field;
 use crate::protocol::path;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
@@ -370,17 +371,19 @@ impl Gateway {
         if !self.fast_h1
             || client.tls
             || req.target.len() > self.config.server.max_uri_bytes
-            || self.is_probe(req.target)
+            || self
+                .probe_at(req.target.split_once('?').map_or(req.target, |(p, _)| p))
+                .is_some()
         {
             return None;
         }
         let started = Instant::now();
-        let route = self.route_for(req.target);
-        if route.as_ref().is_some_and(|r| r.bypass) {
+        let route = self.route_ref(req.target);
+        if route.is_some_and(|r| r.bypass) {
             return None;
         }
         let key = KeyParts {
-            version: self.key_version(route.as_deref()),
+            version: self.key_version(route.map(|r| &**r)),
             tls: false,
             host: req.host,
             path_and_query: req.target,
@@ -484,19 +487,19 @@ impl Gateway {
             return None;
         }
         let age = e.freshness.current_age(now).as_secs();
-        line(out, b"age", Digits::of(age).text());
-        line(
+        write_field(out, b"age", Digits::of(age).text());
+        write_field(
             out,
             X_CACHE.as_str().as_bytes(),
             CacheResult::Hit.as_str().as_bytes(),
         );
-        line(out, b"cache-status", self.labels.hit().as_bytes());
-        line(out, b"via", self.labels.via.as_bytes());
-        line(out, b"x-request-id", request_id);
+        write_field(out, b"cache-status", self.labels.hit().as_bytes());
+        write_field(out, b"via", self.labels.via.as_bytes());
+        write_field(out, b"x-request-id", request_id);
         // A HEAD answer keeps the GET's Content-Length (RFC 9110 9.3.2).
-        line(out, b"content-length", length.text());
+        write_field(out, b"content-length", length.text());
         if !dated {
-            line(out, b"date", httpdate::fmt_http_date(now).as_bytes());
+            write_field(out, b"date", httpdate::fmt_http_date(now).as_bytes());
         }
         out.extend_from_slice(b"\r\n");
         let len = body.len() as u64;
@@ -508,24 +511,6 @@ impl Gateway {
             return Some((status, len, None));
         }
         Some((status, len, Some(e.body())))
-    }
-
-    /// Whether the access log wants a line for each request.
-    fn access_logged(&self) -> bool {
-        self.config.log.access && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO)
-    }
-
-    /// Whether `target` is the path of a probe `[server]` answers.
-    fn is_probe(&self, target: &str) -> bool {
-        let s = &self.config.server;
-        if s.health_path.is_none() && s.ready_path.is_none() {
-            return false;
-        }
-        let path = target.split_once('?').map_or(target, |(p, _)| p);
-        [&s.health_path, &s.ready_path]
-            .into_iter()
-            .flatten()
-            .any(|p| p.get_ref() == path)
     }
 }
 
@@ -539,13 +524,6 @@ fn write_status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(status.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 

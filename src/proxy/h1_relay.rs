@@ -73,9 +73,11 @@ where
                 Ok(0) | Err(_) => return false,
                 Ok(_) => {}
             },
-            read = read_some(&mut near, &mut chunk) => {
+            read = near.read(&mut chunk) => {
                 let n = match read {
-                    Ok(0) | Err(_) => return end.close_delimited_done(),
+                    // hyper's side is gone: whole only if delimited by the
+                    // close, and then the client's connection closes too.
+                    Ok(0) | Err(_) => return false,
                     Ok(n) => n,
                 };
                 let Some(piece) = chunk.get(..n) else {
@@ -93,10 +95,6 @@ where
             }
         }
     }
-}
-
-async fn read_some<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
-    r.read(buf).await
 }
 
 /// What the bytes read so far say about the answer.
@@ -170,13 +168,6 @@ impl ResponseEnd {
             body: Body::Head,
             keep_alive: true,
         }
-    }
-
-    /// Whether the pipe closing now ends the answer whole (a body
-    /// delimited by the close); the client's connection is then closed too.
-    fn close_delimited_done(&self) -> bool {
-        // Never keep the client's connection: its answer ended with a close.
-        false
     }
 
     fn feed(&mut self, mut bytes: &[u8]) -> Step {
@@ -412,7 +403,5 @@ mod tests {
         for raw in broken {
             assert_eq!(fed(raw, false, raw.len()), Step::Broken);
         }
-        // Closed before its end: never kept open.
-        assert!(!ResponseEnd::new(false).close_delimited_done());
     }
 }

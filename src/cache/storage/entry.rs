@@ -611,12 +611,7 @@ impl StoredHeaders<'_> {
                 return false;
             };
             match choose(name, value) {
-                H1Field::Write => {
-                    out.extend_from_slice(name);
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value);
-                    out.extend_from_slice(b"\r\n");
-                }
+                H1Field::Write => crate::protocol::headers::write_field(out, name, value),
                 H1Field::Skip => {}
                 H1Field::Refuse => return false,
             }
