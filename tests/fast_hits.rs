@@ -139,6 +139,17 @@ fn script(seen: &Seen, _n: usize) -> Reply {
             .header("x-cache", "HIT from upstream")
             .header("x-request-id", "from-the-origin")
             .header("age", "5"),
+        // Stored per injected flags (see `edge_hits_are_answered_...`).
+        "/vary-flags" => {
+            let flags = seen
+                .headers
+                .get("x-feature-flags")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none");
+            Reply::ok(&format!("flags {flags}"))
+                .header("cache-control", fresh)
+                .header("vary", "X-Feature-Flags")
+        }
         "/private" => Reply::ok("private").header("cache-control", "private, max-age=600"),
         "/nocache" => Reply::ok("no-cache response")
             .header("cache-control", "no-cache, max-age=600")
@@ -233,6 +244,24 @@ async fn request_series(gw: &Gateway) -> std::collections::BTreeMap<String, f64>
         "kvgate_request_duration_seconds_count",
         "kvgate_connections_accepted_total",
     ];
+    series_of(gw, &COUNTED).await
+}
+
+/// The edge's series: route requests, flag evaluations, variant exposures,
+/// exposed users and conversions (what a decision counts).
+async fn edge_series(gw: &Gateway) -> std::collections::BTreeMap<String, f64> {
+    const COUNTED: [&str; 5] = [
+        "kvgate_edge_route_requests_total",
+        "kvgate_edge_flag_evaluations_total",
+        "kvgate_edge_exposures_total",
+        "kvgate_edge_exposed_users_total",
+        "kvgate_edge_conversions_total",
+    ];
+    series_of(gw, &COUNTED).await
+}
+
+/// Every series of `/metrics` whose line starts with one of `names`.
+async fn series_of(gw: &Gateway, names: &[&str]) -> std::collections::BTreeMap<String, f64> {
     let url = format!(
         "http://{}/metrics",
         gw.running.admin_addr.expect("admin listener runs")
@@ -242,7 +271,7 @@ async fn request_series(gw: &Gateway) -> std::collections::BTreeMap<String, f64>
         .await
         .text();
     text.lines()
-        .filter(|l| COUNTED.iter().any(|c| l.starts_with(c)))
+        .filter(|l| names.iter().any(|c| l.starts_with(c)))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             Some((series.to_string(), value.parse().ok()?))
@@ -1972,7 +2001,8 @@ fn the_comparison_catches_differences() {
 
 /// What the fast path serves follows purges and version bumps at once,
 /// and it stays off wherever the contract turns it off: bypass routes,
-/// `[edge]`, `[tracing]`; with the access log on it answers and logs.
+/// `[tracing]`; with the access log on it answers and logs. (`[edge]`
+/// keeps it on: `edge_hits_are_answered_like_the_normal_path`.)
 #[tokio::test]
 async fn purges_versions_routes_and_configuration() {
     let origin = Origin::start(script).await;
@@ -2048,8 +2078,6 @@ async fn purges_versions_routes_and_configuration() {
     }
 
     // Configurations under which the fast path must not answer at all.
-    let edge =
-        Config::parse("[edge]\n[state]\nbackend = \"memory\"\n", "edge.toml").expect("edge parses");
     let tracing_to = refused_url().await;
     type Tweak = Box<dyn Fn(&mut Config)>;
     // The access log is on when configured and its target enabled (as on
@@ -2095,21 +2123,12 @@ async fn purges_versions_routes_and_configuration() {
             access_lines.text()
         )
     });
-    let offs: Vec<(&str, Tweak)> = vec![
-        (
-            "[tracing]",
-            Box::new(move |c: &mut Config| {
-                c.tracing.otlp_endpoint = Some(toml::Spanned::new(0..0, tracing_to.clone()));
-            }),
-        ),
-        (
-            "[edge]",
-            Box::new(move |c: &mut Config| {
-                c.edge = edge.edge.clone();
-                c.state = edge.state.clone();
-            }),
-        ),
-    ];
+    let offs: Vec<(&str, Tweak)> = vec![(
+        "[tracing]",
+        Box::new(move |c: &mut Config| {
+            c.tracing.otlp_endpoint = Some(toml::Spanned::new(0..0, tracing_to.clone()));
+        }),
+    )];
     for (what, tweak) in offs {
         let off = Pair::start(&origin.url(), |c| tweak(c)).await;
         off.warm("/static/x", "").await;
@@ -2493,4 +2512,181 @@ async fn a_client_that_leaves_during_a_relayed_miss_frees_its_connection() {
             left.elapsed()
         );
     }
+}
+
+/// Flags, an experiment with a goal, and one that enters only requests
+/// with `X-Forwarded-For` (which a client that is not a trusted proxy
+/// cannot send: the usual path strips it before the edge decides). The
+/// secret is shared, so either gateway's visitor cookie holds on both.
+const EDGE_TOML: &str = r#"
+[state]
+backend = "memory"
+[edge.identity]
+secret = "fast-hits-edge-secret-0123456789abcdef"
+[edge.flags.newUI]
+default = false
+[edge.flags.theme]
+default = "dark"
+[edge.experiments.checkout]
+variants = { control = 50, treatment = 50 }
+goals = [{ path = "/static/goal" }]
+[edge.experiments.forwarded]
+variants = { a = 50, b = 50 }
+conditions = [{ attribute = "header:x-forwarded-for", op = "exists" }]
+"#;
+
+/// `[edge]` keeps the fast path: a hit is answered as the usual path
+/// answers it, a new visitor's `Set-Cookie` included, and its decision is
+/// counted alike (route requests, flag evaluations, variant exposures,
+/// exposed users, conversions). A response stored with Vary on an
+/// injected field, and a miss, go the usual way, decided there once.
+#[tokio::test]
+async fn edge_hits_are_answered_like_the_normal_path() {
+    let origin = Origin::start(script).await;
+    let edge = Config::parse(EDGE_TOML, "edge.toml").expect("edge parses");
+    let pair = Pair::start(&origin.url(), |c| {
+        c.edge = edge.edge.clone();
+        c.state = edge.state.clone();
+    })
+    .await;
+    for p in ["/static/x", "/static/goal", "/big", "/vary-flags"] {
+        pair.warm(p, "").await;
+    }
+    let mut found = Findings::default();
+    let start = pair.series().await;
+    let start_edge = [
+        edge_series(&pair.fast).await,
+        edge_series(&pair.normal).await,
+    ];
+
+    let (fast, normal) = one_request(
+        &pair,
+        &mut found,
+        "a new visitor's hit",
+        get("/static/x", "").as_bytes(),
+        1,
+    )
+    .await;
+    let new_cookie = |x: &Exchange| {
+        first(x)
+            .and_then(|r| r.header("set-cookie"))
+            .filter(|c| c.starts_with("kvgate_uid="))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_string)
+    };
+    for (who, x) in [("fast", &fast), ("normal", &normal)] {
+        found.check(new_cookie(x).is_some(), || {
+            format!("{who}: a new visitor got no kvgate_uid cookie: {x:?}")
+        });
+    }
+    let cookie = format!("Cookie: {}\r\n", new_cookie(&fast).unwrap_or_default());
+
+    let (fast, _) = one_request(
+        &pair,
+        &mut found,
+        "a returning visitor's hit",
+        get("/static/x", &cookie).as_bytes(),
+        1,
+    )
+    .await;
+    found.check(
+        first(&fast).is_some_and(|r| r.header("set-cookie").is_none()),
+        || format!("a returning visitor was given a new id: {fast:?}"),
+    );
+    let head = format!("HEAD /static/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+    let pipelined = get("/big", "") + &head + &get("/static/x", &cookie);
+    differential(
+        &pair,
+        &mut found,
+        "pipelined: a large body and a HEAD for new visitors, a returning one",
+        pipelined.as_bytes(),
+        &[false, true, false],
+        Pace::Whole,
+        3,
+    )
+    .await;
+    one_request(
+        &pair,
+        &mut found,
+        "a returning visitor reaches a goal",
+        get("/static/goal", &cookie).as_bytes(),
+        1,
+    )
+    .await;
+    let sent = format!(
+        "{cookie}X-Forwarded-For: 10.0.0.1\r\nX-Feature-Flags: newui\r\nX-Experiment-Checkout: treatment\r\nX-User-Preferences: {{}}\r\n"
+    );
+    one_request(
+        &pair,
+        &mut found,
+        "forwarding and injected fields from a client",
+        get("/static/x", &sent).as_bytes(),
+        1,
+    )
+    .await;
+    let (fast, _) = one_request(
+        &pair,
+        &mut found,
+        "stored with Vary on an injected field",
+        get("/vary-flags", &cookie).as_bytes(),
+        0,
+    )
+    .await;
+    found.check(x_cache(&fast) == ["HIT"], || {
+        format!("the Vary case is not a hit, it proves nothing: {fast:?}")
+    });
+    let (fast, _) = one_request(
+        &pair,
+        &mut found,
+        "a miss",
+        get("/static/edge-miss", &cookie).as_bytes(),
+        0,
+    )
+    .await;
+    found.check(x_cache(&fast) == ["MISS"], || {
+        format!("not a miss: {fast:?}")
+    });
+
+    pair.check_counted_alike(&mut found, &start).await;
+    let end_edge = [
+        edge_series(&pair.fast).await,
+        edge_series(&pair.normal).await,
+    ];
+    // A new visitor's variant comes from its random id: exposures are
+    // compared per experiment (returning visitors' per variant, in the
+    // exposed users and conversions).
+    let per_experiment = |g: std::collections::BTreeMap<String, f64>| {
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in g {
+            let k = match k.split_once(",variant=") {
+                Some((series, _)) if series.starts_with("kvgate_edge_exposures_total") => {
+                    format!("{series}}}")
+                }
+                _ => k,
+            };
+            *out.entry(k).or_insert(0.0) += v;
+        }
+        out
+    };
+    let (f, n) = (
+        per_experiment(growth(&start_edge[0], &end_edge[0])),
+        per_experiment(growth(&start_edge[1], &end_edge[1])),
+    );
+    found.check(f == n, || {
+        format!("edge counts grew differently:\n  fast   {f:?}\n  normal {n:?}")
+    });
+    for series in [
+        "kvgate_edge_flag_evaluations_total",
+        "kvgate_edge_exposures_total",
+        "kvgate_edge_exposed_users_total",
+        "kvgate_edge_conversions_total",
+    ] {
+        found.check(f.keys().any(|k| k.starts_with(series)), || {
+            format!("{series} did not grow, the case proves nothing: {f:?}")
+        });
+    }
+    found.check(!f.keys().any(|k| k.contains("\"forwarded\"")), || {
+        format!("a client that is not a trusted proxy entered `forwarded`: {f:?}")
+    });
+    found.finish();
 }

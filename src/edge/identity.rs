@@ -21,8 +21,10 @@ pub(crate) use crate::config::edge::ANONYMOUS_COOKIE;
 pub(crate) const ANONYMOUS_PREFIX: &str = "anon:";
 /// Longest user id accepted from a header or cookie.
 pub(crate) const MAX_USER_ID_BYTES: usize = 128;
-/// Lifetime of the anonymous cookie: one year (browsers cap at 400 days).
-pub(crate) const ANONYMOUS_COOKIE_MAX_AGE_SECS: u64 = 365 * 24 * 60 * 60;
+/// The anonymous cookie's attributes. `Max-Age`: one year, 365 * 86,400
+/// seconds (browsers cap it at 400 days); written out, so that a new
+/// visitor's cookie takes no formatting.
+const ANONYMOUS_COOKIE_ATTRIBUTES: &str = "; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax";
 pub(crate) use crate::config::edge::MIN_SECRET_BYTES;
 /// Longest id part of a signed anonymous cookie (kvgate issues 32-byte UUIDs,
 /// 36-byte ones before).
@@ -249,17 +251,14 @@ pub(crate) fn resolve(headers: &HeaderMap, sources: &Sources<'_>, signer: &Signe
 /// `Set-Cookie` for a newly issued anonymous id (`value` is already
 /// signed), built in one allocation the header value takes over.
 pub(crate) fn anonymous_cookie(value: &str, secure: bool) -> Option<HeaderValue> {
-    use std::fmt::Write as _;
-    const ATTRIBUTES: &str = "; HttpOnly; SameSite=Lax";
+    const ATTRIBUTES: &str = ANONYMOUS_COOKIE_ATTRIBUTES;
     const SECURE: &str = "; Secure";
     let mut cookie = String::with_capacity(
-        ANONYMOUS_COOKIE.len() + 1 + value.len() + 32 + ATTRIBUTES.len() + SECURE.len(),
+        ANONYMOUS_COOKIE.len() + 1 + value.len() + ATTRIBUTES.len() + SECURE.len(),
     );
     cookie.push_str(ANONYMOUS_COOKIE);
     cookie.push('=');
     cookie.push_str(value);
-    // Formatting an integer into a String with room to spare cannot fail.
-    let _ = write!(cookie, "; Path=/; Max-Age={ANONYMOUS_COOKIE_MAX_AGE_SECS}");
     cookie.push_str(ATTRIBUTES);
     if secure {
         cookie.push_str(SECURE);

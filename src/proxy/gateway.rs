@@ -197,9 +197,9 @@ pub struct Gateway {
     pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// One span per request, when `[tracing] otlp_endpoint` is set.
     pub(crate) tracer: Option<Arc<crate::telemetry::Tracer>>,
-    /// Whether plain hits may take the HTTP/1.1 fast path (`h1_hits`):
-    /// `[server] fast_hits`, and nothing a hit must do besides answering
-    /// (no edge, no tracing, the cache on).
+    /// Whether plain hits may take the HTTP/1.1 fast path (`h1_hits`, and
+    /// `h1_edge` with `[edge]`): `[server] fast_hits`, and nothing a hit
+    /// must do besides answering (no tracing, the cache on).
     pub(super) fast_h1: bool,
 }
 impl Gateway {
@@ -361,10 +361,7 @@ impl Gateway {
             .iter()
             .map(|r| (r.name.clone(), Arc::new(AtomicU64::new(0))))
             .collect();
-        let fast_h1 = config.server.fast_hits
-            && config.edge.is_none()
-            && config.cache.enabled
-            && tracer.is_none();
+        let fast_h1 = config.server.fast_hits && config.cache.enabled && tracer.is_none();
         Ok(Gateway {
             store,
             flights,

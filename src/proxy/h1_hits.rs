@@ -30,6 +30,7 @@ use super::respond::{CacheResult, X_CACHE};
 use crate::cache::key::KeyParts;
 use crate::cache::policy::{self, Usability};
 use crate::cache::storage::{Entry, H1Field};
+use crate::config::RouteConfig;
 use crate::protocol::headers::write_field;
 use crate::protocol::path;
 use bytes::{Buf, Bytes, BytesMut};
@@ -127,15 +128,22 @@ where
         let mut large = None;
         let mut more = false;
         while !stop.load(Ordering::Relaxed) {
-            let next = match parse(&buf) {
+            let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+            let next = match parse(&buf, &mut fields) {
                 Parsed::Partial => break,
                 Parsed::Other => Next::Handover,
                 Parsed::Request(head) => {
                     in_flight.get_or_insert_with(&begin);
-                    let answered = if head.fast {
-                        live.load().fast_hit(&head, client, &mut out)
-                    } else {
+                    let answered = if !head.fast {
                         None
+                    } else {
+                        let gateway = live.load();
+                        match &gateway.edge {
+                            None => gateway.fast_hit(&head, client, &mut out),
+                            Some(edge) => {
+                                gateway.fast_edge_hit(edge, &head, client, &mut out).await
+                            }
+                        }
                     };
                     match answered {
                         Some(body) => Next::Answered(head.len, body),
@@ -225,9 +233,9 @@ pub(super) struct Head<'a> {
     /// may answer it.
     fast: bool,
     /// HEAD rather than GET.
-    head: bool,
+    pub(super) head: bool,
     /// The request target: origin-form, in normal form.
-    target: &'a str,
+    pub(super) target: &'a str,
     host: &'a str,
     /// The client's `X-Request-Id`, when it sent exactly one valid one.
     request_id: Option<&'a [u8]>,
@@ -235,6 +243,15 @@ pub(super) struct Head<'a> {
     user_agent: Option<&'a [u8]>,
     /// The head's length in the buffer.
     len: usize,
+    /// Every field, as parsed (the edge reads them).
+    pub(super) fields: &'a [httparse::Header<'a>],
+}
+
+impl Head<'_> {
+    /// The target's path, without the query.
+    pub(super) fn path(&self) -> &str {
+        self.target.split_once('?').map_or(self.target, |(p, _)| p)
+    }
 }
 
 enum Parsed<'a> {
@@ -292,9 +309,9 @@ fn target_byte(b: u8) -> bool {
     path::is_unreserved_or_sub_delim(b) || matches!(b, b':' | b'@' | b'/' | b'?' | b'%')
 }
 
-fn parse(buf: &[u8]) -> Parsed<'_> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut fields);
+/// Parses the head at the start of `buf`, its fields into `fields`.
+fn parse<'a>(buf: &'a [u8], fields: &'a mut [httparse::Header<'a>]) -> Parsed<'a> {
+    let mut req = httparse::Request::new(fields);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
@@ -316,7 +333,8 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
     let (mut host, mut hosts) = ("", 0);
     let (mut request_id, mut ids) = (None, 0);
     let mut user_agent = None;
-    for f in req.headers.iter() {
+    let fields: &'a [httparse::Header<'a>] = req.headers;
+    for f in fields {
         match field(f.name) {
             Field::Host => {
                 hosts += 1;
@@ -348,7 +366,29 @@ fn parse(buf: &[u8]) -> Parsed<'_> {
         request_id: request_id.filter(|id| ids == 1 && valid_request_id_bytes(id)),
         user_agent,
         len,
+        fields,
     })
+}
+
+/// A fast hit written into the output, not yet counted or logged.
+pub(super) struct FastHit<'g> {
+    pub(super) status: StatusCode,
+    /// The body's length (what the access line counts for a GET).
+    body_len: u64,
+    /// A large body to write after the output.
+    pub(super) large: Option<Bytes>,
+    /// Where in the output the head's closing blank line starts: a field
+    /// added after the lookup (the edge's `Set-Cookie`) goes there.
+    pub(super) blank_line: usize,
+    pub(super) route: Option<&'g Arc<RouteConfig>>,
+    request_id: RequestIdText,
+    started: Instant,
+}
+
+/// The request's id: the client's, or a new one.
+enum RequestIdText {
+    Client,
+    New([u8; 24]),
 }
 
 impl Gateway {
@@ -365,15 +405,26 @@ impl Gateway {
         client: ClientInfo,
         out: &mut Vec<u8>,
     ) -> Option<Option<Bytes>> {
+        let hit = self.write_fast_hit(req, client, out)?;
+        self.fast_hit_answered(req, client, &hit);
+        Some(hit.large)
+    }
+
+    /// The lookup and the answer written into `out`, when `req` is a plain
+    /// fresh hit; metrics and the access line are [`Self::fast_hit_answered`]'s.
+    pub(super) fn write_fast_hit<'g>(
+        &'g self,
+        req: &Head<'_>,
+        client: ClientInfo,
+        out: &mut Vec<u8>,
+    ) -> Option<FastHit<'g>> {
         // The guard's refusals are the usual path's (414 here; the others
         // cannot pass `parse`). The limit is per generation: a reload may
         // lower it under targets already stored.
         if !self.fast_h1
             || client.tls
             || req.target.len() > self.config.server.max_uri_bytes
-            || self
-                .probe_at(req.target.split_once('?').map_or(req.target, |(p, _)| p))
-                .is_some()
+            || self.probe_at(req.path()).is_some()
         {
             return None;
         }
@@ -389,26 +440,36 @@ impl Gateway {
             path_and_query: req.target,
         };
         let now = SystemTime::now();
-        let new_id;
         let request_id = match req.request_id {
-            Some(id) => id,
-            None => {
-                new_id = new_request_id_text();
-                &new_id
-            }
+            Some(_) => RequestIdText::Client,
+            None => RequestIdText::New(new_request_id_text()),
         };
-        let (status, body_len, large) = self
+        let id = request_id.of(req);
+        let (status, body_len, large, blank_line) = self
             .store
-            .lookup_sole(&key, |e| self.write_hit(e, req, request_id, now, out))
+            .lookup_sole(&key, |e| self.write_hit(e, req, id, now, out))
             .flatten()?;
-        let elapsed = started.elapsed();
-        self.metrics.record(CacheResult::Hit, status, elapsed);
+        Some(FastHit {
+            status,
+            body_len,
+            large,
+            blank_line,
+            route,
+            request_id,
+            started,
+        })
+    }
+
+    /// Counts and logs an answered fast hit.
+    pub(super) fn fast_hit_answered(&self, req: &Head<'_>, client: ClientInfo, hit: &FastHit<'_>) {
+        let elapsed = hit.started.elapsed();
+        self.metrics.record(CacheResult::Hit, hit.status, elapsed);
         self.metrics.fast_hits.incr();
         if self.access_logged() {
-            let bytes = if req.head { 0 } else { body_len };
-            self.log_fast_hit(req, request_id, client, (status, bytes), elapsed);
+            let bytes = if req.head { 0 } else { hit.body_len };
+            let id = hit.request_id.of(req);
+            self.log_fast_hit(req, id, client, (hit.status, bytes), elapsed);
         }
-        Some(large)
     }
 
     /// The access line the usual path writes for this hit.
@@ -449,7 +510,7 @@ impl Gateway {
         request_id: &[u8],
         now: SystemTime,
         out: &mut Vec<u8>,
-    ) -> Option<(StatusCode, u64, Option<Bytes>)> {
+    ) -> Option<(StatusCode, u64, Option<Bytes>, usize)> {
         let no_directives = Default::default();
         if policy::usability(&e.freshness, &no_directives, now) != Usability::Fresh {
             return None;
@@ -501,16 +562,26 @@ impl Gateway {
         if !dated {
             write_field(out, b"date", httpdate::fmt_http_date(now).as_bytes());
         }
+        let blank_line = out.len();
         out.extend_from_slice(b"\r\n");
         let len = body.len() as u64;
         if req.head {
-            return Some((status, len, None));
+            return Some((status, len, None, blank_line));
         }
         if body.len() <= COPY_BODY_MAX {
             out.extend_from_slice(body);
-            return Some((status, len, None));
+            return Some((status, len, None, blank_line));
         }
-        Some((status, len, Some(e.body())))
+        Some((status, len, Some(e.body()), blank_line))
+    }
+}
+
+impl RequestIdText {
+    fn of<'a>(&'a self, req: &Head<'a>) -> &'a [u8] {
+        match self {
+            RequestIdText::Client => req.request_id.unwrap_or_default(),
+            RequestIdText::New(id) => id,
+        }
     }
 }
 
@@ -620,7 +691,8 @@ mod tests {
     /// What the fast path does with `raw`: answer it if it is a hit
     /// ("fast"), relay it ("relay"), or hand the connection over ("hyper").
     fn kind(raw: &str) -> &'static str {
-        match parse(raw.as_bytes()) {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        match parse(raw.as_bytes(), &mut fields) {
             Parsed::Request(h) if h.fast => "fast",
             Parsed::Request(_) => "relay",
             Parsed::Partial => "partial",
@@ -629,7 +701,8 @@ mod tests {
     }
 
     fn parsed(raw: &str) -> Option<(bool, String, String, Option<String>, usize)> {
-        match parse(raw.as_bytes()) {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        match parse(raw.as_bytes(), &mut fields) {
             Parsed::Request(h) if h.fast => Some((
                 h.head,
                 h.target.to_string(),
@@ -668,11 +741,8 @@ mod tests {
 
     #[test]
     fn a_partial_head_waits_for_more() {
-        assert!(matches!(
-            parse(b"GET / HTTP/1.1\r\nHost: a\r\n"),
-            Parsed::Partial
-        ));
-        assert!(matches!(parse(b"GE"), Parsed::Partial));
+        assert_eq!(kind("GET / HTTP/1.1\r\nHost: a\r\n"), "partial");
+        assert_eq!(kind("GE"), "partial");
     }
 
     /// The usual path serves each of these. Without a body and with a

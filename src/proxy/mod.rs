@@ -5,6 +5,7 @@ mod cluster;
 mod connector;
 mod fetch;
 pub(crate) mod gateway;
+mod h1_edge;
 mod h1_hits;
 mod h1_relay;
 pub(crate) mod headers;
