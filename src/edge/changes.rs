@@ -10,8 +10,9 @@ use super::operations::check_user as check_user_id;
 use super::operations::EdgeAdminError;
 use super::stats;
 use super::store::{StoreError, AUDIT_PREFIX};
-use super::{join_all, Edge};
+use super::Edge;
 use crate::config::edge::Definitions;
+use crate::kv::join_all;
 use crate::kv::{Kv, PutOptions};
 
 /// What kind of definition a change is about.

@@ -38,13 +38,12 @@ mod writes;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
-use crate::kv::{Kv, KvEntry, KvError, KvFuture, Namespaced, PutOptions};
+use crate::kv::{Kv, KvEntry, KvError, Namespaced, PutOptions};
 
 pub use crate::config::edge::{EdgeConfig, EdgeConfigError};
 pub(crate) use config::FlagValue;
@@ -238,45 +237,6 @@ impl UserState {
     fn prefs(&self) -> Option<&Read> {
         self.reads.last()
     }
-}
-
-/// A read in flight or done, for [`join_all`].
-enum Slot<'a, T> {
-    Pending(KvFuture<'a, T>),
-    Done(Result<T, KvError>),
-}
-
-/// Polls every future concurrently (a Redis backend then pays one round trip,
-/// not one per key) and returns their results in order. One `Vec` holds
-/// both the futures and, in their place, the results.
-async fn join_all<'a, T>(
-    futures: impl ExactSizeIterator<Item = KvFuture<'a, T>>,
-) -> Vec<Result<T, KvError>> {
-    let mut slots: Vec<Slot<'a, T>> = futures.map(Slot::Pending).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for slot in slots.iter_mut() {
-            if let Slot::Pending(fut) = slot {
-                match fut.as_mut().poll(cx) {
-                    Poll::Ready(result) => *slot = Slot::Done(result),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    slots
-        .into_iter()
-        .map(|slot| match slot {
-            Slot::Done(result) => result,
-            Slot::Pending(_) => Err(KvError::Backend("read was not completed".into())),
-        })
-        .collect()
 }
 
 fn unix_seconds() -> u64 {
@@ -855,13 +815,23 @@ impl Edge {
             }
         }
         push(PREFS_KEY_PREFIX, user);
-        let key = |i: usize| {
-            let start = i.checked_sub(1).map_or(0, |before| ends[before]);
-            &text[start..ends[i]]
+        let keys: Vec<&str> = (0..ends.len())
+            .map(|i| {
+                let start = i.checked_sub(1).map_or(0, |before| ends[before]);
+                &text[start..ends[i]]
+            })
+            .collect();
+        // One batch: one round trip on a networked store, one lock and one
+        // clock reading on an in-process one.
+        let reads = match self.user_reads.get_many(&keys).await {
+            Ok(reads) => reads,
+            Err(err) => {
+                let why = err.to_string();
+                keys.iter()
+                    .map(|_| Err(KvError::Backend(why.clone())))
+                    .collect()
+            }
         };
-        // One batch: every read is polled together (one round trip on a
-        // networked store).
-        let reads = join_all((0..ends.len()).map(|i| self.user_reads.get(key(i)))).await;
         UserState {
             reads,
             flags: defs.flags.len(),

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
+use std::task::Poll;
 
 use http::header::COOKIE;
 use http::StatusCode;

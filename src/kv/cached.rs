@@ -311,6 +311,7 @@ mod tests {
         conformance::put_get_delete(&over(&Arc::new(MemoryKv::new()), l)).await;
         conformance::metadata_round_trips(&over(&Arc::new(MemoryKv::new()), l)).await;
         conformance::ttl_expiry(&over(&Arc::new(MemoryKv::new()), l)).await;
+        conformance::get_many(&over(&Arc::new(MemoryKv::new()), l)).await;
         conformance::list_prefix_and_cursor(&over(&Arc::new(MemoryKv::new()), l)).await;
         conformance::refusals(&over(&Arc::new(MemoryKv::new()), l)).await;
         conformance::put_batch(&over(&Arc::new(MemoryKv::new()), l)).await;

@@ -23,7 +23,7 @@ use redb::{Database, ReadableTable, TableDefinition};
 
 use super::{
     check_key, clamp_limit, is_expired, now_ms, parse_metadata, prepare_put, time_from_ms, KeyInfo,
-    Kv, KvEntry, KvError, KvFuture, ListPage, PutItem, PutOptions,
+    Kv, KvEntry, KvError, KvFuture, ListPage, PutItem, PutOptions, Reads,
 };
 
 /// key -> encoded record (see [`encode`]).
@@ -138,13 +138,35 @@ impl DurableKv {
         check_key(key)?;
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(ENTRIES).map_err(backend)?;
+        Self::read(&table, key, now_ms())
+    }
+
+    /// Every key in one read transaction, at one clock reading.
+    fn get_many_now(&self, keys: &[&str]) -> Result<Reads, KvError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(ENTRIES).map_err(backend)?;
+        let now = now_ms();
+        Ok(keys
+            .iter()
+            .map(|key| {
+                check_key(key)?;
+                Self::read(&table, key, now)
+            })
+            .collect())
+    }
+
+    fn read(
+        table: &redb::ReadOnlyTable<&str, &[u8]>,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<KvEntry>, KvError> {
         let Some(guard) = table.get(key).map_err(backend)? else {
             return Ok(None);
         };
         let record = decode(guard.value())?;
         // Lazy expiry: an expired entry is invisible at once; its removal waits
         // for the next write transaction's sweep rather than paying an fsync here.
-        if is_expired(record.expires_ms, now_ms()) {
+        if is_expired(record.expires_ms, now) {
             return Ok(None);
         }
         Ok(Some(KvEntry {
@@ -214,6 +236,10 @@ fn remove_entry(
 impl Kv for DurableKv {
     fn get<'a>(&'a self, key: &'a str) -> KvFuture<'a, Option<KvEntry>> {
         Box::pin(async move { self.get_now(key) })
+    }
+
+    fn get_many<'a>(&'a self, keys: &'a [&'a str]) -> KvFuture<'a, Reads> {
+        Box::pin(async move { self.get_many_now(keys) })
     }
 
     fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()> {
@@ -406,6 +432,7 @@ mod tests {
     async fn ttl_expiry() {
         let (_dir, kv) = fresh();
         conformance::ttl_expiry(&kv).await;
+        conformance::get_many(&kv).await;
     }
 
     #[tokio::test]

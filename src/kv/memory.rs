@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::{
     check_key, clamp_limit, is_expired, now_ms, prepare_put, time_from_ms, KeyInfo, Kv, KvEntry,
-    KvError, KvFuture, ListPage, PutItem, PutOptions,
+    KvError, KvFuture, ListPage, PutItem, PutOptions, Reads,
 };
 
 /// Expired entries removed per put: bounded so no single write pays for a
@@ -106,7 +106,23 @@ impl MemoryKv {
     fn get_now(&self, key: &str) -> Result<Option<KvEntry>, KvError> {
         check_key(key)?;
         let now = now_ms();
+        Self::read(&mut self.lock(), key, now)
+    }
+
+    /// Every key under one lock and one clock reading.
+    fn get_many_now(&self, keys: &[&str]) -> Reads {
+        let now = now_ms();
         let mut inner = self.lock();
+        keys.iter()
+            .map(|key| {
+                check_key(key)?;
+                Self::read(&mut inner, key, now)
+            })
+            .collect()
+    }
+
+    /// The live entry at `key` at `now` (an expired one is removed).
+    fn read(inner: &mut Inner, key: &str, now: u64) -> Result<Option<KvEntry>, KvError> {
         let Some(stored) = inner.entries.get(key) else {
             return Ok(None);
         };
@@ -219,6 +235,10 @@ impl Kv for MemoryKv {
         Box::pin(async move { self.get_now(key) })
     }
 
+    fn get_many<'a>(&'a self, keys: &'a [&'a str]) -> KvFuture<'a, Reads> {
+        Box::pin(async move { Ok(self.get_many_now(keys)) })
+    }
+
     fn put<'a>(&'a self, key: &'a str, value: Bytes, opts: PutOptions) -> KvFuture<'a, ()> {
         Box::pin(async move { self.put_now(key, value, opts) })
     }
@@ -269,6 +289,7 @@ mod tests {
     #[tokio::test]
     async fn ttl_expiry() {
         conformance::ttl_expiry(&MemoryKv::new()).await;
+        conformance::get_many(&MemoryKv::new()).await;
     }
 
     #[tokio::test]

@@ -12,6 +12,8 @@
 //! - `list` walks keys in byte order, starting strictly after `cursor`, and
 //!   returns a `cursor` only when at least one more live key matches.
 
+use std::task::Poll;
+
 pub(crate) mod cached;
 mod durable;
 mod memory;
@@ -245,6 +247,13 @@ pub trait Kv: Send + Sync + 'static {
             Ok(true)
         })
     }
+    /// The live entries at `keys`, in order; each read succeeds or fails
+    /// on its own. The default polls every `get` together (a networked
+    /// store pays one round trip, not one per key); the in-process stores
+    /// read them all under one lock or transaction and one clock reading.
+    fn get_many<'a>(&'a self, keys: &'a [&'a str]) -> KvFuture<'a, Reads> {
+        Box::pin(async move { Ok(join_all(keys.iter().map(|key| self.get(key))).await) })
+    }
     /// Returns whether a live entry was removed.
     fn delete<'a>(&'a self, key: &'a str) -> KvFuture<'a, bool>;
     /// Live keys starting with `prefix`, after `cursor`, at most `limit`
@@ -262,6 +271,48 @@ pub trait Kv: Send + Sync + 'static {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+}
+
+/// One result per key read ([`Kv::get_many`]).
+pub type Reads = Vec<Result<Option<KvEntry>, KvError>>;
+
+/// A read in flight or done, for [`join_all`].
+enum Slot<'a, T> {
+    Pending(KvFuture<'a, T>),
+    Done(Result<T, KvError>),
+}
+
+/// Polls every future concurrently (a Redis backend then pays one round trip,
+/// not one per key) and returns their results in order. One `Vec` holds
+/// both the futures and, in their place, the results.
+pub(crate) async fn join_all<'a, T>(
+    futures: impl ExactSizeIterator<Item = KvFuture<'a, T>>,
+) -> Vec<Result<T, KvError>> {
+    let mut slots: Vec<Slot<'a, T>> = futures.map(Slot::Pending).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for slot in slots.iter_mut() {
+            if let Slot::Pending(fut) = slot {
+                match fut.as_mut().poll(cx) {
+                    Poll::Ready(result) => *slot = Slot::Done(result),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    slots
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::Done(result) => result,
+            Slot::Pending(_) => Err(KvError::Backend("read was not completed".into())),
+        })
+        .collect()
 }
 
 pub(crate) fn check_key(key: &str) -> Result<(), KvError> {
@@ -404,6 +455,44 @@ pub(crate) mod conformance {
         assert_eq!(page.keys[0].name, "m");
         assert_eq!(page.keys[0].metadata, Some(meta));
         assert_eq!(page.keys[0].expires_at, Some(expires));
+    }
+
+    /// `get_many` answers each key as `get` does, in order: live entries,
+    /// absent ones, and a refused key failing on its own.
+    pub(crate) async fn get_many(kv: &dyn Kv) {
+        kv.put("gm:a", Bytes::from_static(b"1"), PutOptions::default())
+            .await
+            .unwrap();
+        kv.put(
+            "gm:b",
+            Bytes::from_static(b"2"),
+            PutOptions::ttl(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+        let too_long = "k".repeat(MAX_KEY_BYTES + 1);
+        let keys = ["gm:b", "gm:missing", "", too_long.as_str(), "gm:a"];
+        let many = kv.get_many(&keys).await.unwrap();
+        assert_eq!(many.len(), keys.len());
+        for (key, got) in keys.iter().zip(many) {
+            match (got, kv.get(key).await) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{key}"),
+                (Err(KvError::InvalidKey(_)), Err(KvError::InvalidKey(_))) => {}
+                (a, b) => panic!("{key:?}: get_many {a:?}, get {b:?}"),
+            }
+        }
+        let values = kv.get_many(&["gm:a", "gm:b"]).await.unwrap();
+        let values: Vec<_> = values
+            .into_iter()
+            .map(|r| r.unwrap().map(|e| e.value))
+            .collect();
+        assert_eq!(
+            values,
+            [
+                Some(Bytes::from_static(b"1")),
+                Some(Bytes::from_static(b"2"))
+            ]
+        );
     }
 
     pub(crate) async fn ttl_expiry(kv: &dyn Kv) {

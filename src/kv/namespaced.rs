@@ -152,6 +152,7 @@ mod tests {
         conformance::put_get_delete(&wrapped().1).await;
         conformance::metadata_round_trips(&wrapped().1).await;
         conformance::ttl_expiry(&wrapped().1).await;
+        conformance::get_many(&wrapped().1).await;
         conformance::list_prefix_and_cursor(&wrapped().1).await;
         conformance::refusals(&wrapped().1).await;
         conformance::put_batch(&wrapped().1).await;

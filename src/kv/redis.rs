@@ -573,6 +573,7 @@ mod tests {
         conformance::put_get_delete(&kv(&server, "t1:")).await;
         conformance::metadata_round_trips(&kv(&server, "t2:")).await;
         conformance::ttl_expiry(&kv(&server, "t3:")).await;
+        conformance::get_many(&kv(&server, "t9:")).await;
         conformance::list_prefix_and_cursor(&kv(&server, "t4:")).await;
         conformance::refusals(&kv(&server, "t5:")).await;
         conformance::put_batch(&kv(&server, "t6:")).await;
@@ -586,6 +587,7 @@ mod tests {
         conformance::put_get_delete(&on("t1:")).await;
         conformance::metadata_round_trips(&on("t2:")).await;
         conformance::ttl_expiry(&on("t3:")).await;
+        conformance::get_many(&on("t9:")).await;
         conformance::list_prefix_and_cursor(&on("t4:")).await;
         conformance::refusals(&on("t5:")).await;
         conformance::put_batch(&on("t6:")).await;
