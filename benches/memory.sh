@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Resident memory for 100,000 cached 1 KiB responses, against their payload.
 #
-#   benches/memory.sh [KVGATE_BINARY ...] [-n ENTRIES]
+#   benches/memory.sh [KVGATE_BINARY | varnish ...] [-n ENTRIES]
 #
 # Defaults: $CARGO_TARGET_DIR/release/kvgate (else target/release/kvgate),
-# 100000 entries. Needs curl and ../shared/bench's origin.
+# 100000 entries. Needs curl and ../shared/bench's origin. `varnish` is the
+# anchor: varnishd with the harness's VCL and `-s malloc,256m` (the same
+# budget as kvgate's default), measured on its cache (child) process.
 #
 # Method: the harness origin on a free loopback port, kvgate in front of it
 # (no config: 256 MiB cache, 64 shards), 8 curl processes that each ask for
@@ -34,6 +36,7 @@ if [[ ${#bins[@]} -eq 0 ]]; then
   bins=("${CARGO_TARGET_DIR:-$root/target}/release/kvgate")
 fi
 for b in "$origin_bin" "${bins[@]}"; do
+  [[ $b == varnish ]] && { command -v varnishd >/dev/null || { echo "varnishd missing" >&2; exit 1; }; continue; }
   [[ -x "$b" ]] || { echo "missing $b" >&2; exit 1; }
 done
 
@@ -49,12 +52,27 @@ echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 for bin in "${bins[@]}"; do
   port=$(free_port)
   admin_port=$(free_port)
-  KVGATE_ADMIN_TOKEN=memory-bench "$bin" --listen "127.0.0.1:$port" \
-    --origin "http://127.0.0.1:$origin_port" --admin-listen "127.0.0.1:$admin_port" \
-    >"$scratch/kvgate.log" 2>&1 &
-  pid=$!
-  pids+=("$pid")
-  wait_ready "http://127.0.0.1:$port/static/ready"
+  if [[ $bin == varnish ]]; then
+    sed -e "s/{{ORIGIN_HOST}}/127.0.0.1/" -e "s/{{ORIGIN_PORT}}/$origin_port/" \
+      "$root/../shared/bench/configs/varnish.vcl.tmpl" >"$scratch/varnish.vcl"
+    # varnishd's cache process runs as its own user: it must reach these.
+    chmod 755 "$scratch"
+    chmod 644 "$scratch/varnish.vcl"
+    varnishd -F -n "$scratch/vd" -a "127.0.0.1:$port" -f "$scratch/varnish.vcl" -T none \
+      -s malloc,256m >"$scratch/varnish.log" 2>&1 &
+    manager=$!
+    pids+=("$manager")
+    wait_ready "http://127.0.0.1:$port/static/ready"
+    # The objects live in the cache process, the manager's only child.
+    pid=$(pgrep -P "$manager" | head -1)
+  else
+    KVGATE_ADMIN_TOKEN=memory-bench "$bin" --listen "127.0.0.1:$port" \
+      --origin "http://127.0.0.1:$origin_port" --admin-listen "127.0.0.1:$admin_port" \
+      >"$scratch/kvgate.log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    wait_ready "http://127.0.0.1:$port/static/ready"
+  fi
   tag="$RANDOM$RANDOM"
   for p in $(seq 0 $((parts - 1))); do
     for i in $(seq "$p" "$parts" $((n - 1))); do
@@ -76,16 +94,28 @@ for bin in "${bins[@]}"; do
       hits=$((hits + 1))
     fi
   done
-  metrics=$(curl -s -H "Authorization: Bearer memory-bench" "http://127.0.0.1:$admin_port/metrics")
-  charged=$(awk '$1 == "kvgate_cache_bytes" {print $2}' <<<"$metrics")
-  stored=$(awk '$1 == "kvgate_cache_entries" {print $2}' <<<"$metrics")
+  charged="" stored=""
+  if [[ $bin != varnish ]]; then
+    metrics=$(curl -s -H "Authorization: Bearer memory-bench" "http://127.0.0.1:$admin_port/metrics")
+    charged=$(awk '$1 == "kvgate_cache_bytes" {print $2}' <<<"$metrics")
+    stored=$(awk '$1 == "kvgate_cache_entries" {print $2}' <<<"$metrics")
+  fi
   payload_kib=$((n * 1024 / 1024))
-  printf '| %s | %d | %.1f MB | %.1f MB | %.1f MB | %.2fx (%.2fx above the empty process) | %.0f / %.0f B | %d / %d |\n' \
+  per_entry_charge="—"
+  if [[ -n $stored ]]; then
+    per_entry_charge=$(printf '%.0f' "$(echo "${charged:-0} / $stored" | bc -l)")
+  fi
+  printf '| %s | %d | %.1f MB | %.1f MB | %.1f MB | %.2fx (%.2fx above the empty process) | %.0f / %s B | %d / %d |\n' \
     "$(basename "$bin")" "$n" "$(echo "$before * 1.024 / 1000" | bc -l)" \
     "$(echo "$after * 1.024 / 1000" | bc -l)" "$(echo "($after - $before) * 1.024 / 1000" | bc -l)" \
     "$(echo "$after / $payload_kib" | bc -l)" "$(echo "($after - $before) / $payload_kib" | bc -l)" \
-    "$(echo "($after - $before) * 1024 / $n" | bc -l)" "$(echo "${charged:-0} / ${stored:-1}" | bc -l)" \
+    "$(echo "($after - $before) * 1024 / $n" | bc -l)" "$per_entry_charge" \
     "$hits" "$(seq 0 $((n / 1000)) $((n - 1)) | head -1000 | wc -l)"
-  kill "$pid"
-  wait "$pid" 2>/dev/null || true
+  if [[ $bin == varnish ]]; then
+    kill "$manager"
+    wait "$manager" 2>/dev/null || true
+  else
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+  fi
 done
