@@ -374,7 +374,7 @@ impl Broadcast {
             failed: vec![],
         };
         let local = self.local_index();
-        let results = crate::kv::redis::join_all(sends).await;
+        let results = crate::kv::join_all(sends.map(Box::pin)).await;
         for (i, (name, result)) in results.into_iter().enumerate() {
             match result {
                 Ok(seq) => {

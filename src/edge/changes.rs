@@ -12,7 +12,6 @@ use super::stats;
 use super::store::{StoreError, AUDIT_PREFIX};
 use super::Edge;
 use crate::config::edge::Definitions;
-use crate::kv::join_all;
 use crate::kv::{Kv, PutOptions};
 
 /// What kind of definition a change is about.
@@ -225,9 +224,9 @@ impl Edge {
             .kv
             .list(AUDIT_PREFIX, cursor, limit.clamp(1, 1000))
             .await?;
-        let reads = page.keys.iter().map(|k| self.kv.get(&k.name));
+        let names: Vec<&str> = page.keys.iter().map(|k| k.name.as_str()).collect();
         let mut entries = Vec::with_capacity(page.keys.len());
-        for read in join_all(reads).await {
+        for read in self.kv.get_many(&names).await? {
             if let Some(entry) = read? {
                 entries.push(serde_json::from_slice::<Value>(&entry.value).unwrap_or(Value::Null));
             }
@@ -288,15 +287,15 @@ impl Edge {
             let mut cursor: Option<String> = None;
             loop {
                 let page = self.kv.list(&prefix, cursor.as_deref(), 1000).await?;
-                let keys: Vec<String> = page
+                let converted: Vec<String> = page
                     .keys
                     .iter()
                     .filter_map(|k| k.name.strip_prefix(&prefix))
                     .map(|user| super::converted_key(exp, user))
                     .collect();
-                users += keys.len() as u64;
-                let reads = keys.iter().map(|k| self.kv.get(k));
-                for read in join_all(reads).await {
+                users += converted.len() as u64;
+                let keys: Vec<&str> = converted.iter().map(String::as_str).collect();
+                for read in self.kv.get_many(&keys).await? {
                     if read?.is_some() {
                         conversions += 1;
                     }

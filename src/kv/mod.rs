@@ -276,25 +276,26 @@ pub trait Kv: Send + Sync + 'static {
 /// One result per key read ([`Kv::get_many`]).
 pub type Reads = Vec<Result<Option<KvEntry>, KvError>>;
 
-/// A read in flight or done, for [`join_all`].
-enum Slot<'a, T> {
-    Pending(KvFuture<'a, T>),
-    Done(Result<T, KvError>),
+/// A future in flight or its output, for [`join_all`].
+enum Slot<F: std::future::Future> {
+    Pending(F),
+    Done(F::Output),
 }
 
-/// Polls every future concurrently (a Redis backend then pays one round trip,
-/// not one per key) and returns their results in order. One `Vec` holds
-/// both the futures and, in their place, the results.
-pub(crate) async fn join_all<'a, T>(
-    futures: impl ExactSizeIterator<Item = KvFuture<'a, T>>,
-) -> Vec<Result<T, KvError>> {
-    let mut slots: Vec<Slot<'a, T>> = futures.map(Slot::Pending).collect();
+/// Polls every future concurrently (a networked store's reads, the Redis
+/// regions' sends: one round trip, not one each) and returns their outputs
+/// in input order. One `Vec` holds both the futures and, in their place,
+/// the outputs. (Futures that are not `Unpin` are boxed by the caller.)
+pub(crate) async fn join_all<F: std::future::Future + Unpin>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut slots: Vec<Slot<F>> = futures.map(Slot::Pending).collect();
     std::future::poll_fn(|cx| {
         let mut pending = false;
         for slot in slots.iter_mut() {
             if let Slot::Pending(fut) = slot {
-                match fut.as_mut().poll(cx) {
-                    Poll::Ready(result) => *slot = Slot::Done(result),
+                match std::pin::Pin::new(fut).poll(cx) {
+                    Poll::Ready(output) => *slot = Slot::Done(output),
                     Poll::Pending => pending = true,
                 }
             }
@@ -306,11 +307,12 @@ pub(crate) async fn join_all<'a, T>(
         }
     })
     .await;
+    // Every slot is done once the poll above is ready.
     slots
         .into_iter()
-        .map(|slot| match slot {
-            Slot::Done(result) => result,
-            Slot::Pending(_) => Err(KvError::Backend("read was not completed".into())),
+        .filter_map(|slot| match slot {
+            Slot::Done(output) => Some(output),
+            Slot::Pending(_) => None,
         })
         .collect()
 }

@@ -246,7 +246,7 @@ impl Shared {
                 Some(self.send(&state.region, write).await)
             }
         });
-        let results = join_all(sends).await;
+        let results = super::join_all(sends.map(Box::pin)).await;
         let took = results.iter().any(|r| matches!(r, Some(Ok(_))));
         let failed = results.iter().any(|r| matches!(r, Some(Err(_))));
         // Accepted when a region took it, or when every region is queued
@@ -314,33 +314,6 @@ impl Shared {
             }
         }
     }
-}
-
-/// Polls every future to completion concurrently (the regions answer in
-/// parallel); results in input order.
-pub(crate) async fn join_all<F: std::future::Future>(
-    futures: impl Iterator<Item = F>,
-) -> Vec<F::Output> {
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, fut) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match fut.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().flatten().collect()
 }
 
 fn spawn_retrier(shared: Weak<Shared>) {
