@@ -349,12 +349,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                     tracing::warn!("edge state writes still pending at shutdown were abandoned");
                 }
             }
-            sweeper.abort();
+            // Awaited, not aborted: both stop on `stopped`, and an aborted
+            // task (or the blocking sweep it waits on) may still hold the
+            // gateway, and with it the state file, after this task ends.
+            let _ = sweeper.await;
             if let Some(f) = counter_flusher {
                 let _ = f.await;
             }
             if let Some(r) = reload {
-                r.abort();
+                let _ = r.await;
             }
             if let Some(a) = admin {
                 let _ = a.task.await;

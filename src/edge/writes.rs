@@ -59,6 +59,10 @@ struct Pending {
     in_flight: usize,
     /// Someone waits in `settle`: commit without waiting for the window.
     urgent: bool,
+    /// The last flusher task started: `settle` waits for it to be gone, so
+    /// that once it returns nothing of the queue holds the store (a state
+    /// file can then be opened again at once, as a restart does).
+    flusher: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub(super) struct WriteQueue {
@@ -154,7 +158,11 @@ impl WriteQueue {
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
                     let queue = Arc::clone(self);
-                    runtime.spawn(async move { queue.flush(true).await });
+                    // Spawned under the lock: the flusher cannot finish (it
+                    // locks to) and a later one start before this one's
+                    // handle is kept, so the kept handle is the latest.
+                    let mut pending = self.lock();
+                    pending.flusher = Some(runtime.spawn(async move { queue.flush(true).await }));
                 }
                 Err(_) => self.flush(false).await,
             }
@@ -252,7 +260,8 @@ impl WriteQueue {
         result
     }
 
-    /// Waits until every write queued so far is committed (or failed).
+    /// Waits until every write queued so far is committed (or failed), and
+    /// the flusher that committed them is gone.
     pub(super) async fn settle(&self) {
         loop {
             let idle = self.idle.notified();
@@ -261,12 +270,17 @@ impl WriteQueue {
             {
                 let mut pending = self.lock();
                 if pending.writes.is_empty() && !pending.flushing {
-                    return;
+                    break;
                 }
                 pending.urgent = true;
             }
             self.wake.notify_one();
             idle.await;
+        }
+        // It has signalled idle; its end (and its hold on the queue) follows.
+        let flusher = self.lock().flusher.take();
+        if let Some(task) = flusher {
+            let _ = task.await;
         }
     }
 }
