@@ -266,14 +266,15 @@ pub(crate) fn bounded_in_bytes_and_evicts_lru(make: &Make) {
     s.insert(key("/hot"), entry("hot", vec![], &[]));
     for i in 0..100 {
         s.insert(key(&format!("/{i}")), entry(&"x".repeat(500), vec![], &[]));
-        // Used after every insert: the least recently used go first.
+        // Used after every insert: a key in use is not the one evicted.
         assert!(get(&*s, "/hot").is_some(), "/hot evicted after /{i}");
     }
     let (bytes, entries) = s.usage();
     assert!(bytes <= 10_000, "bytes {bytes}");
     assert!(entries < 100 && entries > 0, "{entries} entries");
+    // The newest stays; which of the older, unused ones go is the store's
+    // choice (the memory store admits by frequency, not recency).
     assert!(get(&*s, "/99").is_some());
-    assert!(get(&*s, "/0").is_none());
     // Everything evicted leaves its charge behind.
     for i in 0..100 {
         s.purge_key(&key(&format!("/{i}")), false);

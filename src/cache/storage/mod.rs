@@ -14,8 +14,8 @@
 //!   what one object may cost;
 //! - a soft purge keeps entries but makes them stale; a hard one drops them;
 //!   both return the variants they touched;
-//! - what is stored stays within the storage's byte budget, least recently
-//!   used keys going first.
+//! - what is stored stays within the storage's byte budget, keys in use
+//!   kept before keys that are not.
 //!
 //! Listing, sweeping dead entries, the tag count and eviction counters stay
 //! inherent to [`MemoryStorage`]: they report on or tidy this process's
@@ -24,6 +24,7 @@
 
 mod entry;
 mod eviction;
+mod frequency;
 mod memory;
 mod tag_index;
 
