@@ -52,8 +52,8 @@ macro_rules! storage_conformance_tests {
                 check::purge_tag_hard_and_soft(&make)
             }
             #[test]
-            fn bounded_in_bytes_and_evicts_lru() {
-                check::bounded_in_bytes_and_evicts_lru(&make)
+            fn bounded_in_bytes_and_keeps_keys_in_use() {
+                check::bounded_in_bytes_and_keeps_keys_in_use(&make)
             }
             #[test]
             fn oversized_objects_are_not_stored() {
@@ -261,7 +261,7 @@ pub(crate) fn purge_tag_hard_and_soft(make: &Make) {
     );
 }
 
-pub(crate) fn bounded_in_bytes_and_evicts_lru(make: &Make) {
+pub(crate) fn bounded_in_bytes_and_keeps_keys_in_use(make: &Make) {
     let s = make(10_000, 10_000);
     s.insert(key("/hot"), entry("hot", vec![], &[]));
     for i in 0..100 {
