@@ -594,7 +594,7 @@ impl Gateway {
     /// preferences injected before the cache key and Vary see the request,
     /// so that variants the origin varies on are cached apart), the
     /// request is served, and exposures are recorded once the status is
-    /// known.
+    /// known. (A plain HTTP/1.1 hit gets the same from `h1_edge`.)
     async fn answer_with_edge<B>(
         self: &Arc<Self>,
         edge: &Edge,
