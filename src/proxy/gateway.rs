@@ -422,6 +422,14 @@ impl Gateway {
         crate::config::match_route(&self.routes, path)
     }
 
+    /// Removes the forwarding fields `client` may not set: all of them
+    /// unless it is one of `[server] trusted_proxies` (both paths, before
+    /// the edge or anything else reads the request).
+    pub(super) fn strip_forwarding_from(&self, headers: &mut http::HeaderMap, client: ClientInfo) {
+        let trusted = cidr::any_contains(&self.config.server.trusted_proxies, client.addr.ip());
+        strip_client_forwarding(headers, trusted);
+    }
+
     /// Whether the access log wants a line for each request.
     pub(super) fn access_logged(&self) -> bool {
         self.config.log.access && tracing::enabled!(target: "kvgate::access", tracing::Level::INFO)
@@ -550,7 +558,6 @@ impl Gateway {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let cfg = &self.config;
         if let Some(refusal) = self.guard(&req) {
             return Answering::now(refusal);
         }
@@ -563,8 +570,7 @@ impl Gateway {
         // edge decided (the cache would file the origin's answer under the
         // wrong variant).
         remove_hop_by_hop(&mut parts.headers);
-        let trusted_peer = cidr::any_contains(&cfg.server.trusted_proxies, client.addr.ip());
-        strip_client_forwarding(&mut parts.headers, trusted_peer);
+        self.strip_forwarding_from(&mut parts.headers, client);
         // One normal form of the path for everything that follows: routes,
         // bypass, the edge, tags, the key and the origin request.
         if let Err(e) = normalize_request_target(&mut parts) {

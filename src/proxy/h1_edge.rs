@@ -18,9 +18,8 @@
 
 use super::gateway::Gateway;
 use super::h1_hits::Head;
-use super::headers::{strip_client_forwarding, ClientInfo};
+use super::headers::ClientInfo;
 use crate::edge::Edge;
-use crate::protocol::cidr;
 use crate::protocol::headers::write_field;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -42,9 +41,7 @@ impl Gateway {
         // Before the answer: fields the usual path would refuse go to it.
         let mut headers = header_map(req.fields)?;
         let hit = self.write_fast_hit(req, client, out)?;
-        let trusted_peer =
-            cidr::any_contains(&self.config.server.trusted_proxies, client.addr.ip());
-        strip_client_forwarding(&mut headers, trusted_peer);
+        self.strip_forwarding_from(&mut headers, client);
         edge.strip_injected(&mut headers);
         let decision = edge
             .decide(&headers, req.target, client.addr.ip(), false)
